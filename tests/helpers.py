@@ -1,0 +1,49 @@
+"""Tiny random Llama models for fast CPU tests."""
+
+from __future__ import annotations
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import dmc
+
+VOCAB = 101
+
+SHAPES = {
+    "mha": dict(num_attention_heads=4, num_key_value_heads=4),
+    "gqa": dict(num_attention_heads=6, num_key_value_heads=2),
+}
+
+
+def tiny_llama(kind: str = "gqa", dtype=torch.float32, seed: int = 0, tie: bool = False, layers: int = 2):
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=VOCAB, hidden_size=96, intermediate_size=160, num_hidden_layers=layers,
+        max_position_embeddings=512, tie_word_embeddings=tie, pad_token_id=0, bos_token_id=1,
+        eos_token_id=2, **SHAPES[kind],
+    )
+    return LlamaForCausalLM(config).to(dtype).eval()
+
+
+@torch.no_grad()
+def drive_mixed_decisions(model, scale: float = 4.0, seed: int = 1) -> None:
+    """Random large decision rows and a zero offset: roughly half the decisions merge, far from the 0 boundary."""
+    g = torch.Generator().manual_seed(seed)
+    D, c = model.config.dmc_head_dim, model.config.dmc_channel_index
+    for layer in model.model.layers:
+        w = layer.self_attn.k_proj.weight
+        w[c::D] = (torch.randn(w[c::D].shape, generator=g) * scale).to(w.dtype)
+        wq = layer.self_attn.q_proj.weight
+        wq[c::D] = (torch.randn(wq[c::D].shape, generator=g)).to(wq.dtype)
+    model.config.dmc_logit_offset = 0.0
+
+
+def mixed_dmc(kind="gqa", window=12, dtype=torch.float64, **dmc_kwargs):
+    model = dmc.retrofit(tiny_llama(kind, dtype), dmc.DMCConfig(window=window, **dmc_kwargs))
+    drive_mixed_decisions(model)
+    return model
+
+
+def random_ids(batch: int, length: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, VOCAB, (batch, length), generator=g)
