@@ -81,6 +81,16 @@ class DMCLayer(CacheLayerMixin):
         self.block_table[b, h, block_col[b, h]] = ids
         self.used_blocks += n
 
+    def _allocate_runs(self, n_blocks: torch.Tensor) -> None:
+        """Give pair (b, h) ``n_blocks[b, h]`` fresh consecutive blocks at table columns 0.. (empty table)."""
+        total, width = int(n_blocks.sum()), int(n_blocks.max()) if n_blocks.numel() else 0
+        self._ensure_blocks(total)
+        self._grow_table(width)
+        first = self.used_blocks + n_blocks.flatten().cumsum(0).view_as(n_blocks) - n_blocks  # (B, H_kv)
+        col = torch.arange(width, device=self.device)
+        self.block_table[..., :width] = torch.where(col < n_blocks[..., None], first[..., None] + col, -1)
+        self.used_blocks += total
+
     def _write(self, b, h, slot, keys, values) -> None:
         block = self.block_table[b, h, slot // self.block_size]
         self.k_pool[block, slot % self.block_size] = keys.to(self.dtype)
@@ -101,10 +111,7 @@ class DMCLayer(CacheLayerMixin):
         ends = valid[:, None, :] & ~merge_next  # (B, H_kv, T): a slot closes here (or stays open at T-1)
         slot = ends.long().cumsum(-1) - 1
         self.lens = ends.sum(-1)
-        n_blocks = -(-self.lens // self.block_size)  # (B, H_kv)
-        width = int(n_blocks.max()) if n_blocks.numel() else 0
-        for col in range(width):
-            self._allocate(n_blocks > col, torch.full_like(self.lens, col))
+        self._allocate_runs(-(-self.lens // self.block_size))
         b, h, t = ends.nonzero(as_tuple=True)
         self._write(b, h, slot[b, h, t], k_bar_rot[b, h, t], v_bar[b, h, t])
 

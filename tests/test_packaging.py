@@ -1,0 +1,15 @@
+import subprocess
+import sys
+
+
+def test_dmc_imports_with_torch_and_transformers_only():
+    code = (
+        "import sys, dmc; heavy = {'lightning', 'deepspeed', 'wandb', 'datasets', 'flash_attn', 'triton', 'gguf'};"
+        "loaded = heavy & set(sys.modules); assert not loaded, loaded"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_cli_help_lists_commands():
+    out = subprocess.run([sys.executable, "-m", "dmc.cli", "--help"], capture_output=True, text=True, check=True)
+    assert "fetch-smollm2" in out.stdout and "bench-core" in out.stdout
