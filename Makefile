@@ -8,6 +8,8 @@ TORCH_SPEC ?= torch==2.13.0
 MODEL := checkpoints/smollm2-135m
 export HF_HOME ?= $(CURDIR)/.cache/hf
 export TOKENIZERS_PARALLELISM := false
+export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
+export WANDB_MODE ?= offline
 
 .PHONY: venv test test-fast demo bench model clean
 
@@ -15,7 +17,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e ".[dev,gguf]"
+	$(PY) -m pip install -q -e ".[dev,gguf,train]"
 	touch $@
 
 venv: $(VENV)/.installed

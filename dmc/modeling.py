@@ -39,6 +39,7 @@ class DMCCausalLMOutput(CausalLMOutputWithPast):
     dmc_alpha: torch.Tensor | None = None
     dmc_merges: torch.Tensor | None = None
     dmc_tokens: torch.Tensor | None = None
+    dmc_omega: torch.Tensor | None = None  # (L,) mean merge weight of each layer over real tokens (detached)
 
 
 def _shift_next(x: torch.Tensor, fill: float) -> torch.Tensor:
@@ -50,6 +51,19 @@ class DMCLlamaAttention(LlamaAttention):
     def __init__(self, config: DMCLlamaConfig, layer_idx: int):
         super().__init__(config, layer_idx)
         self.stage1_multiplier: float | None = None  # DMC: set during stage 1 (neuron zero-out)
+        self.decision_adapter: torch.nn.Parameter | None = None  # DMC: training-only, see add_decision_adapters
+
+    def _project(self, hidden_states, B, T, D):
+        q = self.q_proj(hidden_states).view(B, T, -1, D)
+        k = self.k_proj(hidden_states).view(B, T, -1, D)
+        if self.decision_adapter is not None:  # DMC: extra (H + H_kv, hidden) rows added to channel c of q and k
+            c, H = self.config.dmc_channel_index, q.shape[2]
+            extra = hidden_states @ self.decision_adapter.to(hidden_states.dtype).T  # (B, T, H + H_kv)
+            bump = torch.zeros(D, dtype=q.dtype, device=q.device)
+            bump[c] = 1
+            q = q + extra[..., :H, None] * bump
+            k = k + extra[..., H:, None] * bump
+        return q.transpose(1, 2), k.transpose(1, 2)
 
     def forward(self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None, **kwargs):
         cfg = self.config
@@ -57,8 +71,7 @@ class DMCLlamaAttention(LlamaAttention):
             return super().forward(hidden_states, position_embeddings, attention_mask, past_key_values, **kwargs)
         B, T, _ = hidden_states.shape
         D, c = self.head_dim, cfg.dmc_channel_index
-        q = self.q_proj(hidden_states).view(B, T, -1, D).transpose(1, 2)  # (B, H, T, D)
-        k = self.k_proj(hidden_states).view(B, T, -1, D).transpose(1, 2)  # (B, H_kv, T, D)
+        q, k = self._project(hidden_states, B, T, D)  # (B, H, T, D), (B, H_kv, T, D)
         v = self.v_proj(hidden_states).view(B, T, -1, D).transpose(1, 2)
         cos, sin = position_embeddings
         valid = kwargs.get("dmc_valid")
@@ -74,7 +87,7 @@ class DMCLlamaAttention(LlamaAttention):
             q_rot, k_rot = apply_rotary_pos_emb(q * fade, k * fade, cos, sin)
             keep = torch.where(valid, 0.0, MASKED)[:, None, :].expand(B, k.shape[1], T)
             out = train_attention(cfg.dmc_train_attention, q_rot, k_rot, v, keep, torch.full_like(keep, MASKED), self.scaling)
-            self._record(kwargs, torch.zeros_like(logit), logit < logit, valid)
+            self._record(kwargs, torch.zeros_like(logit), logit < logit, valid, omega)
             return self.o_proj(out.transpose(1, 2).reshape(B, T, -1)), None
 
         cache = past_key_values
@@ -84,7 +97,7 @@ class DMCLlamaAttention(LlamaAttention):
             earlier = (valid.long().cumsum(-1) - valid.long()) > 0
             started = (layer.started[:, None] | earlier) if layer.is_initialized else earlier
             out = self._decode_tokens(cache, q0, k0, v, logit, omega, valid, cos, sin)
-            self._record(kwargs, straight_through_hard(logit) * started[:, None], (logit > 0) & started[:, None], valid)
+            self._record(kwargs, straight_through_hard(logit) * started[:, None], (logit > 0) & started[:, None], valid, omega)
             return self.o_proj(out.transpose(1, 2).reshape(B, T, -1)), None
 
         first = valid.long().argmax(-1)  # (B,) first real token: always appends
@@ -114,7 +127,7 @@ class DMCLlamaAttention(LlamaAttention):
         k_bar, v_bar = kv_bar[..., :D].to(k.dtype), kv_bar[..., D:].to(v.dtype)
         q_rot, k_rot = apply_rotary_pos_emb(q0, k_bar, cos, sin)
         out = train_attention(cfg.dmc_train_attention, q_rot, k_rot, v_bar, keep, merge, self.scaling)
-        self._record(kwargs, alpha_loss, hard & after_first[:, None, :], valid)
+        self._record(kwargs, alpha_loss, hard & after_first[:, None, :], valid, omega)
 
         if cache is not None:  # DMC: one-pass prefill, then a segment reduction into slots
             if self.training:
@@ -144,10 +157,12 @@ class DMCLlamaAttention(LlamaAttention):
         layer.seen_tokens += T
         return torch.stack(outs, dim=2)
 
-    def _record(self, kwargs, alpha, merged, valid) -> None:
+    def _record(self, kwargs, alpha, merged, valid, omega) -> None:
         stats = kwargs.get("dmc_stats")
         if stats is not None:  # keyed by layer: a gradient-checkpointing recompute overwrites, never doubles
-            stats[self.layer_idx] = (alpha, merged, valid)
+            w = valid[:, None, :].to(omega.dtype)
+            omega_mean = ((omega.detach() * w).sum() / (w.sum() * omega.shape[1]).clamp(min=1))
+            stats[self.layer_idx] = (alpha, merged, valid, omega_mean)
 
 
 class DMCLlamaDecoderLayer(LlamaDecoderLayer):
@@ -242,7 +257,8 @@ class DMCLlamaForCausalLM(LlamaForCausalLM):
         tokens = valid.sum(-1)  # (B,)
         weight = valid.to(alphas.dtype)[None, :, None, :]
         alpha = (alphas * weight).sum(dim=(0, 2, 3)) / (tokens.clamp(min=1) * alphas.shape[0] * alphas.shape[2])
-        return {"dmc_alpha": alpha, "dmc_merges": merges, "dmc_tokens": tokens}
+        omega = torch.stack([stats[i][3] for i in layers])
+        return {"dmc_alpha": alpha, "dmc_merges": merges, "dmc_tokens": tokens, "dmc_omega": omega}
 
     # DMC: generate() gets a DMCCache unless the caller passes a cache.
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
@@ -268,6 +284,33 @@ class DMCLlamaForCausalLM(LlamaForCausalLM):
                 proj.weight[c::D] = 0
                 if proj.bias is not None:
                     proj.bias[c::D] = 0
+
+    def add_decision_adapters(self) -> list[torch.nn.Parameter]:
+        """Zero-initialised additive copies of the decision rows (q and k, channel c), one per layer.
+
+        Adam normalises each element's step, so the decision rows can only learn faster than the rest
+        of the weight through parameters of their own: give these a larger learning rate (and no weight
+        decay). ``fold_decision_adapters`` adds them back into q_proj/k_proj, leaving no extra parameter.
+        """
+        params = []
+        for layer in self.model.layers:
+            attn = layer.self_attn
+            if attn.decision_adapter is None:
+                w = attn.q_proj.weight
+                rows = self.config.num_attention_heads + self.config.num_key_value_heads
+                attn.decision_adapter = torch.nn.Parameter(w.new_zeros(rows, w.shape[1]))
+            params.append(attn.decision_adapter)
+        return params
+
+    @torch.no_grad()
+    def fold_decision_adapters(self) -> None:
+        D, c, H = self.config.dmc_head_dim, self.config.dmc_channel_index, self.config.num_attention_heads
+        for layer in self.model.layers:
+            attn = layer.self_attn
+            if attn.decision_adapter is not None:
+                attn.q_proj.weight[c::D] += attn.decision_adapter[:H].to(attn.q_proj.weight.dtype)
+                attn.k_proj.weight[c::D] += attn.decision_adapter[H:].to(attn.k_proj.weight.dtype)
+                attn.decision_adapter = None
 
     def decision_rows(self) -> list[tuple[torch.nn.Parameter, int, int]]:
         """(weight, channel, head_dim) of every q/k projection: rows ``c::head_dim`` hold the decisions."""

@@ -47,3 +47,20 @@ def mixed_dmc(kind="gqa", window=12, dtype=torch.float64, **dmc_kwargs):
 def random_ids(batch: int, length: int, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(3, VOCAB, (batch, length), generator=g)
+
+
+SMOLLM2 = __import__("pathlib").Path(__file__).resolve().parent.parent / "checkpoints" / "smollm2-135m"
+
+
+def write_tiny_checkpoint(path, kind: str = "gqa", seed: int = 0):
+    """A tiny random Llama folder with SmolLM2's real tokenizer (for pipeline tests)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(SMOLLM2)
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=96, intermediate_size=128, num_hidden_layers=2,
+                         max_position_embeddings=256, tie_word_embeddings=True, bos_token_id=tok.bos_token_id,
+                         eos_token_id=tok.eos_token_id, **SHAPES[kind])
+    LlamaForCausalLM(config).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path

@@ -1,0 +1,145 @@
+"""Document sources: the Python standard library (offline), local files (jsonl/txt/parquet, globs), HF datasets.
+
+Every source yields ``(doc_id, text)`` in a fixed, deterministic order. Empty documents and files that
+are not UTF-8 are skipped and counted in ``stats``; nothing here raises on one bad document.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import sysconfig
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+KINDS = ("stdlib", "files", "hf")
+
+
+class DataError(ValueError):
+    """The data specification cannot be served; the message says what to change."""
+
+
+@dataclass
+class SourceSpec:
+    """Where documents come from.
+
+    kind: "stdlib" (Python's own .py files), "files" (``path`` glob of .jsonl/.json/.txt/.parquet),
+      or "hf" (``path`` is a datasets name, streamed).
+    split: "train" or "validation" (stdlib: a deterministic split by file; hf: the dataset split name).
+    text_field: the text column of jsonl/parquet/hf records.
+    validation_fraction: share of stdlib files held out (by a hash of the path, stable across machines).
+    """
+
+    kind: str = "stdlib"
+    path: str | None = None
+    split: str = "train"
+    text_field: str = "text"
+    name: str | None = None  # hf dataset config name
+    validation_fraction: float = 0.05
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise DataError(f"data source kind={self.kind!r} is unknown; choose one of {', '.join(KINDS)}")
+        if self.kind in ("files", "hf") and not self.path:
+            raise DataError(f"data source kind={self.kind!r} needs a path (a glob of files or a dataset name)")
+        if not 0 < self.validation_fraction < 1:
+            raise DataError(f"validation_fraction={self.validation_fraction} must be in (0, 1)")
+
+
+def stdlib_root() -> Path:
+    return Path(sysconfig.get_paths()["stdlib"])
+
+
+def _held_out(rel: str, fraction: float) -> bool:
+    bucket = int(hashlib.sha256(rel.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
+    return bucket < fraction
+
+
+def stdlib_files(split: str, fraction: float) -> list[Path]:
+    root = stdlib_root()
+    files = []
+    for path in sorted(root.rglob("*.py")):
+        rel = path.relative_to(root).as_posix()
+        if rel.startswith(("site-packages/", "dist-packages/")):
+            continue
+        if _held_out(rel, fraction) == (split != "train"):
+            files.append(path)
+    return files
+
+
+def _read_text(path: Path, stats: Counter) -> str | None:
+    try:
+        return path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError:
+        stats["skipped_not_utf8"] += 1
+    except OSError:
+        stats["skipped_unreadable"] += 1
+    return None
+
+
+def _file_records(path: Path, field: str, stats: Counter) -> Iterator[str | None]:
+    suffix = path.suffix.lower()
+    if suffix in (".jsonl", ".json"):
+        text = _read_text(path, stats)
+        for n, line in enumerate((text or "").splitlines()):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                stats["skipped_bad_json"] += 1
+                continue
+            if not isinstance(record, dict) or field not in record:
+                raise DataError(f"{path}:{n + 1}: record has no field {field!r}; set data.text_field")
+            yield record[field] if isinstance(record[field], str) else None
+    elif suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(path)
+        if field not in table.column_names:
+            raise DataError(f"{path}: no column {field!r} (columns: {table.column_names}); set data.text_field")
+        yield from table.column(field).to_pylist()
+    else:
+        yield _read_text(path, stats)
+
+
+def documents(spec: SourceSpec, stats: Counter | None = None) -> Iterator[tuple[str, str]]:
+    """Yield ``(doc_id, text)`` in a deterministic order; bad documents are skipped into ``stats``."""
+    stats = Counter() if stats is None else stats
+    if spec.kind == "stdlib":
+        root = stdlib_root()
+        for path in stdlib_files(spec.split, spec.validation_fraction):
+            text = _read_text(path, stats)
+            yield from _nonempty(path.relative_to(root).as_posix(), text, stats)
+    elif spec.kind == "files":
+        paths = sorted(glob.glob(spec.path, recursive=True))
+        if not paths:
+            raise DataError(f"data path {spec.path!r} matches no file; check the glob (e.g. 'corpus/**/*.jsonl')")
+        for p in paths:
+            for n, text in enumerate(_file_records(Path(p), spec.text_field, stats)):
+                yield from _nonempty(f"{p}#{n}", text, stats)
+    else:
+        try:
+            import datasets
+        except ImportError as err:
+            raise DataError("data kind 'hf' needs the datasets package: pip install 'dmc[train]'") from err
+        try:
+            ds = datasets.load_dataset(spec.path, spec.name, split=spec.split, streaming=True)
+        except Exception as err:  # offline, unknown name, bad split: all surface here
+            raise DataError(f"cannot open HF dataset {spec.path!r} (split {spec.split!r}): {err}") from err
+        for n, record in enumerate(ds):
+            text = record.get(spec.text_field)
+            yield from _nonempty(f"{spec.path}#{n}", text if isinstance(text, str) else None, stats)
+
+
+def _nonempty(doc_id: str, text: str | None, stats: Counter) -> Iterator[tuple[str, str]]:
+    if text is None:
+        return
+    if not text.strip():
+        stats["skipped_empty"] += 1
+        return
+    stats["documents"] += 1
+    yield doc_id, text

@@ -1,0 +1,126 @@
+"""The real CLI on a tiny model: schedule in the metrics, stop-and-resume equality, DeepSpeed ZeRO-2 with
+two processes on CPU (gloo), every YAML recipe loads, and one-line errors for bad input."""
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("lightning")
+pytest.importorskip("deepspeed")
+
+import dmc  # noqa: E402
+from tests.helpers import SMOLLM2, write_tiny_checkpoint  # noqa: E402
+from train.cli import main, parse  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.skipif(not (SMOLLM2 / "config.json").exists(), reason="run `make model` first")
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return str(write_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "llama"))
+
+
+def _losses(out_dir) -> dict[int, float]:
+    rows = {}
+    for path in sorted(Path(out_dir).glob("logs/version_*/metrics.csv")):
+        for row in csv.DictReader(open(path)):
+            if row.get("train/lm_loss"):
+                rows[int(row["step"])] = (float(row["train/lm_loss"]), float(row["train/target_cr"]))
+    return rows
+
+
+def _train(tiny, out, *extra):
+    main(["--config", str(ROOT / "configs/tiny.yaml"), "--model.path", tiny, "--run.out_dir", str(out), *extra])
+
+
+def test_tiny_run_follows_the_cr_schedule(tiny, tmp_path):
+    _train(tiny, tmp_path / "run")
+    rows = _losses(tmp_path / "run")
+    assert sorted(rows) == list(range(8))
+    expected = [dmc.cr_schedule(s, 2.0, 4, start_step=2) for s in range(8)]
+    assert [rows[s][1] for s in range(8)] == pytest.approx(expected)
+    assert expected[:3] == [1.0, 1.0, 1.0] and expected[-1] == 2.0
+    for name in ("loss_and_cr.png", "cr_heatmap.png", "telemetry.jsonl", "summary.json", "ckpt/latest"):
+        assert (tmp_path / "run" / name).exists(), name
+    assert len(list((tmp_path / "run/ckpt").glob("step-*.ckpt"))) == 2  # keep_last
+
+
+def test_stop_and_resume_equals_uninterrupted(tiny, tmp_path):
+    _train(tiny, tmp_path / "a")
+    _train(tiny, tmp_path / "b", "--stop_at", "4")
+    assert (tmp_path / "b/ckpt/step-0000004.ckpt").exists()
+    _train(tiny, tmp_path / "b")  # --resume auto picks ckpt/latest
+    assert _losses(tmp_path / "a") == _losses(tmp_path / "b")
+
+
+def _cli(*args):
+    env = dict(os.environ, TORCH_EXTENSIONS_DIR=str(ROOT / ".cache/torch_extensions"), PYTHONPATH=str(ROOT))
+    return subprocess.run([sys.executable, "-m", "dmc.cli", "train", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=900)
+
+
+@pytest.mark.slow
+def test_deepspeed_zero2_two_processes_on_cpu_resumes_exactly(tiny, tmp_path):
+    common = ["--config", "configs/tiny.yaml", "--model.path", tiny, "--run.strategy", "deepspeed_stage_2",
+              "--run.accelerator", "cpu", "--run.devices", "2"]
+    full = _cli(*common, "--run.out_dir", str(tmp_path / "a"))
+    assert full.returncode == 0, full.stderr[-3000:]
+    assert "initializing deepspeed distributed" in full.stderr + full.stdout
+    first = _cli(*common, "--run.out_dir", str(tmp_path / "b"), "--stop_at", "4")
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert (tmp_path / "b/ckpt/step-0000004.ckpt").is_dir()  # DeepSpeed's sharded checkpoint folder
+    rest = _cli(*common, "--run.out_dir", str(tmp_path / "b"))
+    assert rest.returncode == 0, rest.stderr[-3000:]
+    a, b = _losses(tmp_path / "a"), _losses(tmp_path / "b")
+    assert sorted(a) == list(range(8)) and a == b
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_yaml_loads_and_names_its_command(path):
+    recipe, _, _ = parse(["--config", str(path)])
+    assert recipe.total_steps > 0
+    header = path.read_text().splitlines()[:6]
+    assert any("dmc" in line and "train" in line for line in header if line.startswith("#")), "run command in header"
+
+
+def _error(capsys, *argv) -> str:
+    with pytest.raises(SystemExit) as exc:
+        main(list(argv))
+    message = str(exc.value.code)
+    assert "Traceback" not in message and "\n" not in message.strip()
+    return message
+
+
+def test_bad_inputs_get_one_line_errors(tiny, tmp_path, capsys):
+    cfg = str(ROOT / "configs/tiny.yaml")
+    base = ["--config", cfg, "--model.path", tiny, "--run.out_dir", str(tmp_path / "x")]
+    assert "target_cr=0.5 must be >= 1" in _error(capsys, *base, "--schedule.target_cr", "0.5")
+    assert "ramp_steps" in _error(capsys, *base, "--schedule.ramp_steps", "many")
+    bad_yaml = tmp_path / "bad.yaml"
+    bad_yaml.write_text("schedule:\n  target_ratio: 4\n")
+    msg = _error(capsys, "--config", str(bad_yaml))
+    assert "unknown key 'schedule.target_ratio'" in msg and "target_cr" in msg
+    assert "does not exist" in _error(capsys, "--config", str(tmp_path / "missing.yaml"))
+    msg = _error(capsys, *base, "--data.kind", "files", "--data.path", str(tmp_path / "none/*.jsonl"))
+    assert "matches no file" in msg
+
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50)).save_pretrained(tmp_path / "gpt2")
+    msg = _error(capsys, "--config", cfg, "--model.path", str(tmp_path / "gpt2"), "--run.out_dir", str(tmp_path / "g"))
+    assert "'gpt2' model" in msg and "Llama-architecture" in msg
+
+    _train(tiny, tmp_path / "run", "--stop_at", "2")
+    other = str(write_tiny_checkpoint(tmp_path / "other", kind="mha"))
+    from transformers import AutoConfig, LlamaForCausalLM
+
+    config = AutoConfig.from_pretrained(other)
+    config.hidden_size = 128
+    LlamaForCausalLM(config).save_pretrained(other)
+    msg = _error(capsys, "--config", cfg, "--model.path", other, "--run.out_dir", str(tmp_path / "run"))
+    assert "from another model" in msg

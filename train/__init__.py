@@ -1,0 +1,1 @@
+"""Continued pretraining of DMC models with Lightning (+ DeepSpeed): the ``dmc train`` recipe."""

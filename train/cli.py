@@ -1,0 +1,174 @@
+"""``dmc train --config configs/X.yaml [--section.key=value ...] [--resume auto|none|PATH]``."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+from pathlib import Path
+
+import yaml
+
+from .recipe import Recipe
+
+
+class RecipeError(ValueError):
+    pass
+
+
+def _check_keys(data, cls, where: str = "") -> None:
+    """Refuse unknown YAML keys, listing the valid ones (jsonargparse alone does not list them)."""
+    if not isinstance(data, dict):
+        raise RecipeError(f"{where or 'the config'} must be a mapping, got {type(data).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key, value in data.items():
+        if key not in fields:
+            raise RecipeError(f"unknown key {where + key!r}; valid keys{' in ' + where.rstrip('.') if where else ''}: "
+                              f"{', '.join(fields)}")
+        sub = fields[key].default_factory if fields[key].default_factory is not dataclasses.MISSING else None
+        if sub is not None and dataclasses.is_dataclass(sub) and value is not None:
+            _check_keys(value, sub, f"{where}{key}.")
+
+
+def load_recipe_file(path: str) -> dict:
+    p = Path(path)
+    if not p.exists():
+        raise RecipeError(f"config file {path!r} does not exist; see configs/ for recipes")
+    data = yaml.safe_load(p.read_text()) or {}
+    _check_keys(data, Recipe)
+    return data
+
+
+def parse(argv: list[str]) -> tuple[Recipe, str, int | None]:
+    from jsonargparse import ActionConfigFile, ArgumentParser
+
+    parser = ArgumentParser(prog="dmc train", description="Continued pretraining of a Llama model with DMC",
+                            exit_on_error=False)
+    parser.add_argument("--config", action=ActionConfigFile, help="a YAML recipe from configs/")
+    parser.add_argument("--resume", default="auto", help="auto (latest checkpoint in run.out_dir), none, or a path")
+    parser.add_argument("--stop_at", type=int, default=None, help="stop after this many steps (schedule unchanged)")
+    for f in dataclasses.fields(Recipe):
+        parser.add_class_arguments(f.default_factory, nested_key=f.name)
+    for i, arg in enumerate(argv):
+        if arg == "--config" and i + 1 < len(argv):
+            load_recipe_file(argv[i + 1])
+        elif arg.startswith("--config="):
+            load_recipe_file(arg.split("=", 1)[1])
+    try:
+        cfg = parser.parse_args(argv)
+    except Exception as err:  # jsonargparse's ArgumentError: type errors, unknown --keys
+        raise RecipeError(str(err).strip().splitlines()[0]) from err
+    d = cfg.as_dict()
+    recipe = Recipe(**{f.name: f.default_factory(**d[f.name]) for f in dataclasses.fields(Recipe)})
+    try:
+        recipe.validate()
+    except ValueError as err:
+        raise RecipeError(str(err)) from err
+    return recipe, d["resume"], d["stop_at"]
+
+
+def run(recipe: Recipe, resume: str = "auto", stop_at: int | None = None) -> dict:
+    import lightning as L
+    import torch
+    from lightning.pytorch.callbacks import RichProgressBar
+    from lightning.pytorch.loggers import CSVLogger
+
+    from dmc.evaluation import perplexity_and_cr
+
+    from .callbacks import AtomicCheckpoint, Plots, Telemetry
+    from .data_module import BlocksDataModule
+    from .module import DMCTrainingModule
+    from .strategy import build_strategy
+
+    r = recipe.run
+    if r.threads:
+        torch.set_num_threads(r.threads)
+    out = Path(r.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt = None if resume == "none" else (AtomicCheckpoint.latest(r.out_dir) if resume == "auto" else resume)
+    if ckpt is not None and not Path(ckpt).exists():
+        raise RecipeError(f"--resume {ckpt!r} does not exist")
+    loggers = [CSVLogger(str(out), name="logs")]  # a resumed run logs to a new version_N; plots read them all
+    if "wandb" in r.loggers:
+        from lightning.pytorch.loggers import WandbLogger
+
+        loggers.append(WandbLogger(project="dmc", save_dir=str(out), name=out.name))
+    if "tensorboard" in r.loggers:
+        from lightning.pytorch.loggers import TensorBoardLogger
+
+        loggers.append(TensorBoardLogger(str(out), name="tb"))
+    callbacks = [AtomicCheckpoint(r.out_dir, r.checkpoint_every, r.keep_last), Telemetry(r.out_dir, r.log_every),
+                 Plots(r.out_dir)]
+    if r.progress_bar:
+        callbacks.append(RichProgressBar())
+    deepspeed = r.strategy.startswith("deepspeed")
+    trainer = L.Trainer(
+        max_steps=min(stop_at or recipe.total_steps, recipe.total_steps), max_epochs=-1,
+        accelerator=r.accelerator, devices=r.devices, num_nodes=r.num_nodes,
+        strategy=build_strategy(r.strategy, r.accelerator, r.deepspeed_config), precision=r.precision,
+        logger=loggers, callbacks=callbacks, enable_checkpointing=False, log_every_n_steps=r.log_every,
+        gradient_clip_val=None if deepspeed else recipe.optim.grad_clip,
+        accumulate_grad_batches=recipe.optim.accumulate_grad_batches, enable_progress_bar=r.progress_bar,
+        num_sanity_val_steps=0, limit_val_batches=0, enable_model_summary=False,
+    )
+    L.seed_everything(r.seed, workers=True, verbose=False)
+    module = DMCTrainingModule(recipe)
+    data = BlocksDataModule(recipe.data, recipe.model.path)
+    if ckpt is None:
+        _check_fresh_start(recipe)
+    else:
+        _check_resume_compatible(recipe, ckpt)
+    trainer.fit(module, datamodule=data, ckpt_path=ckpt)
+    summary = {"steps": trainer.global_step, "checkpoint": AtomicCheckpoint.latest(r.out_dir), "data": dict(data.stats)}
+    if trainer.is_global_zero and trainer.global_step >= recipe.total_steps and recipe.data.validation_blocks:
+        model = module.model
+        if model is not None and not deepspeed:
+            summary["validation"] = perplexity_and_cr(model, data.validation_blocks())
+    if trainer.is_global_zero:
+        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def _check_fresh_start(recipe: Recipe) -> None:
+    from transformers import AutoConfig
+
+    path = Path(recipe.model.path)
+    if not (path / "config.json").exists():
+        raise RecipeError(f"model.path={str(path)!r} has no config.json; run `make model` or point it at a HF folder")
+    model_type = AutoConfig.from_pretrained(path).model_type
+    if model_type not in ("llama", "dmc_llama"):
+        raise RecipeError(f"model.path={str(path)!r} is a {model_type!r} model; DMC needs a Llama-architecture model")
+
+
+def _check_resume_compatible(recipe: Recipe, ckpt: str) -> None:
+    """A checkpoint of another model (different shapes) is refused before Lightning loads it."""
+    import torch
+    from transformers import AutoConfig
+
+    p = Path(ckpt)
+    file = p if p.is_file() else None
+    if file is None:  # DeepSpeed directory: shapes are checked by the engine itself
+        return
+    state = torch.load(file, map_location="cpu", weights_only=False)
+    config = AutoConfig.from_pretrained(recipe.model.path)
+    emb = state["state_dict"].get("model.model.embed_tokens.weight")
+    if emb is not None and tuple(emb.shape) != (config.vocab_size, config.hidden_size):
+        raise RecipeError(
+            f"checkpoint {ckpt} is from another model (embeddings {tuple(emb.shape)}, model.path has "
+            f"{(config.vocab_size, config.hidden_size)}); use --resume none or the matching model.path"
+        )
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        recipe, resume, stop_at = parse(argv)
+        summary = run(recipe, resume, stop_at)
+    except (RecipeError, ValueError, FileNotFoundError) as err:
+        from data import DataError  # noqa: F401  (DataError is a ValueError)
+
+        sys.exit(f"dmc train: error: {err}")
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps(summary, indent=2))

@@ -1,0 +1,132 @@
+"""The LightningModule: LM loss + one-sided CR loss, the three stages by step, AdamW, LR schedule."""
+
+from __future__ import annotations
+
+import math
+
+import lightning as L
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+import dmc
+
+from .recipe import Recipe
+
+
+def stage_of(step: int, recipe: Recipe) -> int:
+    s = recipe.schedule
+    return 1 if step < s.stage1_steps else (2 if step < s.stage1_steps + s.ramp_steps else 3)
+
+
+def target_cr_at(step: int, recipe: Recipe) -> float:
+    s = recipe.schedule
+    return dmc.cr_schedule(step, s.target_cr, s.ramp_steps, start_step=s.stage1_steps)
+
+
+def lr_factor(step: int, recipe: Recipe) -> float:
+    """Constant in stages 1-2; cosine from lr to min_lr over stage 3 (the reference's schedule)."""
+    o, s = recipe.optim, recipe.schedule
+    start = s.stage1_steps + s.ramp_steps
+    if o.lr_schedule == "constant" or step < start or s.finetune_steps == 0:
+        return 1.0
+    progress = min(1.0, (step - start) / s.finetune_steps)
+    floor = o.min_lr / o.lr
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def load_for_training(recipe: Recipe) -> dmc.DMCLlamaForCausalLM:
+    m = recipe.model
+    config = AutoConfig.from_pretrained(m.path)
+    if config.model_type not in ("llama", "dmc_llama"):
+        raise ValueError(f"model.path={m.path!r} is a {config.model_type!r} model; DMC retrofits Llama-architecture "
+                         "checkpoints (model_type 'llama'), e.g. checkpoints/smollm2-135m")
+    model = AutoModelForCausalLM.from_pretrained(m.path, dtype=getattr(torch, m.dtype))
+    if config.model_type == "llama":
+        model = dmc.retrofit(model, dmc.DMCConfig(
+            target_cr=recipe.schedule.target_cr, window=m.window, tau=m.tau, logit_offset=m.logit_offset,
+            weight_offset=m.weight_offset, train_attention=m.train_attention))
+    if m.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    return model
+
+
+class DMCTrainingModule(L.LightningModule):
+    def __init__(self, recipe: Recipe):
+        super().__init__()
+        self.recipe = recipe
+        self.model: dmc.DMCLlamaForCausalLM | None = None
+        self.last_stats: dict = {}
+
+    def configure_model(self) -> None:
+        if self.model is None:
+            self.model = load_for_training(self.recipe).train()
+            if self.recipe.optim.decision_lr is not None:
+                self.model.add_decision_adapters()
+
+    # ---- one step ----------------------------------------------------------------------------------
+    def _enter_stage(self, step: int) -> None:
+        s = self.recipe.schedule
+        if step < s.stage1_steps:
+            self.model.set_stage1_multiplier(dmc.stage1_multiplier(step, s.stage1_steps))
+            return
+        self.model.set_stage1_multiplier(None)
+        if step == s.stage1_steps and s.stage1_steps > 0:
+            with _gathered(self, [w for w, _, _ in self.model.decision_rows()]):
+                self.model.zero_decision_rows()
+
+    def training_step(self, batch, batch_idx):
+        step = self.global_step
+        # Gumbel noise from a seed derived from the step: a resumed run draws the same noise.
+        torch.manual_seed(self.recipe.run.seed * 1_000_003 + step * max(1, self.trainer.world_size) + self.global_rank)
+        self._enter_stage(step)
+        if self.trainer.datamodule is not None:
+            self.trainer.datamodule.position = type(self.trainer.datamodule.position).from_dict(batch["position"])
+        ids = batch["input_ids"]
+        out = self.model(input_ids=ids, labels=ids, use_cache=False)
+        cr_t = target_cr_at(step, self.recipe)
+        cr_term = dmc.cr_loss(out.dmc_alpha, cr_t) if stage_of(step, self.recipe) > 1 else out.dmc_alpha.sum() * 0
+        loss = out.loss + self.recipe.schedule.cr_loss_weight * cr_term
+        merges = out.dmc_merges.float()  # (L, B, H_kv)
+        tokens = out.dmc_tokens.float()[None, :, None]
+        self.last_stats = {"merges": merges.sum(1).cpu(), "tokens": float(out.dmc_tokens.sum())}
+        total = tokens.sum() * merges.shape[0] * merges.shape[2]
+        realised = float(total / (total - merges.sum()).clamp(min=1))
+        self.log_dict({"train/lm_loss": out.loss.detach(), "train/cr_loss": cr_term.detach(),
+                       "train/target_cr": cr_t, "train/realised_cr": realised, "train/stage": float(stage_of(step, self.recipe)),
+                       "train/omega": out.dmc_omega.mean()}, prog_bar=False, on_step=True, sync_dist=False)
+        self.log("cr", realised, prog_bar=True, on_step=True)
+        self.log("loss", out.loss.detach(), prog_bar=True, on_step=True)
+        return loss
+
+    # ---- optimiser ---------------------------------------------------------------------------------
+    def configure_optimizers(self):
+        o = self.recipe.optim
+        adapters = [p for n, p in self.model.named_parameters() if "decision_adapter" in n]
+        ids = {id(p) for p in adapters}
+        decay = [p for p in self.model.parameters() if id(p) not in ids and p.dim() >= 2]
+        no_decay = [p for p in self.model.parameters() if id(p) not in ids and p.dim() < 2]
+        groups = [{"params": decay, "weight_decay": o.weight_decay, "lr": o.lr},
+                  {"params": no_decay, "weight_decay": 0.0, "lr": o.lr}]
+        if adapters:
+            groups.append({"params": adapters, "weight_decay": 0.0, "lr": o.decision_lr})
+        opt = torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas))
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(step, self.recipe))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+class _gathered:
+    """Under DeepSpeed ZeRO-3 parameters are partitioned: gather them to edit rows in place."""
+
+    def __init__(self, module: L.LightningModule, params):
+        self.ctx = None
+        strategy = getattr(getattr(module, "trainer", None), "strategy", None)
+        if getattr(strategy, "zero_stage_3", False):
+            import deepspeed
+
+            self.ctx = deepspeed.zero.GatheredParameters(params, modifier_rank=0)
+
+    def __enter__(self):
+        return self.ctx.__enter__() if self.ctx else None
+
+    def __exit__(self, *exc):
+        return self.ctx.__exit__(*exc) if self.ctx else False

@@ -1,0 +1,111 @@
+"""The training recipe: typed sections, loaded from YAML by jsonargparse (unknown keys are refused)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+
+@dataclass
+class ModelSection:
+    """path: a HF Llama folder (or a dmc_llama folder to continue). The dmc_* settings of the model."""
+
+    path: str = "checkpoints/smollm2-135m"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    window: Optional[int] = 12
+    tau: float = 0.1
+    logit_offset: float = 5.0
+    weight_offset: float = 5.0
+    train_attention: Literal["auto", "flex", "sdpa", "reference"] = "auto"
+    gradient_checkpointing: bool = False
+
+
+@dataclass
+class DataSection:
+    """kind: stdlib | files | hf; path: glob or dataset name; block_len tokens per sequence."""
+
+    kind: Literal["stdlib", "files", "hf"] = "stdlib"
+    path: Optional[str] = None
+    text_field: str = "text"
+    name: Optional[str] = None
+    train_split: str = "train"
+    validation_split: str = "validation"
+    block_len: int = 256
+    batch_size: int = 1
+    validation_blocks: int = 16
+    validation_fraction: float = 0.05
+
+
+@dataclass
+class ScheduleSection:
+    """Stage lengths in optimiser steps: 1 neuron zero-out, 2 linear CR ramp 1 -> target_cr, 3 hold."""
+
+    target_cr: float = 2.0
+    stage1_steps: int = 250
+    ramp_steps: int = 6000
+    finetune_steps: int = 2000
+    cr_loss_weight: float = 1.0
+
+
+@dataclass
+class OptimSection:
+    """AdamW. decision_lr: learning rate of the decision adapters (null: no adapters, as in the reference)."""
+
+    lr: float = 3.0e-5
+    min_lr: float = 3.0e-6
+    decision_lr: Optional[float] = None
+    betas: tuple[float, float] = (0.9, 0.95)
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    lr_schedule: Literal["constant", "cosine_in_finetune"] = "cosine_in_finetune"
+    accumulate_grad_batches: int = 1
+
+
+@dataclass
+class RunSection:
+    """Where and how: out_dir for checkpoints/logs/plots; strategy auto|ddp|fsdp|deepspeed_stage_2|deepspeed_stage_3."""
+
+    out_dir: str = "checkpoints/run"
+    seed: int = 0
+    strategy: str = "auto"
+    accelerator: str = "auto"
+    devices: int = 1
+    num_nodes: int = 1
+    precision: str = "32-true"
+    threads: Optional[int] = None
+    log_every: int = 10
+    checkpoint_every: int = 100
+    keep_last: int = 2
+    loggers: list[str] = field(default_factory=lambda: ["csv"])
+    progress_bar: bool = True
+    validate_every: Optional[int] = None
+    deepspeed_config: Optional[str] = None
+
+
+@dataclass
+class Recipe:
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    schedule: ScheduleSection = field(default_factory=ScheduleSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+    run: RunSection = field(default_factory=RunSection)
+
+    @property
+    def total_steps(self) -> int:
+        s = self.schedule
+        return s.stage1_steps + s.ramp_steps + s.finetune_steps
+
+    def validate(self) -> None:
+        s, d, o, r = self.schedule, self.data, self.optim, self.run
+        checks = [
+            (s.target_cr >= 1, f"schedule.target_cr={s.target_cr} must be >= 1 (e.g. 2, 4, 8)"),
+            (min(s.stage1_steps, s.ramp_steps, s.finetune_steps) >= 0, "schedule.*_steps must be >= 0"),
+            (self.total_steps > 0, "the schedule has no steps: set schedule.ramp_steps or finetune_steps"),
+            (d.block_len >= 2 and d.batch_size >= 1, "data.block_len must be >= 2 and data.batch_size >= 1"),
+            (o.lr > 0 and (o.decision_lr is None or o.decision_lr > 0), "optim.lr and optim.decision_lr must be > 0"),
+            (r.keep_last >= 1 and r.checkpoint_every >= 1, "run.keep_last and run.checkpoint_every must be >= 1"),
+            (set(r.loggers) <= {"csv", "wandb", "tensorboard"}, f"run.loggers={r.loggers}: use csv, wandb, tensorboard"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
