@@ -13,15 +13,17 @@ def main(argv: list[str] | None = None) -> None:
     fetch.add_argument("--out", default="checkpoints/smollm2-135m")
     fetch.add_argument("--cache", default=".cache/gguf")
     sub.add_parser("train", help="continued pretraining with DMC (Lightning); see `dmc train --help`", add_help=False)
+    sub.add_parser("demo", help="retrofit SmolLM2-135M to ~2x on CPU and compare it with the vanilla model", add_help=False)
     bench = sub.add_parser("bench-core", help="training-step and prefill speed of DMC versus vanilla")
     bench.add_argument("args", nargs=argparse.REMAINDER)
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["train"]:
+    if argv[:1] in (["train"], ["demo"]):
         try:
             from train.cli import main as train_main
+            from train.demo import main as demo_main
         except ImportError as err:
-            sys.exit(f"error: `dmc train` needs the training extras ({err.name} is missing): pip install 'dmc[train]'")
-        return train_main(argv[1:])
+            sys.exit(f"error: `dmc {argv[0]}` needs the training extras ({err.name} is missing): pip install 'dmc[train]'")
+        return (train_main if argv[0] == "train" else demo_main)(argv[1:])
     ns = parser.parse_args(argv)
     if ns.command == "fetch-smollm2":
         from .smollm2 import main as fetch_main

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from transformers import PreTrainedModel
 
-from .config import DMCConfig, DMCConfigError, DMCLlamaConfig
+from .config import DMCConfig, DMCLlamaConfig
 from .modeling import DMCLlamaForCausalLM
 
 
@@ -24,8 +24,6 @@ def _check_llama(model) -> None:
         )
     if not hasattr(model, "lm_head"):
         raise NotLlamaError(f"dmc.retrofit needs a causal LM with an lm_head; got {type(model).__name__}")
-    if getattr(config, "attention_bias", False) is None:
-        raise NotLlamaError("unsupported Llama config: attention_bias is None")
 
 
 def dmc_config_from(llama_config, dmc: DMCConfig) -> DMCLlamaConfig:
@@ -33,10 +31,7 @@ def dmc_config_from(llama_config, dmc: DMCConfig) -> DMCLlamaConfig:
     for key in ("model_type", "architectures", "transformers_version", "auto_map"):
         fields.pop(key, None)
     fields = {k: v for k, v in fields.items() if not k.startswith("dmc_")}
-    try:
-        config = DMCLlamaConfig(**fields, **dmc.to_prefixed())
-    except DMCConfigError:
-        raise
+    config = DMCLlamaConfig(**fields, **dmc.to_prefixed())
     config.architectures = ["DMCLlamaForCausalLM"]
     config._attn_implementation = getattr(llama_config, "_attn_implementation", None) or "sdpa"
     return config

@@ -166,9 +166,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         recipe, resume, stop_at = parse(argv)
         summary = run(recipe, resume, stop_at)
-    except (RecipeError, ValueError, FileNotFoundError) as err:
-        from data import DataError  # noqa: F401  (DataError is a ValueError)
-
+    except (RecipeError, ValueError, FileNotFoundError) as err:  # data.DataError is a ValueError too
         sys.exit(f"dmc train: error: {err}")
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps(summary, indent=2))

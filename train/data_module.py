@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
+from itertools import islice
 
 import lightning as L
 import torch
@@ -59,7 +60,7 @@ class BlocksDataModule(L.LightningDataModule):
         """The first ``validation_blocks`` blocks of the held-out split (the same on every rank)."""
         spec = self._spec(self.section.validation_split)
         blocks = PackedBlocks(lambda: documents(spec), self.tokenizer, self.section.block_len)
-        out = [b for b, _ in zip((b for b, _ in blocks), range(self.section.validation_blocks))]
+        out = [b for b, _ in islice(blocks, self.section.validation_blocks)]
         return torch.stack(out) if out else torch.empty(0, self.section.block_len, dtype=torch.long)
 
     def state_dict(self) -> dict:
