@@ -16,6 +16,8 @@ from typing import Callable, Iterator
 
 import torch
 
+from .sources import split_lines
+
 
 @dataclass
 class Position:
@@ -58,15 +60,8 @@ class PackedBlocks:
         if len(text) <= self.max_doc_chars:
             return self.tokenizer(text, add_special_tokens=False)["input_ids"]
         self.stats["split_huge"] += 1
-        ids: list[int] = []
-        start = 0
-        while start < len(text):
-            end = min(len(text), start + self.max_doc_chars)
-            cut = text.rfind("\n", start, end) + 1 if end < len(text) else end
-            end = cut if cut > start else end
-            ids += self.tokenizer(text[start:end], add_special_tokens=False)["input_ids"]
-            start = end
-        return ids
+        return [i for piece in split_lines(text, self.max_doc_chars)
+                for i in self.tokenizer(piece, add_special_tokens=False)["input_ids"]]
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, Position]]:
         eos = self.tokenizer.eos_token_id

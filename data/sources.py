@@ -31,6 +31,10 @@ class SourceSpec:
     split: "train" or "validation" (stdlib: a deterministic split by file; hf: the dataset split name).
     text_field: the text column of jsonl/parquet/hf records.
     validation_fraction: share of stdlib files held out (by a hash of the path, stable across machines).
+    piece_chars: stdlib files are cut at line ends into pieces of at most this many characters, and the
+      pieces are served in a hash-shuffled order. Alphabetical files would put long runs of near-identical
+      generated code (``encodings/cp*.py`` charmap tables, ``test/``) next to each other, and a short run
+      would learn to compress those instead of code in general.
     """
 
     kind: str = "stdlib"
@@ -39,6 +43,7 @@ class SourceSpec:
     text_field: str = "text"
     name: str | None = None  # hf dataset config name
     validation_fraction: float = 0.05
+    piece_chars: int = 4096
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -47,15 +52,49 @@ class SourceSpec:
             raise DataError(f"data source kind={self.kind!r} needs a path (a glob of files or a dataset name)")
         if not 0 < self.validation_fraction < 1:
             raise DataError(f"validation_fraction={self.validation_fraction} must be in (0, 1)")
+        if self.piece_chars < 256:
+            raise DataError(f"piece_chars={self.piece_chars} is too small; use at least 256 characters")
 
 
 def stdlib_root() -> Path:
     return Path(sysconfig.get_paths()["stdlib"])
 
 
+def _hash01(key: str) -> float:
+    return int(hashlib.sha256(key.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
+
+
 def _held_out(rel: str, fraction: float) -> bool:
-    bucket = int(hashlib.sha256(rel.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
-    return bucket < fraction
+    return _hash01(rel) < fraction
+
+
+def split_lines(text: str, max_chars: int) -> list[str]:
+    """Cut ``text`` at line ends into pieces of at most ``max_chars`` (a longer single line is cut inside)."""
+    pieces, start = [], 0
+    while start < len(text):
+        end = min(len(text), start + max_chars)
+        if end < len(text):
+            cut = text.rfind("\n", start, end)
+            end = cut + 1 if cut > start else end
+        pieces.append(text[start:end])
+        start = end
+    return pieces
+
+
+def _stdlib_pieces(spec: "SourceSpec", stats: Counter) -> Iterator[tuple[str, str]]:
+    root = stdlib_root()
+    pieces = []
+    for path in stdlib_files(spec.split, spec.validation_fraction):
+        rel = path.relative_to(root).as_posix()
+        text = _read_text(path, stats)
+        if text is not None and not text.strip():
+            stats["skipped_empty"] += 1
+            continue
+        for n, piece in enumerate(split_lines(text or "", spec.piece_chars)):
+            pieces.append((_hash01(f"order:{rel}#{n}"), f"{rel}#{n}", piece))
+    pieces.sort()
+    for _, doc_id, piece in pieces:
+        yield from _nonempty(doc_id, piece, stats)
 
 
 def stdlib_files(split: str, fraction: float) -> list[Path]:
@@ -110,10 +149,7 @@ def documents(spec: SourceSpec, stats: Counter | None = None) -> Iterator[tuple[
     """Yield ``(doc_id, text)`` in a deterministic order; bad documents are skipped into ``stats``."""
     stats = Counter() if stats is None else stats
     if spec.kind == "stdlib":
-        root = stdlib_root()
-        for path in stdlib_files(spec.split, spec.validation_fraction):
-            text = _read_text(path, stats)
-            yield from _nonempty(path.relative_to(root).as_posix(), text, stats)
+        yield from _stdlib_pieces(spec, stats)
     elif spec.kind == "files":
         paths = sorted(glob.glob(spec.path, recursive=True))
         if not paths:

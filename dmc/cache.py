@@ -117,7 +117,8 @@ class DMCLayer(CacheLayerMixin):
 
         self.started = valid.any(-1)
         sd = self.state_dtype
-        self.k_sum, self.v_sum, self.w_sum = acc_k[..., -1, :].to(sd), acc_v[..., -1, :].to(sd), c[..., -1].to(sd)
+        # Copies, not views: a view would keep the whole (B, H_kv, T, ...) prefill tensor alive in the cache.
+        self.k_sum, self.v_sum, self.w_sum = (x.to(sd).clone() for x in (acc_k[..., -1, :], acc_v[..., -1, :], c[..., -1]))
         if self.window:
             W = self.window
             is_start = (alpha == 0) & valid[:, None, :]
@@ -125,7 +126,7 @@ class DMCLayer(CacheLayerMixin):
             seg_start = torch.where(is_start, pos, -1).cummax(-1).values[..., -1]  # (B, H_kv)
             self.seg_len = torch.where(self.started[:, None], T - seg_start, 0)
             pad = max(0, W - T)
-            take = lambda x: torch.nn.functional.pad(x, (0, 0, pad, 0))[..., -W:, :].to(sd)  # noqa: E731
+            take = lambda x: torch.nn.functional.pad(x, (0, 0, pad, 0))[..., -W:, :].to(sd).clone()  # noqa: E731
             self.ring_k, self.ring_v = take(k_pre), take(v)
             self.ring_w = take(omega[..., None])[..., 0]
         self.seen_tokens += T

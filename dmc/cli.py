@@ -14,6 +14,10 @@ def main(argv: list[str] | None = None) -> None:
     fetch.add_argument("--cache", default=".cache/gguf")
     sub.add_parser("train", help="continued pretraining with DMC (Lightning); see `dmc train --help`", add_help=False)
     sub.add_parser("demo", help="retrofit SmolLM2-135M to ~2x on CPU and compare it with the vanilla model", add_help=False)
+    sub.add_parser("export", help="training checkpoint -> self-contained HF folder; see `dmc export --help`", add_help=False)
+    sub.add_parser("generate", help="generate with a DMC (or vanilla) HF folder; see `dmc generate --help`", add_help=False)
+    sub.add_parser("bench", help="KV bytes, memory, prefill and decode speed: vanilla vs DMC; see `dmc bench --help`",
+                   add_help=False)
     bench = sub.add_parser("bench-core", help="training-step and prefill speed of DMC versus vanilla")
     bench.add_argument("args", nargs=argparse.REMAINDER)
     argv = sys.argv[1:] if argv is None else argv
@@ -24,6 +28,21 @@ def main(argv: list[str] | None = None) -> None:
         except ImportError as err:
             sys.exit(f"error: `dmc {argv[0]}` needs the training extras ({err.name} is missing): pip install 'dmc[train]'")
         return (train_main if argv[0] == "train" else demo_main)(argv[1:])
+    if argv[:1] == ["export"]:
+        try:
+            from train.export import main as export_main
+        except ImportError as err:
+            sys.exit(f"error: `dmc export` reads training checkpoints and needs the training extras "
+                     f"({err.name} is missing): pip install 'dmc[train]'")
+        return export_main(argv[1:])
+    if argv[:1] == ["bench"]:
+        from eval.bench import main as bench_main
+
+        return bench_main(argv[1:])
+    if argv[:1] == ["generate"]:
+        from .generate import main as generate_main
+
+        return generate_main(argv[1:])
     ns = parser.parse_args(argv)
     if ns.command == "fetch-smollm2":
         from .smollm2 import main as fetch_main

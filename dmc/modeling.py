@@ -25,7 +25,8 @@ from .cache import DMCCache, DMCCacheError
 from .config import DMCLlamaConfig
 from .decisions import gumbel_sigmoid_logits, read_decision_channel, straight_through_hard
 from .ops.accumulate import accumulate
-from .ops.decode_attention import decode_attention
+from .ops.decode_attention import decode_attention, resolve_backend
+from .ops.triton_decode import cache_step_triton
 from .ops.train_attention import MASKED, train_attention
 
 
@@ -145,15 +146,13 @@ class DMCLlamaAttention(LlamaAttention):
         layer = cache.layer(self.layer_idx)
         B, H, T, D = q0.shape
         q_rot, _ = apply_rotary_pos_emb(q0, q0[:, :1], cos, sin)
+        backend = resolve_backend(self.config.dmc_decode_backend, q0.device, layer.block_size)
+        step = cache_step_triton if backend == "triton" else type(layer).step  # the fused update goes with its kernel
         outs = []
         for t in range(T):
-            layer.step(k0[:, :, t], v[:, :, t], omega[..., t], logit[..., t] > 0, valid[:, t], cos[:, t], sin[:, t])
-            outs.append(
-                decode_attention(
-                    self.config.dmc_decode_backend, q_rot[:, :, t], layer.k_pool, layer.v_pool,
-                    layer.block_table, layer.lens, self.scaling,
-                )
-            )
+            step(layer, k0[:, :, t], v[:, :, t], omega[..., t], logit[..., t] > 0, valid[:, t], cos[:, t], sin[:, t])
+            outs.append(decode_attention(backend, q_rot[:, :, t], layer.k_pool, layer.v_pool, layer.block_table,
+                                         layer.lens, self.scaling))
         layer.seen_tokens += T
         return torch.stack(outs, dim=2)
 

@@ -46,20 +46,30 @@ def retrofit(model, dmc: DMCConfig | None = None) -> DMCLlamaForCausalLM:
     _check_llama(model)
     dmc = dmc or DMCConfig()
     config = dmc_config_from(model.config, dmc)
-    state = model.state_dict()
     param = next(model.parameters())
-    with torch.device("meta"):
-        new = DMCLlamaForCausalLM(config)
-    missing, unexpected = new.load_state_dict(state, strict=False, assign=True)
-    tied = {"lm_head.weight"} if config.tie_word_embeddings else set()
-    if set(missing) - tied or unexpected:
-        raise NotLlamaError(f"weights do not fit a Llama layout: missing {sorted(missing)}, unexpected {sorted(unexpected)}")
-    if config.tie_word_embeddings:
-        new.lm_head.weight = new.model.embed_tokens.weight
-    # Non-persistent buffers (RoPE frequencies) are not in the state dict: rebuild them for real.
-    with torch.device(param.device):
-        new.model.rotary_emb = type(new.model.rotary_emb)(config)
+    new, missing, unexpected = assemble(config, model.state_dict(), device=param.device)
+    if missing or unexpected:
+        raise NotLlamaError(f"weights do not fit a Llama layout: missing {missing}, unexpected {unexpected}")
     new.to(param.dtype)
     new.generation_config = model.generation_config
     new.train(model.training)
     return new
+
+
+def assemble(config: DMCLlamaConfig, state: dict, *, adapters: bool = False, device="cpu"):
+    """Build a ``DMCLlamaForCausalLM`` on the meta device and assign ``state`` into it (no copy).
+
+    Returns (model, missing keys, unexpected keys); a tied ``lm_head`` is not counted as missing.
+    """
+    with torch.device("meta"):
+        new = DMCLlamaForCausalLM(config)
+        if adapters:
+            new.add_decision_adapters()
+    missing, unexpected = new.load_state_dict(state, strict=False, assign=True)
+    tied = {"lm_head.weight"} if config.tie_word_embeddings else set()
+    if config.tie_word_embeddings:
+        new.lm_head.weight = new.model.embed_tokens.weight
+    # Non-persistent buffers (RoPE frequencies) are not in the state dict: rebuild them for real.
+    with torch.device(device):
+        new.model.rotary_emb = type(new.model.rotary_emb)(config)
+    return new, sorted(set(missing) - tied), sorted(unexpected)

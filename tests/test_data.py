@@ -97,3 +97,19 @@ def test_huge_document_is_split_not_crashing(tok):
 def test_cycle_restarts_the_corpus_with_a_new_epoch(tok):
     blocks = list(islice(_stream(tok, ["a b c d e f g h i j k l"], cycle=True), 6))
     assert blocks[-1][1].epoch >= 1
+
+
+def test_stdlib_pieces_are_shuffled_bounded_and_cover_the_files():
+    stats = Counter()
+    spec = SourceSpec(kind="stdlib", split="validation", piece_chars=2048)
+    docs = list(documents(spec, stats))
+    assert docs == list(documents(spec))  # deterministic
+    assert all(len(text) <= 2048 for _, text in docs)
+    files = [d.split("#")[0] for d, _ in docs]
+    runs = sum(a == b for a, b in zip(files, files[1:]))
+    assert runs < len(files) // 4, "pieces of one file should not come in long runs"
+    assert sorted(files) != files  # not alphabetical
+    root = __import__("data.sources", fromlist=["stdlib_root"]).stdlib_root()
+    for rel in sorted(set(files))[:5]:  # the pieces of a file put back together give the file
+        pieces = sorted((int(d.split("#")[1]), t) for d, t in docs if d.split("#")[0] == rel)
+        assert "".join(t for _, t in pieces) == (root / rel).read_text()

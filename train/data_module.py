@@ -38,7 +38,7 @@ class BlocksDataModule(L.LightningDataModule):
     def _spec(self, split: str) -> SourceSpec:
         s = self.section
         return SourceSpec(kind=s.kind, path=s.path, split=split, text_field=s.text_field, name=s.name,
-                          validation_fraction=s.validation_fraction)
+                          validation_fraction=s.validation_fraction, piece_chars=s.piece_chars)
 
     def setup(self, stage: str | None = None) -> None:
         if self.tokenizer is None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import asdict
 
 import lightning as L
 import torch
@@ -97,6 +98,26 @@ class DMCTrainingModule(L.LightningModule):
         self.log("cr", realised, prog_bar=True, on_step=True)
         self.log("loss", out.loss.detach(), prog_bar=True, on_step=True)
         return loss
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # What `dmc export` needs besides the weights: the model config, where the tokenizer lives, the
+        # recipe, how far the run got, and the latest realised CR per layer.
+        r, step = self.recipe, self.global_step
+        world = self.trainer.world_size if self._trainer is not None else 1
+        cr_per_layer = None
+        if self.last_stats:
+            merges, tokens = self.last_stats["merges"], self.last_stats["tokens"]
+            slots = tokens * merges.shape[1]
+            cr_per_layer = (slots / (slots - merges.sum(1)).clamp(min=1e-9)).tolist()
+        checkpoint["dmc"] = {
+            "config": self.model.config.to_dict(),
+            "base_model": r.model.path,
+            "recipe": asdict(r),
+            "step": step,
+            "stage": stage_of(step, r),
+            "tokens_seen": step * r.data.batch_size * r.data.block_len * r.optim.accumulate_grad_batches * world,
+            "cr_per_layer": cr_per_layer,
+        }
 
     # ---- optimiser ---------------------------------------------------------------------------------
     def configure_optimizers(self):

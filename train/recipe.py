@@ -34,6 +34,7 @@ class DataSection:
     batch_size: int = 1
     validation_blocks: int = 16
     validation_fraction: float = 0.05
+    piece_chars: int = 4096  # stdlib: files cut into pieces of this size, served in a shuffled order
 
 
 @dataclass

@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .triton_decode import decode_attention_triton, triton_available
+
 
 def gather_slots(pool: torch.Tensor, block_table: torch.Tensor, n_blocks: int) -> torch.Tensor:
     """Padded view of every pair's first ``n_blocks`` blocks: (B, H_kv, n_blocks * block_size, D)."""
@@ -30,6 +32,9 @@ def decode_attention_reference(q, k_pool, v_pool, block_table, lens, scale=None)
     for b in range(B):
         for h in range(H_kv):
             n = int(lens[b, h])
+            if n == 0:  # a sequence still in its left padding has no slots: output 0, like the kernels
+                out[b, h * g : (h + 1) * g] = 0
+                continue
             keys = torch.stack([k_pool[block_table[b, h, s // bs], s % bs] for s in range(n)])  # (n, D)
             vals = torch.stack([v_pool[block_table[b, h, s // bs], s % bs] for s in range(n)])
             qh = q[b, h * g : (h + 1) * g]  # (g, D)
@@ -55,6 +60,7 @@ def decode_attention_sdpa(q, k_pool, v_pool, block_table, lens, scale=None):
     vals = torch.where(live[..., None], vals, 0)
     qg = q.view(B, H_kv, H // H_kv, D)
     out = F.scaled_dot_product_attention(qg, keys, vals, attn_mask=live[:, :, None, :], scale=scale)
+    out = torch.where((lens > 0)[..., None, None], out, 0)  # no slots yet (left padding): 0, not NaN
     return out.reshape(B, H, D)
 
 
@@ -74,7 +80,10 @@ def decode_attention_flash(q, k_pool, v_pool, block_table, lens, scale=None):
     Each pair is one "sequence" of length ``lens[b, h]`` with its own block table row and one KV head;
     its g query heads are that sequence's query heads. flash-attn 2 needs block_size % 256 == 0.
     """
-    from flash_attn import flash_attn_with_kvcache
+    try:  # a try block also keeps transformers' remote-code import check from demanding flash-attn
+        from flash_attn import flash_attn_with_kvcache
+    except ImportError as err:
+        raise ImportError("dmc_decode_backend='flash' needs flash-attn (CUDA): pip install flash-attn") from err
 
     B, H, D = q.shape
     H_kv = lens.shape[1]
@@ -97,13 +106,24 @@ DECODE_ATTENTION = {
     "reference": decode_attention_reference,
     "sdpa": decode_attention_sdpa,
     "flash": decode_attention_flash,
+    "triton": decode_attention_triton,
 }
 
 
+def resolve_backend(backend: str, device: torch.device, block_size: int) -> str:
+    if backend != "auto":
+        return backend
+    if device.type == "cuda" and flash_available() and block_size % 256 == 0:
+        return "flash"
+    return "triton" if device.type == "cuda" and triton_available() else "sdpa"
+
+
 def decode_attention(backend: str, q, k_pool, v_pool, block_table, lens, scale=None):
-    """Dispatch; ``auto`` picks flash-attn on CUDA when installed and the block size allows, else SDPA."""
-    if backend == "auto":
-        backend = "flash" if q.is_cuda and flash_available() and k_pool.shape[1] % 256 == 0 else "sdpa"
+    """Dispatch; ``auto``: flash-attn on CUDA when installed and the block size allows, else our Triton
+    kernel on CUDA, else SDPA."""
+    backend = resolve_backend(backend, q.device, k_pool.shape[1])
     if backend == "flash" and not flash_available():
         raise RuntimeError("dmc_decode_backend='flash' needs CUDA and the flash-attn package; use 'sdpa'")
+    if backend == "triton" and not triton_available():
+        raise RuntimeError("dmc_decode_backend='triton' needs the triton package and CUDA (or TRITON_INTERPRET=1)")
     return DECODE_ATTENTION[backend](q, k_pool, v_pool, block_table, lens, scale)

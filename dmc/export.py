@@ -1,0 +1,178 @@
+"""Write a DMC model as a self-contained HF folder.
+
+The folder holds safetensors weights, ``config.json`` (``model_type: dmc_llama``, the ``dmc_*`` fields and
+an ``auto_map``), the tokenizer, a generation config, a model card, and the modeling code itself: our
+modules bundled into ``configuration_dmc_llama.py`` and ``modeling_dmc_llama.py``, so that
+``AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)`` works with only transformers installed.
+The folder is built under a temporary name next to ``out`` and renamed into place when complete.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+PACKAGE = Path(__file__).resolve().parent
+CONFIG_MODULES = ["config.py"]
+# Dependency order: a module comes after everything it imports.
+MODELING_MODULES = ["decisions.py", "ops/accumulate.py", "ops/train_attention.py", "ops/triton_decode.py",
+                    "ops/decode_attention.py", "cache.py", "modeling.py"]
+AUTO_MAP = {
+    "AutoConfig": "configuration_dmc_llama.DMCLlamaConfig",
+    "AutoModel": "modeling_dmc_llama.DMCLlamaModel",
+    "AutoModelForCausalLM": "modeling_dmc_llama.DMCLlamaForCausalLM",
+}
+
+
+class ExportError(ValueError):
+    """The export cannot be done as asked; the message says what to change."""
+
+
+def _is_registration(node: ast.stmt) -> bool:
+    # `AutoX.register(...)` at module level: the exported folder uses auto_map instead, and registering
+    # from remote code would overwrite the classes of an installed dmc package.
+    return (isinstance(node, ast.Expr) and isinstance(node.value, ast.Call)
+            and isinstance(node.value.func, ast.Attribute) and node.value.func.attr == "register")
+
+
+def bundle(modules: list[str], header: str) -> str:
+    """Concatenate package modules into one source file: drop relative imports, registrations and the
+    per-module ``from __future__`` lines; refuse two modules defining the same top-level name."""
+    body, defined = [], {}
+    for rel in modules:
+        source = (PACKAGE / rel).read_text()
+        tree = ast.parse(source)
+        lines = source.splitlines()
+        drop = set()
+        for node in tree.body:
+            relative = isinstance(node, ast.ImportFrom) and node.level > 0
+            future = isinstance(node, ast.ImportFrom) and node.module == "__future__"
+            docstring = node is tree.body[0] and isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant)
+            if relative or future or docstring or _is_registration(node):
+                drop.update(range(node.lineno - 1, node.end_lineno))
+            for name in _top_level_names(node):
+                if name in defined and defined[name] != rel:
+                    raise ExportError(f"cannot bundle the modeling code: {name!r} is defined in both "
+                                      f"{defined[name]} and {rel}; rename one of them")
+                defined[name] = rel
+        kept = "\n".join(line for i, line in enumerate(lines) if i not in drop).strip("\n")
+        body.append(f"# ---- dmc/{rel} " + "-" * max(0, 90 - len(rel)) + "\n" + kept)
+    return f'"""{header}"""\n\nfrom __future__ import annotations\n\n' + "\n\n\n".join(body) + "\n"
+
+
+def _top_level_names(node: ast.stmt) -> list[str]:
+    if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+        return [node.name]
+    if isinstance(node, ast.Assign):
+        return [t.id for t in node.targets if isinstance(t, ast.Name)]
+    if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+        return [node.target.id]
+    return []
+
+
+def code_files() -> dict[str, str]:
+    """The two remote-code files of an exported folder, built from this package's own sources."""
+    from . import __version__
+
+    note = f"Bundled from the dmc package {__version__} by `dmc export`; edit the package, not this file."
+    config = bundle(CONFIG_MODULES, f"DMC Llama configuration. {note}")
+    modeling = bundle(MODELING_MODULES, f"DMC Llama modeling code. {note}")
+    modeling = modeling.replace("from __future__ import annotations\n",
+                                "from __future__ import annotations\n\nfrom .configuration_dmc_llama import DMCLlamaConfig\n", 1)
+    return {"configuration_dmc_llama.py": config, "modeling_dmc_llama.py": modeling}
+
+
+def _prepare_out(out: Path, overwrite: bool) -> Path:
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise ExportError(f"{out} exists and is not empty; choose another --out or pass --overwrite")
+    tmp = out.with_name(f".{out.name}.exporting")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def save_folder(model, out: str | Path, tokenizer_source: str | Path | None = None, *, dtype: str = "bfloat16",
+                overwrite: bool = False, card: dict | None = None) -> Path:
+    """Write ``model`` (a ``DMCLlamaForCausalLM``) as a self-contained HF folder at ``out`` (atomically)."""
+    from transformers import AutoTokenizer, GenerationConfig
+
+    if getattr(model.config, "model_type", None) != "dmc_llama":
+        raise ExportError(f"save_folder needs a DMC model (model_type 'dmc_llama'); got {model.config.model_type!r}")
+    if not hasattr(torch, dtype) or not isinstance(getattr(torch, dtype), torch.dtype):
+        raise ExportError(f"--dtype {dtype!r} is not a torch dtype; use bfloat16, float16 or float32")
+    out = Path(out)
+    tmp = _prepare_out(out, overwrite)
+    try:
+        model.fold_decision_adapters()  # same function, no extra parameters in the folder
+        target = getattr(torch, dtype)
+        state = {k: v.to(target) if v.is_floating_point() else v for k, v in model.state_dict().items()}
+        model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
+        config = json.loads((tmp / "config.json").read_text())
+        config["dtype"] = dtype
+        config["auto_map"] = AUTO_MAP
+        config["architectures"] = ["DMCLlamaForCausalLM"]
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        for name, text in code_files().items():
+            (tmp / name).write_text(text)
+        if tokenizer_source is not None:
+            AutoTokenizer.from_pretrained(tokenizer_source).save_pretrained(tmp)
+            try:
+                GenerationConfig.from_pretrained(tokenizer_source).save_pretrained(tmp)
+            except OSError:  # the base folder has no generation config: derive one from the model config
+                GenerationConfig.from_model_config(model.config).save_pretrained(tmp)
+        (tmp / "README.md").write_text(model_card(model.config, card or {}))
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def model_card(config, info: dict) -> str:
+    """A model card: base model, recipe, tokens seen, realised CR per layer, evaluation results if known."""
+    base = info.get("base_model", "unknown")
+    lines = [
+        "---",
+        "library_name: transformers",
+        "tags: [dmc, dynamic-memory-compression, kv-cache-compression, llama]",
+        f"base_model: {base}" if base != "unknown" else "",
+        "---",
+        "",
+        f"# {info.get('name', 'DMC Llama')}",
+        "",
+        f"A Llama retrofitted with Dynamic Memory Compression (DMC) at a target compression ratio of "
+        f"{config.dmc_target_cr:g}x: per layer, token and KV head the model decides whether to append its key/value "
+        "to the cache or merge it into the last slot, so the KV cache grows by about 1/CR per token.",
+        "",
+        "```python",
+        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        "model = AutoModelForCausalLM.from_pretrained(PATH, trust_remote_code=True)  # or `import dmc` first",
+        "```",
+        "",
+        "| field | value |",
+        "|---|---|",
+        f"| base model | {base} |",
+        f"| target CR | {config.dmc_target_cr:g} |",
+        f"| merge window | {config.dmc_window or 'unbounded'} |",
+        f"| training step | {info.get('step', 'unknown')} |",
+        f"| tokens seen | {info.get('tokens_seen', 'unknown'):,} |" if isinstance(info.get("tokens_seen"), int)
+        else "| tokens seen | unknown |",
+    ]
+    cr = info.get("cr_per_layer")
+    if cr:
+        lines += ["", "## Realised CR per layer (last training batch)", "",
+                  "| layer | " + " | ".join(str(i) for i in range(len(cr))) + " |",
+                  "|---|" + "---|" * len(cr),
+                  "| CR | " + " | ".join(f"{c:.2f}" for c in cr) + " |"]
+    if info.get("eval"):
+        lines += ["", "## Evaluation", "", "| metric | value |", "|---|---|"]
+        lines += [f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in info["eval"].items()]
+    if info.get("recipe"):
+        lines += ["", "## Recipe", "", "```json", json.dumps(info["recipe"], indent=2), "```"]
+    return "\n".join(line for line in lines if line is not None) + "\n"

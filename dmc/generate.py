@@ -1,0 +1,101 @@
+"""Load a HF folder (vanilla Llama or DMC) and generate with it; DMC models run on the compressed cache."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .cache import DMCCache
+
+SUPPORTED = ("llama", "dmc_llama")
+
+
+class ModelFolderError(ValueError):
+    """The folder cannot be loaded as a Llama or DMC model; the message says why and what to do."""
+
+
+def load(path: str | Path, dtype: str = "float32", device: str = "cpu"):
+    """(model, tokenizer) of a vanilla Llama or ``dmc_llama`` HF folder, in eval mode."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from . import modeling  # noqa: F401  (registers dmc_llama with the Auto classes)
+
+    path = Path(path)
+    config_file = path / "config.json"
+    if not config_file.exists():
+        raise ModelFolderError(f"{path} has no config.json; pass a HF model folder (e.g. one written by `dmc export`)")
+    model_type = json.loads(config_file.read_text()).get("model_type")
+    if model_type not in SUPPORTED:
+        raise ModelFolderError(f"{path} holds a {model_type!r} model; dmc runs Llama-architecture models "
+                               f"({', '.join(SUPPORTED)})")
+    if not hasattr(torch, dtype):
+        raise ModelFolderError(f"dtype {dtype!r} is not a torch dtype; use float32, bfloat16 or float16")
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).to(device).eval()
+    tok = AutoTokenizer.from_pretrained(path)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "left"  # ragged prompts: the DMC cache skips pad tokens per sequence
+    return model, tok
+
+
+@dataclass
+class Generation:
+    texts: list[str]
+    new_tokens: torch.Tensor  # (B, max_new_tokens), pad after EOS
+    realised_cr: list[float] | None  # per sequence, over prompt + generated tokens (DMC models only)
+    kv_bytes: int | None
+
+
+def realised_cr(cache: DMCCache, tokens: torch.Tensor) -> list[float]:
+    """Tokens seen per sequence over its mean live slots (all layers and KV heads)."""
+    slots = torch.stack([cache.num_slots(i).float() for i in range(len(cache.layers))])  # (L, B, H_kv)
+    return (tokens.float() / slots.mean(dim=(0, 2)).clamp(min=1)).tolist()
+
+
+@torch.no_grad()
+def generate(model, tok, prompts: list[str], max_new_tokens: int = 64, temperature: float = 0.0,
+             top_p: float = 1.0, seed: int = 0) -> Generation:
+    batch = tok(prompts, return_tensors="pt", padding=True).to(model.device)
+    dmc = getattr(model.config, "model_type", None) == "dmc_llama" and model.config.dmc_enabled
+    cache = DMCCache(model.config) if dmc else None
+    torch.manual_seed(seed)
+    sample = temperature > 0
+    out = model.generate(**batch, past_key_values=cache, max_new_tokens=max_new_tokens, do_sample=sample,
+                         temperature=temperature if sample else None, top_p=top_p if sample else None,
+                         top_k=None, pad_token_id=tok.pad_token_id)
+    new = out[:, batch["input_ids"].shape[1]:]
+    texts = tok.batch_decode(new, skip_special_tokens=True)
+    if not dmc:
+        return Generation(texts, new, None, None)
+    # The cache has seen every prompt token and every generated position but the last (generate() keeps
+    # feeding finished sequences padding, and the mask it extends counts those positions as real).
+    seen = batch["attention_mask"].sum(1) + new.shape[1] - 1
+    return Generation(texts, new, realised_cr(cache, seen.cpu()), cache.allocated_bytes())
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+    import sys
+
+    ap = argparse.ArgumentParser(prog="dmc generate", description="generate with a vanilla or DMC HF folder")
+    ap.add_argument("model", help="HF folder (e.g. from `dmc export`) or a vanilla Llama folder")
+    ap.add_argument("--prompt", action="append", required=True, help="repeat for a batch of prompts")
+    ap.add_argument("--max-new-tokens", type=int, default=64)
+    ap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    ap.add_argument("--top-p", type=float, default=1.0)
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ns = ap.parse_args(argv)
+    try:
+        model, tok = load(ns.model, ns.dtype, ns.device)
+    except ModelFolderError as err:
+        sys.exit(f"dmc generate: error: {err}")
+    result = generate(model, tok, ns.prompt, ns.max_new_tokens, ns.temperature, ns.top_p)
+    for i, (prompt, text) in enumerate(zip(ns.prompt, result.texts)):
+        cr = f"  [realised CR {result.realised_cr[i]:.2f}]" if result.realised_cr else ""
+        print(f"--- prompt {i}{cr}\n{prompt}{text}")
+    if result.kv_bytes is not None:
+        print(f"--- DMC cache: {result.kv_bytes / 2**20:.2f} MiB allocated")

@@ -1,0 +1,175 @@
+"""Triton kernels for one DMC decoding step: the append/merge cache update and the attention over each
+(sequence, KV head)'s live slots in the paged pool. Used on CUDA; on CPU they run (slowly, for tests)
+under ``TRITON_INTERPRET=1``. Both mirror the PyTorch code of ``dmc.cache.DMCLayer.step`` and
+``decode_attention_reference`` and are tested against them.
+"""
+
+from __future__ import annotations
+
+import torch
+
+_KERNELS: dict = {}
+triton = tl = None  # bound by _kernels()
+
+
+def triton_available() -> bool:
+    import importlib.util
+    import os
+
+    has = importlib.util.find_spec("triton") is not None
+    return has and (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1")
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, (int(n) - 1).bit_length())
+
+
+def _kernels() -> dict:
+    """Compile-on-first-use: importing triton costs seconds and ``import dmc`` must stay light; the
+    interpreter mode (TRITON_INTERPRET) is also read when the kernels are defined, so define them late."""
+    global triton, tl  # the kernels look their names up in this module's globals
+    if _KERNELS:
+        return _KERNELS
+    try:  # optional dependency; a try block also keeps transformers' remote-code import check quiet
+        import triton
+        import triton.language as tl
+    except ImportError as err:
+        raise ImportError("dmc_decode_backend='triton' needs triton: pip install 'dmc[triton]'") from err
+
+    @triton.jit
+    def _attend_kernel(Q, K, V, TABLE, LENS, OUT, scale,
+                       s_qb, s_qh, s_tb, s_th, s_lb, s_ob, s_oh,
+                       H_KV: tl.constexpr, G: tl.constexpr, G_P: tl.constexpr, D: tl.constexpr,
+                       D_P: tl.constexpr, BS: tl.constexpr, BS_P: tl.constexpr):
+        pid = tl.program_id(0)
+        b = pid // H_KV
+        h = pid % H_KV
+        n = tl.load(LENS + b * s_lb + h)
+        g = tl.arange(0, G_P)
+        d = tl.arange(0, D_P)
+        s = tl.arange(0, BS_P)
+        gd = (g[:, None] < G) & (d[None, :] < D)
+        q = tl.load(Q + b * s_qb + (h * G + g)[:, None] * s_qh + d[None, :], mask=gd, other=0.0).to(tl.float32)
+        m = tl.full([G_P], float("-inf"), tl.float32)
+        l_sum = tl.zeros([G_P], tl.float32)
+        acc = tl.zeros([G_P, D_P], tl.float32)
+        for j in range(0, tl.cdiv(n, BS)):
+            blk = tl.load(TABLE + b * s_tb + h * s_th + j)
+            live = (s < BS) & (j * BS + s < n)
+            sd = live[:, None] & (d[None, :] < D)
+            base = blk * BS * D + s[:, None] * D + d[None, :]
+            k = tl.load(K + base, mask=sd, other=0.0).to(tl.float32)
+            v = tl.load(V + base, mask=sd, other=0.0).to(tl.float32)
+            scores = tl.sum(q[:, None, :] * k[None, :, :], axis=2) * scale  # (G_P, BS_P)
+            scores = tl.where(live[None, :], scores, float("-inf"))
+            m_new = tl.maximum(m, tl.max(scores, axis=1))
+            p = tl.exp(scores - m_new[:, None])
+            corr = tl.exp(m - m_new)
+            l_sum = l_sum * corr + tl.sum(p, axis=1)
+            acc = acc * corr[:, None] + tl.sum(p[:, :, None] * v[None, :, :], axis=1)
+            m = m_new
+        out = tl.where(l_sum[:, None] > 0, acc / tl.maximum(l_sum, 1e-30)[:, None], 0.0)
+        tl.store(OUT + b * s_ob + (h * G + g)[:, None] * s_oh + d[None, :], out.to(OUT.dtype.element_ty), mask=gd)
+
+    @triton.jit
+    def _update_kernel(KP, VP, W, MERGE, LIVE, COS, SIN, KSUM, VSUM, WSUM, RK, RV, RW, SEG, LENS, TABLE, KPOOL, VPOOL,
+                       H_KV: tl.constexpr, D: tl.constexpr, D_P: tl.constexpr, WIN: tl.constexpr, WIN_P: tl.constexpr,
+                       BS: tl.constexpr, MAX_BLOCKS):
+        pid = tl.program_id(0)  # one (sequence, KV head) pair; all state tensors are contiguous
+        b = pid // H_KV
+        if tl.load(LIVE + pid) != 0:
+            d = tl.arange(0, D_P)
+            dm = d < D
+            merge = tl.load(MERGE + pid) != 0
+            k = tl.load(KP + pid * D + d, mask=dm, other=0.0).to(tl.float32)
+            v = tl.load(VP + pid * D + d, mask=dm, other=0.0).to(tl.float32)
+            w = tl.load(W + pid).to(tl.float32)
+            if WIN > 0:
+                # Shift the ring one place left and put the new token last; sum the open segment's tail.
+                i = tl.arange(0, WIN_P)
+                src = i + 1
+                from_ring = (src < WIN)[:, None] & dm[None, :]
+                rk = tl.load(RK + pid * WIN * D + src[:, None] * D + d[None, :], mask=from_ring, other=0.0)
+                rv = tl.load(RV + pid * WIN * D + src[:, None] * D + d[None, :], mask=from_ring, other=0.0)
+                rw = tl.load(RW + pid * WIN + src, mask=src < WIN, other=0.0)
+                last = (i == WIN - 1)
+                rk = tl.where(last[:, None], k[None, :], rk)
+                rv = tl.where(last[:, None], v[None, :], rv)
+                rw = tl.where(last, w, rw)
+                row = (i < WIN)[:, None] & dm[None, :]
+                tl.store(RK + pid * WIN * D + i[:, None] * D + d[None, :], rk, mask=row)
+                tl.store(RV + pid * WIN * D + i[:, None] * D + d[None, :], rv, mask=row)
+                tl.store(RW + pid * WIN + i, rw, mask=i < WIN)
+                seg = tl.where(merge, tl.load(SEG + pid) + 1, 1)
+                tl.store(SEG + pid, seg)
+                weights = tl.where((i < WIN) & (i >= WIN - tl.minimum(seg, WIN)), rw, 0.0)
+                k_sum = tl.sum(weights[:, None] * rk, axis=0)
+                v_sum = tl.sum(weights[:, None] * rv, axis=0)
+                w_sum = tl.sum(weights, axis=0)
+            else:
+                keep = tl.where(merge, 1.0, 0.0)
+                k_sum = tl.load(KSUM + pid * D + d, mask=dm, other=0.0) * keep + w * k
+                v_sum = tl.load(VSUM + pid * D + d, mask=dm, other=0.0) * keep + w * v
+                w_sum = tl.load(WSUM + pid) * keep + w
+            tl.store(KSUM + pid * D + d, k_sum, mask=dm)
+            tl.store(VSUM + pid * D + d, v_sum, mask=dm)
+            tl.store(WSUM + pid, w_sum)
+            n = tl.load(LENS + pid)
+            slot = tl.where(merge, n - 1, n)
+            tl.store(LENS + pid, tl.where(merge, n, n + 1))
+            # RoPE of the pooled key at the current position: x * cos + rotate_half(x) * sin.
+            half = D // 2
+            partner = tl.where(d < half, d + half, d - half)
+            sign = tl.where(d < half, -1.0, 1.0)
+            key = k_sum / w_sum
+            key_partner = tl.sum(tl.where(partner[:, None] == d[None, :], key[None, :], 0.0), axis=1)
+            cos = tl.load(COS + b * D + d, mask=dm, other=0.0).to(tl.float32)
+            sin = tl.load(SIN + b * D + d, mask=dm, other=0.0).to(tl.float32)
+            key_rot = key * cos + sign * key_partner * sin
+            blk = tl.load(TABLE + pid * MAX_BLOCKS + slot // BS)
+            dst = blk * BS * D + (slot % BS) * D + d
+            tl.store(KPOOL + dst, key_rot.to(KPOOL.dtype.element_ty), mask=dm)
+            tl.store(VPOOL + dst, (v_sum / w_sum).to(VPOOL.dtype.element_ty), mask=dm)
+
+    _KERNELS.update(attend=_attend_kernel, update=_update_kernel)
+    return _KERNELS
+
+
+def decode_attention_triton(q, k_pool, v_pool, block_table, lens, scale=None):
+    """Same contract as ``decode_attention_reference``; one program per (sequence, KV head)."""
+    B, H, D = q.shape
+    H_kv = lens.shape[1]
+    G, BS = H // H_kv, k_pool.shape[1]
+    scale = D**-0.5 if scale is None else scale
+    q, table, lens = q.contiguous(), block_table.contiguous(), lens.contiguous()
+    out = torch.empty_like(q)
+    _kernels()["attend"][(B * H_kv,)](
+        q, k_pool.contiguous(), v_pool.contiguous(), table, lens, out, scale,
+        q.stride(0), q.stride(1), table.stride(0), table.stride(1), lens.stride(0), out.stride(0), out.stride(1),
+        H_KV=H_kv, G=G, G_P=_pow2(G), D=D, D_P=_pow2(D), BS=BS, BS_P=_pow2(BS),
+    )
+    return out
+
+
+def cache_step_triton(layer, k_pre, v, omega, merge, valid, cos, sin) -> None:
+    """``DMCLayer.step`` with the per-pair update fused into one kernel; block allocation stays in PyTorch."""
+    B, H, D = k_pre.shape
+    if not layer.is_initialized:
+        layer._init_state(B, k_pre.dtype, k_pre.device)
+    live = valid[:, None].expand(B, H)
+    merge = merge & layer.started[:, None] & live
+    append = live & ~merge
+    layer._allocate(append & (layer.lens % layer.block_size == 0), layer.lens // layer.block_size)
+    win = layer.window or 0
+    for name in ("k_sum", "v_sum", "w_sum", "lens") + (("ring_k", "ring_v", "ring_w", "seg_len") if win else ()):
+        setattr(layer, name, getattr(layer, name).contiguous())  # the kernel updates them in place, densely
+    dummy = layer.w_sum  # ring pointers are unused without a window
+    table = layer.block_table.contiguous()
+    _kernels()["update"][(B * H,)](
+        k_pre.contiguous(), v.contiguous(), omega.contiguous(), merge.contiguous(), live.contiguous(),
+        cos.expand(B, D).contiguous(), sin.expand(B, D).contiguous(), layer.k_sum, layer.v_sum, layer.w_sum,
+        layer.ring_k if win else dummy, layer.ring_v if win else dummy, layer.ring_w if win else dummy,
+        layer.seg_len if win else layer.lens, layer.lens, table, layer.k_pool, layer.v_pool,
+        H_KV=H, D=D, D_P=_pow2(D), WIN=win, WIN_P=_pow2(max(win, 1)), BS=layer.block_size, MAX_BLOCKS=table.shape[-1],
+    )
+    layer.started = layer.started | valid

@@ -1,0 +1,41 @@
+"""`dmc bench` on a tiny model: the synthetic CR hits its target, the bytes accounting is exact, and one
+run writes the table, JSON and plot. (Speed figures are the benchmark's job, never a test's.)"""
+
+import json
+
+import pytest
+
+import dmc
+from dmc.synthetic import impose_synthetic_cr, realised_cr_on
+from tests.helpers import SMOLLM2, random_ids, tiny_llama, write_tiny_checkpoint
+
+pytest.importorskip("matplotlib")
+
+
+@pytest.mark.parametrize("cr", [1.0, 2.0, 4.0])
+def test_synthetic_cr_hits_its_target(cr):
+    model = dmc.retrofit(tiny_llama("gqa", layers=3), dmc.DMCConfig(target_cr=cr))
+    ids = random_ids(2, 200, seed=5)
+    got = impose_synthetic_cr(model, cr, ids)
+    assert got == pytest.approx(cr, rel=0.02)
+    assert realised_cr_on(model, ids) == got  # the model keeps the calibrated rows and offset
+
+
+@pytest.mark.skipif(not (SMOLLM2 / "config.json").exists(), reason="run `make model` first")
+def test_bench_run_writes_consistent_rows(tmp_path):
+    from eval.bench import main
+
+    folder = write_tiny_checkpoint(tmp_path / "tiny")
+    out = tmp_path / "out"
+    main([str(folder), "--contexts", "64", "--batches", "2", "--crs", "2", "--decode-steps", "3", "--out", str(out)])
+    data = json.loads((out / "bench.json").read_text())
+    assert (out / "bench.png").stat().st_size > 0
+    vanilla, synthetic = data["rows"]
+    assert vanilla["model"] == "vanilla" and synthetic["model"] == "dmc synthetic 2x"
+    config = json.loads((folder / "config.json").read_text())
+    head_dim = config["hidden_size"] // config["num_attention_heads"]
+    tokens = 64 + 3  # prompt + decoded tokens in the cache
+    expected = 2 * config["num_hidden_layers"] * 2 * config["num_key_value_heads"] * tokens * head_dim * 4
+    assert vanilla["kv_bytes"] == expected  # fp32 keys and values of every layer
+    assert synthetic["realised_cr"] > 1.5 and synthetic["kv_ratio"] < 0.8
+    assert synthetic["ideal_decode_speedup"] > 1.0 and synthetic["prefill_s"] > 0

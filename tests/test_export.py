@@ -1,0 +1,185 @@
+"""`dmc export`: a trained tiny DMC model round-trips through a HF folder to identical logits and greedy
+generations, loaded in a fresh process with trust_remote_code and without the dmc package; bad input
+gets one-line errors and leaves nothing half-written."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("lightning")
+pytest.importorskip("deepspeed")
+
+import dmc  # noqa: E402
+from dmc.export import ExportError, save_folder  # noqa: E402
+from tests.helpers import SMOLLM2, write_tiny_checkpoint  # noqa: E402
+from train.cli import main as train_main  # noqa: E402
+from train.export import export, main as export_main  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.skipif(not (SMOLLM2 / "config.json").exists(), reason="run `make model` first")
+PROMPTS = ["def fibonacci(n):\n    ", "import os\n"]
+# Offset 0 puts the merge logits at the decision boundary, so a few training steps give mixed decisions.
+TRAIN = ["--config", str(ROOT / "configs/tiny.yaml"), "--model.logit_offset", "0.0"]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("export")
+    tiny = str(write_tiny_checkpoint(root / "llama"))
+    train_main([*TRAIN, "--model.path", tiny, "--run.out_dir", str(root / "run")])
+    return root
+
+
+def _expected_model(run: Path):
+    """The trained model rebuilt from the Lightning checkpoint by hand (not through train/export.py)."""
+    from transformers import AutoModelForCausalLM
+
+    ckpt = torch.load(sorted((run / "run/ckpt").glob("step-*.ckpt"))[-1], map_location="cpu", weights_only=False)
+    model = dmc.retrofit(AutoModelForCausalLM.from_pretrained(run / "llama"),
+                         dmc.DMCConfig(target_cr=2.0, window=12, logit_offset=0.0))
+    model.add_decision_adapters()
+    state = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items()}
+    model.load_state_dict(state, strict=False)
+    model.fold_decision_adapters()
+    return model.eval()
+
+
+@torch.no_grad()
+def _reference_outputs(model, tok):
+    tok.padding_side = "left"
+    tok.pad_token = tok.pad_token or tok.eos_token
+    batch = tok(PROMPTS, return_tensors="pt", padding=True)
+    logits = model(**batch, use_cache=False).logits
+    gen = model.generate(**batch, max_new_tokens=12, do_sample=False, pad_token_id=tok.pad_token_id)
+    return logits, gen
+
+
+FRESH = r"""
+import sys, json, torch
+for name in ("dmc", "train", "data", "eval"):
+    sys.modules[name] = None  # `import dmc` now fails: the folder must stand on its own
+from transformers import AutoModelForCausalLM, AutoTokenizer
+folder, out = sys.argv[1], sys.argv[2]
+model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, dtype=torch.float32).eval()
+tok = AutoTokenizer.from_pretrained(folder)
+tok.padding_side = "left"
+tok.pad_token = tok.pad_token or tok.eos_token
+batch = tok(json.loads(sys.argv[3]), return_tensors="pt", padding=True)
+with torch.no_grad():
+    logits = model(**batch, use_cache=False).logits
+    res = model.generate(**batch, max_new_tokens=12, do_sample=False, pad_token_id=tok.pad_token_id,
+                         return_dict_in_generate=True)
+torch.save({"logits": logits, "gen": res.sequences, "module": type(model).__module__,
+            "cache": type(res.past_key_values).__name__}, out)
+"""
+
+
+def test_round_trip_in_a_fresh_process_without_dmc(run, tmp_path):
+    from transformers import AutoTokenizer
+
+    folder = export(run / "run", tmp_path / "hf", dtype="float32")
+    config = json.loads((folder / "config.json").read_text())
+    assert config["model_type"] == "dmc_llama" and config["auto_map"]["AutoModelForCausalLM"]
+    assert {"modeling_dmc_llama.py", "configuration_dmc_llama.py", "model.safetensors", "README.md",
+            "generation_config.json", "tokenizer.json"} <= {p.name for p in folder.iterdir()}
+    assert "tokens seen" in (folder / "README.md").read_text()
+
+    expected = _expected_model(run)
+    tok = AutoTokenizer.from_pretrained(folder)
+    logits, gen = _reference_outputs(expected, tok)
+    env = dict(os.environ, HF_HOME=str(tmp_path / "hf_home"), PYTHONPATH="")
+    result = subprocess.run([sys.executable, "-c", FRESH, str(folder), str(tmp_path / "out.pt"), json.dumps(PROMPTS)],
+                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    fresh = torch.load(tmp_path / "out.pt")
+    assert fresh["module"].startswith("transformers_modules"), fresh["module"]  # the folder's own code ran
+    assert fresh["cache"] == "DMCCache"
+    torch.testing.assert_close(fresh["logits"], logits, rtol=0, atol=0)
+    assert torch.equal(fresh["gen"], gen)
+
+
+def test_plain_from_pretrained_after_import_dmc_uses_the_dmc_cache(run, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from dmc.generate import generate, load
+
+    folder = export(run / "run", tmp_path / "hf", dtype="float32")
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    assert isinstance(model, dmc.DMCLlamaForCausalLM)
+    expected = _expected_model(run)
+    tok = AutoTokenizer.from_pretrained(folder)
+    logits, gen = _reference_outputs(expected, tok)
+    torch.testing.assert_close(_reference_outputs(model.eval(), tok)[0], logits, rtol=0, atol=0)
+    model, tok = load(folder)
+    out = generate(model, tok, PROMPTS, max_new_tokens=12)
+    assert torch.equal(out.new_tokens, gen[:, -12:])
+    assert out.kv_bytes > 0 and all(cr >= 1.0 for cr in out.realised_cr)
+
+
+def test_bf16_export_is_the_default_and_equals_a_cast_of_the_fp32_export(run, tmp_path):
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    folder = export(run / "run", tmp_path / "hf")
+    with safe_open(str(folder / "model.safetensors"), "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.bfloat16}
+    fp32 = export(run / "run", tmp_path / "hf32", dtype="float32")
+    loaded = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).eval()
+    cast = AutoModelForCausalLM.from_pretrained(fp32, dtype=torch.bfloat16).eval()
+    ids = torch.tensor([[1, 5, 9, 33, 2, 7]])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, cast(ids).logits, rtol=0, atol=0)
+
+
+def _one_line_error(capsys, *argv) -> str:
+    with pytest.raises(SystemExit) as exc:
+        export_main(list(argv))
+    message = str(exc.value.code)
+    assert message.startswith("dmc export: error:") and "\n" not in message.strip()
+    return message
+
+
+def test_bad_input_is_refused_and_leaves_nothing(run, tmp_path, capsys):
+    out = tmp_path / "hf"
+    bogus = tmp_path / "bogus.ckpt"
+    torch.save({"weights": 1}, bogus)
+    assert "not a Lightning training checkpoint" in _one_line_error(capsys, str(bogus), "--out", str(out))
+    assert "does not exist" in _one_line_error(capsys, str(tmp_path / "nope"), "--out", str(out))
+    truncated = tmp_path / "truncated.ckpt"
+    truncated.write_bytes(sorted((run / "run/ckpt").glob("step-*.ckpt"))[-1].read_bytes()[:4096])
+    assert "not a readable checkpoint" in _one_line_error(capsys, str(truncated), "--out", str(out))
+    plain = tmp_path / "plain.ckpt"
+    ckpt = torch.load(sorted((run / "run/ckpt").glob("step-*.ckpt"))[-1], map_location="cpu", weights_only=False)
+    torch.save({k: v for k, v in ckpt.items() if k != "dmc"}, plain)
+    assert "not a DMC training checkpoint" in _one_line_error(capsys, str(plain), "--out", str(out))
+    assert not out.exists()
+
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    assert "--overwrite" in _one_line_error(capsys, str(run / "run"), "--out", str(out))
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    assert not list(tmp_path.glob(".hf.exporting"))
+
+
+def test_a_failure_mid_export_leaves_no_folder(run, tmp_path, monkeypatch):
+    import dmc.export as export_module
+
+    def broken():
+        raise OSError("disk full")
+
+    monkeypatch.setattr(export_module, "code_files", broken)
+    with pytest.raises(OSError, match="disk full"):
+        export(run / "run", tmp_path / "hf")
+    assert not (tmp_path / "hf").exists() and not list(tmp_path.glob(".*exporting"))
+
+
+def test_save_folder_refuses_a_vanilla_model(tmp_path):
+    from tests.helpers import tiny_llama
+
+    with pytest.raises(ExportError, match="needs a DMC model"):
+        save_folder(tiny_llama(), tmp_path / "x")

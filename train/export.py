@@ -1,0 +1,139 @@
+"""``dmc export``: a training checkpoint (Lightning file or DeepSpeed ZeRO-2/3 folder) -> a HF folder."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from dmc.export import ExportError, save_folder
+
+MODEL_STATES = "mp_rank_00_model_states.pt"
+
+
+def resolve(path: str | Path) -> Path:
+    """A run folder means its ``ckpt/latest``; a checkpoint file or DeepSpeed folder is taken as is."""
+    p = Path(path)
+    if not p.exists():
+        raise ExportError(f"{p} does not exist; pass a run folder, RUN/ckpt/step-N.ckpt, or a DeepSpeed checkpoint folder")
+    if (p / "ckpt" / "latest").exists():
+        from .callbacks import AtomicCheckpoint
+
+        latest = AtomicCheckpoint.latest(str(p))
+        if latest is None:
+            raise ExportError(f"{p}/ckpt/latest names a checkpoint that is gone; pass RUN/ckpt/step-N.ckpt")
+        return Path(latest)
+    return p
+
+
+def _deepspeed_tag_dir(p: Path) -> Path:
+    tag = (p / "latest").read_text().strip() if (p / "latest").exists() else "checkpoint"
+    return p / tag
+
+
+def _consolidate_zero(p: Path) -> dict[str, torch.Tensor]:
+    try:
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    except ImportError as err:
+        raise ExportError("a DeepSpeed checkpoint needs deepspeed to consolidate: pip install 'dmc[train]'") from err
+    tag = _deepspeed_tag_dir(p).name
+    try:
+        return get_fp32_state_dict_from_zero_checkpoint(str(p), tag=tag)
+    except (FileNotFoundError, ValueError, KeyError, AssertionError, RuntimeError) as err:
+        raise ExportError(f"{p}: the DeepSpeed shards are missing or inconsistent ({err}); "
+                          "export a complete checkpoint (every rank's files of one step)") from err
+
+
+def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """(HF-named fp32 state dict, the ``dmc`` info the training module saved) of a training checkpoint."""
+    p = resolve(path)
+    if p.is_dir():
+        states = _deepspeed_tag_dir(p) / MODEL_STATES
+        if not states.exists():
+            raise ExportError(f"{p} is a folder but not a DeepSpeed checkpoint (no {states.relative_to(p)}); "
+                              "pass RUN/ckpt/step-N.ckpt or a run folder")
+        client = torch.load(states, map_location="cpu", weights_only=False)
+        state = _consolidate_zero(p)
+    else:
+        try:
+            client = torch.load(p, map_location="cpu", weights_only=False)
+        except Exception as err:  # truncated file, not a torch file: all land here
+            raise ExportError(f"{p} is not a readable checkpoint ({type(err).__name__}: {err})") from err
+        if not isinstance(client, dict) or "state_dict" not in client:
+            raise ExportError(f"{p} is not a Lightning training checkpoint (no state_dict); pass one written by dmc train")
+        state = client["state_dict"]
+    info = client.get("dmc")
+    if not info or "config" not in info:
+        raise ExportError(f"{p} is not a DMC training checkpoint (no 'dmc' record); it must come from `dmc train`")
+    return {_hf_name(k): v for k, v in state.items()}, info
+
+
+def _hf_name(key: str) -> str:
+    # Lightning: "model." (the module's attribute); DeepSpeed adds "_forward_module." in front of it.
+    for prefix in ("_forward_module.", "module."):
+        key = key.removeprefix(prefix)
+    return key.removeprefix("model.") if key.startswith("model.model.") or key.startswith("model.lm_head") else key
+
+
+def build_model(state: dict[str, torch.Tensor], info: dict):
+    """A ``DMCLlamaForCausalLM`` from a consolidated state dict, decision adapters folded in."""
+    from dmc import DMCLlamaConfig
+    from dmc.retrofit import assemble
+
+    config_dict = {k: v for k, v in info["config"].items() if k not in ("model_type", "transformers_version")}
+    config = DMCLlamaConfig(**config_dict)
+    stage1 = info.get("recipe", {}).get("schedule", {}).get("stage1_steps", 0)
+    if stage1 and info.get("step", 0) <= stage1:  # rows are zeroed at the start of step `stage1`
+        raise ExportError(f"the checkpoint is from stage 1 (step {info.get('step')} <= {stage1}): the decision "
+                          "channel still serves attention; export a checkpoint from stage 2 or 3")
+    adapters = any("decision_adapter" in k for k in state)
+    model, missing, unexpected = assemble(config, state, adapters=adapters)
+    if missing or unexpected:
+        raise ExportError(f"the checkpoint does not match its recorded model config (missing {missing[:3]}, "
+                          f"unexpected {unexpected[:3]}); it may be corrupt or from another model")
+    model.fold_decision_adapters()
+    return model.float().eval()
+
+
+def _card(info: dict, checkpoint: Path) -> dict:
+    card = {k: info.get(k) for k in ("base_model", "step", "tokens_seen", "cr_per_layer", "recipe")}
+    summary = checkpoint.parent.parent / "summary.json"  # RUN/ckpt/step-N.ckpt -> RUN/summary.json
+    if summary.exists():
+        validation = json.loads(summary.read_text()).get("validation")
+        if validation:
+            card["eval"] = {f"validation {k}": v for k, v in validation.items() if isinstance(v, (int, float))}
+    card["name"] = f"DMC {Path(str(info.get('base_model', 'Llama'))).name} ({info['config'].get('dmc_target_cr', '?')}x)"
+    return card
+
+
+def export(checkpoint: str | Path, out: str | Path, dtype: str = "bfloat16", overwrite: bool = False,
+           tokenizer: str | None = None) -> Path:
+    path = resolve(checkpoint)
+    state, info = load_checkpoint(path)
+    model = build_model(state, info)
+    tok = tokenizer or info.get("base_model")
+    if tok is None or not Path(tok).exists():
+        raise ExportError(f"the tokenizer of the base model ({tok}) is not on this machine; pass --tokenizer PATH")
+    return save_folder(model, out, tok, dtype=dtype, overwrite=overwrite, card=_card(info, path))
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="dmc export", description=__doc__)
+    ap.add_argument("checkpoint", help="a run folder (uses ckpt/latest), RUN/ckpt/step-N.ckpt, or a DeepSpeed folder")
+    ap.add_argument("--out", required=True, help="the HF folder to write")
+    ap.add_argument("--dtype", default="bfloat16", help="weight dtype: bfloat16 (default), float16, float32")
+    ap.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the base model of the run)")
+    ap.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    ns = ap.parse_args(argv)
+    try:
+        out = export(ns.checkpoint, ns.out, ns.dtype, ns.overwrite, ns.tokenizer)
+    except ExportError as err:
+        sys.exit(f"dmc export: error: {err}")
+    print(f"exported {out}")
+
+
+if __name__ == "__main__":
+    main()
