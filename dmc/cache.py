@@ -131,6 +131,16 @@ class DMCLayer(CacheLayerMixin):
             self.ring_w = take(omega[..., None])[..., 0]
         self.seen_tokens += T
 
+    def step_masks(self, k_pre, merge, valid):
+        """(live, merge, append) per (B, H_kv) for one step; a sequence's first real token always appends.
+        Initialises the state on first use (every step implementation starts here)."""
+        B, H, _ = k_pre.shape
+        if not self.is_initialized:
+            self._init_state(B, k_pre.dtype, k_pre.device)
+        live = valid[:, None].expand(B, H)
+        merge = merge & self.started[:, None] & live
+        return live, merge, live & ~merge
+
     def step(self, k_pre, v, omega, merge, valid, cos, sin) -> None:
         """Append or merge one token per sequence.
 
@@ -138,11 +148,7 @@ class DMCLayer(CacheLayerMixin):
         valid (B,) False for left-padding tokens, which leave the cache untouched; cos, sin (B, D).
         """
         B, H, D = k_pre.shape
-        if not self.is_initialized:
-            self._init_state(B, k_pre.dtype, k_pre.device)
-        live = valid[:, None].expand(B, H)
-        merge = merge & self.started[:, None] & live
-        append = live & ~merge
+        live, merge, append = self.step_masks(k_pre, merge, valid)
         sd = self.state_dtype
         k_pre, v, w = k_pre.to(sd), v.to(sd), omega.to(sd)
         wk, wv = w[..., None] * k_pre, w[..., None] * v

@@ -297,7 +297,8 @@ class DMCLlamaForCausalLM(LlamaForCausalLM):
             if attn.decision_adapter is None:
                 w = attn.q_proj.weight
                 rows = self.config.num_attention_heads + self.config.num_key_value_heads
-                attn.decision_adapter = torch.nn.Parameter(w.new_zeros(rows, w.shape[1]))
+                # shape from the config: under ZeRO-3 the weight itself may be a partitioned stub
+                attn.decision_adapter = torch.nn.Parameter(w.new_zeros(rows, self.config.hidden_size))
             params.append(attn.decision_adapter)
         return params
 

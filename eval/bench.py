@@ -251,7 +251,7 @@ def main(argv: list[str] | None = None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     meta = {"model": ns.model, "device": ns.device, "dtype": dtype, "threads": torch.get_num_threads(),
             "torch": torch.__version__, "decode_steps": ns.decode_steps,
-            "synthetic": not Path(ns.model, "config.json").read_text().count('"dmc_llama"')}
+            "synthetic": json.loads(Path(ns.model, "config.json").read_text()).get("model_type") != "dmc_llama"}
     (out / "bench.json").write_text(json.dumps({"meta": meta, "rows": [asdict(r) for r in rows]}, indent=2))
     plot(rows, out / "bench.png")
     print(HEADER)

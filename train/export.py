@@ -11,7 +11,7 @@ import torch
 
 from dmc.export import ExportError, save_folder
 
-MODEL_STATES = "mp_rank_00_model_states.pt"
+MODEL_STATES = ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt")  # ZeRO-2, ZeRO-3
 
 
 def resolve(path: str | Path) -> Path:
@@ -51,10 +51,11 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     """(HF-named fp32 state dict, the ``dmc`` info the training module saved) of a training checkpoint."""
     p = resolve(path)
     if p.is_dir():
-        states = _deepspeed_tag_dir(p) / MODEL_STATES
-        if not states.exists():
-            raise ExportError(f"{p} is a folder but not a DeepSpeed checkpoint (no {states.relative_to(p)}); "
+        found = [_deepspeed_tag_dir(p) / name for name in MODEL_STATES if (_deepspeed_tag_dir(p) / name).exists()]
+        if not found:
+            raise ExportError(f"{p} is a folder but not a DeepSpeed checkpoint (no */{MODEL_STATES[0]}); "
                               "pass RUN/ckpt/step-N.ckpt or a run folder")
+        states = found[0]
         client = torch.load(states, map_location="cpu", weights_only=False)
         state = _consolidate_zero(p)
     else:

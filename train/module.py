@@ -41,11 +41,17 @@ def load_for_training(recipe: Recipe) -> dmc.DMCLlamaForCausalLM:
     if config.model_type not in ("llama", "dmc_llama"):
         raise ValueError(f"model.path={m.path!r} is a {config.model_type!r} model; DMC retrofits Llama-architecture "
                          "checkpoints (model_type 'llama'), e.g. checkpoints/smollm2-135m")
-    model = AutoModelForCausalLM.from_pretrained(m.path, dtype=getattr(torch, m.dtype))
     if config.model_type == "llama":
-        model = dmc.retrofit(model, dmc.DMCConfig(
+        # Load the Llama weights straight into the DMC classes (same parameter names): transformers'
+        # loader then also handles DeepSpeed ZeRO-3, where parameters are partitioned as they are created.
+        from dmc.retrofit import dmc_config_from
+
+        config = dmc_config_from(config, dmc.DMCConfig(
             target_cr=recipe.schedule.target_cr, window=m.window, tau=m.tau, logit_offset=m.logit_offset,
             weight_offset=m.weight_offset, train_attention=m.train_attention))
+        model = dmc.DMCLlamaForCausalLM.from_pretrained(m.path, config=config, dtype=getattr(torch, m.dtype))
+    else:
+        model = AutoModelForCausalLM.from_pretrained(m.path, dtype=getattr(torch, m.dtype))
     if m.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     return model
@@ -60,6 +66,11 @@ class DMCTrainingModule(L.LightningModule):
 
     def configure_model(self) -> None:
         if self.model is None:
+            strategy = self.trainer.strategy if self._trainer is not None else None
+            if getattr(strategy, "zero_stage_3", False):
+                from transformers.integrations import HfDeepSpeedConfig
+
+                self._hf_deepspeed = HfDeepSpeedConfig(strategy.config)  # must stay alive while loading
             self.model = load_for_training(self.recipe).train()
             if self.recipe.optim.decision_lr is not None:
                 self.model.add_decision_adapters()
@@ -124,10 +135,13 @@ class DMCTrainingModule(L.LightningModule):
         o = self.recipe.optim
         adapters = [p for n, p in self.model.named_parameters() if "decision_adapter" in n]
         ids = {id(p) for p in adapters}
-        decay = [p for p in self.model.parameters() if id(p) not in ids and p.dim() >= 2]
-        no_decay = [p for p in self.model.parameters() if id(p) not in ids and p.dim() < 2]
+        # ZeRO-3 partitions parameters into flat stubs: their real shape is ds_shape.
+        ndim = lambda p: len(getattr(p, "ds_shape", p.shape))  # noqa: E731
+        decay = [p for p in self.model.parameters() if id(p) not in ids and ndim(p) >= 2]
+        no_decay = [p for p in self.model.parameters() if id(p) not in ids and ndim(p) < 2]
         groups = [{"params": decay, "weight_decay": o.weight_decay, "lr": o.lr},
                   {"params": no_decay, "weight_decay": 0.0, "lr": o.lr}]
+        groups = [g for g in groups if g["params"]]  # DeepSpeed drops empty groups, the scheduler must agree
         if adapters:
             groups.append({"params": adapters, "weight_decay": 0.0, "lr": o.decision_lr})
         opt = torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas))

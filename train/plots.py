@@ -19,6 +19,14 @@ def _read_metrics(out: Path) -> dict[str, list[tuple[int, float]]]:
     return series
 
 
+HEATMAP_RECORDS = 10
+
+
+def _moving_mean(ys, window: int = 9) -> list[float]:
+    half = window // 2
+    return [sum(ys[max(0, i - half): i + half + 1]) / len(ys[max(0, i - half): i + half + 1]) for i in range(len(ys))]
+
+
 def plot_run(out: Path) -> list[Path]:
     import matplotlib
 
@@ -33,7 +41,8 @@ def plot_run(out: Path) -> list[Path]:
         for key, label in (("train/lm_loss", "LM loss"), ("train/cr_loss", "CR loss")):
             if key in series:
                 xs, ys = zip(*sorted(series[key]))
-                ax1.plot(xs, ys, label=label)
+                line, = ax1.plot(xs, ys, alpha=0.3, linewidth=0.8)
+                ax1.plot(xs, _moving_mean(ys), color=line.get_color(), label=f"{label} (moving mean)")
         ax1.set_xlabel("step"), ax1.set_title("loss"), ax1.legend()
         for key, label in (("train/target_cr", "target CR"), ("train/realised_cr", "realised CR (batch)")):
             if key in series:
@@ -48,11 +57,21 @@ def plot_run(out: Path) -> list[Path]:
     if telemetry.exists():
         lines = telemetry.read_text().strip().splitlines()
         if lines:
-            last = json.loads(lines[-1])
-            grid = last["cr_per_head"]
+            # One batch is noisy: average the merge fraction of the last records, report it as a CR.
+            recent = [json.loads(line) for line in lines[-HEATMAP_RECORDS:]]
+            last = recent[-1]
+            merged = [[sum(1 - 1 / r["cr_per_head"][i][j] for r in recent) / len(recent)
+                       for j in range(len(last["cr_per_head"][0]))] for i in range(len(last["cr_per_head"]))]
+            grid = [[1 / max(1 - m, 1e-9) for m in row] for row in merged]
             fig, ax = plt.subplots(figsize=(max(4, len(grid[0]) * 0.9 + 2), max(4, len(grid) * 0.22 + 1)))
-            im = ax.imshow(grid, aspect="auto", cmap="viridis")
-            ax.set_xlabel("KV head"), ax.set_ylabel("layer"), ax.set_title(f"realised CR at step {last['step']}")
+            from matplotlib.colors import LogNorm
+
+            # log colours: a few heads merging nearly everything would otherwise flatten the rest
+            im = ax.imshow(grid, aspect="auto", cmap="viridis", norm=LogNorm(vmin=1, vmax=max(2, max(map(max, grid)))))
+            for i, row in enumerate(grid):
+                for j, value in enumerate(row):
+                    ax.text(j, i, f"{value:.1f}", ha="center", va="center", fontsize=6, color="w")
+            ax.set_xlabel("KV head"), ax.set_ylabel("layer"), ax.set_title(f"realised CR, steps {recent[0]['step']}-{last['step']}")
             fig.colorbar(im, ax=ax)
             fig.tight_layout()
             written.append(out / "cr_heatmap.png")

@@ -154,11 +154,7 @@ def decode_attention_triton(q, k_pool, v_pool, block_table, lens, scale=None):
 def cache_step_triton(layer, k_pre, v, omega, merge, valid, cos, sin) -> None:
     """``DMCLayer.step`` with the per-pair update fused into one kernel; block allocation stays in PyTorch."""
     B, H, D = k_pre.shape
-    if not layer.is_initialized:
-        layer._init_state(B, k_pre.dtype, k_pre.device)
-    live = valid[:, None].expand(B, H)
-    merge = merge & layer.started[:, None] & live
-    append = live & ~merge
+    live, merge, append = layer.step_masks(k_pre, merge, valid)
     layer._allocate(append & (layer.lens % layer.block_size == 0), layer.lens // layer.block_size)
     win = layer.window or 0
     for name in ("k_sum", "v_sum", "w_sum", "lens") + (("ring_k", "ring_v", "ring_w", "seg_len") if win else ()):
