@@ -8,11 +8,11 @@ from .cache import DMCCache, DMCCacheError
 from .config import DMCConfig, DMCConfigError, DMCLlamaConfig
 from .modeling import DMCCausalLMOutput, DMCLlamaForCausalLM, DMCLlamaModel
 from .retrofit import NotLlamaError, retrofit
-from .schedule import cr_loss, cr_schedule, realised_cr, stage1_multiplier
+from .schedule import cr_from_merges, cr_loss, cr_schedule, realised_cr, stage1_multiplier
 
 __all__ = [
     "DMCCache", "DMCCacheError", "DMCConfig", "DMCConfigError", "DMCLlamaConfig", "DMCCausalLMOutput",
     "DMCLlamaForCausalLM", "DMCLlamaModel", "NotLlamaError", "retrofit", "cr_loss", "cr_schedule",
-    "realised_cr", "stage1_multiplier",
+    "realised_cr", "stage1_multiplier", "cr_from_merges",
 ]
 __version__ = "0.1.0"

@@ -6,6 +6,8 @@ import math
 
 import torch
 
+from .schedule import cr_from_merges
+
 
 @torch.no_grad()
 def perplexity_and_cr(model, blocks: torch.Tensor, batch_size: int = 4) -> dict:
@@ -29,9 +31,6 @@ def perplexity_and_cr(model, blocks: torch.Tensor, batch_size: int = 4) -> dict:
     model.train(was_training)
     result = {"perplexity": math.exp(nll / max(count, 1)), "tokens": count, "cr": 1.0, "cr_per_layer": []}
     if merges is not None:
-        per_head_tokens = slots_total
-        per_layer = (per_head_tokens * merges.shape[1]) / (per_head_tokens * merges.shape[1] - merges.sum(1))
-        all_tokens = per_head_tokens * merges.numel()
-        result["cr"] = float(all_tokens / (all_tokens - merges.sum()))
-        result["cr_per_layer"] = [float(x) for x in per_layer]
+        cr = cr_from_merges(merges, slots_total)
+        result["cr"], result["cr_per_layer"] = cr["cr"], cr["per_layer"].tolist()
     return result

@@ -175,4 +175,4 @@ def model_card(config, info: dict) -> str:
         lines += [f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in info["eval"].items()]
     if info.get("recipe"):
         lines += ["", "## Recipe", "", "```json", json.dumps(info["recipe"], indent=2), "```"]
-    return "\n".join(line for line in lines if line is not None) + "\n"
+    return "\n".join(lines) + "\n"

@@ -33,6 +33,23 @@ def cr_loss(alpha_mean: torch.Tensor, current_cr: float) -> torch.Tensor:
     return torch.relu((1.0 - 1.0 / current_cr) - alpha_mean).mean()
 
 
+def cr_from_merges(merges: torch.Tensor, tokens: float | torch.Tensor) -> dict:
+    """Realised CR from merge counts: ``merges`` (L, H_kv) summed over sequences, ``tokens`` the real tokens
+    each head saw (summed over the same sequences). A head keeps ``tokens - merges`` slots.
+
+    Returns {"cr": overall float, "per_layer": (L,) tensor, "per_head": (L, H_kv) tensor}.
+    """
+    merges = merges.double()
+    tokens = float(tokens)
+    slots = (tokens - merges).clamp(min=1e-9)
+    layer_tokens = tokens * merges.shape[1]
+    return {
+        "cr": float(tokens * merges.numel() / slots.sum()),
+        "per_layer": layer_tokens / slots.sum(1),
+        "per_head": tokens / slots,
+    }
+
+
 def realised_cr(alpha_mean: torch.Tensor | float) -> float:
     """Compression ratio ``1 / (1 - mean alpha)`` (tokens per cache slot)."""
     a = float(alpha_mean.mean()) if isinstance(alpha_mean, torch.Tensor) else float(alpha_mean)

@@ -12,6 +12,8 @@ import math
 
 import torch
 
+from .schedule import cr_from_merges
+
 
 @torch.no_grad()
 def _decision_spread(model, ids: torch.Tensor) -> list[torch.Tensor]:
@@ -32,9 +34,7 @@ def _decision_spread(model, ids: torch.Tensor) -> list[torch.Tensor]:
 @torch.no_grad()
 def realised_cr_on(model, ids: torch.Tensor) -> float:
     out = model(ids, use_cache=False, logits_to_keep=1)
-    L, _, H_kv = out.dmc_merges.shape
-    slots = out.dmc_tokens.sum() * L * H_kv
-    return float(slots / (slots - out.dmc_merges.sum()).clamp(min=1))
+    return cr_from_merges(out.dmc_merges.sum(1), out.dmc_tokens.sum())["cr"]
 
 
 @torch.no_grad()

@@ -59,3 +59,13 @@ def test_straight_through_hard():
     hard.sum().backward()
     s = torch.sigmoid(logit.detach())
     torch.testing.assert_close(logit.grad, s * (1 - s))
+
+
+def test_cr_from_merges_counts_slots_per_head():
+    import dmc
+
+    merges = torch.tensor([[5.0, 0.0], [9.0, 7.0]])  # 2 layers x 2 KV heads, 10 tokens per head
+    cr = dmc.cr_from_merges(merges, 10)
+    assert cr["per_head"].tolist() == [[2.0, 1.0], [10.0, pytest.approx(10 / 3)]]
+    assert cr["per_layer"].tolist() == [pytest.approx(20 / 15), pytest.approx(20 / 4)]
+    assert cr["cr"] == pytest.approx(40 / 19)

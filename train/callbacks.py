@@ -9,7 +9,8 @@ import time
 from pathlib import Path
 
 import lightning as L
-import torch
+
+import dmc
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
@@ -92,10 +93,8 @@ class Telemetry(L.Callback):
         tps = self._tokens / max(now - self._t, 1e-9)
         self._t, self._tokens = now, 0
         lr = trainer.optimizers[0].param_groups[0]["lr"]
-        stats = pl_module.last_stats
-        merges, tokens = stats["merges"], stats["tokens"]  # (L, H_kv), tokens in batch
-        cr = tokens / (tokens - merges).clamp(min=1e-9)  # per layer x head
-        per_layer = (tokens * merges.shape[1]) / (tokens * merges.shape[1] - merges.sum(1)).clamp(min=1e-9)
+        cr = dmc.cr_from_merges(**pl_module.last_stats)
+        per_layer = cr["per_layer"]
         metrics = {"train/tokens_per_s": tps, "train/lr": lr}
         metrics.update({f"cr_layer/{i:02d}": float(v) for i, v in enumerate(per_layer)})
         pl_module.log_dict(metrics, on_step=True)
@@ -103,7 +102,7 @@ class Telemetry(L.Callback):
             self.path.parent.mkdir(parents=True, exist_ok=True)
             with open(self.path, "a") as f:
                 f.write(json.dumps({"step": step, "tokens_per_s": tps, "lr": lr,
-                                    "cr_per_layer": per_layer.tolist(), "cr_per_head": cr.tolist()}) + "\n")
+                                    "cr_per_layer": per_layer.tolist(), "cr_per_head": cr["per_head"].tolist()}) + "\n")
 
 
 class Plots(L.Callback):

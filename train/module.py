@@ -98,11 +98,8 @@ class DMCTrainingModule(L.LightningModule):
         cr_t = target_cr_at(step, self.recipe)
         cr_term = dmc.cr_loss(out.dmc_alpha, cr_t) if stage_of(step, self.recipe) > 1 else out.dmc_alpha.sum() * 0
         loss = out.loss + self.recipe.schedule.cr_loss_weight * cr_term
-        merges = out.dmc_merges.float()  # (L, B, H_kv)
-        tokens = out.dmc_tokens.float()[None, :, None]
-        self.last_stats = {"merges": merges.sum(1).cpu(), "tokens": float(out.dmc_tokens.sum())}
-        total = tokens.sum() * merges.shape[0] * merges.shape[2]
-        realised = float(total / (total - merges.sum()).clamp(min=1))
+        self.last_stats = {"merges": out.dmc_merges.float().sum(1).cpu(), "tokens": float(out.dmc_tokens.sum())}
+        realised = dmc.cr_from_merges(**self.last_stats)["cr"]
         self.log_dict({"train/lm_loss": out.loss.detach(), "train/cr_loss": cr_term.detach(),
                        "train/target_cr": cr_t, "train/realised_cr": realised, "train/stage": float(stage_of(step, self.recipe)),
                        "train/omega": out.dmc_omega.mean()}, prog_bar=False, on_step=True, sync_dist=False)
@@ -115,11 +112,7 @@ class DMCTrainingModule(L.LightningModule):
         # recipe, how far the run got, and the latest realised CR per layer.
         r, step = self.recipe, self.global_step
         world = self.trainer.world_size if self._trainer is not None else 1
-        cr_per_layer = None
-        if self.last_stats:
-            merges, tokens = self.last_stats["merges"], self.last_stats["tokens"]
-            slots = tokens * merges.shape[1]
-            cr_per_layer = (slots / (slots - merges.sum(1)).clamp(min=1e-9)).tolist()
+        cr_per_layer = dmc.cr_from_merges(**self.last_stats)["per_layer"].tolist() if self.last_stats else None
         checkpoint["dmc"] = {
             "config": self.model.config.to_dict(),
             "base_model": r.model.path,
