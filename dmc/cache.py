@@ -60,9 +60,10 @@ class DMCLayer(CacheLayerMixin):
         need = self.used_blocks + extra
         if need > self.k_pool.shape[0]:
             grow = max(need, int(self.k_pool.shape[0] * 1.25) + 1) - self.k_pool.shape[0]
-            pad = self.k_pool.new_empty(grow, self.block_size, self.head_dim)
+            # zeros, not garbage: the paged attention multiplies dead slots by 0, and 0 * NaN is NaN
+            pad = self.k_pool.new_zeros(grow, self.block_size, self.head_dim)
             self.k_pool = torch.cat([self.k_pool, pad])
-            self.v_pool = torch.cat([self.v_pool, pad.clone()])
+            self.v_pool = torch.cat([self.v_pool, pad])
 
     def _grow_table(self, width: int) -> None:
         if width > self.block_table.shape[-1]:
@@ -97,12 +98,13 @@ class DMCLayer(CacheLayerMixin):
         self.v_pool[block, slot % self.block_size] = values.to(self.dtype)
 
     # ---- the two ways in: one-pass prefill and one token at a time -----------------------------------
-    def prefill(self, k_bar_rot, v_bar, k_pre, v, omega, acc_k, acc_v, c, alpha, valid) -> None:
+    def prefill(self, k_bar_rot, v_bar, k_pre, v, omega, k_sum, v_sum, w_sum, alpha, valid) -> None:
         """Store a whole prompt computed in parallel (hard decisions) as slots.
 
-        k_bar_rot, v_bar (B, H_kv, T, D): pooled states; acc_k, acc_v (B, H_kv, T, D) and c (B, H_kv, T)
-        the fp32 running sums; k_pre, v, omega: raw tokens (for the merge window); alpha (B, H_kv, T) in
-        {0, 1} with each first real token forced to 0; valid (B, T), left padding only.
+        k_bar_rot, v_bar (B, H_kv, T, D): pooled states; k_sum, v_sum (B, H_kv, D) and w_sum (B, H_kv)
+        the fp32 running sums of each open (last) slot; k_pre, v, omega: raw tokens (for the merge
+        window); alpha (B, H_kv, T) in {0, 1} with each first real token forced to 0; valid (B, T), left
+        padding only.
         """
         B, H, T, D = k_bar_rot.shape
         if not self.is_initialized:
@@ -118,7 +120,7 @@ class DMCLayer(CacheLayerMixin):
         self.started = valid.any(-1)
         sd = self.state_dtype
         # Copies, not views: a view would keep the whole (B, H_kv, T, ...) prefill tensor alive in the cache.
-        self.k_sum, self.v_sum, self.w_sum = (x.to(sd).clone() for x in (acc_k[..., -1, :], acc_v[..., -1, :], c[..., -1]))
+        self.k_sum, self.v_sum, self.w_sum = (x.to(sd).clone() for x in (k_sum, v_sum, w_sum))
         if self.window:
             W = self.window
             is_start = (alpha == 0) & valid[:, None, :]

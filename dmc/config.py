@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, fields
 from transformers import LlamaConfig
 
 TRAIN_ATTENTION_BACKENDS = ("auto", "flex", "sdpa", "reference")
-DECODE_BACKENDS = ("auto", "sdpa", "reference", "flash", "triton")
+DECODE_BACKENDS = ("auto", "paged", "sdpa", "reference", "flash", "triton")
 
 
 class DMCConfigError(ValueError):
@@ -27,7 +27,7 @@ class DMCConfig:
     weight_eps: keeps importance weights away from 0.
     channel: head channel repurposed for decisions; -1 = last (head_dim - 1), as in the reference.
     train_attention: training-time attention kernel ("auto", "flex", "sdpa", "reference").
-    decode_backend: cached-decoding attention ("auto", "sdpa", "reference", "flash", "triton").
+    decode_backend: cached-decoding attention ("auto", "paged", "sdpa", "reference", "flash", "triton").
     block_size: slots per cache block (the paged cache allocates blocks on demand).
     """
 

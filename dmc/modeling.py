@@ -135,9 +135,9 @@ class DMCLlamaAttention(LlamaAttention):
                 raise DMCCacheError("DMCCache needs hard decisions: call model.eval() before caching")
             if bool((valid[:, 1:].long() - valid[:, :-1].long() < 0).any()):
                 raise DMCCacheError("a DMC cache supports left padding only (pad tokens before the prompt)")
-            acc = kv_bar * norm[..., None]
+            acc = kv_bar[..., -1, :] * norm[..., -1, None]  # running sums of each open slot (B, H_kv, 2D)
             cache.layer(self.layer_idx).prefill(
-                k_rot, v_bar, k0, v, omega, acc[..., :D], acc[..., D:], norm, alpha, valid
+                k_rot, v_bar, k0, v, omega, acc[..., :D], acc[..., D:], norm[..., -1], alpha, valid
             )
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1)), None
 

@@ -177,6 +177,7 @@ def run(path: str, contexts: list[int], batches: list[int], crs: list[float], de
     w_bytes = None
     for label, model in variants(path, crs, calibration, dtype, device):
         w_bytes = w_bytes or weight_bytes(model)
+        measure(model, calibration[:, :64].to(device), 2)  # warm-up: first calls pay for allocations
         for (context, batch), ids in all_ids.items():
             m = measure(model, ids.to(device), decode_steps)
             row = Row(model=label, context=context, batch=batch, **m)

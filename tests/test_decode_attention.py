@@ -1,7 +1,13 @@
 import pytest
 import torch
 
-from dmc.ops.decode_attention import decode_attention_flash, decode_attention_reference, decode_attention_sdpa, flash_available
+from dmc.ops.decode_attention import (
+    decode_attention_flash,
+    decode_attention_paged,
+    decode_attention_reference,
+    decode_attention_sdpa,
+    flash_available,
+)
 
 
 def _paged(B, H, H_kv, D, lens, block_size, dtype=torch.float64, seed=0):
@@ -28,8 +34,23 @@ def _paged(B, H, H_kv, D, lens, block_size, dtype=torch.float64, seed=0):
     return q, k_pool, v_pool, table, lens
 
 
+def _finite_dead_slots(pool, table, lens):
+    """Large finite garbage in the dead slots of referenced blocks (what the paged path may assume)."""
+    pool = pool.clone()
+    bs = pool.shape[1]
+    for b, h in torch.ones_like(lens).nonzero().tolist():
+        n = int(lens[b, h])
+        for j in range(table.shape[-1]):
+            blk = int(table[b, h, j])
+            if blk >= 0:
+                dead = torch.arange(bs) + j * bs >= n
+                pool[blk, dead] = 1e3
+    return pool
+
+
 CASES = [
     (1, 1, 1, 8, [1], 4),
+    (2, 2, 1, 8, [0, 6], 4),  # a sequence still in its left padding: no slots
     (2, 4, 2, 16, [5, 1, 17, 3], 4),
     (3, 9, 3, 64, [1, 40, 7, 16, 16, 2, 33, 9, 1], 16),
     (2, 6, 6, 24, [3, 100, 1, 2, 64, 65, 5, 8, 9, 10, 11, 12], 7),
@@ -42,6 +63,28 @@ def test_sdpa_equals_reference(B, H, H_kv, D, lens, bs):
     ref = decode_attention_reference(q, kp, vp, table, lens_t)
     out = decode_attention_sdpa(q, kp, vp, table, lens_t)
     assert not torch.isnan(out).any()
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("B,H,H_kv,D,lens,bs", CASES)
+def test_paged_equals_reference(B, H, H_kv, D, lens, bs):
+    q, kp, vp, table, lens_t = _paged(B, H, H_kv, D, lens, bs)
+    ref = decode_attention_reference(q, kp, vp, table, lens_t)
+    # unreferenced blocks stay NaN (must be ignored); dead slots of referenced blocks are finite garbage
+    kp, vp = _finite_dead_slots(kp, table, lens_t), _finite_dead_slots(vp, table, lens_t)
+    out = decode_attention_paged(q, kp, vp, table, lens_t)
+    assert not torch.isnan(out).any()
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+
+
+def test_paged_is_stable_for_large_scores():
+    """Scores far above exp's range (the softmax maximum is taken across a pair's blocks)."""
+    q, kp, vp, table, lens_t = _paged(2, 4, 2, 16, [40, 3, 17, 9], 4)
+    kp, vp = _finite_dead_slots(kp, table, lens_t), _finite_dead_slots(vp, table, lens_t)
+    q = q * 500
+    ref = decode_attention_reference(q, kp, vp, table, lens_t)
+    out = decode_attention_paged(q, kp, vp, table, lens_t)
+    assert torch.isfinite(out).all()
     torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
 
 

@@ -31,7 +31,7 @@ def test_head_dim_that_cannot_host_the_channel():
         ("tau", 0.0, "must be > 0"),
         ("weight_eps", 0.0, "must be > 0"),
         ("train_attention", "fast", "choose one of auto, flex, sdpa, reference"),
-        ("decode_backend", "cuda", "choose one of auto, sdpa, reference, flash"),
+        ("decode_backend", "cuda", "choose one of auto, paged, sdpa, reference, flash"),
         ("block_size", 0, "positive number of slots"),
         ("enabled", "yes", "true or false"),
     ],

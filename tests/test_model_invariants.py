@@ -85,6 +85,27 @@ def test_one_pass_prefill_then_decoding_equals_parallel_forward(kind, window, sp
         assert torch.equal(cache.num_slots(layer), _expected_slots(full, layer))
 
 
+@pytest.mark.parametrize("backend", ["reference", "sdpa", "paged"])
+@pytest.mark.parametrize("window", [None, 12])
+def test_every_portable_decode_backend_equals_parallel_forward(backend, window):
+    """Left-padded GQA batch with a 1-token prompt, prefill then decoding, through each backend."""
+    model = mixed_dmc("gqa", window, decode_backend=backend)
+    ids = random_ids(3, 21, seed=4)
+    mask = torch.ones_like(ids)
+    mask[1, :13], mask[2, :20] = 0, 0  # row 2's prompt is its single last prompt token
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        full = model(ids, attention_mask=mask, position_ids=pos, use_cache=False)
+        cache = dmc.DMCCache(model.config, block_size=3)
+        first = model(ids[:, :6], attention_mask=mask[:, :6], position_ids=pos[:, :6], past_key_values=cache).logits
+        rest = [model(ids[:, t : t + 1], attention_mask=mask[:, : t + 1], position_ids=pos[:, t : t + 1],
+                      past_key_values=cache).logits for t in range(6, ids.shape[1])]
+    real = mask.bool()
+    torch.testing.assert_close(torch.cat([first] + rest, 1)[real], full.logits[real], rtol=1e-9, atol=1e-9)
+    for layer in range(model.config.num_hidden_layers):
+        assert torch.equal(cache.num_slots(layer), _expected_slots(full, layer))
+
+
 def test_multi_token_chunk_after_prefill():
     model = mixed_dmc("gqa", 12)
     ids = random_ids(2, 20)

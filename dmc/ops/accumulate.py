@@ -44,10 +44,12 @@ def _accumulate_windowed(x, alpha, omega, window: int):
     after = torch.cat([a_win[..., 1:], torch.ones_like(a_win[..., :1])], dim=-1)
     coeff = after.flip(-1).cumprod(-1).flip(-1)  # coeff[w] = prod of alphas after token w, up to i
     w_win = F.pad(omega, (window - 1, 0)).unfold(-1, window, 1) * coeff  # (B, H, T, W)
-    x_win = F.pad(x, (0, 0, window - 1, 0)).unfold(2, window, 1)  # (B, H, T, E, W)
-    acc = (x_win @ w_win[..., None]).squeeze(-1)  # (B, H, T, E)
+    # W shifted multiply-adds: an unfolded (B, H, T, E, W) copy of x would be W times the size of x
+    x_pad = F.pad(x, (0, 0, window - 1, 0))
+    acc = x * w_win[..., -1:]
+    for w in range(window - 1):
+        acc = acc.addcmul(x_pad[:, :, w : w + T], w_win[..., w : w + 1])
     c = w_win.sum(-1)
-    assert acc.shape[2] == T
     return acc / c[..., None], c
 
 

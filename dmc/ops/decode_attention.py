@@ -64,6 +64,45 @@ def decode_attention_sdpa(q, k_pool, v_pool, block_table, lens, scale=None):
     return out.reshape(B, H, D)
 
 
+def decode_attention_paged(q, k_pool, v_pool, block_table, lens, scale=None):
+    """Portable path that reads the pool in place: one small matmul per block, softmax across a pair's blocks.
+
+    Gathering every pair's blocks into a padded tensor copies the whole compressed cache each step; here
+    block i's scores come from ``q[owner[i]] @ k_pool[i]^T``, the softmax maximum and denominator are
+    reduced per pair with scatter ops, and ``p @ v_pool[i]`` is summed per pair. Blocks that no pair
+    references are ignored. Every slot of a referenced block must be finite, live or not (0 * NaN would
+    reach the output through ``p @ V``): ``DMCCache`` zero-fills its blocks.
+    """
+    B, H, D = q.shape
+    H_kv = lens.shape[1]
+    g, bs, P = H // H_kv, k_pool.shape[1], B * H_kv
+    scale = D**-0.5 if scale is None else scale
+    held = block_table >= 0
+    ids = block_table[held]
+    U = int(ids.max()) + 1 if ids.numel() else 1
+    pair = torch.arange(P, device=q.device).view(B, H_kv, 1).expand_as(block_table)[held]
+    col = torch.arange(block_table.shape[-1], device=q.device).expand_as(block_table)[held]
+    owner = torch.full((U,), P, dtype=torch.long, device=q.device)  # row P: blocks nobody references
+    owner[ids] = pair
+    first_slot = torch.zeros(U, dtype=torch.long, device=q.device)
+    first_slot[ids] = col * bs
+    pair_lens = torch.cat([lens.reshape(-1), lens.new_zeros(1)])  # (P + 1,)
+    live = first_slot[:, None] + torch.arange(bs, device=q.device) < pair_lens[owner][:, None]  # (U, bs)
+
+    work = torch.promote_types(q.dtype, torch.float32)
+    q_rows = torch.cat([q.reshape(P, g, D), q.new_zeros(1, g, D)])
+    scores = torch.bmm(q_rows[owner], k_pool[:U].transpose(1, 2)).to(work) * scale  # (U, g, bs)
+    scores = scores.masked_fill(~live[:, None, :], float("-inf"))
+    top = torch.full((P + 1, g), float("-inf"), dtype=work, device=q.device)
+    top = top.scatter_reduce_(0, owner[:, None].expand(U, g), scores.amax(-1), "amax")
+    p = torch.exp(scores - top[owner][..., None].clamp(min=torch.finfo(work).min))  # dead: exp(-inf) = 0
+    denom = torch.zeros(P + 1, g, dtype=work, device=q.device).index_add_(0, owner, p.sum(-1))
+    num = torch.zeros(P + 1, g, D, dtype=work, device=q.device)
+    num = num.index_add_(0, owner, torch.bmm(p.to(v_pool.dtype), v_pool[:U]).to(work))
+    out = torch.where(denom[..., None] > 0, num / denom[..., None].clamp(min=torch.finfo(work).tiny), 0)
+    return out[:P].to(q.dtype).reshape(B, H, D)  # pairs without slots (left padding) give 0
+
+
 def flash_available() -> bool:
     if not torch.cuda.is_available():
         return False
@@ -105,6 +144,7 @@ def decode_attention_flash(q, k_pool, v_pool, block_table, lens, scale=None):
 DECODE_ATTENTION = {
     "reference": decode_attention_reference,
     "sdpa": decode_attention_sdpa,
+    "paged": decode_attention_paged,
     "flash": decode_attention_flash,
     "triton": decode_attention_triton,
 }
@@ -115,12 +155,14 @@ def resolve_backend(backend: str, device: torch.device, block_size: int) -> str:
         return backend
     if device.type == "cuda" and flash_available() and block_size % 256 == 0:
         return "flash"
-    return "triton" if device.type == "cuda" and triton_available() else "sdpa"
+    if device.type == "cuda":
+        return "triton" if triton_available() else "sdpa"
+    return "paged"
 
 
 def decode_attention(backend: str, q, k_pool, v_pool, block_table, lens, scale=None):
     """Dispatch; ``auto``: flash-attn on CUDA when installed and the block size allows, else our Triton
-    kernel on CUDA, else SDPA."""
+    kernel on CUDA (else SDPA), and the in-place paged path on CPU (fastest measured there)."""
     backend = resolve_backend(backend, q.device, k_pool.shape[1])
     if backend == "flash" and not flash_available():
         raise RuntimeError("dmc_decode_backend='flash' needs CUDA and the flash-attn package; use 'sdpa'")

@@ -33,10 +33,6 @@ def train_attention_reference(q, k, v, keep_log, merge_log=None, scale: float | 
     return scores.softmax(-1, dtype=torch.promote_types(q.dtype, torch.float32)).to(q.dtype) @ v
 
 
-def _pad_to(x: torch.Tensor, width: int) -> torch.Tensor:
-    return F.pad(x, (0, width - x.shape[-1]))
-
-
 def train_attention_sdpa(q, k, v, keep_log, merge_log, scale: float | None = None):
     """One fused causal SDPA call, no T x T tensor: bias through extra channels plus a sentinel key.
 
@@ -51,27 +47,31 @@ def train_attention_sdpa(q, k, v, keep_log, merge_log, scale: float | None = Non
     g = H // H_kv
     scale = D**-0.5 if scale is None else scale
     width = -(-(D + 2) // 8) * 8  # fused kernels want head dims in multiples of 8
-    k_rep, v_rep = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)
-    keep = keep_log.clamp(min=MASKED).repeat_interleave(g, 1).to(q.dtype)  # (B, H, T)
-    diag = (q * k_rep).sum(-1) * scale  # s_ii (B, H, T)
+    grouped = lambda x: x.unflatten(1, (H_kv, g))  # noqa: E731  (B, H, ...) -> (B, H_kv, g, ...)
+    diag = (grouped(q) * k[:, :, None]).sum(-1).flatten(1, 2) * scale  # s_ii (B, H, T)
     work = torch.promote_types(q.dtype, torch.float32)  # log(alpha~) is fp32; don't round it to bf16 early
     merge = merge_log.clamp(min=MASKED).repeat_interleave(g, 1)
     sentinel = (diag.to(work) + merge.to(work)).clamp(min=MASKED).to(q.dtype)
 
-    ones = torch.ones_like(keep)
-    qp = torch.cat([q * scale, ones[..., None], sentinel[..., None]], dim=-1)  # (B, H, T, D+2)
-    kp = torch.cat([k_rep, keep[..., None], torch.zeros_like(keep)[..., None]], dim=-1)
-    vp = torch.cat([v_rep, torch.zeros_like(keep)[..., None]], dim=-1)  # (B, H, T, D+1)
-    head_q = q.new_zeros(B, H, 1, D + 2)
-    head_k = q.new_zeros(B, H, 1, D + 2)
-    head_k[..., -1] = 1  # the sentinel key: only the sentinel channel is non-zero
-    head_v = q.new_zeros(B, H, 1, D + 1)
-    head_v[..., -1] = 1  # ... and its value is the one-hot channel u
-    qp = _pad_to(torch.cat([head_q, qp], dim=2), width)
-    kp = _pad_to(torch.cat([head_k, kp], dim=2), width)
-    vp = _pad_to(torch.cat([head_v, vp], dim=2), width)
-    out = F.scaled_dot_product_attention(qp, kp, vp, is_causal=True, scale=1.0)[:, :, 1:]  # drop dummy query
-    return out[..., :D] + out[..., D : D + 1] * v_rep
+    # Each operand is written once into a zeroed buffer: row 0 is the dummy query / sentinel key.
+    # On CPU SDPA reads K/V per KV head (enable_gqa, measured as fast as repeated heads); fused CUDA
+    # kernels do not all take GQA, so there K/V are repeated per query head.
+    gqa = q.device.type == "cpu" and g > 1
+    H_k = H_kv if gqa else H
+    qp = q.new_zeros(B, H, T + 1, width)
+    qp[:, :, 1:, :D] = q * scale
+    qp[:, :, 1:, D] = 1
+    qp[:, :, 1:, D + 1] = sentinel
+    kp = q.new_zeros(B, H_kv, H_k // H_kv, T + 1, width)
+    kp[..., 1:, :D] = k[:, :, None]
+    kp[..., 1:, D] = keep_log.clamp(min=MASKED).to(q.dtype)[:, :, None]
+    kp[..., 0, D + 1] = 1  # the sentinel key: only the sentinel channel is non-zero
+    vp = q.new_zeros(B, H_kv, H_k // H_kv, T + 1, width)
+    vp[..., 1:, :D] = v[:, :, None]
+    vp[..., 0, D] = 1  # ... and its value is the one-hot channel u
+    out = F.scaled_dot_product_attention(qp, kp.flatten(1, 2), vp.flatten(1, 2), is_causal=True, scale=1.0,
+                                         enable_gqa=gqa)[:, :, 1:]  # drop the dummy query
+    return out[..., :D] + (grouped(out[..., D : D + 1]) * v[:, :, None]).flatten(1, 2)
 
 
 def train_attention_flex(q, k, v, keep_log, merge_log=None, scale: float | None = None):
