@@ -18,6 +18,10 @@ def main(argv: list[str] | None = None) -> None:
     sub.add_parser("generate", help="generate with a DMC (or vanilla) HF folder; see `dmc generate --help`", add_help=False)
     sub.add_parser("bench", help="KV bytes, memory, prefill and decode speed: vanilla vs DMC; see `dmc bench --help`",
                    add_help=False)
+    sub.add_parser("eval", help="ppl, MMLU, HumanEval, needle, speed for vanilla and DMC folders; see `dmc eval --help`",
+                   add_help=False)
+    sub.add_parser("lm-eval", help="lm-evaluation-harness with the `dmc` model registered: dmc lm-eval --model dmc "
+                   "--model_args pretrained=DIR --tasks ...", add_help=False)
     bench = sub.add_parser("bench-core", help="training-step and prefill speed of DMC versus vanilla")
     bench.add_argument("args", nargs=argparse.REMAINDER)
     argv = sys.argv[1:] if argv is None else argv
@@ -39,6 +43,18 @@ def main(argv: list[str] | None = None) -> None:
         from eval.bench import main as bench_main
 
         return bench_main(argv[1:])
+    if argv[:1] == ["eval"]:
+        from eval.run import main as eval_main
+
+        return eval_main(argv[1:])
+    if argv[:1] == ["lm-eval"]:
+        try:
+            import eval.lm_eval_adapter  # noqa: F401  (registers the `dmc` model)
+            from lm_eval.__main__ import cli_evaluate
+        except ImportError as err:
+            sys.exit(f"error: `dmc lm-eval` needs lm-evaluation-harness ({err.name} is missing): pip install 'dmc[eval]'")
+        sys.argv = ["lm_eval", *argv[1:]]
+        return cli_evaluate()
     if argv[:1] == ["generate"]:
         from .generate import main as generate_main
 

@@ -47,6 +47,8 @@ class Generation:
     new_tokens: torch.Tensor  # (B, max_new_tokens), pad after EOS
     realised_cr: list[float] | None  # per sequence, over prompt + generated tokens (DMC models only)
     kv_bytes: int | None
+    cache: DMCCache | None = None  # DMC models: the cache as generation left it
+    tokens_seen: torch.Tensor | None = None  # (B,) tokens each sequence put through the cache
 
 
 def realised_cr(cache: DMCCache, tokens: torch.Tensor) -> list[float]:
@@ -55,9 +57,16 @@ def realised_cr(cache: DMCCache, tokens: torch.Tensor) -> list[float]:
     return (tokens.float() / slots.mean(dim=(0, 2)).clamp(min=1)).tolist()
 
 
+def cut_at_stop(text: str, stop: list[str] | None) -> str:
+    """``text`` up to the earliest stop string."""
+    cuts = [text.find(s) for s in stop or [] if s and s in text]
+    return text[: min(cuts)] if cuts else text
+
+
 @torch.no_grad()
 def generate(model, tok, prompts: list[str], max_new_tokens: int = 64, temperature: float = 0.0,
-             top_p: float = 1.0, seed: int = 0) -> Generation:
+             top_p: float = 1.0, seed: int = 0, stop: list[str] | None = None) -> Generation:
+    """Batched generation (ragged prompts left-padded); ``stop`` strings end a sequence and are cut off."""
     batch = tok(prompts, return_tensors="pt", padding=True).to(model.device)
     dmc = getattr(model.config, "model_type", None) == "dmc_llama" and model.config.dmc_enabled
     cache = DMCCache(model.config) if dmc else None
@@ -65,15 +74,16 @@ def generate(model, tok, prompts: list[str], max_new_tokens: int = 64, temperatu
     sample = temperature > 0
     out = model.generate(**batch, past_key_values=cache, max_new_tokens=max_new_tokens, do_sample=sample,
                          temperature=temperature if sample else None, top_p=top_p if sample else None,
-                         top_k=None, pad_token_id=tok.pad_token_id)
+                         top_k=None, pad_token_id=tok.pad_token_id,
+                         **({"stop_strings": stop, "tokenizer": tok} if stop else {}))
     new = out[:, batch["input_ids"].shape[1]:]
-    texts = tok.batch_decode(new, skip_special_tokens=True)
+    texts = [cut_at_stop(t, stop) for t in tok.batch_decode(new, skip_special_tokens=True)]
     if not dmc:
         return Generation(texts, new, None, None)
     # The cache has seen every prompt token and every generated position but the last (generate() keeps
     # feeding finished sequences padding, and the mask it extends counts those positions as real).
     seen = batch["attention_mask"].sum(1) + new.shape[1] - 1
-    return Generation(texts, new, realised_cr(cache, seen.cpu()), cache.allocated_bytes())
+    return Generation(texts, new, realised_cr(cache, seen.cpu()), cache.allocated_bytes(), cache, seen)
 
 
 def main(argv: list[str] | None = None) -> None:

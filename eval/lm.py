@@ -1,0 +1,160 @@
+"""One evaluation interface for a vanilla Llama folder and a DMC folder.
+
+DMC models always run real compressed inference: every forward fills a ``DMCCache`` (one-pass prefill,
+which equals token-by-token decoding on that cache) and generation decodes on it. The cache's live
+slots after each call feed the realised-CR meter, so every task reports the CR it actually ran at.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from dmc.cache import DMCCache
+from dmc.generate import generate, load
+from dmc.schedule import cr_from_merges
+
+
+def cache_counts(cache: DMCCache, tokens: torch.Tensor) -> list[dict]:
+    """Per sequence: merges (L x H_kv: tokens minus live slots) and tokens, as storable lists."""
+    slots = torch.stack([cache.num_slots(i) for i in range(len(cache.layers))]).cpu()  # (L, B, H_kv)
+    tokens = tokens.cpu()
+    return [{"merges": (tokens[b] - slots[:, b]).tolist(), "tokens": int(tokens[b])} for b in range(len(tokens))]
+
+
+class CRMeter:
+    """Sums per-sequence counts (from ``cache_counts``): realised CR overall, per layer and per head."""
+
+    def __init__(self):
+        self.merges: torch.Tensor | None = None  # (L, H_kv)
+        self.tokens = 0
+
+    def add(self, counts: dict | None) -> None:
+        if not counts:
+            return
+        m = torch.tensor(counts["merges"], dtype=torch.float64)
+        self.merges = m if self.merges is None else self.merges + m
+        self.tokens += counts["tokens"]
+
+    def summary(self) -> dict:
+        if self.merges is None:
+            return {"realised_cr": 1.0}
+        cr = cr_from_merges(self.merges, self.tokens)
+        return {"realised_cr": cr["cr"], "cr_per_layer": cr["per_layer"].tolist(), "cr_per_head": cr["per_head"].tolist()}
+
+
+class EvalModel:
+    def __init__(self, path: str | Path, dtype: str = "float32", device: str = "cpu", batch_size: int = 4,
+                 max_length: int | None = None):
+        self.path = str(path)
+        self.name = Path(path).name
+        self.model, self.tok = load(path, dtype, device)
+        self.device = torch.device(device)
+        self.batch_size = batch_size
+        self.max_length = max_length or getattr(self.model.config, "max_position_embeddings", 2048)
+        self.is_dmc = self.model.config.model_type == "dmc_llama" and self.model.config.dmc_enabled
+
+    def describe(self) -> dict:
+        cfg = self.model.config
+        info = {"path": self.path, "model_type": cfg.model_type, "dmc": self.is_dmc,
+                "parameters": sum(p.numel() for p in self.model.parameters())}
+        if self.is_dmc:
+            info["dmc_config"] = {k: v for k, v in cfg.to_dict().items() if k.startswith("dmc_")}
+        return info
+
+    # ---- scoring ---------------------------------------------------------------------------------------
+    def encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
+        """lm-evaluation-harness convention: trailing spaces of the context move to the continuation, the
+        pair is tokenised whole, and the continuation is whatever follows the context's tokens."""
+        spaces = len(context) - len(context.rstrip(" "))
+        if spaces:
+            context, continuation = context[:-spaces], context[-spaces:] + continuation
+        whole = self.tok(context + continuation, add_special_tokens=True)["input_ids"]
+        ctx = self.tok(context, add_special_tokens=True)["input_ids"]
+        return ctx, whole[len(ctx):]
+
+    @torch.no_grad()
+    def forward_batch(self, seqs: list[list[int]], keep: int):
+        """Left-padded forward of token lists through the cache: (logits of the last ``keep`` positions,
+        per-sequence cache counts or Nones for a vanilla model)."""
+        T = max(len(s) for s in seqs)
+        pad = self.tok.pad_token_id
+        ids = torch.tensor([[pad] * (T - len(s)) + s for s in seqs], device=self.device)
+        mask = torch.tensor([[0] * (T - len(s)) + [1] * len(s) for s in seqs], device=self.device)
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        cache = DMCCache(self.model.config) if self.is_dmc else None
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
+                         use_cache=self.is_dmc, logits_to_keep=keep)
+        counts = cache_counts(cache, mask.sum(-1)) if self.is_dmc else [None] * len(seqs)
+        return out.logits.float(), counts
+
+    def _fit(self, ctx: list[int], cont: list[int]) -> list[int]:
+        return (ctx + cont)[-(self.max_length + 1):][:-1]  # the last token is only a target
+
+    def loglikelihood(self, pairs: list[tuple[str, str]]) -> tuple[list[tuple[float, bool]], list[dict | None]]:
+        """Per pair: (sum of log p(continuation | context), whether greedy decoding gives it) and cache counts."""
+        encoded = [self.encode_pair(c, x) for c, x in pairs]
+        for (ctx, cont), (c, _) in zip(encoded, pairs):
+            if not cont:
+                raise ValueError(f"empty continuation after context ...{c[-40:]!r}")
+        results: list = [None] * len(pairs)
+        counts: list = [None] * len(pairs)
+        order = sorted(range(len(pairs)), key=lambda i: -(len(encoded[i][0]) + len(encoded[i][1])))
+        for start in range(0, len(order), self.batch_size):
+            chunk = order[start : start + self.batch_size]
+            conts = [encoded[i][1] for i in chunk]
+            keep = max(len(c) for c in conts)
+            logits, batch_counts = self.forward_batch([self._fit(*encoded[i]) for i in chunk], keep)
+            logp = F.log_softmax(logits, dim=-1)  # (B, keep, V)
+            for row, (i, cont) in enumerate(zip(chunk, conts)):
+                lp = logp[row, keep - len(cont):]
+                target = torch.tensor(cont, device=lp.device)
+                results[i] = (lp.gather(-1, target[:, None]).sum().item(), bool((lp.argmax(-1) == target).all()))
+                counts[i] = batch_counts[row]
+        return results, counts
+
+    def choose(self, contexts: list[str], choices: list[str]) -> tuple[list[list[float]], list[dict | None]]:
+        """Log-likelihood of each of the same ``choices`` after each context. When every choice is a single
+        token after the context (MMLU's " A" .. " D"), one forward per context scores them all."""
+        encoded = [[self.encode_pair(c, x) for x in choices] for c in contexts]
+        single = all(len(cont) == 1 and ctx == enc[0][0] for enc in encoded for ctx, cont in enc)
+        if not single:
+            flat, counts = self.loglikelihood([(c, x) for c in contexts for x in choices])
+            k = len(choices)
+            return [[s for s, _ in flat[i * k : (i + 1) * k]] for i in range(len(contexts))], counts[::k]
+        scores, counts = [], []
+        for start in range(0, len(contexts), self.batch_size):
+            chunk = encoded[start : start + self.batch_size]
+            logits, batch_counts = self.forward_batch([enc[0][0][-self.max_length:] for enc in chunk], 1)
+            logp = F.log_softmax(logits[:, -1], dim=-1)
+            for row, enc in enumerate(chunk):
+                scores.append([logp[row, cont[0]].item() for _, cont in enc])
+            counts += batch_counts
+        return scores, counts
+
+    def block_nll(self, blocks: list[list[int]]) -> tuple[list[tuple[float, int]], list[dict | None]]:
+        """Per token block: (summed negative log-likelihood of tokens 1.., their number) and cache counts."""
+        out, counts = [], []
+        for start in range(0, len(blocks), self.batch_size):
+            chunk = blocks[start : start + self.batch_size]
+            logits, batch_counts = self.forward_batch(chunk, max(len(b) for b in chunk))
+            for row, block in enumerate(chunk):
+                lg = logits[row, logits.shape[1] - len(block) : -1]
+                target = torch.tensor(block[1:], device=lg.device)
+                out.append((F.cross_entropy(lg, target, reduction="sum").item(), len(block) - 1))
+            counts += batch_counts
+        return out, counts
+
+    # ---- generation ------------------------------------------------------------------------------------
+    def generate(self, prompts: list[str], max_new_tokens: int, stop: list[str] | None = None,
+                 temperature: float = 0.0, seed: int = 0) -> tuple[list[str], list[dict | None]]:
+        texts, counts = [], []
+        for start in range(0, len(prompts), self.batch_size):
+            chunk = prompts[start : start + self.batch_size]
+            gen = generate(self.model, self.tok, chunk, max_new_tokens, temperature=temperature, seed=seed + start,
+                           stop=stop)
+            texts += gen.texts
+            counts += cache_counts(gen.cache, gen.tokens_seen) if gen.cache is not None else [None] * len(chunk)
+        return texts, counts

@@ -1,0 +1,105 @@
+"""results.json, report.md and plots for one ``dmc eval`` run."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+HEADLINE = {"ppl": "perplexity", "mmlu": "accuracy_micro", "humaneval": "pass@1", "needle": "accuracy"}
+
+
+def write_json(path: Path, data: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    os.replace(tmp, path)
+
+
+def _fmt(v) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def markdown(results: dict) -> str:
+    models = results["models"]
+    lines = [f"# dmc eval report\n", f"Command: `{results['command']}`\n"]
+    tasks = [t for t in results["tasks"] if t != "speed"]
+    for task in tasks:
+        rows = [(name, m["tasks"][task]) for name, m in models.items() if task in m["tasks"]]
+        if not rows:
+            continue
+        keys = [k for k, v in rows[0][1].items() if isinstance(v, (int, float)) and k != "realised_cr"]
+        lines.append(f"## {task}\n")
+        lines.append("| model | realised CR | " + " | ".join(keys) + " |")
+        lines.append("|---" * (len(keys) + 2) + "|")
+        for name, r in rows:
+            lines.append(f"| {name} | {r.get('realised_cr', 1.0):.2f} | " + " | ".join(_fmt(r.get(k)) for k in keys) + " |")
+        lines.append("")
+        if task == "mmlu":
+            subjects = sorted({s for _, r in rows for s in r["per_subject"]})
+            lines.append("| subject | " + " | ".join(n for n, _ in rows) + " |")
+            lines.append("|---" * (len(rows) + 1) + "|")
+            for s in subjects:
+                lines.append(f"| {s} | " + " | ".join(_fmt(r["per_subject"].get(s, float("nan"))) for _, r in rows) + " |")
+            lines.append("")
+    if "speed" in results["tasks"]:
+        lines.append("## speed (dmc bench)\n")
+        lines.append("| model | variant | context | batch | CR | KV MiB | KV ratio | decode tok/s | speed-up | ideal |")
+        lines.append("|---" * 10 + "|")
+        for name, m in models.items():
+            for r in m["tasks"].get("speed", {}).get("rows", []):
+                lines.append(f"| {name} | {r['model']} | {r['context']} | {r['batch']} | {r['realised_cr']:.2f} | "
+                             f"{r['kv_bytes'] / 2**20:.1f} | {r['kv_ratio']:.3f} | {r['decode_tokens_per_s']:.1f} | "
+                             f"{r['decode_speedup']:.2f} | {r['ideal_decode_speedup']:.2f} |")
+        lines.append("")
+    lines.append("Plots: " + ", ".join(f"`{p}`" for p in results.get("plots", [])) + "\n")
+    return "\n".join(lines)
+
+
+def plots(results: dict, out: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    models = results["models"]
+    for task, key in HEADLINE.items():
+        pts = [(n, m["tasks"][task]) for n, m in models.items() if task in m["tasks"]]
+        if len(pts) < 2:
+            continue
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+        for name, r in pts:
+            ax.scatter(r.get("realised_cr", 1.0), r[key])
+            ax.annotate(name, (r.get("realised_cr", 1.0), r[key]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        ax.set(xlabel="realised compression ratio", ylabel=key, title=f"{task}: {key} vs CR")
+        fig.tight_layout()
+        fig.savefig(out / f"{task}_vs_cr.png", dpi=120)
+        plt.close(fig)
+        written.append(f"{task}_vs_cr.png")
+    for name, m in models.items():
+        per_layer = next((r["cr_per_layer"] for r in m["tasks"].values() if isinstance(r, dict) and "cr_per_layer" in r), None)
+        if per_layer:
+            fig, ax = plt.subplots(figsize=(7, 3))
+            ax.bar(range(len(per_layer)), per_layer)
+            ax.set(xlabel="layer", ylabel="realised CR", title=f"{name}: CR per layer")
+            fig.tight_layout()
+            fig.savefig(out / f"cr_per_layer_{name}.png", dpi=120)
+            plt.close(fig)
+            written.append(f"cr_per_layer_{name}.png")
+    for name, m in models.items():
+        needle = m["tasks"].get("needle")
+        if needle:
+            import numpy as np
+
+            grid = np.array([[needle["grid"][f"{c}/{d}"] for c in needle["contexts"]] for d in needle["depths"]])
+            fig, ax = plt.subplots(figsize=(5, 3.5))
+            im = ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
+            ax.set_xticks(range(len(needle["contexts"])), needle["contexts"])
+            ax.set_yticks(range(len(needle["depths"])), needle["depths"])
+            ax.set(xlabel="context (tokens)", ylabel="needle depth", title=f"{name}: needle retrieval")
+            fig.colorbar(im, ax=ax)
+            fig.tight_layout()
+            fig.savefig(out / f"needle_{name}.png", dpi=120)
+            plt.close(fig)
+            written.append(f"needle_{name}.png")
+    return written

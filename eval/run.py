@@ -1,0 +1,103 @@
+"""``dmc eval``: evaluate vanilla Llama and DMC HF folders through the same code.
+
+    dmc eval MODEL [MODEL ...] --tasks ppl mmlu humaneval needle speed --out DIR
+
+DMC models run on their compressed cache throughout and every task reports the realised CR it ran at.
+Finished items are cached under DIR/items, so rerunning the same command continues an interrupted run.
+Writes DIR/results.json, DIR/report.md and PNG plots.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from .report import markdown, plots, write_json
+from .tasks import TASKS, TaskError, task_module
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="dmc eval", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("models", nargs="+", help="HF folders: vanilla Llama or exported DMC")
+    ap.add_argument("--tasks", nargs="+", default=["ppl"], help=f"any of {', '.join(TASKS)}")
+    ap.add_argument("--out", required=True, help="output folder (rerun the same command to resume)")
+    ap.add_argument("--limit", type=int, default=None, help="mmlu: questions per subject; humaneval: problems")
+    ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--dtype", default=None, help="default: bfloat16 on CUDA, float32 on CPU")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=None)
+    g = ap.add_argument_group("ppl")
+    g.add_argument("--ppl-source", default="stdlib", help="'stdlib' (held-out files) or 'files:GLOB'")
+    g.add_argument("--ppl-block", type=int, default=512, help="tokens per block")
+    g.add_argument("--ppl-blocks", type=int, default=32, help="number of blocks")
+    g = ap.add_argument_group("mmlu")
+    g.add_argument("--mmlu-data", default="hub", help="'hub' (cais/mmlu), a Hendrycks data folder, or a .jsonl file")
+    g.add_argument("--mmlu-shots", type=int, default=5)
+    g = ap.add_argument_group("humaneval")
+    g.add_argument("--humaneval-samples", type=int, default=1, help="n samples per problem (pass@k for k <= n)")
+    g.add_argument("--humaneval-max-new-tokens", type=int, default=512)
+    g.add_argument("--humaneval-timeout", type=float, default=10.0, help="seconds per program")
+    g.add_argument("--temperature", type=float, default=0.8, help="sampling temperature when n > 1")
+    g = ap.add_argument_group("needle")
+    g.add_argument("--needle-contexts", type=int, nargs="+", default=[256, 512, 1024])
+    g.add_argument("--needle-depths", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75, 1.0])
+    g = ap.add_argument_group("speed")
+    g.add_argument("--speed-contexts", type=int, nargs="+", default=[1024])
+    g.add_argument("--speed-decode-steps", type=int, default=16)
+    return ap
+
+
+def evaluate(opts: argparse.Namespace, command: str) -> dict:
+    from dmc.generate import ModelFolderError
+
+    from .lm import EvalModel
+
+    for task in opts.tasks:
+        task_module(task)  # unknown names fail before any model is loaded
+    out = Path(opts.out)
+    out.mkdir(parents=True, exist_ok=True)
+    dtype = opts.dtype or ("bfloat16" if opts.device.startswith("cuda") else "float32")
+    import transformers
+
+    results = {"command": command, "tasks": opts.tasks, "models": {}, "settings": {k: v for k, v in vars(opts).items()},
+               "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
+                            "python": platform.python_version()}, "device": opts.device, "dtype": dtype}
+    for path in opts.models:
+        try:
+            model = EvalModel(path, dtype, opts.device, opts.batch_size)
+        except ModelFolderError as err:
+            raise TaskError(str(err)) from err
+        entry = {**model.describe(), "tasks": {}, "seconds": {}}
+        if model.name in results["models"]:
+            raise TaskError(f"two models are both named {model.name!r}; give their folders different names")
+        results["models"][model.name] = entry
+        for task in opts.tasks:
+            start = time.perf_counter()
+            entry["tasks"][task] = task_module(task).run(model, opts, out)
+            entry["seconds"][task] = round(time.perf_counter() - start, 1)
+            write_json(out / "results.json", results)  # what is done so far survives a crash
+        del model
+    results["plots"] = plots(results, out)
+    write_json(out / "results.json", results)
+    (out / "report.md").write_text(markdown(results))
+    return results
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    opts = parser().parse_args(argv)
+    if opts.threads:
+        torch.set_num_threads(opts.threads)
+    try:
+        results = evaluate(opts, "dmc eval " + shlex.join(argv))
+    except TaskError as err:
+        sys.exit(f"dmc eval: error: {err}")
+    print((Path(opts.out) / "report.md").read_text())
+    print(f"wrote {Path(opts.out) / 'results.json'}, report.md and {len(results['plots'])} plots")
