@@ -61,6 +61,15 @@ def evaluate(opts: argparse.Namespace, command: str) -> dict:
 
     for task in opts.tasks:
         task_module(task)  # unknown names fail before any model is loaded
+    checks = [("--humaneval-samples", opts.humaneval_samples >= 1, "at least 1"),
+              ("--ppl-block", opts.ppl_block >= 2, "at least 2 tokens"), ("--ppl-blocks", opts.ppl_blocks >= 1, "at least 1"),
+              ("--limit", opts.limit is None or opts.limit >= 1, "at least 1 (or leave it out for everything)"),
+              ("--batch-size", opts.batch_size >= 1, "at least 1"),
+              ("--needle-depths", all(0 <= d <= 1 for d in opts.needle_depths), "fractions between 0 and 1"),
+              ("--needle-contexts", all(c >= 64 for c in opts.needle_contexts), "at least 64 tokens each")]
+    for flag, ok, want in checks:
+        if not ok:
+            raise TaskError(f"{flag}: use {want}")
     out = Path(opts.out)
     out.mkdir(parents=True, exist_ok=True)
     dtype = opts.dtype or ("bfloat16" if opts.device.startswith("cuda") else "float32")

@@ -146,6 +146,8 @@ def test_bad_input_gets_one_line_errors(folders, tmp_path, capsys):
     assert "unknown task 'hellaswag'" in msg and "mmlu" in msg
     msg = err(str(folders[0]), "--tasks", "mmlu", "--mmlu-data", str(tmp_path / "nope"), "--out", str(tmp_path))
     assert "neither a folder" in msg and "hendrycks" in msg.lower()
+    assert "--needle-depths: use fractions between 0 and 1" in err(str(folders[0]), "--needle-depths", "50",
+                                                                   "--out", str(tmp_path))
     (tmp_path / "gpt2").mkdir()
     (tmp_path / "gpt2" / "config.json").write_text('{"model_type": "gpt2"}')
     msg = err(str(tmp_path / "gpt2"), "--out", str(tmp_path))
