@@ -98,3 +98,12 @@ def test_flash_equals_reference(B, H, H_kv, D, lens):
     dev = lambda t: t.cuda()  # noqa: E731
     out = decode_attention_flash(dev(q).half(), dev(kp).half(), dev(vp).half(), dev(table), dev(lens_t))
     torch.testing.assert_close(out.float().cpu(), ref, rtol=2e-2, atol=2e-2)
+
+
+def test_paged_in_bfloat16_stays_close_to_the_fp32_reference():
+    q, kp, vp, table, lens_t = _paged(3, 9, 3, 64, [1, 40, 7, 16, 16, 2, 33, 9, 1], 16, dtype=torch.float32)
+    kp, vp = _finite_dead_slots(kp, table, lens_t), _finite_dead_slots(vp, table, lens_t)
+    ref = decode_attention_reference(q, kp, vp, table, lens_t)
+    out = decode_attention_paged(q.bfloat16(), kp.bfloat16(), vp.bfloat16(), table, lens_t)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), ref, rtol=0, atol=3e-2)
