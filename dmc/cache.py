@@ -21,40 +21,27 @@ def _rope(x, cos, sin):  # x (B, H_kv, D); cos/sin (B, D)
     return x * cos[:, None] + rotate_half(x) * sin[:, None]
 
 
-class DMCLayer(CacheLayerMixin):
-    is_compileable = False
-    is_sliding = False
-    supports_early_init = False
+class PagedSlots:
+    """Per (sequence, KV head) lists of key/value slots in one paged pool per layer: the storage that the DMC
+    cache and every baseline cache policy share, so that their bytes are counted the same way.
 
-    def __init__(self, num_kv_heads: int, head_dim: int, block_size: int, window: int | None):
-        super().__init__()
-        self.num_kv_heads, self.head_dim, self.block_size, self.window = num_kv_heads, head_dim, block_size, window
-        self.seen_tokens = 0
+    ``block_table[b, h, j]`` is the pool block holding slots ``j * block_size ..`` of pair (b, h) (-1: none);
+    ``lens[b, h]`` its number of live slots. Blocks are handed out on demand (released blocks first), and
+    every block is zero-filled when the pool grows.
+    """
 
-    # ---- allocation ------------------------------------------------------------------------------
-    def _init_state(self, batch: int, dtype, device) -> None:
+    def __init__(self, num_kv_heads: int, head_dim: int, block_size: int):
+        self.num_kv_heads, self.head_dim, self.block_size = num_kv_heads, head_dim, block_size
+
+    def _init_pool(self, batch: int, dtype, device) -> None:
         H, D = self.num_kv_heads, self.head_dim
         self.dtype, self.device = dtype, device
-        self.state_dtype = sd = torch.promote_types(dtype, torch.float32)  # running sums: fp32 or better
         self.k_pool = torch.empty(0, self.block_size, D, dtype=dtype, device=device)
         self.v_pool = torch.empty_like(self.k_pool)
-        self.used_blocks = 0
+        self.used_blocks = 0  # high-water mark of the pool
+        self.free_blocks = torch.empty(0, dtype=torch.long, device=device)  # released, below the mark
         self.block_table = torch.full((batch, H, 0), -1, dtype=torch.long, device=device)
         self.lens = torch.zeros(batch, H, dtype=torch.long, device=device)
-        self.started = torch.zeros(batch, dtype=torch.bool, device=device)
-        self.k_sum = torch.zeros(batch, H, D, dtype=sd, device=device)
-        self.v_sum = torch.zeros_like(self.k_sum)
-        self.w_sum = torch.zeros(batch, H, dtype=sd, device=device)
-        if self.window:
-            W = self.window
-            self.ring_k = torch.zeros(batch, H, W, D, dtype=sd, device=device)
-            self.ring_v = torch.zeros_like(self.ring_k)
-            self.ring_w = torch.zeros(batch, H, W, dtype=sd, device=device)
-            self.seg_len = torch.zeros(batch, H, dtype=torch.long, device=device)
-        self.is_initialized = True
-
-    def lazy_initialization(self, key_states, value_states) -> None:
-        self._init_state(key_states.shape[0], key_states.dtype, key_states.device)
 
     def _ensure_blocks(self, extra: int) -> None:
         need = self.used_blocks + extra
@@ -70,32 +57,101 @@ class DMCLayer(CacheLayerMixin):
             pad = self.block_table.new_full((*self.block_table.shape[:2], width - self.block_table.shape[-1]), -1)
             self.block_table = torch.cat([self.block_table, pad], dim=-1)
 
+    def _take_blocks(self, n: int) -> torch.Tensor:
+        """``n`` block ids: released ones first, then fresh ones above the high-water mark."""
+        reuse = min(n, self.free_blocks.numel())
+        fresh = n - reuse
+        self._ensure_blocks(fresh)
+        ids = torch.cat([self.free_blocks[:reuse], self.used_blocks + torch.arange(fresh, device=self.device)])
+        self.free_blocks = self.free_blocks[reuse:]
+        self.used_blocks += fresh
+        return ids
+
     def _allocate(self, want: torch.Tensor, block_col: torch.Tensor) -> None:
-        """Give a fresh block to every pair where ``want`` (B, H_kv), at table column ``block_col``."""
+        """Give a block to every pair where ``want`` (B, H_kv), at table column ``block_col``."""
         n = int(want.sum())
         if n == 0:
             return
-        self._ensure_blocks(n)
+        ids = self._take_blocks(n)
         self._grow_table(int(block_col[want].max()) + 1)
-        ids = self.used_blocks + torch.arange(n, device=self.device)
         b, h = want.nonzero(as_tuple=True)
         self.block_table[b, h, block_col[b, h]] = ids
-        self.used_blocks += n
 
     def _allocate_runs(self, n_blocks: torch.Tensor) -> None:
-        """Give pair (b, h) ``n_blocks[b, h]`` fresh consecutive blocks at table columns 0.. (empty table)."""
+        """Give pair (b, h) ``n_blocks[b, h]`` blocks at table columns 0.. (empty table)."""
         total, width = int(n_blocks.sum()), int(n_blocks.max()) if n_blocks.numel() else 0
-        self._ensure_blocks(total)
         self._grow_table(width)
-        first = self.used_blocks + n_blocks.flatten().cumsum(0).view_as(n_blocks) - n_blocks  # (B, H_kv)
+        if total == 0:
+            return
+        ids = self._take_blocks(total)
+        first = n_blocks.flatten().cumsum(0).view_as(n_blocks) - n_blocks  # (B, H_kv): the pair's first id in ids
         col = torch.arange(width, device=self.device)
-        self.block_table[..., :width] = torch.where(col < n_blocks[..., None], first[..., None] + col, -1)
-        self.used_blocks += total
+        at = (first[..., None] + col).clamp(max=total - 1)
+        self.block_table[..., :width] = torch.where(col < n_blocks[..., None], ids[at], -1)
+
+    def _release(self, b: torch.Tensor, h: torch.Tensor, col: torch.Tensor) -> None:
+        """Return the blocks at table column ``col`` of pairs (b, h) to the free list."""
+        ids = self.block_table[b, h, col]
+        self.block_table[b, h, col] = -1
+        self.free_blocks = torch.cat([self.free_blocks, ids[ids >= 0]])
 
     def _write(self, b, h, slot, keys, values) -> None:
         block = self.block_table[b, h, slot // self.block_size]
         self.k_pool[block, slot % self.block_size] = keys.to(self.dtype)
         self.v_pool[block, slot % self.block_size] = values.to(self.dtype)
+
+    def _select_pool(self, index: torch.Tensor) -> None:
+        """Keep/reorder/repeat sequences; blocks are copied, never shared, and the pool is compacted."""
+        table = self.block_table[index]
+        live = table >= 0
+        new_ids = live.flatten().long().cumsum(0).view_as(table) - 1
+        self.k_pool, self.v_pool = self.k_pool[table[live]], self.v_pool[table[live]]
+        self.used_blocks = int(live.sum())
+        self.free_blocks = self.free_blocks[:0]
+        self.block_table = torch.where(live, new_ids, -1)
+        self.lens = self.lens[index]
+
+    def allocated_bytes(self) -> int:
+        """Bytes of the slot blocks handed out (keys and values)."""
+        if not getattr(self, "is_initialized", False):
+            return 0
+        blocks = self.used_blocks - self.free_blocks.numel()
+        return 2 * blocks * self.block_size * self.head_dim * self.k_pool.element_size()
+
+    def pool_bytes(self) -> int:
+        return 2 * self.k_pool.numel() * self.k_pool.element_size() if getattr(self, "is_initialized", False) else 0
+
+
+class DMCLayer(PagedSlots, CacheLayerMixin):
+    is_compileable = False
+    is_sliding = False
+    supports_early_init = False
+
+    def __init__(self, num_kv_heads: int, head_dim: int, block_size: int, window: int | None):
+        PagedSlots.__init__(self, num_kv_heads, head_dim, block_size)
+        CacheLayerMixin.__init__(self)
+        self.window = window
+        self.seen_tokens = 0
+
+    # ---- allocation ------------------------------------------------------------------------------
+    def _init_state(self, batch: int, dtype, device) -> None:
+        H, D = self.num_kv_heads, self.head_dim
+        self._init_pool(batch, dtype, device)
+        self.started = torch.zeros(batch, dtype=torch.bool, device=device)
+        self.state_dtype = sd = torch.promote_types(dtype, torch.float32)  # running sums: fp32 or better
+        self.k_sum = torch.zeros(batch, H, D, dtype=sd, device=device)
+        self.v_sum = torch.zeros_like(self.k_sum)
+        self.w_sum = torch.zeros(batch, H, dtype=sd, device=device)
+        if self.window:
+            W = self.window
+            self.ring_k = torch.zeros(batch, H, W, D, dtype=sd, device=device)
+            self.ring_v = torch.zeros_like(self.ring_k)
+            self.ring_w = torch.zeros(batch, H, W, dtype=sd, device=device)
+            self.seg_len = torch.zeros(batch, H, dtype=torch.long, device=device)
+        self.is_initialized = True
+
+    def lazy_initialization(self, key_states, value_states) -> None:
+        self._init_state(key_states.shape[0], key_states.dtype, key_states.device)
 
     # ---- the two ways in: one-pass prefill and one token at a time -----------------------------------
     def prefill(self, k_bar_rot, v_bar, k_pre, v, omega, k_sum, v_sum, w_sum, alpha, valid) -> None:
@@ -205,13 +261,8 @@ class DMCLayer(CacheLayerMixin):
         if not self.is_initialized:
             return
         index = index.to(self.device)
-        table = self.block_table[index]
-        live = table >= 0
-        new_ids = live.flatten().long().cumsum(0).view_as(table) - 1
-        self.k_pool, self.v_pool = self.k_pool[table[live]], self.v_pool[table[live]]
-        self.used_blocks = int(live.sum())
-        self.block_table = torch.where(live, new_ids, -1)
-        names = ["lens", "started", "k_sum", "v_sum", "w_sum"]
+        self._select_pool(index)
+        names = ["started", "k_sum", "v_sum", "w_sum"]
         names += ["ring_k", "ring_v", "ring_w", "seg_len"] if self.window else []
         for name in names:
             setattr(self, name, getattr(self, name)[index])
@@ -230,19 +281,12 @@ class DMCLayer(CacheLayerMixin):
         raise DMCCacheError("a DMC cache cannot be cropped (merged slots cannot be un-merged); regenerate instead")
 
     # ---- accounting ----------------------------------------------------------------------------------
-    def allocated_bytes(self) -> int:
-        """Bytes of the slot blocks handed out (keys and values)."""
-        if not self.is_initialized:
-            return 0
-        return 2 * self.used_blocks * self.block_size * self.head_dim * self.k_pool.element_size()
-
     def reserved_bytes(self) -> int:
         """Bytes of the pools, handed out or not, plus the fp32 running state of the open slots."""
         if not self.is_initialized:
             return 0
         state = [self.k_sum, self.v_sum, self.w_sum] + ([self.ring_k, self.ring_v, self.ring_w] if self.window else [])
-        pools = 2 * self.k_pool.numel() * self.k_pool.element_size()
-        return pools + sum(t.numel() * t.element_size() for t in state)
+        return self.pool_bytes() + sum(t.numel() * t.element_size() for t in state)
 
 
 class DMCCache(Cache):
