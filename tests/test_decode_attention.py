@@ -107,3 +107,17 @@ def test_paged_in_bfloat16_stays_close_to_the_fp32_reference():
     out = decode_attention_paged(q.bfloat16(), kp.bfloat16(), vp.bfloat16(), table, lens_t)
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out.float(), ref, rtol=0, atol=3e-2)
+
+
+@pytest.mark.parametrize("B,H,H_kv,D,lens,bs", CASES)
+def test_paged_slot_probabilities_equal_the_reference(B, H, H_kv, D, lens, bs):
+    """What eviction policies score slots with: per pool slot, the group-mean attention probability."""
+    q, kp, vp, table, lens_t = _paged(B, H, H_kv, D, lens, bs)
+    _, want = decode_attention_reference(q, kp, vp, table, lens_t, return_slot_probs=True)
+    kp, vp = _finite_dead_slots(kp, table, lens_t), _finite_dead_slots(vp, table, lens_t)
+    _, got = decode_attention_paged(q, kp, vp, table, lens_t, return_slot_probs=True)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    for b in range(B):  # each pair's probabilities sum to 1 (or 0 without slots)
+        for h in range(H_kv):
+            blocks = table[b, h][table[b, h] >= 0]
+            assert float(got[blocks].sum()) == pytest.approx(1.0 if lens_t[b, h] else 0.0)

@@ -21,14 +21,19 @@ def gather_slots(pool: torch.Tensor, block_table: torch.Tensor, n_blocks: int) -
     return blocks.reshape(B, H_kv, -1, pool.shape[-1])
 
 
-def decode_attention_reference(q, k_pool, v_pool, block_table, lens, scale=None):
-    """Loop over (sequence, KV head) pairs, reading live slots one by one: the permanent reference."""
+def decode_attention_reference(q, k_pool, v_pool, block_table, lens, scale=None, return_slot_probs=False):
+    """Loop over (sequence, KV head) pairs, reading live slots one by one: the permanent reference.
+
+    ``return_slot_probs``: also (num_blocks, block_size) attention probabilities per pool slot, averaged
+    over the query heads of the slot's group (0 for dead and unreferenced slots); eviction policies
+    score slots with them."""
     B, H, D = q.shape
     H_kv = lens.shape[1]
     g = H // H_kv
     bs = k_pool.shape[1]
     scale = D**-0.5 if scale is None else scale
     out = torch.empty_like(q)
+    probs = torch.zeros(k_pool.shape[:2], dtype=torch.promote_types(q.dtype, torch.float32), device=q.device)
     for b in range(B):
         for h in range(H_kv):
             n = int(lens[b, h])
@@ -40,7 +45,9 @@ def decode_attention_reference(q, k_pool, v_pool, block_table, lens, scale=None)
             qh = q[b, h * g : (h + 1) * g]  # (g, D)
             p = ((qh @ keys.T) * scale).softmax(-1, dtype=torch.promote_types(q.dtype, torch.float32))
             out[b, h * g : (h + 1) * g] = (p.to(q.dtype) @ vals).to(q.dtype)
-    return out
+            for s in range(n):
+                probs[block_table[b, h, s // bs], s % bs] = p[:, s].mean()
+    return (out, probs) if return_slot_probs else out
 
 
 def decode_attention_sdpa(q, k_pool, v_pool, block_table, lens, scale=None):
@@ -64,14 +71,15 @@ def decode_attention_sdpa(q, k_pool, v_pool, block_table, lens, scale=None):
     return out.reshape(B, H, D)
 
 
-def decode_attention_paged(q, k_pool, v_pool, block_table, lens, scale=None):
+def decode_attention_paged(q, k_pool, v_pool, block_table, lens, scale=None, return_slot_probs=False):
     """Portable path that reads the pool in place: one small matmul per block, softmax across a pair's blocks.
 
     Gathering every pair's blocks into a padded tensor copies the whole compressed cache each step; here
     block i's scores come from ``q[owner[i]] @ k_pool[i]^T``, the softmax maximum and denominator are
     reduced per pair with scatter ops, and ``p @ v_pool[i]`` is summed per pair. Blocks that no pair
     references are ignored. Every slot of a referenced block must be finite, live or not (0 * NaN would
-    reach the output through ``p @ V``): ``DMCCache`` zero-fills its blocks.
+    reach the output through ``p @ V``): ``DMCCache`` zero-fills its blocks. ``return_slot_probs``: as in
+    the reference.
     """
     B, H, D = q.shape
     H_kv = lens.shape[1]
@@ -100,7 +108,12 @@ def decode_attention_paged(q, k_pool, v_pool, block_table, lens, scale=None):
     num = torch.zeros(P + 1, g, D, dtype=work, device=q.device)
     num = num.index_add_(0, owner, torch.bmm(p.to(v_pool.dtype), v_pool[:U]).to(work))
     out = torch.where(denom[..., None] > 0, num / denom[..., None].clamp(min=torch.finfo(work).tiny), 0)
-    return out[:P].to(q.dtype).reshape(B, H, D)  # pairs without slots (left padding) give 0
+    out = out[:P].to(q.dtype).reshape(B, H, D)  # pairs without slots (left padding) give 0
+    if not return_slot_probs:
+        return out
+    probs = torch.zeros(k_pool.shape[:2], dtype=work, device=q.device)
+    probs[:U] = (p / denom[owner][..., None].clamp(min=torch.finfo(work).tiny)).mean(1)
+    return out, probs
 
 
 def flash_available() -> bool:
