@@ -1,0 +1,11 @@
+"""Training-free KV-cache compression baselines as cache policies (see base.py)."""
+
+from .base import Budget, Policy, PolicyCache, PolicyLlamaAttention, apply_policy
+from .h2o import H2O
+from .streaming_llm import StreamingLLM
+from .tova import TOVA
+
+POLICIES = {"streaming_llm": StreamingLLM, "tova": TOVA, "h2o": H2O}
+
+__all__ = ["Budget", "Policy", "PolicyCache", "PolicyLlamaAttention", "apply_policy", "POLICIES", "H2O",
+           "StreamingLLM", "TOVA"]

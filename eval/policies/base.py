@@ -1,0 +1,223 @@
+"""Training-free KV-cache policies on the same paged storage, attention code and bytes accounting as DMC.
+
+A vanilla Llama gets ``PolicyLlamaAttention`` modules (``apply_policy``) and a ``PolicyCache``. Every token,
+prompt tokens included, is processed the way a deployed model with that policy would: its key/value is
+appended to its sequence's slots (RoPE already applied, as usual for eviction methods), it attends over the
+slots with the same paged attention as DMC decoding, the policy updates its per-slot scores from that
+attention, and slots are evicted until the budget holds. Budgets: ``Budget(cr=c)`` keeps ceil(seen / c)
+slots as the sequence grows; ``Budget(tokens=n)`` keeps n.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+from transformers.models.llama.modeling_llama import LlamaAttention, apply_rotary_pos_emb
+
+from dmc.cache import PagedSlots
+from dmc.ops.decode_attention import decode_attention_paged
+
+
+@dataclass(frozen=True)
+class Budget:
+    cr: float | None = None
+    tokens: int | None = None
+
+    def __post_init__(self):
+        if (self.cr is None) == (self.tokens is None):
+            raise ValueError("give a budget as either cr=... (>= 1) or tokens=... (>= 1)")
+        if (self.cr is not None and self.cr < 1) or (self.tokens is not None and self.tokens < 1):
+            raise ValueError(f"budget out of range: {self}; use cr >= 1 or tokens >= 1")
+
+    def slots(self, seen: torch.Tensor) -> torch.Tensor:
+        """Slots allowed per sequence after ``seen`` (B,) real tokens."""
+        if self.cr is not None:
+            return torch.ceil(seen.double() / self.cr - 1e-9).long().clamp(min=1)
+        return seen.clamp(max=self.tokens)
+
+
+class Policy:
+    """Decides which slot to drop. ``observe`` sees each step's attention; ``choose`` names, for every pair
+    over budget, the slot (index into that pair's slot list) to evict."""
+
+    name = "policy"
+
+    def __init__(self, budget: Budget):
+        self.budget = budget
+
+    def observe(self, layer: "PolicyLayer", probs: torch.Tensor) -> None:
+        """probs (num_blocks, block_size): this step's attention per pool slot (group mean)."""
+
+    def choose(self, layer: "PolicyLayer", over: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class PolicyLayer(PagedSlots, CacheLayerMixin):
+    is_compileable = False
+    is_sliding = False
+    supports_early_init = False
+
+    def __init__(self, num_kv_heads: int, head_dim: int, block_size: int, policy: Policy):
+        PagedSlots.__init__(self, num_kv_heads, head_dim, block_size)
+        CacheLayerMixin.__init__(self)
+        self.policy = policy
+        self.seen_tokens = 0
+
+    def _init_state(self, batch: int, dtype, device) -> None:
+        self._init_pool(batch, dtype, device)
+        self.pos_pool = torch.zeros(0, self.block_size, dtype=torch.long, device=device)
+        self.score_pool = torch.zeros(0, self.block_size, dtype=torch.float32, device=device)
+        self.seen = torch.zeros(batch, dtype=torch.long, device=device)
+        self.is_initialized = True
+
+    def lazy_initialization(self, key_states, value_states) -> None:
+        self._init_state(key_states.shape[0], key_states.dtype, key_states.device)
+
+    def _ensure_blocks(self, extra: int) -> None:
+        super()._ensure_blocks(extra)
+        grow = self.k_pool.shape[0] - self.pos_pool.shape[0]
+        if grow > 0:  # per-slot position and score live beside the keys, block for block
+            self.pos_pool = torch.cat([self.pos_pool, self.pos_pool.new_zeros(grow, self.block_size)])
+            self.score_pool = torch.cat([self.score_pool, self.score_pool.new_zeros(grow, self.block_size)])
+
+    def _where(self, b, h, slot):
+        return self.block_table[b, h, slot // self.block_size], slot % self.block_size
+
+    def pair_view(self, pool: torch.Tensor, fill) -> torch.Tensor:
+        """(B, H_kv, max slots) view of a per-slot pool; dead slots hold ``fill``."""
+        S = max(1, int(self.lens.max()))
+        n_blocks = -(-S // self.block_size)
+        table = self.block_table[..., :n_blocks].clamp(min=0)
+        view = pool[table].flatten(-2)[..., :S]
+        live = torch.arange(S, device=pool.device) < self.lens[..., None]
+        return torch.where(live, view, torch.as_tensor(fill, dtype=pool.dtype, device=pool.device))
+
+    def append(self, keys, values, valid) -> None:
+        """keys, values (B, H_kv, D) rotated; valid (B,) False for left padding. A slot remembers its
+        token's index among its sequence's real tokens (``pos_pool``)."""
+        B, H, _ = keys.shape
+        if not self.is_initialized:
+            self._init_state(B, keys.dtype, keys.device)
+        live = valid[:, None].expand(B, H)
+        slot = self.lens
+        self._allocate(live & (slot % self.block_size == 0), slot // self.block_size)
+        b, h = live.nonzero(as_tuple=True)
+        self._write(b, h, slot[b, h], keys[b, h], values[b, h])
+        blk, off = self._where(b, h, slot[b, h])
+        self.pos_pool[blk, off] = self.seen[b]
+        self.score_pool[blk, off] = 0
+        self.lens = self.lens + live.long()
+        self.seen = self.seen + valid.long()
+
+    def evict(self, over: torch.Tensor, slot: torch.Tensor) -> None:
+        """Drop slot ``slot[b, h]`` of every pair where ``over``: the pair's last slot moves into its place
+        (attention does not depend on slot order), and a block left empty goes back to the free list."""
+        b, h = over.nonzero(as_tuple=True)
+        if b.numel() == 0:
+            return
+        last = self.lens[b, h] - 1
+        dst, dst_off = self._where(b, h, slot[b, h])
+        src, src_off = self._where(b, h, last)
+        for pool in (self.k_pool, self.v_pool, self.pos_pool, self.score_pool):
+            pool[dst, dst_off] = pool[src, src_off]
+            pool[src, src_off] = 0  # dead slots stay zero (finite) for the paged attention
+        self.lens[b, h] = last
+        empty = last % self.block_size == 0
+        self._release(b[empty], h[empty], (last // self.block_size)[empty])
+
+    def enforce(self) -> None:
+        allowed = self.policy.budget.slots(self.seen)[:, None]
+        over = self.lens > allowed
+        while bool(over.any()):
+            self.evict(over, self.policy.choose(self, over))
+            over = self.lens > allowed
+
+    # ---- transformers Cache API -------------------------------------------------------------------
+    def update(self, key_states, value_states, *args, **kwargs):
+        raise RuntimeError("PolicyCache is filled by PolicyLlamaAttention; run apply_policy(model, policy) first")
+
+    def get_seq_length(self) -> int:
+        return self.seen_tokens
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.seen_tokens + query_length, 0
+
+    def reset(self) -> None:
+        self.is_initialized = False
+        self.seen_tokens = 0
+
+    def reserved_bytes(self) -> int:
+        if not self.is_initialized:
+            return 0
+        return self.pool_bytes() + sum(t.numel() * t.element_size() for t in (self.pos_pool, self.score_pool))
+
+
+class PolicyCache(Cache):
+    """A ``Cache`` whose layers keep at most the policy's budget of slots per (sequence, KV head)."""
+
+    def __init__(self, config, policy: Policy, block_size: int = 16):
+        H_kv = config.num_key_value_heads
+        D = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        super().__init__(layers=[PolicyLayer(H_kv, D, block_size, policy) for _ in range(config.num_hidden_layers)])
+        self.policy = policy
+
+    def num_slots(self, layer_idx: int) -> torch.Tensor:
+        return self.layers[layer_idx].lens.clone()
+
+    def allocated_bytes(self) -> int:
+        return sum(layer.allocated_bytes() for layer in self.layers)
+
+    def reserved_bytes(self) -> int:
+        return sum(layer.reserved_bytes() for layer in self.layers)
+
+
+def _valid_tokens(attention_mask, B: int, T: int, past: int, device) -> torch.Tensor:
+    """(B, T) real-token flags from the mask the Llama model hands its layers (None, 4D bool or additive)."""
+    if attention_mask is None:
+        return torch.ones(B, T, dtype=torch.bool, device=device)
+    i = torch.arange(T, device=device)
+    diag = attention_mask[:, 0, i, past + i]  # a token sees itself unless it is padding
+    return diag if diag.dtype == torch.bool else diag == 0
+
+
+class PolicyLlamaAttention(LlamaAttention):
+    """Llama attention that, given a ``PolicyCache``, runs each token through the policy's cache."""
+
+    def forward(self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None, **kwargs):
+        if not isinstance(past_key_values, PolicyCache):
+            return super().forward(hidden_states, position_embeddings, attention_mask, past_key_values, **kwargs)
+        B, T, _ = hidden_states.shape
+        shape = (B, T, -1, self.head_dim)
+        q = self.q_proj(hidden_states).view(shape).transpose(1, 2)
+        k = self.k_proj(hidden_states).view(shape).transpose(1, 2)
+        v = self.v_proj(hidden_states).view(shape).transpose(1, 2)
+        cos, sin = position_embeddings
+        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        layer = past_key_values.layers[self.layer_idx]
+        valid = _valid_tokens(attention_mask, B, T, layer.seen_tokens, q.device)
+        outs = []
+        for t in range(T):
+            layer.append(k[:, :, t], v[:, :, t], valid[:, t])
+            out, probs = decode_attention_paged(q[:, :, t], layer.k_pool, layer.v_pool, layer.block_table, layer.lens,
+                                                self.scaling, return_slot_probs=True)
+            layer.policy.observe(layer, probs)
+            layer.enforce()
+            outs.append(out)
+        layer.seen_tokens += T
+        out = torch.stack(outs, dim=1).reshape(B, T, -1)
+        return self.o_proj(out), None
+
+
+def apply_policy(model) -> None:
+    """Swap every Llama attention module for ``PolicyLlamaAttention`` (same weights; without a
+    ``PolicyCache`` it computes exactly what Llama attention computes)."""
+    for layer in model.model.layers:
+        attn = layer.self_attn
+        if type(attn) is LlamaAttention:
+            attn.__class__ = PolicyLlamaAttention
+

@@ -1,0 +1,104 @@
+"""Baseline cache policies: exact when the budget holds everything, the budget is the cache size, ragged GQA
+batches are independent per row, and each policy keeps the set its paper's rule implies."""
+
+import math
+
+import pytest
+import torch
+
+from eval.policies import H2O, POLICIES, TOVA, Budget, PolicyCache, StreamingLLM, apply_policy
+from eval.policies.base import PolicyLayer
+from tests.helpers import random_ids, tiny_llama
+
+
+def _model(kind="gqa", dtype=torch.float64):
+    model = tiny_llama(kind, dtype=dtype).eval()
+    apply_policy(model)
+    return model
+
+
+@pytest.mark.parametrize("name", sorted(POLICIES))
+@pytest.mark.parametrize("kind", ["mha", "gqa"])
+def test_a_budget_that_holds_everything_is_the_vanilla_model(name, kind):
+    model = _model(kind)
+    ids = random_ids(2, 21)
+    with torch.no_grad():
+        want = model(ids).logits  # no PolicyCache: plain Llama attention
+        cache = PolicyCache(model.config, POLICIES[name](Budget(cr=1)), block_size=4)
+        got = torch.cat([model(ids[:, :9], past_key_values=cache).logits,
+                         model(ids[:, 9:], past_key_values=cache).logits], 1)
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("name", sorted(POLICIES))
+@pytest.mark.parametrize("budget,expect", [(Budget(cr=4), math.ceil(37 / 4)), (Budget(tokens=7), 7)])
+def test_realised_cache_size_is_the_budget(name, budget, expect):
+    model = _model()
+    cache = PolicyCache(model.config, POLICIES[name](budget), block_size=4)
+    with torch.no_grad():
+        model(random_ids(2, 37), past_key_values=cache)
+    H_kv = model.config.num_key_value_heads
+    for i in range(model.config.num_hidden_layers):
+        assert (cache.num_slots(i) == expect).all()
+    per_slot = 2 * model.config.head_dim * 8
+    blocks_per_pair = math.ceil(expect / 4)
+    assert cache.allocated_bytes() == model.config.num_hidden_layers * 2 * H_kv * blocks_per_pair * 4 * per_slot
+
+
+@pytest.mark.parametrize("name", sorted(POLICIES))
+def test_ragged_gqa_batch_rows_equal_each_row_alone(name):
+    model = _model("gqa")
+    lengths = [23, 11, 1]
+    T = max(lengths)
+    rows = [random_ids(1, n, seed=i)[0] for i, n in enumerate(lengths)]
+    ids = torch.zeros(len(rows), T, dtype=torch.long)
+    mask = torch.zeros(len(rows), T, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, T - len(r):], mask[i, T - len(r):] = r, 1
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    policy = POLICIES[name](Budget(cr=3))
+    with torch.no_grad():
+        cache = PolicyCache(model.config, policy, block_size=4)
+        batched = model(ids, attention_mask=mask, position_ids=pos, past_key_values=cache).logits
+        for i, r in enumerate(rows):
+            alone_cache = PolicyCache(model.config, policy, block_size=4)
+            alone = model(r[None], past_key_values=alone_cache).logits[0]
+            torch.testing.assert_close(batched[i, T - len(r):], alone, rtol=1e-9, atol=1e-9)
+            assert torch.equal(cache.num_slots(0)[i], alone_cache.num_slots(0)[0])
+    assert cache.num_slots(0)[:, 0].tolist() == [math.ceil(n / 3) for n in lengths]
+
+
+def _drive(policy, steps, heavy=(), H=2, D=4, block=3):
+    """Feed ``steps`` tokens into one layer; attention puts 1.0 on positions in ``heavy`` and on the newest
+    token, 0.01 elsewhere. Returns the kept positions of each head."""
+    layer = PolicyLayer(H, D, block, policy)
+    for t in range(steps):
+        layer.append(torch.randn(1, H, D), torch.randn(1, H, D), torch.ones(1, dtype=torch.bool))
+        pos = layer.pos_pool
+        probs = torch.where(torch.isin(pos, torch.tensor(list(heavy) + [t])), 1.0, 0.01)
+        layer.policy.observe(layer, probs)
+        layer.enforce()
+    view = layer.pair_view(layer.pos_pool, -1)[0]
+    return [sorted(x for x in row.tolist() if x >= 0) for row in view]
+
+
+def test_streaming_llm_keeps_sinks_and_the_recent_window():
+    kept = _drive(StreamingLLM(Budget(tokens=8), sinks=4), 20)
+    assert kept == [[0, 1, 2, 3, 16, 17, 18, 19]] * 2
+
+
+def test_h2o_keeps_heavy_hitters_and_the_recent_half():
+    kept = _drive(H2O(Budget(tokens=6)), 20, heavy=(2, 5, 11))
+    assert kept == [[2, 5, 11, 17, 18, 19]] * 2
+
+
+def test_tova_keeps_what_the_current_query_attends_to():
+    kept = _drive(TOVA(Budget(tokens=4)), 15, heavy=(1, 7, 9))
+    assert kept == [[1, 7, 9, 14]] * 2
+
+
+def test_budget_is_validated():
+    with pytest.raises(ValueError, match="either cr"):
+        Budget()
+    with pytest.raises(ValueError, match="out of range"):
+        Budget(cr=0.5)
