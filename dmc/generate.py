@@ -65,11 +65,14 @@ def cut_at_stop(text: str, stop: list[str] | None) -> str:
 
 @torch.no_grad()
 def generate(model, tok, prompts: list[str], max_new_tokens: int = 64, temperature: float = 0.0,
-             top_p: float = 1.0, seed: int = 0, stop: list[str] | None = None) -> Generation:
-    """Batched generation (ragged prompts left-padded); ``stop`` strings end a sequence and are cut off."""
+             top_p: float = 1.0, seed: int = 0, stop: list[str] | None = None, cache=None) -> Generation:
+    """Batched generation (ragged prompts left-padded); ``stop`` strings end a sequence and are cut off.
+    DMC models get a fresh ``DMCCache``; ``cache`` passes another compressed cache (with ``num_slots``)."""
     batch = tok(prompts, return_tensors="pt", padding=True).to(model.device)
     dmc = getattr(model.config, "model_type", None) == "dmc_llama" and model.config.dmc_enabled
-    cache = DMCCache(model.config) if dmc else None
+    if cache is None and dmc:
+        cache = DMCCache(model.config)
+    dmc = cache is not None
     torch.manual_seed(seed)
     sample = temperature > 0
     out = model.generate(**batch, past_key_values=cache, max_new_tokens=max_new_tokens, do_sample=sample,

@@ -46,8 +46,11 @@ class CRMeter:
 
 
 class EvalModel:
+    """A model folder, optionally run under a baseline cache ``policy`` (``eval.policies``; vanilla Llama
+    folders only). DMC models and policies are "compressed": every call goes through their cache."""
+
     def __init__(self, path: str | Path, dtype: str = "float32", device: str = "cpu", batch_size: int = 4,
-                 max_length: int | None = None):
+                 max_length: int | None = None, policy=None):
         self.path = str(path)
         self.name = Path(path).name
         self.model, self.tok = load(path, dtype, device)
@@ -55,10 +58,30 @@ class EvalModel:
         self.batch_size = batch_size
         self.max_length = max_length or getattr(self.model.config, "max_position_embeddings", 2048)
         self.is_dmc = self.model.config.model_type == "dmc_llama" and self.model.config.dmc_enabled
+        self.policy = policy
+        if policy is not None:
+            if self.model.config.model_type != "llama":
+                raise ValueError(f"--policy runs on a vanilla Llama folder; {path} is {self.model.config.model_type!r}")
+            from .policies import apply_policy
+
+            apply_policy(self.model)
+            self.name = f"{self.name}+{policy.label}"
+        self.compressed = self.is_dmc or policy is not None
+
+    def new_cache(self):
+        """A fresh compressed cache (DMC or the policy's), or None for the vanilla model."""
+        if self.is_dmc:
+            return DMCCache(self.model.config)
+        if self.policy is not None:
+            from .policies import PolicyCache
+
+            return PolicyCache(self.model.config, self.policy)
+        return None
 
     def describe(self) -> dict:
         cfg = self.model.config
         info = {"path": self.path, "model_type": cfg.model_type, "dmc": self.is_dmc,
+                "policy": self.policy.label if self.policy is not None else None,
                 "parameters": sum(p.numel() for p in self.model.parameters())}
         if self.is_dmc:
             info["dmc_config"] = {k: v for k, v in cfg.to_dict().items() if k.startswith("dmc_")}
@@ -84,10 +107,10 @@ class EvalModel:
         ids = torch.tensor([[pad] * (T - len(s)) + s for s in seqs], device=self.device)
         mask = torch.tensor([[0] * (T - len(s)) + [1] * len(s) for s in seqs], device=self.device)
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
-        cache = DMCCache(self.model.config) if self.is_dmc else None
+        cache = self.new_cache()
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
-                         use_cache=self.is_dmc, logits_to_keep=keep)
-        counts = cache_counts(cache, mask.sum(-1)) if self.is_dmc else [None] * len(seqs)
+                         use_cache=self.compressed, logits_to_keep=keep)
+        counts = cache_counts(cache, mask.sum(-1)) if self.compressed else [None] * len(seqs)
         return out.logits.float(), counts
 
     def _fit(self, ctx: list[int], cont: list[int]) -> list[int]:
@@ -154,7 +177,7 @@ class EvalModel:
         for start in range(0, len(prompts), self.batch_size):
             chunk = prompts[start : start + self.batch_size]
             gen = generate(self.model, self.tok, chunk, max_new_tokens, temperature=temperature, seed=seed + start,
-                           stop=stop)
+                           stop=stop, cache=self.new_cache())
             texts += gen.texts
             counts += cache_counts(gen.cache, gen.tokens_seen) if gen.cache is not None else [None] * len(chunk)
         return texts, counts

@@ -52,7 +52,7 @@ class DMCLM(LM):
     def _count(self, counts, what: str) -> None:
         for c in counts:
             self.meter.add(c)
-        if self.lm.is_dmc:
+        if self.lm.compressed:
             log.info("dmc: %s ran at realised CR %.3f (all requests so far)", what, self.meter.summary()["realised_cr"])
 
     def loglikelihood(self, requests, disable_tqdm: bool = False):

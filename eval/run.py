@@ -33,6 +33,11 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=None)
+    g = ap.add_argument_group("baseline cache policies (vanilla Llama folders)")
+    g.add_argument("--policy", default=None, help="run the models under a training-free cache policy: "
+                   "streaming_llm, tova, h2o")
+    g.add_argument("--budget-cr", type=float, default=None, help="policy budget: ceil(tokens / CR) slots")
+    g.add_argument("--budget-tokens", type=int, default=None, help="policy budget: a fixed number of slots")
     g = ap.add_argument_group("ppl")
     g.add_argument("--ppl-source", default="stdlib", help="'stdlib' (held-out files) or 'files:GLOB'")
     g.add_argument("--ppl-block", type=int, default=512, help="tokens per block")
@@ -70,6 +75,7 @@ def evaluate(opts: argparse.Namespace, command: str) -> dict:
     for flag, ok, want in checks:
         if not ok:
             raise TaskError(f"{flag}: use {want}")
+    policy = make_policy(opts)
     out = Path(opts.out)
     out.mkdir(parents=True, exist_ok=True)
     dtype = opts.dtype or ("bfloat16" if opts.device.startswith("cuda") else "float32")
@@ -80,8 +86,8 @@ def evaluate(opts: argparse.Namespace, command: str) -> dict:
                             "python": platform.python_version()}, "device": opts.device, "dtype": dtype}
     for path in opts.models:
         try:
-            model = EvalModel(path, dtype, opts.device, opts.batch_size)
-        except ModelFolderError as err:
+            model = EvalModel(path, dtype, opts.device, opts.batch_size, policy=policy)
+        except (ModelFolderError, ValueError) as err:
             raise TaskError(str(err)) from err
         entry = {**model.describe(), "tasks": {}, "seconds": {}}
         if model.name in results["models"]:
@@ -97,6 +103,21 @@ def evaluate(opts: argparse.Namespace, command: str) -> dict:
     write_json(out / "results.json", results)
     (out / "report.md").write_text(markdown(results))
     return results
+
+
+def make_policy(opts):
+    if opts.policy is None:
+        if opts.budget_cr is not None or opts.budget_tokens is not None:
+            raise TaskError("--budget-cr/--budget-tokens go with --policy NAME")
+        return None
+    from .policies import POLICIES, Budget
+
+    if opts.policy not in POLICIES:
+        raise TaskError(f"unknown policy {opts.policy!r}; choose from {', '.join(sorted(POLICIES))}")
+    try:
+        return POLICIES[opts.policy](Budget(cr=opts.budget_cr, tokens=opts.budget_tokens))
+    except ValueError as err:
+        raise TaskError(f"--policy {opts.policy}: {err} (--budget-cr C or --budget-tokens N)") from err
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -102,3 +102,35 @@ def test_budget_is_validated():
         Budget()
     with pytest.raises(ValueError, match="out of range"):
         Budget(cr=0.5)
+
+
+def test_eval_runs_a_policy_through_its_cache(tmp_path):
+    """dmc eval --policy: log-likelihoods, generation and the CR meter go through the PolicyCache."""
+    from eval.lm import EvalModel
+    from tests.helpers import write_tiny_checkpoint
+
+    folder = write_tiny_checkpoint(tmp_path / "tiny")
+    lm = EvalModel(folder, batch_size=2, policy=H2O(Budget(cr=2)))
+    assert lm.name == "tiny+h2o@2x" and lm.compressed
+    pairs = [("def add(a, b):\n    return a", " + b"), ("import os\nimport", " sys")]
+    scores, counts = lm.loglikelihood(pairs)
+    for (ctx, cont), c in zip(pairs, counts):
+        n = sum(len(x) for x in lm.encode_pair(ctx, cont)) - 1
+        assert c["tokens"] == n and all(n - m == math.ceil(n / 2) for row in c["merges"] for m in row)
+    texts, gen_counts = lm.generate(["x = 1\n", "import sys\nprint("], 5)
+    assert len(texts) == 2 and all(c["tokens"] > 0 for c in gen_counts)
+    full = EvalModel(folder, batch_size=2, policy=H2O(Budget(cr=1)))
+    vanilla = EvalModel(folder, batch_size=2)
+    got = [score for score, _ in full.loglikelihood(pairs)[0]]
+    want = [score for score, _ in vanilla.loglikelihood(pairs)[0]]
+    assert got == pytest.approx(want, abs=1e-4)
+
+
+def test_eval_cli_refuses_bad_policy_options(tmp_path):
+    from eval.run import main
+
+    for argv, msg in [(["--policy", "lru", "--budget-cr", "2"], "unknown policy 'lru'"),
+                      (["--policy", "h2o"], "either cr"), (["--budget-cr", "2"], "go with --policy")]:
+        with pytest.raises(SystemExit) as e:
+            main([str(tmp_path), "--out", str(tmp_path / "o"), *argv])
+        assert msg in str(e.value.code)

@@ -47,6 +47,11 @@ class Policy:
     def __init__(self, budget: Budget):
         self.budget = budget
 
+    @property
+    def label(self) -> str:
+        b = self.budget
+        return f"{self.name}@{b.cr:g}x" if b.cr is not None else f"{self.name}@{b.tokens}tok"
+
     def observe(self, layer: "PolicyLayer", probs: torch.Tensor) -> None:
         """probs (num_blocks, block_size): this step's attention per pool slot (group mean)."""
 
