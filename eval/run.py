@@ -35,7 +35,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--threads", type=int, default=None)
     g = ap.add_argument_group("baseline cache policies (vanilla Llama folders)")
     g.add_argument("--policy", default=None, help="run the models under a training-free cache policy: "
-                   "streaming_llm, tova, h2o")
+                   "streaming_llm, tova, h2o, scissorhands, snapkv")
     g.add_argument("--budget-cr", type=float, default=None, help="policy budget: ceil(tokens / CR) slots")
     g.add_argument("--budget-tokens", type=int, default=None, help="policy budget: a fixed number of slots")
     g = ap.add_argument_group("ppl")

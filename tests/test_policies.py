@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from eval.policies import H2O, POLICIES, TOVA, Budget, PolicyCache, StreamingLLM, apply_policy
+from eval.policies import H2O, POLICIES, TOVA, Budget, PolicyCache, Scissorhands, SnapKV, StreamingLLM, apply_policy
 from eval.policies.base import PolicyLayer
 from tests.helpers import random_ids, tiny_llama
 
@@ -76,7 +76,7 @@ def _drive(policy, steps, heavy=(), H=2, D=4, block=3):
         layer.append(torch.randn(1, H, D), torch.randn(1, H, D), torch.ones(1, dtype=torch.bool))
         pos = layer.pos_pool
         probs = torch.where(torch.isin(pos, torch.tensor(list(heavy) + [t])), 1.0, 0.01)
-        layer.policy.observe(layer, probs)
+        layer.observe(probs)
         layer.enforce()
     view = layer.pair_view(layer.pos_pool, -1)[0]
     return [sorted(x for x in row.tolist() if x >= 0) for row in view]
@@ -95,6 +95,32 @@ def test_h2o_keeps_heavy_hitters_and_the_recent_half():
 def test_tova_keeps_what_the_current_query_attends_to():
     kept = _drive(TOVA(Budget(tokens=4)), 15, heavy=(1, 7, 9))
     assert kept == [[1, 7, 9, 14]] * 2
+
+
+def test_scissorhands_drops_the_tokens_most_often_below_a_uniform_share():
+    kept = _drive(Scissorhands(Budget(tokens=6), history=32, recent=2), 20, heavy=(2, 5, 11))
+    assert kept == [[2, 5, 11, 17, 18, 19]] * 2  # 17 was low-attention twice, older tokens more often
+
+
+def test_snapkv_keeps_the_observation_window_and_what_it_attends_to():
+    kept = _drive(SnapKV(Budget(tokens=5), window=2, kernel=1), 20, heavy=(2, 5, 11))
+    assert kept == [[2, 5, 11, 18, 19]] * 2
+
+
+def test_snapkv_pooling_favours_neighbours_of_attended_tokens():
+    """The least attended token (position 1) sits next to the most attended one (position 0): without
+    pooling it is dropped, with pooling over 3 positions its neighbourhood keeps it and position 2 goes."""
+    weights = torch.tensor([1.0, 0.05, 0.3, 0.3, 0.1, 0.3])
+    dropped = {}
+    for kernel in (1, 3):
+        policy = SnapKV(Budget(tokens=5), window=1, kernel=kernel)
+        layer = PolicyLayer(1, 4, 4, policy)
+        for _ in range(6):
+            layer.append(torch.randn(1, 1, 4), torch.randn(1, 1, 4), torch.ones(1, dtype=torch.bool))
+        layer.hist_pool[..., 0] = weights[layer.pos_pool]
+        slot = policy.choose(layer, torch.ones(1, 1, dtype=torch.bool))
+        dropped[kernel] = int(layer.pair_view(layer.pos_pool, -1)[0, 0, slot[0, 0]])
+    assert dropped == {1: 1, 3: 2}
 
 
 def test_budget_is_validated():

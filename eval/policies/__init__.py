@@ -2,10 +2,12 @@
 
 from .base import Budget, Policy, PolicyCache, PolicyLlamaAttention, apply_policy
 from .h2o import H2O
+from .scissorhands import Scissorhands
+from .snapkv import SnapKV
 from .streaming_llm import StreamingLLM
 from .tova import TOVA
 
-POLICIES = {"streaming_llm": StreamingLLM, "tova": TOVA, "h2o": H2O}
+POLICIES = {"streaming_llm": StreamingLLM, "tova": TOVA, "h2o": H2O, "scissorhands": Scissorhands, "snapkv": SnapKV}
 
 __all__ = ["Budget", "Policy", "PolicyCache", "PolicyLlamaAttention", "apply_policy", "POLICIES", "H2O",
-           "StreamingLLM", "TOVA"]
+           "Scissorhands", "SnapKV", "StreamingLLM", "TOVA"]

@@ -43,6 +43,7 @@ class Policy:
     over budget, the slot (index into that pair's slot list) to evict."""
 
     name = "policy"
+    history = 0  # > 0: keep each slot's attention over the last ``history`` steps (``hist_pool``; -1 = unseen)
 
     def __init__(self, budget: Budget):
         self.budget = budget
@@ -74,7 +75,9 @@ class PolicyLayer(PagedSlots, CacheLayerMixin):
         self._init_pool(batch, dtype, device)
         self.pos_pool = torch.zeros(0, self.block_size, dtype=torch.long, device=device)
         self.score_pool = torch.zeros(0, self.block_size, dtype=torch.float32, device=device)
+        self.hist_pool = torch.zeros(0, self.block_size, self.policy.history, dtype=torch.float32, device=device)
         self.seen = torch.zeros(batch, dtype=torch.long, device=device)
+        self.steps = 0  # attention observations so far (indexes the history ring)
         self.is_initialized = True
 
     def lazy_initialization(self, key_states, value_states) -> None:
@@ -83,20 +86,31 @@ class PolicyLayer(PagedSlots, CacheLayerMixin):
     def _ensure_blocks(self, extra: int) -> None:
         super()._ensure_blocks(extra)
         grow = self.k_pool.shape[0] - self.pos_pool.shape[0]
-        if grow > 0:  # per-slot position and score live beside the keys, block for block
+        if grow > 0:  # per-slot position, score and attention history live beside the keys, block for block
             self.pos_pool = torch.cat([self.pos_pool, self.pos_pool.new_zeros(grow, self.block_size)])
             self.score_pool = torch.cat([self.score_pool, self.score_pool.new_zeros(grow, self.block_size)])
+            self.hist_pool = torch.cat([self.hist_pool, self.hist_pool.new_zeros(grow, *self.hist_pool.shape[1:])])
+
+    def observe(self, probs: torch.Tensor) -> None:
+        """This step's attention per pool slot: the policy's own scores, then the history ring (policies
+        with ``history``)."""
+        self.policy.observe(self, probs)
+        if self.policy.history:
+            self.hist_pool[..., self.steps % self.policy.history] = probs
+        self.steps += 1
 
     def _where(self, b, h, slot):
         return self.block_table[b, h, slot // self.block_size], slot % self.block_size
 
     def pair_view(self, pool: torch.Tensor, fill) -> torch.Tensor:
-        """(B, H_kv, max slots) view of a per-slot pool; dead slots hold ``fill``."""
+        """(B, H_kv, max slots, *extra) view of a per-slot pool (blocks, block_size, *extra); dead slots hold
+        ``fill``."""
         S = max(1, int(self.lens.max()))
         n_blocks = -(-S // self.block_size)
         table = self.block_table[..., :n_blocks].clamp(min=0)
-        view = pool[table].flatten(-2)[..., :S]
+        view = pool[table].flatten(2, 3)[:, :, :S]
         live = torch.arange(S, device=pool.device) < self.lens[..., None]
+        live = live.view(*live.shape, *[1] * (pool.dim() - 2))
         return torch.where(live, view, torch.as_tensor(fill, dtype=pool.dtype, device=pool.device))
 
     def append(self, keys, values, valid) -> None:
@@ -113,6 +127,7 @@ class PolicyLayer(PagedSlots, CacheLayerMixin):
         blk, off = self._where(b, h, slot[b, h])
         self.pos_pool[blk, off] = self.seen[b]
         self.score_pool[blk, off] = 0
+        self.hist_pool[blk, off] = -1  # not yet observed
         self.lens = self.lens + live.long()
         self.seen = self.seen + valid.long()
 
@@ -125,7 +140,7 @@ class PolicyLayer(PagedSlots, CacheLayerMixin):
         last = self.lens[b, h] - 1
         dst, dst_off = self._where(b, h, slot[b, h])
         src, src_off = self._where(b, h, last)
-        for pool in (self.k_pool, self.v_pool, self.pos_pool, self.score_pool):
+        for pool in (self.k_pool, self.v_pool, self.pos_pool, self.score_pool, self.hist_pool):
             pool[dst, dst_off] = pool[src, src_off]
             pool[src, src_off] = 0  # dead slots stay zero (finite) for the paged attention
         self.lens[b, h] = last
@@ -159,7 +174,8 @@ class PolicyLayer(PagedSlots, CacheLayerMixin):
     def reserved_bytes(self) -> int:
         if not self.is_initialized:
             return 0
-        return self.pool_bytes() + sum(t.numel() * t.element_size() for t in (self.pos_pool, self.score_pool))
+        meta = (self.pos_pool, self.score_pool, self.hist_pool)
+        return self.pool_bytes() + sum(t.numel() * t.element_size() for t in meta)
 
 
 class PolicyCache(Cache):
@@ -210,7 +226,7 @@ class PolicyLlamaAttention(LlamaAttention):
             layer.append(k[:, :, t], v[:, :, t], valid[:, t])
             out, probs = decode_attention_paged(q[:, :, t], layer.k_pool, layer.v_pool, layer.block_table, layer.lens,
                                                 self.scaling, return_slot_probs=True)
-            layer.policy.observe(layer, probs)
+            layer.observe(probs)
             layer.enforce()
             outs.append(out)
         layer.seen_tokens += T
