@@ -20,6 +20,8 @@ def main(argv: list[str] | None = None) -> None:
                    add_help=False)
     sub.add_parser("eval", help="ppl, MMLU, HumanEval, needle, speed for vanilla and DMC folders; see `dmc eval --help`",
                    add_help=False)
+    sub.add_parser("compare", help="vanilla vs DMC vs training-free policies at matched CR; see `dmc compare --help`",
+                   add_help=False)
     sub.add_parser("lm-eval", help="lm-evaluation-harness with the `dmc` model registered: dmc lm-eval --model dmc "
                    "--model_args pretrained=DIR --tasks ...", add_help=False)
     bench = sub.add_parser("bench-core", help="training-step and prefill speed of DMC versus vanilla")
@@ -47,6 +49,10 @@ def main(argv: list[str] | None = None) -> None:
         from eval.run import main as eval_main
 
         return eval_main(argv[1:])
+    if argv[:1] == ["compare"]:
+        from eval.compare import main as compare_main
+
+        return compare_main(argv[1:])
     if argv[:1] == ["lm-eval"]:
         try:
             import eval.lm_eval_adapter  # noqa: F401  (registers the `dmc` model)

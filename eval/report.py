@@ -55,11 +55,19 @@ def markdown(results: dict) -> str:
     return "\n".join(lines)
 
 
+def family(name: str, model: dict) -> str:
+    """Legend group: the policy name, "DMC" for DMC folders, "vanilla" otherwise."""
+    if model.get("policy"):
+        return model["policy"].split("@")[0]
+    return "DMC" if model.get("dmc") else "vanilla"
+
+
 def plots(results: dict, out: Path) -> list[str]:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker  # noqa: F401
 
     written = []
     models = results["models"]
@@ -67,11 +75,19 @@ def plots(results: dict, out: Path) -> list[str]:
         pts = [(n, m["tasks"][task]) for n, m in models.items() if task in m["tasks"]]
         if len(pts) < 2:
             continue
-        fig, ax = plt.subplots(figsize=(5, 3.5))
+        fig, ax = plt.subplots(figsize=(6, 4))
+        families: dict = {}
         for name, r in pts:
-            ax.scatter(r.get("realised_cr", 1.0), r[key])
-            ax.annotate(name, (r.get("realised_cr", 1.0), r[key]), fontsize=7, xytext=(3, 3), textcoords="offset points")
-        ax.set(xlabel="realised compression ratio", ylabel=key, title=f"{task}: {key} vs CR")
+            families.setdefault(family(name, models[name]), []).append((r.get("realised_cr", 1.0), r[key], name))
+        for fam, xs in families.items():
+            xs.sort()
+            ax.plot([x for x, _, _ in xs], [y for _, y, _ in xs], marker="o", label=fam)
+            if fam.startswith("DMC"):
+                for x, y, name in xs:
+                    ax.annotate(name, (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
+        ax.set(xlabel="realised compression ratio", ylabel=key, title=f"{task}: {key} vs CR", xscale="log", xticks=[1, 2, 4, 8])
+        ax.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        ax.legend(fontsize=7)
         fig.tight_layout()
         fig.savefig(out / f"{task}_vs_cr.png", dpi=120)
         plt.close(fig)

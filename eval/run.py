@@ -59,7 +59,9 @@ def parser() -> argparse.ArgumentParser:
     return ap
 
 
-def evaluate(opts: argparse.Namespace, command: str) -> dict:
+def evaluate(opts: argparse.Namespace, command: str, variants: list | None = None) -> dict:
+    """Run ``opts.tasks`` on every (model folder, policy or None) in ``variants`` (default: every
+    ``opts.models`` under ``--policy``, if any)."""
     from dmc.generate import ModelFolderError
 
     from .lm import EvalModel
@@ -75,7 +77,9 @@ def evaluate(opts: argparse.Namespace, command: str) -> dict:
     for flag, ok, want in checks:
         if not ok:
             raise TaskError(f"{flag}: use {want}")
-    policy = make_policy(opts)
+    if variants is None:
+        policy = make_policy(opts)
+        variants = [(path, policy) for path in opts.models]
     out = Path(opts.out)
     out.mkdir(parents=True, exist_ok=True)
     dtype = opts.dtype or ("bfloat16" if opts.device.startswith("cuda") else "float32")
@@ -84,7 +88,7 @@ def evaluate(opts: argparse.Namespace, command: str) -> dict:
     results = {"command": command, "tasks": opts.tasks, "models": {}, "settings": {k: v for k, v in vars(opts).items()},
                "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                             "python": platform.python_version()}, "device": opts.device, "dtype": dtype}
-    for path in opts.models:
+    for path, policy in variants:
         try:
             model = EvalModel(path, dtype, opts.device, opts.batch_size, policy=policy)
         except (ModelFolderError, ValueError) as err:

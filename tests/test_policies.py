@@ -160,3 +160,30 @@ def test_eval_cli_refuses_bad_policy_options(tmp_path):
         with pytest.raises(SystemExit) as e:
             main([str(tmp_path), "--out", str(tmp_path / "o"), *argv])
         assert msg in str(e.value.code)
+
+
+def test_dmc_compare_runs_vanilla_dmc_and_policies_in_one_table(tmp_path):
+    import json
+
+    import transformers
+
+    import dmc
+    from dmc.export import save_folder
+    from eval.compare import main
+    from tests.helpers import drive_mixed_decisions, write_tiny_checkpoint
+
+    vanilla = write_tiny_checkpoint(tmp_path / "tiny")
+    model = dmc.retrofit(transformers.AutoModelForCausalLM.from_pretrained(vanilla), dmc.DMCConfig()).eval()
+    drive_mixed_decisions(model)
+    dmc_dir = save_folder(model, tmp_path / "tiny-dmc", vanilla, dtype="float32")
+    out = tmp_path / "cmp"
+    main([str(vanilla), "--dmc", str(dmc_dir), "--policies", "h2o", "streaming_llm", "--crs", "2", "4",
+          "--tasks", "ppl", "--ppl-blocks", "2", "--ppl-block", "24", "--out", str(out)])
+    results = json.loads((out / "results.json").read_text())["models"]
+    assert sorted(results) == sorted(["tiny", "tiny-dmc", "tiny+h2o@2x", "tiny+h2o@4x", "tiny+streaming_llm@2x",
+                                      "tiny+streaming_llm@4x"])
+    assert results["tiny+h2o@4x"]["tasks"]["ppl"]["realised_cr"] == pytest.approx(4, rel=0.1)
+    assert (out / "ppl_vs_cr.png").exists() and "tiny+streaming_llm@2x" in (out / "report.md").read_text()
+    with pytest.raises(SystemExit) as e:
+        main([str(vanilla), "--policies", "lru", "--out", str(out)])
+    assert "unknown policy 'lru'" in str(e.value.code)
