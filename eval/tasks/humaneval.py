@@ -53,13 +53,14 @@ def run(model, opts, folder) -> dict:
             samples = texts[j * n : (j + 1) * n]
             results = [run_untrusted(program(problems[tid], s), limits) for s in samples]
             out.append({"completions": samples, "status": [r.status for r in results],
-                        "counts": counts[j * n]})
+                        "counts": counts[j * n : (j + 1) * n]})
         return out
 
     values = run_items(store, items, max(1, model.batch_size // n), compute, f"{model.name} humaneval")
     meter = CRMeter()
     for v in values.values():
-        meter.add(v["counts"])
+        for c in v["counts"] if isinstance(v["counts"], list) else [v["counts"]]:  # one per sample
+            meter.add(c)
     passed = [sum(s == "passed" for s in v["status"]) for v in values.values()]
     scores = {f"pass@{k}": float(np.mean([pass_at_k(n, c, k) for c in passed])) for k in (1, 10, 100) if k <= n}
     return {**scores, "problems": len(values), "samples_per_problem": n, "temperature": temperature,
