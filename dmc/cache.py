@@ -122,16 +122,47 @@ class PagedSlots:
         return 2 * self.k_pool.numel() * self.k_pool.element_size() if getattr(self, "is_initialized", False) else 0
 
 
-class DMCLayer(PagedSlots, CacheLayerMixin):
+class SlotCacheLayer(PagedSlots, CacheLayerMixin):
+    """A transformers cache layer over paged slots, filled by its own attention code, never by ``update``.
+    Subclasses define ``_init_state`` and ``update_hint`` (what to do instead of a plain update)."""
+
     is_compileable = False
     is_sliding = False
     supports_early_init = False
+    update_hint = ""
 
-    def __init__(self, num_kv_heads: int, head_dim: int, block_size: int, window: int | None):
+    def __init__(self, num_kv_heads: int, head_dim: int, block_size: int):
         PagedSlots.__init__(self, num_kv_heads, head_dim, block_size)
         CacheLayerMixin.__init__(self)
-        self.window = window
         self.seen_tokens = 0
+
+    def lazy_initialization(self, key_states, value_states) -> None:
+        self._init_state(key_states.shape[0], key_states.dtype, key_states.device)
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        raise DMCCacheError(self.update_hint)
+
+    def get_seq_length(self) -> int:
+        return self.seen_tokens
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.seen_tokens + query_length, 0
+
+    def reset(self) -> None:
+        self.is_initialized = False
+        self.seen_tokens = 0
+
+
+class DMCLayer(SlotCacheLayer):
+    update_hint = ("DMCCache is filled by DMC attention layers (prefill/step); it cannot take plain key/value "
+                   "updates. Use it with a dmc_llama model, or a DynamicCache with a vanilla Llama.")
+
+    def __init__(self, num_kv_heads: int, head_dim: int, block_size: int, window: int | None):
+        super().__init__(num_kv_heads, head_dim, block_size)
+        self.window = window
 
     # ---- allocation ------------------------------------------------------------------------------
     def _init_state(self, batch: int, dtype, device) -> None:
@@ -149,9 +180,6 @@ class DMCLayer(PagedSlots, CacheLayerMixin):
             self.ring_w = torch.zeros(batch, H, W, dtype=sd, device=device)
             self.seg_len = torch.zeros(batch, H, dtype=torch.long, device=device)
         self.is_initialized = True
-
-    def lazy_initialization(self, key_states, value_states) -> None:
-        self._init_state(key_states.shape[0], key_states.dtype, key_states.device)
 
     # ---- the two ways in: one-pass prefill and one token at a time -----------------------------------
     def prefill(self, k_bar_rot, v_bar, k_pre, v, omega, k_sum, v_sum, w_sum, alpha, valid) -> None:
@@ -236,26 +264,7 @@ class DMCLayer(PagedSlots, CacheLayerMixin):
         self._write(b, h, slot[b, h], key[b, h], val[b, h])
         self.started = self.started | valid
 
-    # ---- transformers Cache API -------------------------------------------------------------------
-    def update(self, key_states, value_states, *args, **kwargs):
-        raise DMCCacheError(
-            "DMCCache is filled by DMC attention layers (prefill/step); it cannot take plain key/value "
-            "updates. Use it with a dmc_llama model, or a DynamicCache with a vanilla Llama."
-        )
-
-    def get_seq_length(self) -> int:
-        return self.seen_tokens
-
-    def get_max_length(self) -> int:
-        return -1
-
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.seen_tokens + query_length, 0
-
-    def reset(self) -> None:
-        self.is_initialized = False
-        self.seen_tokens = 0
-
+    # ---- transformers Cache API (beyond SlotCacheLayer) ----------------------------------------------
     def select_rows(self, index: torch.Tensor) -> None:
         """Keep/reorder/repeat sequences (beam search, num_return_sequences); blocks are copied, never shared."""
         if not self.is_initialized:

@@ -21,7 +21,7 @@ def _fmt(v) -> str:
 
 def markdown(results: dict) -> str:
     models = results["models"]
-    lines = [f"# dmc eval report\n", f"Command: `{results['command']}`\n"]
+    lines = ["# dmc eval report\n", f"Command: `{results['command']}`\n"]
     tasks = [t for t in results["tasks"] if t != "speed"]
     for task in tasks:
         rows = [(name, m["tasks"][task]) for name, m in models.items() if task in m["tasks"]]

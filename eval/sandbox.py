@@ -161,20 +161,25 @@ def _kill_group(proc: subprocess.Popen) -> None:
     proc.wait()
 
 
+def processes_naming(mark: str) -> list[int]:
+    """Processes whose command line contains ``mark`` (a sandbox program's command line names its box)."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if mark.encode() in f.read():
+                    found.append(int(pid))
+        except OSError:
+            continue
+    return found
+
+
 def _reap(box: str, patience_s: float = 10.0) -> None:
     """Kill and wait out every process still running this sandbox's program (their command lines name the
     box): a process that left the session, or the tail of a PID namespace being torn down."""
-    mark = box.encode()
     deadline = time.monotonic() + patience_s
     while True:
-        alive = []
-        for pid in filter(str.isdigit, os.listdir("/proc")):
-            try:
-                with open(f"/proc/{pid}/cmdline", "rb") as f:
-                    if mark in f.read():
-                        alive.append(int(pid))
-            except OSError:
-                continue
+        alive = processes_naming(box)
         if not alive or time.monotonic() > deadline:
             return
         for pid in alive:

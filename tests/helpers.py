@@ -49,6 +49,18 @@ def random_ids(batch: int, length: int, seed: int = 0) -> torch.Tensor:
     return torch.randint(3, VOCAB, (batch, length), generator=g)
 
 
+def left_padded_rows(lengths: list[int]):
+    """Random rows of the given lengths, left-padded into one batch: (rows, ids, mask, position_ids), with
+    positions as generate() makes them (each row's first real token at 0)."""
+    T = max(lengths)
+    rows = [random_ids(1, n, seed=i)[0] for i, n in enumerate(lengths)]
+    ids = torch.zeros(len(rows), T, dtype=torch.long)
+    mask = torch.zeros(len(rows), T, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, T - len(r):], mask[i, T - len(r):] = r, 1
+    return rows, ids, mask, (mask.cumsum(-1) - 1).clamp(min=0)
+
+
 SMOLLM2 = __import__("pathlib").Path(__file__).resolve().parent.parent / "checkpoints" / "smollm2-135m"
 
 

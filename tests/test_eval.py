@@ -13,7 +13,7 @@ from dmc.export import save_folder
 from eval.lm import EvalModel
 from eval.run import main as eval_main
 from eval.run import parser
-from eval.tasks import TaskError, mmlu
+from eval.tasks import mmlu
 from eval.tasks.humaneval import pass_at_k
 from tests.helpers import SMOLLM2, drive_mixed_decisions, write_tiny_checkpoint
 

@@ -5,7 +5,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 import dmc
-from tests.helpers import drive_mixed_decisions, mixed_dmc, random_ids, tiny_llama
+from tests.helpers import drive_mixed_decisions, left_padded_rows, mixed_dmc, random_ids, tiny_llama
 
 KINDS = ["mha", "gqa"]
 
@@ -123,13 +123,8 @@ def test_multi_token_chunk_after_prefill():
 def test_left_padded_batch(kind, window):
     model = mixed_dmc(kind, window)
     lengths = [17, 9, 1]
+    rows, ids, mask, pos = left_padded_rows(lengths)
     T = max(lengths)
-    rows = [random_ids(1, n, seed=i)[0] for i, n in enumerate(lengths)]
-    ids = torch.zeros(len(rows), T, dtype=torch.long)
-    mask = torch.zeros(len(rows), T, dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, T - len(r):], mask[i, T - len(r):] = r, 1
-    pos = (mask.cumsum(-1) - 1).clamp(min=0)  # as generate() does: each row's first real token at 0
     with torch.no_grad():
         padded = model(ids, attention_mask=mask, position_ids=pos, use_cache=False).logits
         for i, r in enumerate(rows):  # each row alone, unpadded

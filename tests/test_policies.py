@@ -8,7 +8,7 @@ import torch
 
 from eval.policies import H2O, POLICIES, TOVA, Budget, PolicyCache, Scissorhands, SnapKV, StreamingLLM, apply_policy
 from eval.policies.base import PolicyLayer
-from tests.helpers import random_ids, tiny_llama
+from tests.helpers import left_padded_rows, random_ids, tiny_llama
 
 
 def _model(kind="gqa", dtype=torch.float64):
@@ -49,13 +49,8 @@ def test_realised_cache_size_is_the_budget(name, budget, expect):
 def test_ragged_gqa_batch_rows_equal_each_row_alone(name):
     model = _model("gqa")
     lengths = [23, 11, 1]
+    rows, ids, mask, pos = left_padded_rows(lengths)
     T = max(lengths)
-    rows = [random_ids(1, n, seed=i)[0] for i, n in enumerate(lengths)]
-    ids = torch.zeros(len(rows), T, dtype=torch.long)
-    mask = torch.zeros(len(rows), T, dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, T - len(r):], mask[i, T - len(r):] = r, 1
-    pos = (mask.cumsum(-1) - 1).clamp(min=0)
     policy = POLICIES[name](Budget(cr=3))
     with torch.no_grad():
         cache = PolicyCache(model.config, policy, block_size=4)

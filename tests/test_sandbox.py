@@ -1,12 +1,11 @@
 """The HumanEval sandbox: hostile programs neither hang the evaluation nor reach outside their box."""
 
-import os
 import socket
 import time
 
 import pytest
 
-from eval.sandbox import Limits, isolation, run_untrusted
+from eval.sandbox import Limits, isolation, processes_naming, run_untrusted
 
 FAST = Limits(timeout_s=3, cpu_s=3)
 needs_namespaces = pytest.mark.skipif("namespaces" not in isolation(),
@@ -14,15 +13,7 @@ needs_namespaces = pytest.mark.skipif("namespaces" not in isolation(),
 
 
 def _sandbox_processes() -> list[int]:
-    found = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                if b"dmc-sandbox-" in f.read():
-                    found.append(int(pid))
-        except OSError:
-            pass
-    return found
+    return processes_naming("dmc-sandbox-")
 
 
 def test_pass_and_fail_are_told_apart():

@@ -13,10 +13,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from transformers.cache_utils import Cache, CacheLayerMixin
+from transformers.cache_utils import Cache
 from transformers.models.llama.modeling_llama import LlamaAttention, apply_rotary_pos_emb
 
-from dmc.cache import PagedSlots
+from dmc.cache import SlotCacheLayer
 from dmc.ops.decode_attention import decode_attention_paged
 
 
@@ -60,16 +60,12 @@ class Policy:
         raise NotImplementedError
 
 
-class PolicyLayer(PagedSlots, CacheLayerMixin):
-    is_compileable = False
-    is_sliding = False
-    supports_early_init = False
+class PolicyLayer(SlotCacheLayer):
+    update_hint = "PolicyCache is filled by PolicyLlamaAttention; run apply_policy(model) first"
 
     def __init__(self, num_kv_heads: int, head_dim: int, block_size: int, policy: Policy):
-        PagedSlots.__init__(self, num_kv_heads, head_dim, block_size)
-        CacheLayerMixin.__init__(self)
+        super().__init__(num_kv_heads, head_dim, block_size)
         self.policy = policy
-        self.seen_tokens = 0
 
     def _init_state(self, batch: int, dtype, device) -> None:
         self._init_pool(batch, dtype, device)
@@ -79,9 +75,6 @@ class PolicyLayer(PagedSlots, CacheLayerMixin):
         self.seen = torch.zeros(batch, dtype=torch.long, device=device)
         self.steps = 0  # attention observations so far (indexes the history ring)
         self.is_initialized = True
-
-    def lazy_initialization(self, key_states, value_states) -> None:
-        self._init_state(key_states.shape[0], key_states.dtype, key_states.device)
 
     def _ensure_blocks(self, extra: int) -> None:
         super()._ensure_blocks(extra)
@@ -112,6 +105,10 @@ class PolicyLayer(PagedSlots, CacheLayerMixin):
         live = torch.arange(S, device=pool.device) < self.lens[..., None]
         live = live.view(*live.shape, *[1] * (pool.dim() - 2))
         return torch.where(live, view, torch.as_tensor(fill, dtype=pool.dtype, device=pool.device))
+
+    def oldest_slot(self) -> torch.Tensor:
+        """(B, H_kv) index of each pair's slot with the smallest position (the fallback eviction)."""
+        return self.pair_view(self.pos_pool, torch.iinfo(torch.long).max).argmin(-1)
 
     def append(self, keys, values, valid) -> None:
         """keys, values (B, H_kv, D) rotated; valid (B,) False for left padding. A slot remembers its
@@ -153,23 +150,6 @@ class PolicyLayer(PagedSlots, CacheLayerMixin):
         while bool(over.any()):
             self.evict(over, self.policy.choose(self, over))
             over = self.lens > allowed
-
-    # ---- transformers Cache API -------------------------------------------------------------------
-    def update(self, key_states, value_states, *args, **kwargs):
-        raise RuntimeError("PolicyCache is filled by PolicyLlamaAttention; run apply_policy(model, policy) first")
-
-    def get_seq_length(self) -> int:
-        return self.seen_tokens
-
-    def get_max_length(self) -> int:
-        return -1
-
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.seen_tokens + query_length, 0
-
-    def reset(self) -> None:
-        self.is_initialized = False
-        self.seen_tokens = 0
 
     def reserved_bytes(self) -> int:
         if not self.is_initialized:

@@ -25,5 +25,4 @@ class H2O(Policy):
         recent = (self.budget.slots(layer.seen).double() * self.recent_fraction).long()[:, None, None]
         protected = (pos >= (layer.seen[:, None, None] - recent)) | (pos < 0)
         choice = torch.where(protected, float("inf"), score).argmin(-1)
-        oldest = torch.where(pos < 0, torch.iinfo(torch.long).max, pos).argmin(-1)
-        return torch.where(protected.all(-1), oldest, choice)  # a budget all recent: drop the oldest
+        return torch.where(protected.all(-1), layer.oldest_slot(), choice)  # a budget all recent: drop the oldest

@@ -31,5 +31,4 @@ class Scissorhands(Policy):
         protected = (pos >= seen - self.recent) | (pos < 0)
         key = count + 0.5 * (1 - pos.float() / (seen.float() + 1))  # older first among equal counts
         choice = torch.where(protected, -1.0, key).argmax(-1)
-        oldest = torch.where(pos < 0, torch.iinfo(torch.long).max, pos).argmin(-1)
-        return torch.where(protected.all(-1), oldest, choice)
+        return torch.where(protected.all(-1), layer.oldest_slot(), choice)

@@ -37,5 +37,4 @@ class SnapKV(Policy):
         smooth = torch.empty_like(pooled).scatter_(-1, order, pooled)
         protected = (pos >= (layer.seen[:, None, None] - self.window)) | (pos == torch.iinfo(torch.long).max)
         choice = torch.where(protected, float("inf"), smooth).argmin(-1)
-        oldest = pos.argmin(-1)
-        return torch.where(protected.all(-1), oldest, choice)
+        return torch.where(protected.all(-1), layer.oldest_slot(), choice)

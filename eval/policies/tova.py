@@ -4,8 +4,6 @@ every KV head drops the same token, so their slot lists stay aligned)."""
 
 from __future__ import annotations
 
-import torch
-
 from .base import Policy
 
 
