@@ -15,6 +15,8 @@ def main(argv: list[str] | None = None) -> None:
     sub.add_parser("train", help="continued pretraining with DMC (Lightning); see `dmc train --help`", add_help=False)
     sub.add_parser("demo", help="retrofit SmolLM2-135M to ~2x on CPU and compare it with the vanilla model", add_help=False)
     sub.add_parser("export", help="training checkpoint -> self-contained HF folder; see `dmc export --help`", add_help=False)
+    sub.add_parser("gqa-convert", help="the GQA baseline's start: mean-pool a Llama's KV heads; see "
+                   "`dmc gqa-convert --help`", add_help=False)
     sub.add_parser("generate", help="generate with a DMC (or vanilla) HF folder; see `dmc generate --help`", add_help=False)
     sub.add_parser("bench", help="KV bytes, memory, prefill and decode speed: vanilla vs DMC; see `dmc bench --help`",
                    add_help=False)
@@ -61,6 +63,10 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(f"error: `dmc lm-eval` needs lm-evaluation-harness ({err.name} is missing): pip install 'dmc[eval]'")
         sys.argv = ["lm_eval", *argv[1:]]
         return cli_evaluate()
+    if argv[:1] == ["gqa-convert"]:
+        from .gqa import main as gqa_main
+
+        return gqa_main(argv[1:])
     if argv[:1] == ["generate"]:
         from .generate import main as generate_main
 

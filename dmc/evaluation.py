@@ -6,6 +6,7 @@ import math
 
 import torch
 
+from .gqa import kv_compression
 from .schedule import cr_from_merges
 
 
@@ -29,7 +30,9 @@ def perplexity_and_cr(model, blocks: torch.Tensor, batch_size: int = 4) -> dict:
             merges = m.sum(1).double() if merges is None else merges + m.sum(1).double()  # (L, H_kv)
             slots_total += int(out.dmc_tokens.sum())
     model.train(was_training)
-    result = {"perplexity": math.exp(nll / max(count, 1)), "tokens": count, "cr": 1.0, "cr_per_layer": []}
+    # a model without DMC outputs stores every token; a GQA-pooled one in fewer heads than its source
+    result = {"perplexity": math.exp(nll / max(count, 1)), "tokens": count, "cr": kv_compression(model.config),
+              "cr_per_layer": []}
     if merges is not None:
         cr = cr_from_merges(merges, slots_total)
         result["cr"], result["cr_per_layer"] = cr["cr"], cr["per_layer"].tolist()

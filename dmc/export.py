@@ -95,36 +95,32 @@ def _prepare_out(out: Path, overwrite: bool) -> Path:
     return tmp
 
 
-def save_folder(model, out: str | Path, tokenizer_source: str | Path | None = None, *, dtype: str = "bfloat16",
-                overwrite: bool = False, card: dict | None = None) -> Path:
-    """Write ``model`` (a ``DMCLlamaForCausalLM``) as a self-contained HF folder at ``out`` (atomically)."""
+def write_folder(model, out: str | Path, tokenizer_source: str | Path | None = None, *, dtype: str = "bfloat16",
+                 overwrite: bool = False, finish=None) -> Path:
+    """Write ``model`` as a HF folder at ``out``: safetensors weights in ``dtype``, config, tokenizer and
+    generation config, then ``finish(tmp_folder)`` for anything else. The folder is built under a
+    temporary name and renamed into place when complete, so ``out`` is never half-written."""
     from transformers import AutoTokenizer, GenerationConfig
 
-    if getattr(model.config, "model_type", None) != "dmc_llama":
-        raise ExportError(f"save_folder needs a DMC model (model_type 'dmc_llama'); got {model.config.model_type!r}")
-    if not hasattr(torch, dtype) or not isinstance(getattr(torch, dtype), torch.dtype):
+    if not isinstance(getattr(torch, dtype, None), torch.dtype):
         raise ExportError(f"--dtype {dtype!r} is not a torch dtype; use bfloat16, float16 or float32")
     out = Path(out)
     tmp = _prepare_out(out, overwrite)
     try:
-        model.fold_decision_adapters()  # same function, no extra parameters in the folder
         target = getattr(torch, dtype)
         state = {k: v.to(target) if v.is_floating_point() else v for k, v in model.state_dict().items()}
         model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
         config = json.loads((tmp / "config.json").read_text())
         config["dtype"] = dtype
-        config["auto_map"] = AUTO_MAP
-        config["architectures"] = ["DMCLlamaForCausalLM"]
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        for name, text in code_files().items():
-            (tmp / name).write_text(text)
         if tokenizer_source is not None:
             AutoTokenizer.from_pretrained(tokenizer_source).save_pretrained(tmp)
             try:
                 GenerationConfig.from_pretrained(tokenizer_source).save_pretrained(tmp)
             except OSError:  # the base folder has no generation config: derive one from the model config
                 GenerationConfig.from_model_config(model.config).save_pretrained(tmp)
-        (tmp / "README.md").write_text(model_card(model.config, card or {}))
+        if finish is not None:
+            finish(tmp)
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)
@@ -132,6 +128,25 @@ def save_folder(model, out: str | Path, tokenizer_source: str | Path | None = No
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def save_folder(model, out: str | Path, tokenizer_source: str | Path | None = None, *, dtype: str = "bfloat16",
+                overwrite: bool = False, card: dict | None = None) -> Path:
+    """Write ``model`` (a ``DMCLlamaForCausalLM``) as a self-contained HF folder at ``out`` (atomically)."""
+    if getattr(model.config, "model_type", None) != "dmc_llama":
+        raise ExportError(f"save_folder needs a DMC model (model_type 'dmc_llama'); got {model.config.model_type!r}")
+    model.fold_decision_adapters()  # same function, no extra parameters in the folder
+
+    def finish(tmp: Path) -> None:
+        config = json.loads((tmp / "config.json").read_text())
+        config["auto_map"] = AUTO_MAP
+        config["architectures"] = ["DMCLlamaForCausalLM"]
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        for name, text in code_files().items():
+            (tmp / name).write_text(text)
+        (tmp / "README.md").write_text(model_card(model.config, card or {}))
+
+    return write_folder(model, out, tokenizer_source, dtype=dtype, overwrite=overwrite, finish=finish)
 
 
 def model_card(config, info: dict) -> str:

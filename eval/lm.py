@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from dmc.cache import DMCCache
 from dmc.generate import generate, load
+from dmc.gqa import SOURCE_KV_HEADS, kv_compression
 from dmc.schedule import cr_from_merges
 
 
@@ -27,9 +28,10 @@ def cache_counts(cache: DMCCache, tokens: torch.Tensor) -> list[dict]:
 class CRMeter:
     """Sums per-sequence counts (from ``cache_counts``): realised CR overall, per layer and per head."""
 
-    def __init__(self):
+    def __init__(self, fixed_cr: float = 1.0):
         self.merges: torch.Tensor | None = None  # (L, H_kv)
         self.tokens = 0
+        self.fixed_cr = fixed_cr  # models without a compressing cache: 1, or a GQA model's KV-head ratio
 
     def add(self, counts: dict | None) -> None:
         if not counts:
@@ -40,7 +42,7 @@ class CRMeter:
 
     def summary(self) -> dict:
         if self.merges is None:
-            return {"realised_cr": 1.0}
+            return {"realised_cr": self.fixed_cr}
         cr = cr_from_merges(self.merges, self.tokens)
         return {"realised_cr": cr["cr"], "cr_per_layer": cr["per_layer"].tolist(), "cr_per_head": cr["per_head"].tolist()}
 
@@ -67,6 +69,10 @@ class EvalModel:
             apply_policy(self.model)
             self.name = f"{self.name}+{policy.label}"
         self.compressed = self.is_dmc or policy is not None
+        self.kv_cr = kv_compression(self.model.config)  # a GQA baseline's cache is smaller than its source's
+
+    def cr_meter(self) -> CRMeter:
+        return CRMeter(self.kv_cr)
 
     def new_cache(self):
         """A fresh compressed cache (DMC or the policy's), or None for the vanilla model."""
@@ -83,6 +89,8 @@ class EvalModel:
         info = {"path": self.path, "model_type": cfg.model_type, "dmc": self.is_dmc,
                 "policy": self.policy.label if self.policy is not None else None,
                 "parameters": sum(p.numel() for p in self.model.parameters())}
+        if self.kv_cr != 1.0:
+            info["gqa"] = {"source_kv_heads": getattr(cfg, SOURCE_KV_HEADS), "kv_heads": cfg.num_key_value_heads}
         if self.is_dmc:
             info["dmc_config"] = {k: v for k, v in cfg.to_dict().items() if k.startswith("dmc_")}
         return info

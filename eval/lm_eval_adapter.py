@@ -18,7 +18,7 @@ from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 from tqdm.auto import tqdm
 
-from .lm import CRMeter, EvalModel
+from .lm import EvalModel
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +35,7 @@ class DMCLM(LM):
         dtype = dtype or ("bfloat16" if str(device).startswith("cuda") else "float32")
         bs = 4 if batch_size in (None, "auto") else int(str(batch_size).split(":")[0])
         self.lm = EvalModel(pretrained, dtype, device, bs, int(max_length) if max_length else None)
-        self.meter = CRMeter()
+        self.meter = self.lm.cr_meter()
 
     @classmethod
     def create_from_arg_obj(cls, arg_dict, additional_config=None):
@@ -52,7 +52,7 @@ class DMCLM(LM):
     def _count(self, counts, what: str) -> None:
         for c in counts:
             self.meter.add(c)
-        if self.lm.compressed:
+        if self.lm.compressed or self.lm.kv_cr != 1.0:
             log.info("dmc: %s ran at realised CR %.3f (all requests so far)", what, self.meter.summary()["realised_cr"])
 
     def loglikelihood(self, requests, disable_tqdm: bool = False):

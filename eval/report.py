@@ -56,10 +56,10 @@ def markdown(results: dict) -> str:
 
 
 def family(name: str, model: dict) -> str:
-    """Legend group: the policy name, "DMC" for DMC folders, "vanilla" otherwise."""
+    """Legend group: the policy name, "DMC" for DMC folders, "GQA" for pooled ones, "vanilla" otherwise."""
     if model.get("policy"):
         return model["policy"].split("@")[0]
-    return "DMC" if model.get("dmc") else "vanilla"
+    return "DMC" if model.get("dmc") else ("GQA" if model.get("gqa") else "vanilla")
 
 
 def plots(results: dict, out: Path) -> list[str]:
@@ -82,11 +82,16 @@ def plots(results: dict, out: Path) -> list[str]:
         for fam, xs in families.items():
             xs.sort()
             ax.plot([x for x, _, _ in xs], [y for _, y, _ in xs], marker="o", label=fam)
-            if fam.startswith("DMC"):
+            if fam in ("DMC", "GQA"):
                 for x, y, name in xs:
                     ax.annotate(name, (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
-        ax.set(xlabel="realised compression ratio", ylabel=key, title=f"{task}: {key} vs CR", xscale="log", xticks=[1, 2, 4, 8])
+        ax.set(xlabel="realised compression ratio", ylabel=key + (" (log, lower is better)" if key == "perplexity" else ""),
+               title=f"{task}: {key} vs CR", xscale="log", xticks=[1, 2, 4, 8])
         ax.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        ax.get_xaxis().set_minor_formatter(matplotlib.ticker.NullFormatter())
+        if key == "perplexity":  # policies at 8x and a barely trained baseline span two decades
+            ax.set_yscale("log")
+            ax.get_yaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
         ax.legend(fontsize=7)
         fig.tight_layout()
         fig.savefig(out / f"{task}_vs_cr.png", dpi=120)

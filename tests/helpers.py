@@ -76,3 +76,16 @@ def write_tiny_checkpoint(path, kind: str = "gqa", seed: int = 0):
     LlamaForCausalLM(config).save_pretrained(path)
     tok.save_pretrained(path)
     return path
+
+
+def logged(out_dir, *keys: str) -> dict[int, tuple[float, ...]]:
+    """Per step, the values of ``keys`` a training run wrote to its CSV logs (rows with ``keys[0]``)."""
+    import csv
+    from pathlib import Path
+
+    rows = {}
+    for path in sorted(Path(out_dir).glob("logs/version_*/metrics.csv")):
+        for row in csv.DictReader(open(path)):
+            if row.get(keys[0]):
+                rows[int(row["step"])] = tuple(float(row[k]) for k in keys)
+    return rows

@@ -1,7 +1,6 @@
 """The real CLI on a tiny model: schedule in the metrics, stop-and-resume equality, DeepSpeed ZeRO-2 with
 two processes on CPU (gloo), every YAML recipe loads, and one-line errors for bad input."""
 
-import csv
 import os
 import subprocess
 import sys
@@ -13,7 +12,7 @@ pytest.importorskip("lightning")
 pytest.importorskip("deepspeed")
 
 import dmc  # noqa: E402
-from tests.helpers import SMOLLM2, write_tiny_checkpoint  # noqa: E402
+from tests.helpers import SMOLLM2, logged, write_tiny_checkpoint  # noqa: E402
 from train.cli import main, parse  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -25,13 +24,8 @@ def tiny(tmp_path_factory):
     return str(write_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "llama"))
 
 
-def _losses(out_dir) -> dict[int, float]:
-    rows = {}
-    for path in sorted(Path(out_dir).glob("logs/version_*/metrics.csv")):
-        for row in csv.DictReader(open(path)):
-            if row.get("train/lm_loss"):
-                rows[int(row["step"])] = (float(row["train/lm_loss"]), float(row["train/target_cr"]))
-    return rows
+def _losses(out_dir) -> dict[int, tuple[float, ...]]:
+    return logged(out_dir, "train/lm_loss", "train/target_cr")
 
 
 def _train(tiny, out, *extra):

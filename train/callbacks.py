@@ -93,16 +93,17 @@ class Telemetry(L.Callback):
         tps = self._tokens / max(now - self._t, 1e-9)
         self._t, self._tokens = now, 0
         lr = trainer.optimizers[0].param_groups[0]["lr"]
-        cr = dmc.cr_from_merges(**pl_module.last_stats)
-        per_layer = cr["per_layer"]
         metrics = {"train/tokens_per_s": tps, "train/lr": lr}
-        metrics.update({f"cr_layer/{i:02d}": float(v) for i, v in enumerate(per_layer)})
+        record = {"step": step, "tokens_per_s": tps, "lr": lr}
+        if pl_module.last_stats:  # DMC runs (a GQA run's CR is fixed by its head count)
+            cr = dmc.cr_from_merges(**pl_module.last_stats)
+            metrics.update({f"cr_layer/{i:02d}": float(v) for i, v in enumerate(cr["per_layer"])})
+            record.update(cr_per_layer=cr["per_layer"].tolist(), cr_per_head=cr["per_head"].tolist())
         pl_module.log_dict(metrics, on_step=True)
         if trainer.is_global_zero:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             with open(self.path, "a") as f:
-                f.write(json.dumps({"step": step, "tokens_per_s": tps, "lr": lr,
-                                    "cr_per_layer": per_layer.tolist(), "cr_per_head": cr["per_head"].tolist()}) + "\n")
+                f.write(json.dumps(record) + "\n")
 
 
 class Plots(L.Callback):

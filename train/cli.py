@@ -119,6 +119,8 @@ def run(recipe: Recipe, resume: str = "auto", stop_at: int | None = None) -> dic
         _check_fresh_start(recipe)
     else:
         _check_resume_compatible(recipe, ckpt)
+    if recipe.model.method == "gqa":
+        _check_gqa(recipe)
     trainer.fit(module, datamodule=data, ckpt_path=ckpt)
     summary = {"steps": trainer.global_step, "checkpoint": AtomicCheckpoint.latest(r.out_dir), "data": dict(data.stats)}
     if trainer.is_global_zero and trainer.global_step >= recipe.total_steps and recipe.data.validation_blocks:
@@ -139,6 +141,18 @@ def _check_fresh_start(recipe: Recipe) -> None:
     model_type = AutoConfig.from_pretrained(path).model_type
     if model_type not in ("llama", "dmc_llama"):
         raise RecipeError(f"model.path={str(path)!r} is a {model_type!r} model; DMC needs a Llama-architecture model")
+
+
+def _check_gqa(recipe: Recipe) -> None:
+    """The pooled head count must fit the model before any step runs."""
+    from transformers import AutoConfig
+
+    from .module import gqa_kv_heads
+
+    try:
+        gqa_kv_heads(recipe, AutoConfig.from_pretrained(recipe.model.path))
+    except ValueError as err:
+        raise RecipeError(str(err)) from None
 
 
 def _check_resume_compatible(recipe: Recipe, ckpt: str) -> None:

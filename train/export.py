@@ -1,4 +1,5 @@
-"""``dmc export``: a training checkpoint (Lightning file or DeepSpeed ZeRO-2/3 folder) -> a HF folder."""
+"""``dmc export``: a training checkpoint (Lightning file or DeepSpeed ZeRO-2/3 folder) -> a HF folder
+(a self-contained DMC folder, or a plain Llama folder for a GQA baseline run)."""
 
 from __future__ import annotations
 
@@ -79,6 +80,24 @@ def _hf_name(key: str) -> str:
     return key.removeprefix("model.") if key.startswith("model.model.") or key.startswith("model.lm_head") else key
 
 
+def build_gqa_model(state: dict[str, torch.Tensor], info: dict):
+    """The up-trained GQA baseline: a plain ``LlamaForCausalLM`` with the recorded (pooled) head count."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(**{k: v for k, v in info["config"].items() if k not in ("model_type", "transformers_version")})
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config)
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    missing = sorted(set(missing) - ({"lm_head.weight"} if config.tie_word_embeddings else set()))
+    if missing or unexpected:
+        raise ExportError(f"the checkpoint does not match its recorded model config (missing {missing[:3]}, "
+                          f"unexpected {sorted(unexpected)[:3]}); it may be corrupt or from another model")
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    model.model.rotary_emb = type(model.model.rotary_emb)(config)  # non-persistent buffers: rebuild for real
+    return model.float().eval()
+
+
 def build_model(state: dict[str, torch.Tensor], info: dict):
     """A ``DMCLlamaForCausalLM`` from a consolidated state dict, decision adapters folded in."""
     from dmc import DMCLlamaConfig
@@ -114,10 +133,15 @@ def export(checkpoint: str | Path, out: str | Path, dtype: str = "bfloat16", ove
            tokenizer: str | None = None) -> Path:
     path = resolve(checkpoint)
     state, info = load_checkpoint(path)
-    model = build_model(state, info)
+    gqa = info.get("method") == "gqa"
+    model = build_gqa_model(state, info) if gqa else build_model(state, info)
     tok = tokenizer or info.get("base_model")
     if tok is None or not Path(tok).exists():
         raise ExportError(f"the tokenizer of the base model ({tok}) is not on this machine; pass --tokenizer PATH")
+    if gqa:
+        from dmc.gqa import save_gqa_folder
+
+        return save_gqa_folder(model, out, tok, dtype=dtype, overwrite=overwrite, card=_card(info, path))
     return save_folder(model, out, tok, dtype=dtype, overwrite=overwrite, card=_card(info, path))
 
 

@@ -1,4 +1,7 @@
-"""The LightningModule: LM loss + one-sided CR loss, the three stages by step, AdamW, LR schedule."""
+"""The LightningModule: LM loss + one-sided CR loss, the three stages by step, AdamW, LR schedule.
+
+With ``model.method: gqa`` the same module up-trains the GQA baseline: KV heads mean-pooled at load, LM loss
+only, the same optimiser, LR schedule and number of steps (so the same token budget) as a DMC run."""
 
 from __future__ import annotations
 
@@ -35,9 +38,11 @@ def lr_factor(step: int, recipe: Recipe) -> float:
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def load_for_training(recipe: Recipe) -> dmc.DMCLlamaForCausalLM:
+def load_for_training(recipe: Recipe, zero3: bool = False):
     m = recipe.model
     config = AutoConfig.from_pretrained(m.path)
+    if m.method == "gqa":
+        return load_gqa_for_training(recipe, config, zero3)
     if config.model_type not in ("llama", "dmc_llama"):
         raise ValueError(f"model.path={m.path!r} is a {config.model_type!r} model; DMC retrofits Llama-architecture "
                          "checkpoints (model_type 'llama'), e.g. checkpoints/smollm2-135m")
@@ -57,12 +62,44 @@ def load_for_training(recipe: Recipe) -> dmc.DMCLlamaForCausalLM:
     return model
 
 
+def gqa_kv_heads(recipe: Recipe, config) -> int:
+    """The KV heads a GQA run pools to: model.kv_heads, or the source's heads / schedule.target_cr."""
+    from dmc.gqa import GQAError, kv_heads_for
+
+    m = recipe.model
+    if config.model_type != "llama":
+        raise ValueError(f"model.method=gqa pools a vanilla Llama's KV heads; model.path={m.path!r} is a "
+                         f"{config.model_type!r} model")
+    try:
+        return kv_heads_for(config, kv_heads=m.kv_heads, cr=None if m.kv_heads else recipe.schedule.target_cr)
+    except GQAError as err:
+        raise ValueError(f"model.method=gqa: {err} (model.kv_heads, or schedule.target_cr)") from None
+
+
+def load_gqa_for_training(recipe: Recipe, config, zero3: bool):
+    from dmc.gqa import pool_kv_heads
+
+    m = recipe.model
+    target = gqa_kv_heads(recipe, config)
+    if zero3 and target != config.num_key_value_heads:
+        # ZeRO-3 partitions the weights as they load: pool once, offline, and train from that folder.
+        raise ValueError(f"under ZeRO-3 convert the model first: dmc gqa-convert {m.path} --kv-heads {target} "
+                         f"--out {m.path}-gqa{target}; then set model.path to that folder")
+    model = AutoModelForCausalLM.from_pretrained(m.path, dtype=getattr(torch, m.dtype))
+    pool_kv_heads(model, target)
+    if m.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    return model
+
+
 class DMCTrainingModule(L.LightningModule):
     def __init__(self, recipe: Recipe):
         super().__init__()
         self.recipe = recipe
         self.model: dmc.DMCLlamaForCausalLM | None = None
-        self.last_stats: dict = {}
+        self.last_stats: dict = {}  # DMC: the last batch's merges and tokens (telemetry, checkpoint record)
+        self.is_gqa = recipe.model.method == "gqa"
+        self.kv_cr = 1.0
 
     def configure_model(self) -> None:
         if self.model is None:
@@ -71,8 +108,12 @@ class DMCTrainingModule(L.LightningModule):
                 from transformers.integrations import HfDeepSpeedConfig
 
                 self._hf_deepspeed = HfDeepSpeedConfig(strategy.config)  # must stay alive while loading
-            self.model = load_for_training(self.recipe).train()
-            if self.recipe.optim.decision_lr is not None:
+            self.model = load_for_training(self.recipe, getattr(strategy, "zero_stage_3", False)).train()
+            if self.is_gqa:
+                from dmc.gqa import kv_compression
+
+                self.kv_cr = kv_compression(self.model.config)
+            elif self.recipe.optim.decision_lr is not None:
                 self.model.add_decision_adapters()
 
     # ---- one step ----------------------------------------------------------------------------------
@@ -90,10 +131,15 @@ class DMCTrainingModule(L.LightningModule):
         step = self.global_step
         # Gumbel noise from a seed derived from the step: a resumed run draws the same noise.
         torch.manual_seed(self.recipe.run.seed * 1_000_003 + step * max(1, self.trainer.world_size) + self.global_rank)
-        self._enter_stage(step)
         if self.trainer.datamodule is not None:
             self.trainer.datamodule.position = type(self.trainer.datamodule.position).from_dict(batch["position"])
         ids = batch["input_ids"]
+        if self.is_gqa:
+            out = self.model(input_ids=ids, labels=ids, use_cache=False)
+            self.log_dict({"train/lm_loss": out.loss.detach(), "train/realised_cr": self.kv_cr}, on_step=True)
+            self.log("loss", out.loss.detach(), prog_bar=True, on_step=True)
+            return out.loss
+        self._enter_stage(step)
         out = self.model(input_ids=ids, labels=ids, use_cache=False)
         cr_t = target_cr_at(step, self.recipe)
         cr_term = dmc.cr_loss(out.dmc_alpha, cr_t) if stage_of(step, self.recipe) > 1 else out.dmc_alpha.sum() * 0
@@ -114,6 +160,7 @@ class DMCTrainingModule(L.LightningModule):
         world = self.trainer.world_size if self._trainer is not None else 1
         cr_per_layer = dmc.cr_from_merges(**self.last_stats)["per_layer"].tolist() if self.last_stats else None
         checkpoint["dmc"] = {
+            "method": r.model.method,
             "config": self.model.config.to_dict(),
             "base_model": r.model.path,
             "recipe": asdict(r),

@@ -56,9 +56,9 @@ def plot_run(out: Path) -> list[Path]:
     telemetry = out / "telemetry.jsonl"
     if telemetry.exists():
         lines = telemetry.read_text().strip().splitlines()
-        if lines:
-            # One batch is noisy: average the merge fraction of the last records, report it as a CR.
-            recent = [json.loads(line) for line in lines[-HEATMAP_RECORDS:]]
+        # One batch is noisy: average the merge fraction of the last records, report it as a CR.
+        recent = [r for r in map(json.loads, lines[-HEATMAP_RECORDS:]) if "cr_per_head" in r]  # GQA runs: none
+        if recent:
             last = recent[-1]
             merged = [[sum(1 - 1 / r["cr_per_head"][i][j] for r in recent) / len(recent)
                        for j in range(len(last["cr_per_head"][0]))] for i in range(len(last["cr_per_head"]))]

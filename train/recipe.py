@@ -8,9 +8,13 @@ from typing import Literal, Optional
 
 @dataclass
 class ModelSection:
-    """path: a HF Llama folder (or a dmc_llama folder to continue). The dmc_* settings of the model."""
+    """path: a HF Llama folder (or a dmc_llama folder to continue). method: dmc (learned merging) or gqa
+    (the baseline: KV heads mean-pooled to kv_heads, default source heads / schedule.target_cr, then the same
+    continued pretraining on the LM loss alone). The rest are the dmc_* settings of the model."""
 
     path: str = "checkpoints/smollm2-135m"
+    method: Literal["dmc", "gqa"] = "dmc"
+    kv_heads: Optional[int] = None
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     window: Optional[int] = 12
     tau: float = 0.1
@@ -97,12 +101,16 @@ class Recipe:
         return s.stage1_steps + s.ramp_steps + s.finetune_steps
 
     def validate(self) -> None:
-        s, d, o, r = self.schedule, self.data, self.optim, self.run
+        m, s, d, o, r = self.model, self.schedule, self.data, self.optim, self.run
         checks = [
             (s.target_cr >= 1, f"schedule.target_cr={s.target_cr} must be >= 1 (e.g. 2, 4, 8)"),
             (min(s.stage1_steps, s.ramp_steps, s.finetune_steps) >= 0, "schedule.*_steps must be >= 0"),
             (self.total_steps > 0, "the schedule has no steps: set schedule.ramp_steps or finetune_steps"),
             (d.block_len >= 2 and d.batch_size >= 1, "data.block_len must be >= 2 and data.batch_size >= 1"),
+            (m.kv_heads is None or m.method == "gqa", "model.kv_heads is for model.method: gqa (DMC keeps every head)"),
+            (m.kv_heads is None or m.kv_heads >= 1, "model.kv_heads must be >= 1"),
+            (m.method == "dmc" or o.decision_lr is None,
+             "optim.decision_lr trains DMC's decision adapters; set it to null for model.method: gqa"),
             (o.lr > 0 and (o.decision_lr is None or o.decision_lr > 0), "optim.lr and optim.decision_lr must be > 0"),
             (r.keep_last >= 1 and r.checkpoint_every >= 1, "run.keep_last and run.checkpoint_every must be >= 1"),
             (set(r.loggers) <= {"csv", "wandb", "tensorboard"}, f"run.loggers={r.loggers}: use csv, wandb, tensorboard"),

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..lm import CRMeter
 from ..sandbox import Limits, isolation, run_untrusted
 from ..store import ItemStore
 from . import TaskError, run_items
@@ -57,7 +56,7 @@ def run(model, opts, folder) -> dict:
         return out
 
     values = run_items(store, items, max(1, model.batch_size // n), compute, f"{model.name} humaneval")
-    meter = CRMeter()
+    meter = model.cr_meter()
     for v in values.values():
         for c in v["counts"] if isinstance(v["counts"], list) else [v["counts"]]:  # one per sample
             meter.add(c)

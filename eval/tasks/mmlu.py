@@ -15,7 +15,6 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
-from ..lm import CRMeter
 from ..store import ItemStore
 from . import TaskError, run_items
 
@@ -117,7 +116,7 @@ def run(model, opts, folder) -> dict:
                 for (s, _, ans), sc, c in zip(payloads, scores, counts)]
 
     values = run_items(store, items, model.batch_size, compute, f"{model.name} mmlu")
-    meter, per_subject = CRMeter(), defaultdict(list)
+    meter, per_subject = model.cr_meter(), defaultdict(list)
     for v in values.values():
         meter.add(v["counts"])
         per_subject[v["subject"]].append(v["correct"])

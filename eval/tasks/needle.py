@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import random
 
-from ..lm import CRMeter
 from ..store import ItemStore
 from . import run_items
 
@@ -48,7 +47,7 @@ def run(model, opts, folder) -> dict:
                 for (_, n), t, c in zip(payloads, texts, counts)]
 
     values = run_items(store, items, model.batch_size, compute, f"{model.name} needle")
-    meter = CRMeter()
+    meter = model.cr_meter()
     for v in values.values():
         meter.add(v["counts"])
     grid = {f"{c}/{d}": float(values[f"{c}/{d}"]["correct"]) for c, d in cells}

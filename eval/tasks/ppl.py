@@ -6,7 +6,6 @@ from __future__ import annotations
 import math
 from itertools import islice
 
-from ..lm import CRMeter
 from ..store import ItemStore
 from . import TaskError, run_items
 
@@ -42,7 +41,7 @@ def run(model, opts, folder) -> dict:
         return [{"nll": nll, "tokens": n, "counts": c} for (nll, n), c in zip(scores, counts)]
 
     values = run_items(store, items, model.batch_size, compute, f"{model.name} ppl")
-    meter = CRMeter()
+    meter = model.cr_meter()
     for v in values.values():
         meter.add(v["counts"])
     nll = sum(v["nll"] for v in values.values())
