@@ -38,8 +38,9 @@ def kv_heads_for(config, *, kv_heads: int | None = None, cr: float | None = None
                            f"has {source} KV heads, so GQA reaches only {choices} (or set the KV heads directly)")
     if kv_heads < 1 or source % kv_heads:
         raise GQAError(f"cannot pool {source} KV heads into {kv_heads}: the new count must divide {source}")
-    if kv_heads > config.num_key_value_heads:
-        raise GQAError(f"the model already has {config.num_key_value_heads} KV heads, fewer than {kv_heads}")
+    if config.num_key_value_heads % kv_heads:  # an already pooled model: its groups must split evenly too
+        raise GQAError(f"cannot pool the model's {config.num_key_value_heads} KV heads into {kv_heads}: "
+                       f"the new count must divide {config.num_key_value_heads}")
     return kv_heads
 
 
@@ -73,9 +74,7 @@ def pool_kv_heads(model, kv_heads: int):
     if getattr(config, "model_type", None) != "llama":
         raise GQAError(f"GQA pooling converts vanilla Llama models; got model_type {config.model_type!r}")
     heads = config.num_key_value_heads
-    kv_heads_for(config, kv_heads=kv_heads)  # refuses counts that do not divide the source
-    if heads % kv_heads:
-        raise GQAError(f"cannot pool {heads} KV heads into {kv_heads}: the new count must divide {heads}")
+    kv_heads_for(config, kv_heads=kv_heads)  # refuses counts that do not divide the heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     for layer in model.model.layers:
         attn = layer.self_attn

@@ -81,6 +81,8 @@ def test_pooling_twice_counts_from_the_source():
     model = tiny_llama("mha", torch.float64)
     pool_kv_heads(model, 2)
     assert kv_heads_for(model.config, cr=4) == 1  # 4x of the 4-head source, not of the 2-head model
+    with pytest.raises(GQAError, match="the model's 2 KV heads into 4"):
+        kv_heads_for(model.config, kv_heads=4)  # divides the source's 4, but pooling cannot add heads back
     pool_kv_heads(model, 1)
     assert kv_compression(model.config) == 4.0
 
