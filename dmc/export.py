@@ -149,6 +149,14 @@ def save_folder(model, out: str | Path, tokenizer_source: str | Path | None = No
     return write_folder(model, out, tokenizer_source, dtype=dtype, overwrite=overwrite, finish=finish)
 
 
+def eval_table(info: dict) -> list[str]:
+    """Model-card lines: the run's evaluation results, if it has any."""
+    if not info.get("eval"):
+        return []
+    rows = [f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in info["eval"].items()]
+    return ["", "## Evaluation", "", "| metric | value |", "|---|---|", *rows]
+
+
 def model_card(config, info: dict) -> str:
     """A model card: base model, recipe, tokens seen, realised CR per layer, evaluation results if known."""
     base = info.get("base_model", "unknown")
@@ -185,9 +193,7 @@ def model_card(config, info: dict) -> str:
                   "| layer | " + " | ".join(str(i) for i in range(len(cr))) + " |",
                   "|---|" + "---|" * len(cr),
                   "| CR | " + " | ".join(f"{c:.2f}" for c in cr) + " |"]
-    if info.get("eval"):
-        lines += ["", "## Evaluation", "", "| metric | value |", "|---|---|"]
-        lines += [f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in info["eval"].items()]
+    lines += eval_table(info)
     if info.get("recipe"):
         lines += ["", "## Recipe", "", "```json", json.dumps(info["recipe"], indent=2), "```"]
     return "\n".join(lines) + "\n"

@@ -17,6 +17,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .export import eval_table, write_folder
+
 SOURCE_KV_HEADS = "gqa_source_kv_heads"  # config field: the KV heads of the model before pooling
 
 
@@ -36,11 +38,9 @@ def kv_heads_for(config, *, kv_heads: int | None = None, cr: float | None = None
             choices = ", ".join(f"{source // g:g}x" for g in range(source, 0, -1) if source % g == 0)
             raise GQAError(f"a {cr:g}x GQA model needs {source}/{cr:g} KV heads, not a whole number; this model "
                            f"has {source} KV heads, so GQA reaches only {choices} (or set the KV heads directly)")
-    if kv_heads < 1 or source % kv_heads:
-        raise GQAError(f"cannot pool {source} KV heads into {kv_heads}: the new count must divide {source}")
-    if config.num_key_value_heads % kv_heads:  # an already pooled model: its groups must split evenly too
-        raise GQAError(f"cannot pool the model's {config.num_key_value_heads} KV heads into {kv_heads}: "
-                       f"the new count must divide {config.num_key_value_heads}")
+    heads = config.num_key_value_heads  # divides the source's, so dividing it divides both
+    if kv_heads < 1 or heads % kv_heads:
+        raise GQAError(f"cannot pool the model's {heads} KV heads into {kv_heads}: the new count must divide {heads}")
     return kv_heads
 
 
@@ -89,8 +89,6 @@ def pool_kv_heads(model, kv_heads: int):
 def save_gqa_folder(model, out: str | Path, tokenizer_source: str | Path | None, *, dtype: str = "bfloat16",
                     overwrite: bool = False, card: dict | None = None) -> Path:
     """Write a pooled Llama model as a plain HF Llama folder (atomically), with a short model card."""
-    from .export import write_folder
-
     def finish(tmp: Path) -> None:
         (tmp / "README.md").write_text(model_card(model.config, card or {}))
 
@@ -113,10 +111,7 @@ def model_card(config, info: dict) -> str:
         f"| training step | {info.get('step', 0)} |",
         f"| tokens seen | {tokens:,} |" if isinstance(tokens, int) else "| tokens seen | 0 |",
     ]
-    if info.get("eval"):
-        lines += ["", "## Evaluation", "", "| metric | value |", "|---|---|"]
-        lines += [f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in info["eval"].items()]
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + eval_table(info)) + "\n"
 
 
 def convert(source: str | Path, out: str | Path, *, kv_heads: int | None = None, cr: float | None = None,

@@ -56,13 +56,14 @@ def retrofit(model, dmc: DMCConfig | None = None) -> DMCLlamaForCausalLM:
     return new
 
 
-def assemble(config: DMCLlamaConfig, state: dict, *, adapters: bool = False, device="cpu"):
-    """Build a ``DMCLlamaForCausalLM`` on the meta device and assign ``state`` into it (no copy).
+def assemble(config, state: dict, *, adapters: bool = False, device="cpu", model_cls=DMCLlamaForCausalLM):
+    """Build a ``model_cls`` (a ``DMCLlamaForCausalLM``, or a plain ``LlamaForCausalLM`` for the GQA
+    baseline) on the meta device and assign ``state`` into it (no copy).
 
     Returns (model, missing keys, unexpected keys); a tied ``lm_head`` is not counted as missing.
     """
     with torch.device("meta"):
-        new = DMCLlamaForCausalLM(config)
+        new = model_cls(config)
         if adapters:
             new.add_decision_adapters()
     missing, unexpected = new.load_state_dict(state, strict=False, assign=True)

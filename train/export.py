@@ -84,17 +84,13 @@ def build_gqa_model(state: dict[str, torch.Tensor], info: dict):
     """The up-trained GQA baseline: a plain ``LlamaForCausalLM`` with the recorded (pooled) head count."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    from dmc.retrofit import assemble
+
     config = LlamaConfig(**{k: v for k, v in info["config"].items() if k not in ("model_type", "transformers_version")})
-    with torch.device("meta"):
-        model = LlamaForCausalLM(config)
-    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
-    missing = sorted(set(missing) - ({"lm_head.weight"} if config.tie_word_embeddings else set()))
+    model, missing, unexpected = assemble(config, state, model_cls=LlamaForCausalLM)
     if missing or unexpected:
         raise ExportError(f"the checkpoint does not match its recorded model config (missing {missing[:3]}, "
-                          f"unexpected {sorted(unexpected)[:3]}); it may be corrupt or from another model")
-    if config.tie_word_embeddings:
-        model.lm_head.weight = model.model.embed_tokens.weight
-    model.model.rotary_emb = type(model.model.rotary_emb)(config)  # non-persistent buffers: rebuild for real
+                          f"unexpected {unexpected[:3]}); it may be corrupt or from another model")
     return model.float().eval()
 
 

@@ -99,7 +99,6 @@ class DMCTrainingModule(L.LightningModule):
         self.model: dmc.DMCLlamaForCausalLM | None = None
         self.last_stats: dict = {}  # DMC: the last batch's merges and tokens (telemetry, checkpoint record)
         self.is_gqa = recipe.model.method == "gqa"
-        self.kv_cr = 1.0
 
     def configure_model(self) -> None:
         if self.model is None:
@@ -109,11 +108,7 @@ class DMCTrainingModule(L.LightningModule):
 
                 self._hf_deepspeed = HfDeepSpeedConfig(strategy.config)  # must stay alive while loading
             self.model = load_for_training(self.recipe, getattr(strategy, "zero_stage_3", False)).train()
-            if self.is_gqa:
-                from dmc.gqa import kv_compression
-
-                self.kv_cr = kv_compression(self.model.config)
-            elif self.recipe.optim.decision_lr is not None:
+            if not self.is_gqa and self.recipe.optim.decision_lr is not None:
                 self.model.add_decision_adapters()
 
     # ---- one step ----------------------------------------------------------------------------------
@@ -136,7 +131,10 @@ class DMCTrainingModule(L.LightningModule):
         ids = batch["input_ids"]
         if self.is_gqa:
             out = self.model(input_ids=ids, labels=ids, use_cache=False)
-            self.log_dict({"train/lm_loss": out.loss.detach(), "train/realised_cr": self.kv_cr}, on_step=True)
+            from dmc.gqa import kv_compression
+
+            self.log_dict({"train/lm_loss": out.loss.detach(), "train/realised_cr": kv_compression(self.model.config)},
+                          on_step=True)
             self.log("loss", out.loss.detach(), prog_bar=True, on_step=True)
             return out.loss
         self._enter_stage(step)
