@@ -30,11 +30,15 @@ def read_decision_channel(
     return logit, omega, q * keep, k * keep.to(k.dtype)
 
 
-def gumbel_sigmoid_logits(logit: torch.Tensor, tau: float, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Relaxed merge logit ``(l + g1 - g2) / tau`` with g1, g2 ~ Gumbel(0, 1), noise in fp32.
+def gumbel_sigmoid_logits(logit: torch.Tensor, tau: float, generator: torch.Generator | None = None,
+                          noise: bool = True) -> torch.Tensor:
+    """Relaxed merge logit ``(l + g1 - g2) / tau`` with g1, g2 ~ Gumbel(0, 1), noise in fp32
+    (``noise=False``: ``l / tau``, the deterministic relaxation that tests compare with the eval form).
 
     alpha~ = sigmoid(result); log(1 - alpha~) = logsigmoid(-result) stays finite for any logit.
     """
+    if not noise:
+        return logit / tau
     u = torch.rand((2, *logit.shape), device=logit.device, dtype=torch.float32, generator=generator)
     tiny = torch.finfo(torch.float32).tiny
     gumbel = -torch.log(-torch.log(u.clamp(tiny, 1.0 - 1e-7)))

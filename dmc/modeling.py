@@ -53,6 +53,7 @@ class DMCLlamaAttention(LlamaAttention):
         super().__init__(config, layer_idx)
         self.stage1_multiplier: float | None = None  # DMC: set during stage 1 (neuron zero-out)
         self.decision_adapter: torch.nn.Parameter | None = None  # DMC: training-only, see add_decision_adapters
+        self.gumbel_noise = True  # DMC: training draws Gumbel noise; off only to compare with the eval form
 
     def _project(self, hidden_states, B, T, D):
         q = self.q_proj(hidden_states).view(B, T, -1, D)
@@ -104,7 +105,7 @@ class DMCLlamaAttention(LlamaAttention):
         first = valid.long().argmax(-1)  # (B,) first real token: always appends
         after_first = (torch.arange(T, device=q.device)[None, :] > first[:, None]) & valid  # (B, T)
         if self.training:
-            z = gumbel_sigmoid_logits(logit, cfg.dmc_tau)  # relaxed logit (B, H_kv, T)
+            z = gumbel_sigmoid_logits(logit, cfg.dmc_tau, noise=self.gumbel_noise)  # relaxed logit (B, H_kv, T)
             alpha = torch.sigmoid(z)
             alpha_loss = straight_through_hard(z)
             hard = z > 0
@@ -273,6 +274,12 @@ class DMCLlamaForCausalLM(LlamaForCausalLM):
         ``None`` returns to DMC attention."""
         for layer in self.model.layers:
             layer.self_attn.stage1_multiplier = multiplier
+
+    def set_gumbel_noise(self, enabled: bool) -> None:
+        """Training-mode decisions with (default) or without Gumbel noise; without it and with a small
+        ``dmc_tau`` the training forward computes the eval forward's hard decisions."""
+        for layer in self.model.layers:
+            layer.self_attn.gumbel_noise = enabled
 
     @torch.no_grad()
     def zero_decision_rows(self) -> None:
