@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,21 +17,21 @@ class ModelFolderError(ValueError):
 
 
 def load(path: str | Path, dtype: str = "float32", device: str = "cpu"):
-    """(model, tokenizer) of a vanilla Llama or ``dmc_llama`` HF folder, in eval mode."""
+    """(model, tokenizer) of a vanilla Llama or ``dmc_llama`` model (a HF folder or a Hub id), in eval mode."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from . import modeling  # noqa: F401  (registers dmc_llama with the Auto classes)
+    from .hub import ModelSourceError, model_config
 
-    path = Path(path)
-    config_file = path / "config.json"
-    if not config_file.exists():
-        raise ModelFolderError(f"{path} has no config.json; pass a HF model folder (e.g. one written by `dmc export`)")
-    model_type = json.loads(config_file.read_text()).get("model_type")
+    try:
+        model_type = model_config(path, "model").model_type
+    except ModelSourceError as err:
+        raise ModelFolderError(str(err)) from None
     if model_type not in SUPPORTED:
         raise ModelFolderError(f"{path} holds a {model_type!r} model; dmc runs Llama-architecture models "
                                f"({', '.join(SUPPORTED)})")
     if not hasattr(torch, dtype):
         raise ModelFolderError(f"dtype {dtype!r} is not a torch dtype; use float32, bfloat16 or float16")
+    path = str(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).to(device).eval()
     tok = AutoTokenizer.from_pretrained(path)
     if tok.pad_token is None:

@@ -117,12 +117,12 @@ def model_card(config, info: dict) -> str:
 def convert(source: str | Path, out: str | Path, *, kv_heads: int | None = None, cr: float | None = None,
             dtype: str = "float32", overwrite: bool = False) -> Path:
     """``dmc gqa-convert``: a Llama folder -> a Llama folder with mean-pooled KV heads (before up-training)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    source = Path(source)
-    if not (source / "config.json").exists():
-        raise GQAError(f"{source} has no config.json; pass a HF Llama folder (e.g. checkpoints/smollm2-135m)")
-    config = AutoConfig.from_pretrained(source)
+    from .hub import model_config
+
+    source = str(source)
+    config = model_config(source, "source")  # a folder or a Hub id (ModelSourceError is a ValueError)
     if config.model_type != "llama":
         raise GQAError(f"{source} holds a {config.model_type!r} model; GQA pooling converts vanilla Llama folders")
     target = kv_heads_for(config, kv_heads=kv_heads, cr=cr)
@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> None:
     import sys
 
     ap = argparse.ArgumentParser(prog="dmc gqa-convert", description=convert.__doc__)
-    ap.add_argument("source", help="a HF Llama folder")
+    ap.add_argument("source", help="a HF Llama folder or Hub id")
     ap.add_argument("--out", required=True, help="the folder to write")
     group = ap.add_mutually_exclusive_group(required=True)
     group.add_argument("--kv-heads", type=int, help="KV heads after pooling (must divide the current count)")

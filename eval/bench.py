@@ -28,6 +28,7 @@ from transformers import DynamicCache
 import dmc
 from dmc.cache import DMCCache
 from dmc.generate import ModelFolderError, load, realised_cr
+from dmc.hub import ModelSourceError, model_config
 from dmc.synthetic import impose_synthetic_cr
 
 
@@ -245,14 +246,15 @@ def main(argv: list[str] | None = None) -> None:
     if any(c < 1 for c in ns.crs):
         sys.exit("dmc bench: error: every --crs value must be >= 1")
     try:
+        synthetic = model_config(ns.model).model_type != "dmc_llama"
         rows = run(ns.model, ns.contexts, ns.batches, ns.crs, ns.decode_steps, dtype, ns.device, ns.threads)
-    except ModelFolderError as err:
+    except (ModelFolderError, ModelSourceError) as err:
         sys.exit(f"dmc bench: error: {err}")
     out = Path(ns.out or Path("bench/results") / Path(ns.model).name)
     out.mkdir(parents=True, exist_ok=True)
     meta = {"model": ns.model, "device": ns.device, "dtype": dtype, "threads": torch.get_num_threads(),
             "torch": torch.__version__, "decode_steps": ns.decode_steps,
-            "synthetic": json.loads(Path(ns.model, "config.json").read_text()).get("model_type") != "dmc_llama"}
+            "synthetic": synthetic}
     (out / "bench.json").write_text(json.dumps({"meta": meta, "rows": [asdict(r) for r in rows]}, indent=2))
     plot(rows, out / "bench.png")
     print(HEADER)

@@ -89,3 +89,25 @@ def logged(out_dir, *keys: str) -> dict[int, tuple[float, ...]]:
             if row.get(keys[0]):
                 rows[int(row["step"])] = tuple(float(row[k]) for k in keys)
     return rows
+
+
+ROOT = SMOLLM2.parent.parent
+
+
+def run_dmc(*args, timeout: int = 900, env: dict | None = None):
+    """``python -m dmc.cli ARGS`` in a fresh process from the repo root (the user's command line)."""
+    import os
+    import subprocess
+    import sys
+
+    full_env = dict(os.environ, TORCH_EXTENSIONS_DIR=str(ROOT / ".cache/torch_extensions"), PYTHONPATH=str(ROOT))
+    full_env.update(env or {})
+    return subprocess.run([sys.executable, "-m", "dmc.cli", *args], cwd=ROOT, env=full_env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def tiny_train(model_path, out_dir, *extra, config: str = "configs/tiny.yaml"):
+    """``dmc train --config configs/tiny.yaml`` in this process, on a tiny model folder."""
+    from train.cli import main
+
+    main(["--config", str(ROOT / config), "--model.path", str(model_path), "--run.out_dir", str(out_dir), *extra])

@@ -186,9 +186,9 @@ def test_save_folder_refuses_a_vanilla_model(tmp_path):
 
 
 def _train_cli(*args):
-    env = dict(os.environ, TORCH_EXTENSIONS_DIR=str(ROOT / ".cache/torch_extensions"), PYTHONPATH=str(ROOT))
-    return subprocess.run([sys.executable, "-m", "dmc.cli", "train", *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=900)
+    from tests.helpers import run_dmc
+
+    return run_dmc("train", *args)
 
 
 @pytest.mark.slow

@@ -9,7 +9,7 @@ import pytest
 
 pytest.importorskip("lightning")
 
-from tests.helpers import SMOLLM2, logged, write_tiny_checkpoint  # noqa: E402
+from tests.helpers import SMOLLM2, logged, tiny_train, write_tiny_checkpoint  # noqa: E402
 from train.cli import main  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -23,8 +23,7 @@ def tiny(tmp_path_factory):
 
 
 def _train(tiny, out, *extra):
-    main(["--config", str(ROOT / "configs/tiny.yaml"), "--model.path", tiny, "--run.out_dir", str(out),
-          "--model.method", "gqa", "--optim.decision_lr", "null", *extra])
+    tiny_train(tiny, out, "--model.method", "gqa", "--optim.decision_lr", "null", *extra)
 
 
 def test_gqa_run_resumes_exports_and_evaluates_at_its_cr(tiny, tmp_path, capsys):

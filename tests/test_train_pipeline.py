@@ -1,9 +1,6 @@
 """The real CLI on a tiny model: schedule in the metrics, stop-and-resume equality, DeepSpeed ZeRO-2 with
 two processes on CPU (gloo), every YAML recipe loads, and one-line errors for bad input."""
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -12,7 +9,7 @@ pytest.importorskip("lightning")
 pytest.importorskip("deepspeed")
 
 import dmc  # noqa: E402
-from tests.helpers import SMOLLM2, logged, write_tiny_checkpoint  # noqa: E402
+from tests.helpers import SMOLLM2, logged, run_dmc, tiny_train, write_tiny_checkpoint  # noqa: E402
 from train.cli import main, parse  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -29,7 +26,7 @@ def _losses(out_dir) -> dict[int, tuple[float, ...]]:
 
 
 def _train(tiny, out, *extra):
-    main(["--config", str(ROOT / "configs/tiny.yaml"), "--model.path", tiny, "--run.out_dir", str(out), *extra])
+    tiny_train(tiny, out, *extra)
 
 
 def test_tiny_run_follows_the_cr_schedule(tiny, tmp_path):
@@ -53,9 +50,7 @@ def test_stop_and_resume_equals_uninterrupted(tiny, tmp_path):
 
 
 def _cli(*args):
-    env = dict(os.environ, TORCH_EXTENSIONS_DIR=str(ROOT / ".cache/torch_extensions"), PYTHONPATH=str(ROOT))
-    return subprocess.run([sys.executable, "-m", "dmc.cli", "train", *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=900)
+    return run_dmc("train", *args)
 
 
 @pytest.mark.slow

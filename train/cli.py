@@ -133,14 +133,12 @@ def run(recipe: Recipe, resume: str = "auto", stop_at: int | None = None) -> dic
 
 
 def _check_fresh_start(recipe: Recipe) -> None:
-    from transformers import AutoConfig
+    from dmc.hub import model_config
 
-    path = Path(recipe.model.path)
-    if not (path / "config.json").exists():
-        raise RecipeError(f"model.path={str(path)!r} has no config.json; run `make model` or point it at a HF folder")
-    model_type = AutoConfig.from_pretrained(path).model_type
+    path = recipe.model.path
+    model_type = model_config(path, "model.path").model_type  # a local folder or a Hub id
     if model_type not in ("llama", "dmc_llama"):
-        raise RecipeError(f"model.path={str(path)!r} is a {model_type!r} model; DMC needs a Llama-architecture model")
+        raise RecipeError(f"model.path={path!r} is a {model_type!r} model; DMC needs a Llama-architecture model")
 
 
 def _check_gqa(recipe: Recipe) -> None:

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from dmc.export import ExportError, save_folder
+from dmc.hub import ModelSourceError, check_tokenizer
 
 MODEL_STATES = ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt")  # ZeRO-2, ZeRO-3
 
@@ -132,8 +133,12 @@ def export(checkpoint: str | Path, out: str | Path, dtype: str = "bfloat16", ove
     gqa = info.get("method") == "gqa"
     model = build_gqa_model(state, info) if gqa else build_model(state, info)
     tok = tokenizer or info.get("base_model")
-    if tok is None or not Path(tok).exists():
-        raise ExportError(f"the tokenizer of the base model ({tok}) is not on this machine; pass --tokenizer PATH")
+    if tok is None:
+        raise ExportError("the checkpoint does not name its base model; pass --tokenizer PATH_OR_HUB_ID")
+    try:
+        check_tokenizer(tok, "--tokenizer" if tokenizer else "the base model's tokenizer")
+    except ModelSourceError as err:
+        raise ExportError(f"{err}{'' if tokenizer else ' (or pass --tokenizer PATH_OR_HUB_ID)'}") from None
     if gqa:
         from dmc.gqa import save_gqa_folder
 
@@ -146,7 +151,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("checkpoint", help="a run folder (uses ckpt/latest), RUN/ckpt/step-N.ckpt, or a DeepSpeed folder")
     ap.add_argument("--out", required=True, help="the HF folder to write")
     ap.add_argument("--dtype", default="bfloat16", help="weight dtype: bfloat16 (default), float16, float32")
-    ap.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the base model of the run)")
+    ap.add_argument("--tokenizer", default=None, help="tokenizer folder or Hub id (default: the base model of the run)")
     ap.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     ns = ap.parse_args(argv)
     try:

@@ -14,6 +14,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 import dmc
 
+from .handover import hand_over
 from .recipe import Recipe
 
 
@@ -25,6 +26,12 @@ def stage_of(step: int, recipe: Recipe) -> int:
 def target_cr_at(step: int, recipe: Recipe) -> float:
     s = recipe.schedule
     return dmc.cr_schedule(step, s.target_cr, s.ramp_steps, start_step=s.stage1_steps)
+
+
+def noise_seed(recipe: Recipe, step: int, rank: int, world: int, micro: int) -> int:
+    """A distinct seed for every (step, rank, micro-batch) of a run."""
+    accumulate = recipe.optim.accumulate_grad_batches
+    return recipe.run.seed * 1_000_003 + (step * world + rank) * accumulate + micro
 
 
 def lr_factor(step: int, recipe: Recipe) -> float:
@@ -99,6 +106,7 @@ class DMCTrainingModule(L.LightningModule):
         self.model: dmc.DMCLlamaForCausalLM | None = None
         self.last_stats: dict = {}  # DMC: the last batch's merges and tokens (telemetry, checkpoint record)
         self.is_gqa = recipe.model.method == "gqa"
+        self._micro_step, self._micro = -1, 0
 
     def configure_model(self) -> None:
         if self.model is None:
@@ -112,20 +120,33 @@ class DMCTrainingModule(L.LightningModule):
                 self.model.add_decision_adapters()
 
     # ---- one step ----------------------------------------------------------------------------------
-    def _enter_stage(self, step: int) -> None:
+    def _enter_stage(self, step: int, micro: int) -> None:
         s = self.recipe.schedule
         if step < s.stage1_steps:
             self.model.set_stage1_multiplier(dmc.stage1_multiplier(step, s.stage1_steps))
             return
         self.model.set_stage1_multiplier(None)
-        if step == s.stage1_steps and s.stage1_steps > 0:
-            with _gathered(self, [w for w, _, _ in self.model.decision_rows()]):
-                self.model.zero_decision_rows()
+        if step == s.stage1_steps and s.stage1_steps > 0 and micro == 0:
+            # Once, before stage 2's first forward; a run resumed from the step-`stage1_steps` checkpoint
+            # (saved before this point) hands over again.
+            strategy = self.trainer.strategy
+            hand_over(self.model, self.trainer.optimizers[0], zero3=getattr(strategy, "zero_stage_3", False))
+
+    def _micro_index(self, step: int) -> int:
+        """Index of this micro-batch within its optimiser step (0 after a resume: checkpoints end steps)."""
+        if self._micro_step != step:
+            self._micro_step, self._micro = step, 0
+        else:
+            self._micro += 1
+        return self._micro
 
     def training_step(self, batch, batch_idx):
         step = self.global_step
-        # Gumbel noise from a seed derived from the step: a resumed run draws the same noise.
-        torch.manual_seed(self.recipe.run.seed * 1_000_003 + step * max(1, self.trainer.world_size) + self.global_rank)
+        micro = self._micro_index(step)
+        # Gumbel noise from a seed of (step, rank, micro-batch): independent across the micro-batches of an
+        # accumulated step and across ranks, and drawn again identically by a resumed run. The global RNG
+        # (not a generator of our own) so that gradient checkpointing's recompute replays the same noise.
+        torch.manual_seed(noise_seed(self.recipe, step, self.global_rank, max(1, self.trainer.world_size), micro))
         if self.trainer.datamodule is not None:
             self.trainer.datamodule.position = type(self.trainer.datamodule.position).from_dict(batch["position"])
         ids = batch["input_ids"]
@@ -137,7 +158,7 @@ class DMCTrainingModule(L.LightningModule):
                           on_step=True)
             self.log("loss", out.loss.detach(), prog_bar=True, on_step=True)
             return out.loss
-        self._enter_stage(step)
+        self._enter_stage(step, micro)
         out = self.model(input_ids=ids, labels=ids, use_cache=False)
         cr_t = target_cr_at(step, self.recipe)
         cr_term = dmc.cr_loss(out.dmc_alpha, cr_t) if stage_of(step, self.recipe) > 1 else out.dmc_alpha.sum() * 0
@@ -180,26 +201,12 @@ class DMCTrainingModule(L.LightningModule):
         groups = [{"params": decay, "weight_decay": o.weight_decay, "lr": o.lr},
                   {"params": no_decay, "weight_decay": 0.0, "lr": o.lr}]
         groups = [g for g in groups if g["params"]]  # DeepSpeed drops empty groups, the scheduler must agree
+        factors = [lambda step: lr_factor(step, self.recipe)] * len(groups)
         if adapters:
             groups.append({"params": adapters, "weight_decay": 0.0, "lr": o.decision_lr})
+            # The adapters learn decisions: they stay at zero through stage 1 and start with stage 2.
+            factors.append(lambda step: lr_factor(step, self.recipe) * (step >= self.recipe.schedule.stage1_steps))
         opt = torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas))
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(step, self.recipe))
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, factors)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
-
-class _gathered:
-    """Under DeepSpeed ZeRO-3 parameters are partitioned: gather them to edit rows in place."""
-
-    def __init__(self, module: L.LightningModule, params):
-        self.ctx = None
-        strategy = getattr(getattr(module, "trainer", None), "strategy", None)
-        if getattr(strategy, "zero_stage_3", False):
-            import deepspeed
-
-            self.ctx = deepspeed.zero.GatheredParameters(params, modifier_rank=0)
-
-    def __enter__(self):
-        return self.ctx.__enter__() if self.ctx else None
-
-    def __exit__(self, *exc):
-        return self.ctx.__exit__(*exc) if self.ctx else False
