@@ -30,7 +30,10 @@ class SourceSpec:
       or "hf" (``path`` is a datasets name, streamed).
     split: "train" or "validation" (stdlib: a deterministic split by file; hf: the dataset split name).
     text_field: the text column of jsonl/parquet/hf records.
-    validation_fraction: share of stdlib files held out (by a hash of the path, stable across machines).
+    validation_fraction: share held out for validation, by a stable hash: of the path for stdlib files, of the
+      text for other documents (so a document is held out wherever it sits in any stream or shard).
+    holdout: None (every document of ``split``), "exclude" (the training side: held-out documents are skipped)
+      or "only" (the validation side). For stdlib, "exclude"/"only" are the train/validation file split.
     piece_chars: stdlib files are cut at line ends into pieces of at most this many characters, and the
       pieces are served in a hash-shuffled order. Alphabetical files would put long runs of near-identical
       generated code (``encodings/cp*.py`` charmap tables, ``test/``) next to each other, and a short run
@@ -44,6 +47,7 @@ class SourceSpec:
     name: str | None = None  # hf dataset config name
     validation_fraction: float = 0.05
     piece_chars: int = 4096
+    holdout: str | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -52,6 +56,8 @@ class SourceSpec:
             raise DataError(f"data source kind={self.kind!r} needs a path (a glob of files or a dataset name)")
         if not 0 < self.validation_fraction < 1:
             raise DataError(f"validation_fraction={self.validation_fraction} must be in (0, 1)")
+        if self.holdout not in (None, "exclude", "only"):
+            raise DataError(f"holdout={self.holdout!r} must be None, 'exclude' or 'only'")
         if self.piece_chars < 256:
             raise DataError(f"piece_chars={self.piece_chars} is too small; use at least 256 characters")
 
@@ -66,6 +72,11 @@ def _hash01(key: str) -> float:
 
 def _held_out(rel: str, fraction: float) -> bool:
     return _hash01(rel) < fraction
+
+
+def held_out(text: str, fraction: float) -> bool:
+    """Whether a document belongs to the validation hold-out: a stable hash of its text below ``fraction``."""
+    return int(hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:8], 16) / 0xFFFFFFFF < fraction
 
 
 def split_lines(text: str, max_chars: int) -> list[str]:
@@ -84,7 +95,8 @@ def split_lines(text: str, max_chars: int) -> list[str]:
 def _stdlib_pieces(spec: "SourceSpec", stats: Counter) -> Iterator[tuple[str, str]]:
     root = stdlib_root()
     pieces = []
-    for path in stdlib_files(spec.split, spec.validation_fraction):
+    split = {"exclude": "train", "only": "validation"}.get(spec.holdout, spec.split)
+    for path in stdlib_files(split, spec.validation_fraction):
         rel = path.relative_to(root).as_posix()
         text = _read_text(path, stats)
         if text is not None and not text.strip():
@@ -145,6 +157,23 @@ def _file_records(path: Path, field: str, stats: Counter) -> Iterator[str | None
         yield _read_text(path, stats)
 
 
+def open_stream(spec: SourceSpec, rank: int, world: int):
+    """The rank's part of a streamed HF dataset (its own shards when their count divides ``world``)."""
+    try:
+        import datasets
+        from datasets.distributed import split_dataset_by_node
+    except ImportError as err:
+        raise DataError("data kind 'hf' needs the datasets package: pip install 'dmc[train]'") from err
+
+    try:
+        ds = datasets.load_dataset(spec.path, spec.name, split=spec.split, streaming=True)
+    except Exception as err:  # offline, unknown name, bad split: all surface here
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise DataError(f"cannot open HF dataset {spec.path!r} (config {spec.name!r}, split {spec.split!r}): {first}") \
+            from None
+    return split_dataset_by_node(ds, rank=rank, world_size=world) if world > 1 else ds
+
+
 def documents(spec: SourceSpec, stats: Counter | None = None) -> Iterator[tuple[str, str]]:
     """Yield ``(doc_id, text)`` in a deterministic order; bad documents are skipped into ``stats``."""
     stats = Counter() if stats is None else stats
@@ -156,26 +185,22 @@ def documents(spec: SourceSpec, stats: Counter | None = None) -> Iterator[tuple[
             raise DataError(f"data path {spec.path!r} matches no file; check the glob (e.g. 'corpus/**/*.jsonl')")
         for p in paths:
             for n, text in enumerate(_file_records(Path(p), spec.text_field, stats)):
-                yield from _nonempty(f"{p}#{n}", text, stats)
+                yield from _nonempty(f"{p}#{n}", text, stats, spec)
     else:
-        try:
-            import datasets
-        except ImportError as err:
-            raise DataError("data kind 'hf' needs the datasets package: pip install 'dmc[train]'") from err
-        try:
-            ds = datasets.load_dataset(spec.path, spec.name, split=spec.split, streaming=True)
-        except Exception as err:  # offline, unknown name, bad split: all surface here
-            raise DataError(f"cannot open HF dataset {spec.path!r} (split {spec.split!r}): {err}") from err
-        for n, record in enumerate(ds):
+        for n, record in enumerate(open_stream(spec, 0, 1)):
             text = record.get(spec.text_field)
-            yield from _nonempty(f"{spec.path}#{n}", text if isinstance(text, str) else None, stats)
+            yield from _nonempty(f"{spec.path}#{n}", text if isinstance(text, str) else None, stats, spec)
 
 
-def _nonempty(doc_id: str, text: str | None, stats: Counter) -> Iterator[tuple[str, str]]:
+def _nonempty(doc_id: str, text: str | None, stats: Counter,
+              spec: SourceSpec | None = None) -> Iterator[tuple[str, str]]:
     if text is None:
         return
     if not text.strip():
         stats["skipped_empty"] += 1
+        return
+    if spec is not None and spec.holdout and held_out(text, spec.validation_fraction) != (spec.holdout == "only"):
+        stats["held_out" if spec.holdout == "exclude" else "not_held_out"] += 1
         return
     stats["documents"] += 1
     yield doc_id, text

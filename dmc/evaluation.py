@@ -11,29 +11,48 @@ from .schedule import cr_from_merges
 
 
 @torch.no_grad()
-def perplexity_and_cr(model, blocks: torch.Tensor, batch_size: int = 4) -> dict:
-    """blocks (N, T). The DMC model runs its eval-mode parallel form, which equals compressed decoding.
+def score_sums(model, blocks: torch.Tensor, batch_size: int = 4, batches: int | None = None,
+               filler: torch.Tensor | None = None) -> dict:
+    """Sums over ``blocks`` (N, T) for perplexity and realised CR: ``nll`` and ``count`` (predicted tokens),
+    and for DMC models ``merges`` (L, H_kv) and ``tokens``. The DMC model runs its eval-mode parallel form,
+    which equals compressed decoding.
 
-    Returns perplexity, realised CR (tokens per slot over all layers and KV heads), and the CR per layer.
+    ``batches``: run exactly this many forwards, the ones past the last block on ``filler`` (1, T) with weight
+    0, so that every rank of a sharded model (DeepSpeed ZeRO-3) calls forward as often as the others.
     """
     was_training = model.training
     model.eval()
-    nll, count, merges, slots_total = 0.0, 0, None, 0
-    for i in range(0, len(blocks), batch_size):
-        ids = blocks[i : i + batch_size]
+    device = next(model.parameters()).device
+    total = -(-len(blocks) // batch_size) if batches is None else batches
+    nll, count, merges, tokens = 0.0, 0, None, 0
+    for i in range(total):
+        ids = blocks[i * batch_size : (i + 1) * batch_size]
+        weight = 1 if len(ids) else 0
+        ids = (ids if len(ids) else filler).to(device)
         out = model(input_ids=ids, labels=ids, use_cache=False)
-        n = ids.shape[0] * (ids.shape[1] - 1)
-        nll += out.loss.item() * n
+        n = ids.shape[0] * (ids.shape[1] - 1) * weight
+        nll += out.loss.float().item() * n
         count += n
         m = getattr(out, "dmc_merges", None)
         if m is not None:
-            merges = m.sum(1).double() if merges is None else merges + m.sum(1).double()  # (L, H_kv)
-            slots_total += int(out.dmc_tokens.sum())
+            m = m.sum(1).double().cpu() * weight  # (L, H_kv)
+            merges = m if merges is None else merges + m
+            tokens += int(out.dmc_tokens.sum()) * weight
     model.train(was_training)
+    return {"nll": nll, "count": count, "merges": merges, "tokens": tokens}
+
+
+def summarise(sums: dict, config) -> dict:
+    """Perplexity, realised CR (tokens per slot over all layers and KV heads) and CR per layer of ``sums``."""
     # a model without DMC outputs stores every token; a GQA-pooled one in fewer heads than its source
-    result = {"perplexity": math.exp(nll / max(count, 1)), "tokens": count, "cr": kv_compression(model.config),
-              "cr_per_layer": []}
-    if merges is not None:
-        cr = cr_from_merges(merges, slots_total)
+    result = {"perplexity": math.exp(sums["nll"] / max(sums["count"], 1)), "tokens": sums["count"],
+              "cr": kv_compression(config), "cr_per_layer": []}
+    if sums["merges"] is not None:
+        cr = cr_from_merges(sums["merges"], sums["tokens"])
         result["cr"], result["cr_per_layer"] = cr["cr"], cr["per_layer"].tolist()
     return result
+
+
+def perplexity_and_cr(model, blocks: torch.Tensor, batch_size: int = 4) -> dict:
+    """blocks (N, T): perplexity, realised CR and CR per layer (:func:`score_sums` then :func:`summarise`)."""
+    return summarise(score_sums(model, blocks, batch_size), model.config)

@@ -111,3 +111,19 @@ def tiny_train(model_path, out_dir, *extra, config: str = "configs/tiny.yaml"):
     from train.cli import main
 
     main(["--config", str(ROOT / config), "--model.path", str(model_path), "--run.out_dir", str(out_dir), *extra])
+
+
+def publish_offline_dataset(tmp_path, monkeypatch, texts, repo_id: str, config_name: str | None = None, shards: int = 4):
+    """Publish ``texts`` as ``repo_id`` into a temporary HF cache and point this process's ``datasets`` at it,
+    offline (as HF_HOME + HF_HUB_OFFLINE=1 do for a fresh process)."""
+    import datasets.config
+    import huggingface_hub.constants
+
+    from train.hub_cache import publish_dataset
+
+    home = tmp_path / "hf_home"
+    publish_dataset(texts, repo_id, home, config_name, shards=shards)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", home / "datasets")
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    return home

@@ -6,6 +6,7 @@ from fresh moments can move it: |update| <= lr * r(t) (bias corrections of step 
 Old values restored by a master copy, adapters trained during stage 1, or stale moments carrying stage 1's
 momentum all exceed that bound."""
 
+import json
 import math
 
 import pytest
@@ -78,6 +79,9 @@ def test_handover_reaches_deepspeed_master_copy_two_processes(tiny, tmp_path, st
                    "--stop_at", str(STAGE1 + 1))
     assert done.returncode == 0, done.stderr[-3000:]
     _check_rows_after_one_stage2_step(*_state_and_config(tmp_path / "run"))
+    # validation runs under DeepSpeed too, each rank scoring its share of the held-out blocks
+    validation = json.loads((tmp_path / "run" / "summary.json").read_text())["validation"]
+    assert validation["step"] == STAGE1 + 1 and validation["tokens"] == 4 * 31 and validation["perplexity"] > 1
 
 
 def _record_noise(monkeypatch) -> list[torch.Tensor]:

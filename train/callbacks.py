@@ -19,6 +19,35 @@ def _atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def log_metrics(trainer, metrics: dict, step: int) -> None:
+    """Straight to the loggers (rank 0), as a row of their own at ``step`` = optimiser steps done. Values logged
+    through ``LightningModule.log`` in a batch-end hook would be merged into the training row of the step and
+    repeated in later rows."""
+    for logger in trainer.loggers:
+        logger.log_metrics(metrics, step=step)
+
+
+def truncate_jsonl(path: Path, step: int) -> None:
+    """Keep the records of steps <= ``step`` (those after it are redone by a run resumed at ``step``); drop a
+    torn last line."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if record.get("step", 0) <= step:
+            kept.append(line)
+    _atomic_write_text(path, "".join(line + "\n" for line in kept))
+
+
+def last_jsonl(path: Path) -> dict | None:
+    lines = path.read_text().splitlines() if path.exists() else []
+    return json.loads(lines[-1]) if lines else None
+
+
 class AtomicCheckpoint(L.Callback):
     """Every ``every`` optimiser steps (and at the end) save ``ckpt/step-NNNNNNN.ckpt``.
 
@@ -71,6 +100,53 @@ class AtomicCheckpoint(L.Callback):
         self._save(trainer)
 
 
+class Validation(L.Callback):
+    """Held-out perplexity and realised CR (hard decisions, eval mode) every ``every`` optimiser steps and at
+    ``last_step``, under every strategy: each rank scores its share of the blocks with the same number of forwards
+    (ZeRO-3 gathers parameters collectively), and the sums are reduced. Logged as ``val/*`` and appended to
+    ``validation.jsonl``. Listed before the checkpoint callback: a run killed while validating redoes it."""
+
+    def __init__(self, out_dir: str, every: int | None, last_step: int, batch_size: int):
+        self.path = Path(out_dir) / "validation.jsonl"
+        self.every, self.last_step, self.batch_size = every, last_step, batch_size
+        self.blocks = None
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        step = trainer.global_step
+        if trainer.fit_loop._should_accumulate() or not (step == self.last_step or (self.every and step % self.every == 0)):
+            return
+        if self.blocks is None:
+            self.blocks = trainer.datamodule.validation_blocks()
+        if not len(self.blocks):
+            return
+        from dmc.evaluation import score_sums, summarise
+
+        rank, world = trainer.global_rank, trainer.world_size
+        share = -(-len(self.blocks) // world)
+        sums = score_sums(pl_module.model, self.blocks[rank::world], self.batch_size,
+                          batches=-(-share // self.batch_size), filler=self.blocks[:1])
+        sums = self._reduce(trainer, pl_module, sums)
+        result = {"step": step, **summarise(sums, pl_module.model.config)}
+        log_metrics(trainer, {"val/perplexity": result["perplexity"], "val/realised_cr": result["cr"]}, step)
+        if trainer.is_global_zero:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(result) + "\n")
+
+    @staticmethod
+    def _reduce(trainer, pl_module, sums: dict) -> dict:
+        if trainer.world_size == 1:
+            return sums
+        import torch
+
+        merges = sums["merges"]
+        flat = torch.tensor([sums["nll"], sums["count"], sums["tokens"]], dtype=torch.float64)
+        if merges is not None:
+            flat = torch.cat([flat, merges.flatten()])
+        flat = trainer.strategy.reduce(flat.to(pl_module.device), reduce_op="sum").cpu()
+        return {"nll": float(flat[0]), "count": int(flat[1]), "tokens": int(flat[2]),
+                "merges": None if merges is None else flat[3:].view_as(merges)}
+
+
 class Telemetry(L.Callback):
     """Every ``every`` steps: tokens/s and LR to the loggers; realised CR per layer and per layer x KV head
     to ``telemetry.jsonl`` (and to the loggers as ``cr_layer/NN``)."""
@@ -99,7 +175,7 @@ class Telemetry(L.Callback):
             cr = dmc.cr_from_merges(**pl_module.last_stats)
             metrics.update({f"cr_layer/{i:02d}": float(v) for i, v in enumerate(cr["per_layer"])})
             record.update(cr_per_layer=cr["per_layer"].tolist(), cr_per_head=cr["per_head"].tolist())
-        pl_module.log_dict(metrics, on_step=True)
+        log_metrics(trainer, metrics, step)
         if trainer.is_global_zero:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             with open(self.path, "a") as f:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -72,16 +73,15 @@ def run(recipe: Recipe, resume: str = "auto", stop_at: int | None = None) -> dic
     import lightning as L
     import torch
     from lightning.pytorch.callbacks import RichProgressBar
-    from lightning.pytorch.loggers import CSVLogger
 
-    from dmc.evaluation import perplexity_and_cr
-
-    from .callbacks import AtomicCheckpoint, Plots, Telemetry
+    from .callbacks import AtomicCheckpoint, Plots, Telemetry, Validation, last_jsonl
     from .data_module import BlocksDataModule
+    from .loggers import build_loggers, checkpoint_step
     from .module import DMCTrainingModule
-    from .strategy import build_strategy
+    from .strategy import build_strategy, check_devices
 
     r = recipe.run
+    check_devices(r)
     if r.threads:
         torch.set_num_threads(r.threads)
     out = Path(r.out_dir)
@@ -89,47 +89,71 @@ def run(recipe: Recipe, resume: str = "auto", stop_at: int | None = None) -> dic
     ckpt = None if resume == "none" else (AtomicCheckpoint.latest(r.out_dir) if resume == "auto" else resume)
     if ckpt is not None and not Path(ckpt).exists():
         raise RecipeError(f"--resume {ckpt!r} does not exist")
-    loggers = [CSVLogger(str(out), name="logs")]  # a resumed run logs to a new version_N; plots read them all
-    if "wandb" in r.loggers:
-        from lightning.pytorch.loggers import WandbLogger
-
-        loggers.append(WandbLogger(project="dmc", save_dir=str(out), name=out.name))
-    if "tensorboard" in r.loggers:
-        from lightning.pytorch.loggers import TensorBoardLogger
-
-        loggers.append(TensorBoardLogger(str(out), name="tb"))
-    callbacks = [AtomicCheckpoint(r.out_dir, r.checkpoint_every, r.keep_last), Telemetry(r.out_dir, r.log_every),
-                 Plots(r.out_dir)]
-    if r.progress_bar:
-        callbacks.append(RichProgressBar())
-    deepspeed = r.strategy.startswith("deepspeed")
-    trainer = L.Trainer(
-        max_steps=min(stop_at or recipe.total_steps, recipe.total_steps), max_epochs=-1,
-        accelerator=r.accelerator, devices=r.devices, num_nodes=r.num_nodes,
-        strategy=build_strategy(r.strategy, r.accelerator, r.deepspeed_config), precision=r.precision,
-        logger=loggers, callbacks=callbacks, enable_checkpointing=False, log_every_n_steps=r.log_every,
-        gradient_clip_val=None if deepspeed else recipe.optim.grad_clip,
-        accumulate_grad_batches=recipe.optim.accumulate_grad_batches, enable_progress_bar=r.progress_bar,
-        num_sanity_val_steps=0, limit_val_batches=0, enable_model_summary=False,
-    )
-    L.seed_everything(r.seed, workers=True, verbose=False)
-    module = DMCTrainingModule(recipe)
-    data = BlocksDataModule(recipe.data, recipe.model.path)
     if ckpt is None:
         _check_fresh_start(recipe)
     else:
         _check_resume_compatible(recipe, ckpt)
     if recipe.model.method == "gqa":
         _check_gqa(recipe)
+    resume_step, first = checkpoint_step(ckpt), launch_rank() == 0
+    if first:
+        _prepare_run_folder(recipe, out, resume_step)
+    last_step = min(stop_at or recipe.total_steps, recipe.total_steps)
+    callbacks = [AtomicCheckpoint(r.out_dir, r.checkpoint_every, r.keep_last), Telemetry(r.out_dir, r.log_every),
+                 Plots(r.out_dir)]
+    if recipe.data.validation_blocks:
+        callbacks.insert(0, Validation(r.out_dir, r.validate_every, last_step, recipe.data.batch_size))
+    if r.progress_bar:
+        callbacks.append(RichProgressBar())
+    deepspeed = r.strategy.startswith("deepspeed")
+    trainer = L.Trainer(
+        max_steps=last_step, max_epochs=-1,
+        accelerator=r.accelerator, devices=r.devices, num_nodes=r.num_nodes,
+        strategy=build_strategy(r.strategy, r.accelerator, r.deepspeed_config), precision=r.precision,
+        logger=build_loggers(r, out, resume_step, first), callbacks=callbacks, enable_checkpointing=False,
+        log_every_n_steps=r.log_every, gradient_clip_val=None if deepspeed else recipe.optim.grad_clip,
+        accumulate_grad_batches=recipe.optim.accumulate_grad_batches, enable_progress_bar=r.progress_bar,
+        num_sanity_val_steps=0, limit_val_batches=0, enable_model_summary=False,
+    )
+    L.seed_everything(r.seed, workers=True, verbose=False)
+    module = DMCTrainingModule(recipe)
+    data = BlocksDataModule(recipe.data, recipe.model.path, seed=r.seed)
     trainer.fit(module, datamodule=data, ckpt_path=ckpt)
     summary = {"steps": trainer.global_step, "checkpoint": AtomicCheckpoint.latest(r.out_dir), "data": dict(data.stats)}
-    if trainer.is_global_zero and trainer.global_step >= recipe.total_steps and recipe.data.validation_blocks:
-        model = module.model
-        if model is not None and not deepspeed:
-            summary["validation"] = perplexity_and_cr(model, data.validation_blocks())
+    validation = last_jsonl(out / "validation.jsonl")
+    if validation:
+        summary["validation"] = validation
     if trainer.is_global_zero:
-        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+        _write_atomic(out / "summary.json", json.dumps(summary, indent=2))
     return summary
+
+
+def launch_rank() -> int:
+    """This process's global rank before Lightning sets up: torchrun's RANK, or (Lightning's own launcher)
+    LOCAL_RANK and NODE_RANK, both 0 only on the first process."""
+    if "RANK" in os.environ:
+        return int(os.environ["RANK"])
+    return int(os.environ.get("LOCAL_RANK", 0)) + int(os.environ.get("NODE_RANK", 0))
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _prepare_run_folder(recipe: Recipe, out: Path, resume_step: int) -> None:
+    """The resolved recipe in RUN/config.yaml; what a killed run wrote after its last checkpoint goes (the steps
+    that redo it write it again), and so does a checkpoint it was writing."""
+    from .callbacks import truncate_jsonl
+
+    resolved = json.loads(json.dumps(dataclasses.asdict(recipe)))  # tuples -> lists
+    header = f"# The resolved recipe of this run. Run again: dmc train --config {out}/config.yaml\n"
+    _write_atomic(out / "config.yaml", header + yaml.safe_dump(resolved, sort_keys=False))
+    for name in ("telemetry.jsonl", "validation.jsonl"):
+        truncate_jsonl(out / name, resume_step)
+    for stale in (out / "ckpt").glob("*.tmp"):
+        shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
 
 
 def _check_fresh_start(recipe: Recipe) -> None:

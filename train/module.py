@@ -5,6 +5,7 @@ only, the same optimiser, LR schedule and number of steps (so the same token bud
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import asdict
 
@@ -103,6 +104,7 @@ class DMCTrainingModule(L.LightningModule):
     def __init__(self, recipe: Recipe):
         super().__init__()
         self.recipe = recipe
+        self.save_hyperparameters(json.loads(json.dumps(asdict(recipe))))  # the loggers record the recipe (no tuples)
         self.model: dmc.DMCLlamaForCausalLM | None = None
         self.last_stats: dict = {}  # DMC: the last batch's merges and tokens (telemetry, checkpoint record)
         self.is_gqa = recipe.model.method == "gqa"
@@ -148,7 +150,7 @@ class DMCTrainingModule(L.LightningModule):
         # (not a generator of our own) so that gradient checkpointing's recompute replays the same noise.
         torch.manual_seed(noise_seed(self.recipe, step, self.global_rank, max(1, self.trainer.world_size), micro))
         if self.trainer.datamodule is not None:
-            self.trainer.datamodule.position = type(self.trainer.datamodule.position).from_dict(batch["position"])
+            self.trainer.datamodule.consumed(batch["position"])
         ids = batch["input_ids"]
         if self.is_gqa:
             out = self.model(input_ids=ids, labels=ids, use_cache=False)

@@ -37,7 +37,9 @@ def plot_run(out: Path) -> list[Path]:
     written = []
     series = _read_metrics(out)
     if series:
-        fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+        validated = "val/perplexity" in series
+        fig, axes = plt.subplots(1, 3 if validated else 2, figsize=(16 if validated else 11, 4))
+        ax1, ax2 = axes[:2]
         for key, label in (("train/lm_loss", "LM loss"), ("train/cr_loss", "CR loss")):
             if key in series:
                 xs, ys = zip(*sorted(series[key]))
@@ -48,7 +50,14 @@ def plot_run(out: Path) -> list[Path]:
             if key in series:
                 xs, ys = zip(*sorted(series[key]))
                 ax2.plot(xs, ys, label=label)
+        if "val/realised_cr" in series:
+            xs, ys = zip(*sorted(series["val/realised_cr"]))
+            ax2.plot(xs, ys, "o-", label="realised CR (held-out, hard decisions)")
         ax2.set_xlabel("step"), ax2.set_title("compression ratio"), ax2.legend()
+        if validated:
+            xs, ys = zip(*sorted(series["val/perplexity"]))
+            axes[2].plot(xs, ys, "o-")
+            axes[2].set_xlabel("step"), axes[2].set_title("held-out perplexity")
         fig.tight_layout()
         written.append(out / "loss_and_cr.png")
         fig.savefig(written[-1], dpi=110)

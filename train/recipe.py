@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
+STRATEGIES = ("auto", "ddp", "deepspeed_stage_2", "deepspeed_stage_3")
+
 
 @dataclass
 class ModelSection:
@@ -26,19 +28,25 @@ class ModelSection:
 
 @dataclass
 class DataSection:
-    """kind: stdlib | files | hf; path: glob or dataset name; block_len tokens per sequence."""
+    """kind: stdlib | files | hf (a streamed Hub dataset); path: glob or dataset name; block_len tokens per sequence.
+    validation_split: "holdout" (default) holds out validation_fraction of the training documents by a stable hash
+    (stdlib: of the file path), never trained on; or the name of a real split of an hf dataset.
+    hf streams: shuffle_buffer documents are shuffled and tokenised together (0: stream order); num_workers
+    DataLoader workers read and tokenise them (default 1)."""
 
     kind: Literal["stdlib", "files", "hf"] = "stdlib"
     path: Optional[str] = None
     text_field: str = "text"
     name: Optional[str] = None
     train_split: str = "train"
-    validation_split: str = "validation"
+    validation_split: str = "holdout"
     block_len: int = 256
     batch_size: int = 1
     validation_blocks: int = 16
     validation_fraction: float = 0.05
     piece_chars: int = 4096  # stdlib: files cut into pieces of this size, served in a shuffled order
+    shuffle_buffer: int = 1000
+    num_workers: Optional[int] = None
 
 
 @dataclass
@@ -68,7 +76,9 @@ class OptimSection:
 
 @dataclass
 class RunSection:
-    """Where and how: out_dir for checkpoints/logs/plots; strategy auto|ddp|fsdp|deepspeed_stage_2|deepspeed_stage_3."""
+    """Where and how: out_dir for checkpoints/logs/plots; strategy auto|ddp|deepspeed_stage_2|deepspeed_stage_3;
+    validate_every: held-out perplexity and realised CR every N optimiser steps (and always at the end);
+    wandb_project/wandb_entity: where the W&B run goes (one run per out_dir, resumed with it)."""
 
     out_dir: str = "checkpoints/run"
     seed: int = 0
@@ -85,6 +95,8 @@ class RunSection:
     progress_bar: bool = True
     validate_every: Optional[int] = None
     deepspeed_config: Optional[str] = None
+    wandb_project: str = "dmc"
+    wandb_entity: Optional[str] = None
 
 
 @dataclass
@@ -114,6 +126,20 @@ class Recipe:
             (o.lr > 0 and (o.decision_lr is None or o.decision_lr > 0), "optim.lr and optim.decision_lr must be > 0"),
             (r.keep_last >= 1 and r.checkpoint_every >= 1, "run.keep_last and run.checkpoint_every must be >= 1"),
             (set(r.loggers) <= {"csv", "wandb", "tensorboard"}, f"run.loggers={r.loggers}: use csv, wandb, tensorboard"),
+            (r.strategy in STRATEGIES, f"run.strategy={r.strategy!r} is not one of {', '.join(STRATEGIES)}"
+             + (" (ZeRO offload is not supported: ZeRO-3 shards the 70B recipe over 64 GPUs without it)"
+                if "offload" in r.strategy else "")
+             + (" (FSDP is not supported: use deepspeed_stage_3 to shard parameters)" if "fsdp" in r.strategy else "")),
+            (r.validate_every is None or r.validate_every >= 1, "run.validate_every must be >= 1 (or null: at the end)"),
+            (d.validation_split != d.train_split,
+             f"data.validation_split={d.validation_split!r} is the training split: validation would score documents "
+             "the model trains on; use holdout (a held-out slice of the training documents) or a real validation split"),
+            (d.kind != "files" or d.validation_split == "holdout",
+             "data.kind=files has no splits: set data.validation_split=holdout"),
+            (d.shuffle_buffer >= 0 and (d.num_workers is None or d.num_workers >= 0),
+             "data.shuffle_buffer and data.num_workers must be >= 0"),
+            (d.kind == "hf" or not d.num_workers,
+             "data.num_workers is for streamed (kind: hf) data; local sources are packed in the training process"),
         ]
         for ok, message in checks:
             if not ok:

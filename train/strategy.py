@@ -3,20 +3,65 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import torch
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs" / "deepspeed"
+ZERO_STAGE = {"deepspeed_stage_2": 2, "deepspeed_stage_3": 3}
 
 
-def build_strategy(name: str, accelerator: str, deepspeed_config: str | None):
-    if not name.startswith("deepspeed"):
-        return name
+class StrategyError(ValueError):
+    """The strategy or its DeepSpeed config cannot run as asked; the message says what to change."""
+
+
+def deepspeed_config(name: str, path: str | None) -> dict:
+    """The DeepSpeed JSON of a ``deepspeed_stage_N`` strategy (ours, or ``path``), checked against its name."""
+    stage = ZERO_STAGE[name]
+    file = Path(path) if path else CONFIG_DIR / f"zero{stage}.json"
+    if not file.exists():
+        raise StrategyError(f"run.deepspeed_config={str(file)!r} does not exist")
+    try:
+        config = json.loads(file.read_text())
+    except json.JSONDecodeError as err:
+        raise StrategyError(f"run.deepspeed_config={str(file)!r} is not valid JSON ({err})") from None
+    zero = config.get("zero_optimization", {})
+    if zero.get("stage", stage) != stage:
+        raise StrategyError(f"{file} sets ZeRO stage {zero.get('stage')} but run.strategy={name!r}; make them agree")
+    for key in ("offload_optimizer", "offload_param"):
+        if zero.get(key, {}).get("device", "none") != "none":
+            raise StrategyError(f"{file}: zero_optimization.{key} is not supported (the trainer builds torch's "
+                                "AdamW, not DeepSpeed's CPU Adam); remove it, or shard further with more GPUs")
+    return config
+
+
+def check_devices(run) -> None:
+    """Refuse, in one line naming the override, a recipe the machine or the launcher cannot give its devices."""
+    local, world = os.environ.get("LOCAL_WORLD_SIZE"), os.environ.get("WORLD_SIZE")
+    if run.accelerator in ("gpu", "cuda"):
+        gpus = torch.cuda.device_count()
+        if gpus == 0:
+            raise StrategyError("run.accelerator=gpu but this machine has no CUDA GPU: rehearse the recipe here with "
+                                "`dmc rehearse --config CONFIG`, or train on the CPU with --run.accelerator cpu "
+                                "--run.precision 32-true")
+        if run.devices > gpus:
+            raise StrategyError(f"run.devices={run.devices} but this machine has {gpus} GPU(s): pass --run.devices "
+                                f"{gpus} (and raise optim.accumulate_grad_batches to keep the global batch)")
+    if local is not None and int(local) != run.devices:
+        raise StrategyError(f"torchrun started {local} process(es) per node but run.devices={run.devices}: pass "
+                            f"--run.devices {local}, or torchrun --nproc_per_node {run.devices}")
+    if world is not None and local is not None and int(world) != run.devices * run.num_nodes:
+        raise StrategyError(f"torchrun started {world} processes in all but run.devices x run.num_nodes = "
+                            f"{run.devices} x {run.num_nodes}: pass --run.num_nodes {int(world) // int(local)}")
+
+
+def build_strategy(name: str, accelerator: str, config_path: str | None):
+    if name not in ZERO_STAGE:
+        return name  # auto, ddp: Lightning's own (Recipe.validate refuses anything else)
     from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy
 
-    stage = 3 if name.endswith("3") else 2
-    config = json.loads(Path(deepspeed_config or CONFIG_DIR / f"zero{stage}.json").read_text())
+    config = deepspeed_config(name, config_path)
     on_cpu = accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available())
     if not on_cpu:
         return DeepSpeedStrategy(config=config)
