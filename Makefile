@@ -29,11 +29,12 @@ $(MODEL)/config.json: $(VENV)/.installed
 
 model: $(MODEL)/config.json
 
+# Tests never download: a Hub id they need is published into a temporary cache (train/hub_cache.py).
 test: venv model
-	$(PY) -m pytest -q -ra
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -ra
 
 test-fast: venv
-	$(PY) -m pytest -q -m "not slow"
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "not slow"
 
 demo: venv model
 	$(PY) -m dmc.cli demo

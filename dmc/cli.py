@@ -13,6 +13,8 @@ def main(argv: list[str] | None = None) -> None:
     fetch.add_argument("--out", default="checkpoints/smollm2-135m")
     fetch.add_argument("--cache", default=".cache/gguf")
     sub.add_parser("train", help="continued pretraining with DMC (Lightning); see `dmc train --help`", add_help=False)
+    sub.add_parser("rehearse", help="a recipe in miniature before GPU hours: every stage, a SIGKILL and resume, "
+                   "export, eval; see `dmc rehearse --help`", add_help=False)
     sub.add_parser("demo", help="retrofit SmolLM2-135M to ~2x on CPU and compare it with the vanilla model", add_help=False)
     sub.add_parser("export", help="training checkpoint -> self-contained HF folder; see `dmc export --help`", add_help=False)
     sub.add_parser("gqa-convert", help="the GQA baseline's start: mean-pool a Llama's KV heads; see "
@@ -29,13 +31,14 @@ def main(argv: list[str] | None = None) -> None:
     bench = sub.add_parser("bench-core", help="training-step and prefill speed of DMC versus vanilla")
     bench.add_argument("args", nargs=argparse.REMAINDER)
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] in (["train"], ["demo"]):
+    if argv[:1] in (["train"], ["demo"], ["rehearse"]):
         try:
             from train.cli import main as train_main
             from train.demo import main as demo_main
+            from train.rehearsal.run import main as rehearse_main
         except ImportError as err:
             sys.exit(f"error: `dmc {argv[0]}` needs the training extras ({err.name} is missing): pip install 'dmc[train]'")
-        return (train_main if argv[0] == "train" else demo_main)(argv[1:])
+        return {"train": train_main, "demo": demo_main, "rehearse": rehearse_main}[argv[0]](argv[1:])
     if argv[:1] == ["export"]:
         try:
             from train.export import main as export_main

@@ -7,7 +7,6 @@ Old values restored by a master copy, adapters trained during stage 1, or stale 
 momentum all exceed that bound."""
 
 import json
-import math
 
 import pytest
 import torch
@@ -17,6 +16,7 @@ pytest.importorskip("lightning")
 import dmc  # noqa: E402
 import dmc.modeling  # noqa: E402
 from tests.helpers import SMOLLM2, run_dmc, tiny_train, write_tiny_checkpoint  # noqa: E402
+from train.handover import first_adam_step  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not (SMOLLM2 / "config.json").exists(), reason="run `make model` first")
 
@@ -27,13 +27,6 @@ LR, DECISION_LR, BETAS = 1.0e-3, 5.0e-2, (0.9, 0.95)
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     return str(write_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "llama"))
-
-
-def first_adam_step(lr: float, t: int) -> float:
-    """The largest |update| of Adam's first step from zero moments at step count t: lr * m^ / sqrt(v^) with
-    m = (1 - b1) g and v = (1 - b2) g^2 and the bias corrections of step t."""
-    b1, b2 = BETAS
-    return lr * ((1 - b1) / (1 - b1**t)) / math.sqrt((1 - b2) / (1 - b2**t))
 
 
 def _assert_one_fresh_step(values: torch.Tensor, size: float, what: str) -> None:
@@ -47,9 +40,9 @@ def _check_rows_after_one_stage2_step(state: dict, config) -> None:
     for i in range(config.num_hidden_layers):
         for proj in ("q_proj", "k_proj"):
             rows = state[f"model.layers.{i}.self_attn.{proj}.weight"][c::D]
-            _assert_one_fresh_step(rows, first_adam_step(LR, t), f"layer {i} {proj} decision rows")
+            _assert_one_fresh_step(rows, first_adam_step(LR, t, BETAS), f"layer {i} {proj} decision rows")
         adapter = state[f"model.layers.{i}.self_attn.decision_adapter"]
-        _assert_one_fresh_step(adapter, first_adam_step(DECISION_LR, t), f"layer {i} decision adapter")
+        _assert_one_fresh_step(adapter, first_adam_step(DECISION_LR, t, BETAS), f"layer {i} decision adapter")
 
 
 def _state_and_config(run_dir):

@@ -18,6 +18,14 @@ import torch
 MOMENTS = ("exp_avg", "exp_avg_sq")
 
 
+def first_adam_step(lr: float, t: int, betas=(0.9, 0.95)) -> float:
+    """The largest |update| Adam's first step from zero moments can make at step count t (whatever the gradient):
+    lr * m^ / sqrt(v^) with m = (1 - b1) g, v = (1 - b2) g^2 and the bias corrections of step t. One step after
+    the handover no decision row is further from zero than this."""
+    b1, b2 = betas
+    return lr * ((1 - b1) / (1 - b1**t)) / ((1 - b2) / (1 - b2**t)) ** 0.5
+
+
 def decision_targets(model) -> list[tuple[torch.nn.Parameter, slice | None]]:
     """(parameter, rows) to zero: rows ``c::D`` of every q/k projection weight (and bias), and every decision
     adapter whole (rows ``None``)."""

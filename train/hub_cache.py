@@ -34,24 +34,27 @@ def publish_model(folder: str | Path, repo_id: str, hf_home: str | Path) -> Path
     return snapshot
 
 
-def publish_dataset(texts: Iterable[str], repo_id: str, hf_home: str | Path, config_name: str | None = None,
-                    split: str = "train", shards: int = 4, text_field: str = "text") -> Path:
-    """Write ``texts`` as dataset ``repo_id`` (config ``config_name``) in ``hf_home``'s datasets cache, in
-    ``shards`` Arrow files so that ranks and DataLoader workers can each stream their own."""
+def publish_dataset(texts: Iterable[str] | dict[str, Iterable[str]], repo_id: str, hf_home: str | Path,
+                    config_name: str | None = None, split: str = "train", shards: int = 4,
+                    text_field: str = "text") -> Path:
+    """Write ``texts`` (or ``{split: texts}``) as dataset ``repo_id`` (config ``config_name``) in ``hf_home``'s
+    datasets cache, each split in ``shards`` Arrow files so that ranks and DataLoader workers stream their own."""
     import datasets
     from datasets.packaged_modules.parquet.parquet import Parquet
 
-    texts = list(texts)
+    splits = {k: list(v) for k, v in texts.items()} if isinstance(texts, dict) else {split: list(texts)}
     config = config_name or "default"
     cache = Path(hf_home) / "datasets"
     final = cache / "___".join(repo_id.split("/")) / config
     cache.mkdir(parents=True, exist_ok=True)
     with _quiet(datasets), tempfile.TemporaryDirectory(dir=cache) as tmp:
-        table = datasets.Dataset.from_dict({text_field: texts, "id": [f"{repo_id}#{i}" for i in range(len(texts))]})
-        files = [str(Path(tmp) / f"{s:05d}.parquet") for s in range(shards)]
-        for s, file in enumerate(files):
-            table.shard(shards, s, contiguous=True).to_parquet(file)
-        builder = Parquet(data_files={split: files}, cache_dir=str(Path(tmp) / "prepared"),
+        data_files = {}
+        for name, rows in splits.items():
+            table = datasets.Dataset.from_dict({text_field: rows, "id": [f"{repo_id}:{name}#{i}" for i in range(len(rows))]})
+            data_files[name] = [str(Path(tmp) / f"{name}-{s:05d}.parquet") for s in range(shards)]
+            for s, file in enumerate(data_files[name]):
+                table.shard(shards, s, contiguous=True).to_parquet(file)
+        builder = Parquet(data_files=data_files, cache_dir=str(Path(tmp) / "prepared"),
                           dataset_name=repo_id.split("/")[-1], config_name=config, hash=_revision(repo_id)[:16])
         builder.download_and_prepare(num_proc=shards if shards > 1 else None)  # one Arrow file per input file
         prepared = Path(builder.cache_dir)

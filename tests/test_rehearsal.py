@@ -1,0 +1,91 @@
+"""`dmc rehearse` on the shipped recipes, as a user runs it before spending GPU hours: the Llama 2 7B recipe
+(ZeRO-2, 2 processes) and the 70B recipe (ZeRO-3, GQA, as 2 nodes) end to end; every other recipe builds its
+trainer and takes one step. And the SLURM script's dry run."""
+
+import os
+import subprocess
+
+import pytest
+
+pytest.importorskip("lightning")
+pytest.importorskip("deepspeed")
+
+from tests.helpers import ROOT, SMOLLM2, run_dmc  # noqa: E402
+from train.cli import parse  # noqa: E402
+
+pytestmark = pytest.mark.skipif(not (SMOLLM2 / "config.json").exists(), reason="run `make model` first")
+FULL = {"llama2-7b-4x": [], "llama2-70b-4x": ["--nodes", "2"]}
+CHECKS = ["miniature of the recipe", "uninterrupted run", "stage boundaries crossed", "validation", "SIGKILL one rank",
+          "stage-1 -> 2 handover", "resume after the kill", "loss curve = uninterrupted run", "loggers across the resume",
+          "export", "eval of the export", "generate from the export"]
+
+
+def _rows(stdout: str) -> dict[str, str]:
+    rows = {}
+    for line in stdout.splitlines():
+        for mark in ("  PASS  ", "  FAIL  ", "  skip  "):
+            if mark in line:
+                name, detail = line.split(mark, 1)
+                rows[name.strip()] = mark.strip() + " " + detail
+    return rows
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(FULL))
+def test_full_rehearsal_of_a_paper_recipe(name):
+    done = run_dmc("rehearse", "--config", f"configs/{name}.yaml", *FULL[name], timeout=1800)
+    rows = _rows(done.stdout)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
+    for check in CHECKS:
+        found = [row for key, row in rows.items() if key.startswith(check)]
+        assert found and found[0].startswith("PASS"), f"{check}: {found}\n{done.stdout}"
+    assert "max relative difference 0.0e+00" in rows["loss curve = uninterrupted run"]  # CPU: bit-identical
+
+
+OTHERS = sorted(p.stem for p in (ROOT / "configs").glob("*.yaml") if p.stem not in FULL)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", OTHERS)
+def test_every_other_recipe_builds_its_trainer_and_takes_a_step(name, capsys):
+    from train.rehearsal.run import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["--config", str(ROOT / "configs" / f"{name}.yaml"), "--quick", "--devices", "1"])
+    out = capsys.readouterr().out
+    assert exc.value.code == 0, out
+    assert _rows(out)["trainer builds and takes one step"].startswith("PASS")
+
+
+def test_bad_rehearsal_input_is_one_line(tmp_path):
+    done = run_dmc("rehearse", "--config", "configs/nothing.yaml")
+    assert done.returncode != 0 and "does not exist" in done.stderr.strip().splitlines()[-1]
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("keep me")
+    done = run_dmc("rehearse", "--config", "configs/tiny.yaml", "--out", str(tmp_path / "full"))
+    assert done.returncode != 0 and "is not empty" in done.stderr and (tmp_path / "full" / "x").exists()
+
+
+def test_slurm_dry_run_prints_each_nodes_command(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    env.update(SLURM_JOB_NODELIST="gpu-a,gpu-b", SLURM_NNODES="2", SLURM_JOB_ID="7", PATH="/usr/bin:/bin")
+    done = subprocess.run(["bash", "scripts/slurm_train.sh", "--dry-run", "configs/llama2-70b-4x.yaml",
+                           "--optim.lr=1e-5"], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.strip().splitlines()
+    assert [line.split(":", 1)[0] for line in lines] == ["node gpu-a", "node gpu-b"]
+    command = lines[0].split(": ", 1)[1].split()
+    assert command[:5] == ["torchrun", "--nnodes", "2", "--nproc_per_node", "8"]
+    assert "--rdzv_endpoint" in command and command[command.index("--rdzv_endpoint") + 1] == "gpu-a:29500"
+    train_args = command[command.index("train") + 1:]
+    recipe, _, _ = parse(train_args)  # what each node runs is a valid recipe for this allocation
+    assert (recipe.run.num_nodes, recipe.run.devices, recipe.optim.lr) == (2, 8, 1e-5)
+    outside = subprocess.run(["bash", "scripts/slurm_train.sh", "--dry-run", "configs/tiny.yaml"], cwd=ROOT,
+                             env={k: v for k, v in env.items() if not k.startswith("SLURM_")},
+                             capture_output=True, text=True)
+    assert outside.returncode != 0 and "not in a SLURM allocation" in outside.stderr
+
+
+def test_the_rehearsal_command_is_listed():
+    done = run_dmc("--help")
+    assert done.returncode == 0 and "rehearse" in done.stdout
