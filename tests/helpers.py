@@ -113,7 +113,8 @@ def tiny_train(model_path, out_dir, *extra, config: str = "configs/tiny.yaml"):
     main(["--config", str(ROOT / config), "--model.path", str(model_path), "--run.out_dir", str(out_dir), *extra])
 
 
-def publish_offline_dataset(tmp_path, monkeypatch, texts, repo_id: str, config_name: str | None = None, shards: int = 4):
+def publish_offline_dataset(tmp_path, monkeypatch, texts, repo_id: str, config_name: str | None = None,
+                            shards: int = 4):
     """Publish ``texts`` as ``repo_id`` into a temporary HF cache and point this process's ``datasets`` at it,
     offline (as HF_HOME + HF_HUB_OFFLINE=1 do for a fresh process)."""
     import datasets.config

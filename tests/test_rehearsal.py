@@ -15,9 +15,9 @@ from train.cli import parse  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not (SMOLLM2 / "config.json").exists(), reason="run `make model` first")
 FULL = {"llama2-7b-4x": [], "llama2-70b-4x": ["--nodes", "2"]}
-CHECKS = ["miniature of the recipe", "uninterrupted run", "stage boundaries crossed", "validation", "SIGKILL one rank",
-          "stage-1 -> 2 handover", "resume after the kill", "loss curve = uninterrupted run", "loggers across the resume",
-          "export", "eval of the export", "generate from the export"]
+CHECKS = ["miniature of the recipe", "uninterrupted run", "stage boundaries crossed", "validation",
+          "SIGKILL one rank", "stage-1 -> 2 handover", "resume after the kill", "loss curve = uninterrupted run",
+          "loggers across the resume", "export", "eval of the export", "generate from the export"]
 
 
 def _rows(stdout: str) -> dict[str, str]:

@@ -113,7 +113,8 @@ class Validation(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         step = trainer.global_step
-        if trainer.fit_loop._should_accumulate() or not (step == self.last_step or (self.every and step % self.every == 0)):
+        due = step == self.last_step or (self.every and step % self.every == 0)
+        if trainer.fit_loop._should_accumulate() or not due:
             return
         if self.blocks is None:
             self.blocks = trainer.datamodule.validation_blocks()

@@ -107,9 +107,10 @@ class BlocksDataModule(L.LightningDataModule):
         shuffle = s.shuffle_buffer > 1
 
         def make(logical: int) -> StreamedBlocks:
+            start = StreamPosition.from_dict(self.stream_positions.get(logical))
+            chunk = s.shuffle_buffer if shuffle else UNSHUFFLED_CHUNK
             return StreamedBlocks(spec, self.tokenizer, s.block_len, stream=rank * workers + logical,
-                                  streams=world * workers, start=StreamPosition.from_dict(self.stream_positions.get(logical)),
-                                  chunk=s.shuffle_buffer if shuffle else UNSHUFFLED_CHUNK, shuffle=shuffle, seed=self.seed,
+                                  streams=world * workers, start=start, chunk=chunk, shuffle=shuffle, seed=self.seed,
                                   holdout=spec.holdout == "exclude")
 
         return DataLoader(_WorkerStreams(make, workers, self.next_stream), batch_size=s.batch_size,

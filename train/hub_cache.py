@@ -50,7 +50,8 @@ def publish_dataset(texts: Iterable[str] | dict[str, Iterable[str]], repo_id: st
     with _quiet(datasets), tempfile.TemporaryDirectory(dir=cache) as tmp:
         data_files = {}
         for name, rows in splits.items():
-            table = datasets.Dataset.from_dict({text_field: rows, "id": [f"{repo_id}:{name}#{i}" for i in range(len(rows))]})
+            ids = [f"{repo_id}:{name}#{i}" for i in range(len(rows))]
+            table = datasets.Dataset.from_dict({text_field: rows, "id": ids})
             data_files[name] = [str(Path(tmp) / f"{name}-{s:05d}.parquet") for s in range(shards)]
             for s, file in enumerate(data_files[name]):
                 table.shard(shards, s, contiguous=True).to_parquet(file)

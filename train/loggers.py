@@ -11,6 +11,7 @@ import csv
 import os
 import re
 import uuid
+import warnings
 from pathlib import Path
 
 from lightning.pytorch.loggers import CSVLogger
@@ -35,7 +36,8 @@ def rows_before(path: Path, step: int) -> list[dict]:
         return []
     with open(path, newline="") as f:
         rows = [row for row in csv.DictReader(f) if row.get("step")]
-    return [row for row in rows if int(row["step"]) < step or (int(row["step"]) == step and not row.get("train/lm_loss"))]
+    return [row for row in rows
+            if int(row["step"]) < step or (int(row["step"]) == step and not row.get("train/lm_loss"))]
 
 
 class RunCSVLogger(CSVLogger):
@@ -52,7 +54,9 @@ class RunCSVLogger(CSVLogger):
             self._fs.makedirs(self.root_dir, exist_ok=True)
             metrics = Path(self.log_dir) / ExperimentWriter.NAME_METRICS_FILE
             kept = rows_before(metrics, self.resume_step)
-            self._experiment = ExperimentWriter(log_dir=self.log_dir)  # removes the old file
+            with warnings.catch_warnings():  # "previous log files will be deleted": we keep them, below
+                warnings.filterwarnings("ignore", message="Experiment logs directory")
+                self._experiment = ExperimentWriter(log_dir=self.log_dir)  # removes the old file
             if kept:
                 keys = sorted({k for row in kept for k in row})
                 tmp = metrics.with_name(metrics.name + ".tmp")

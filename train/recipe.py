@@ -129,11 +129,13 @@ class Recipe:
             (r.strategy in STRATEGIES, f"run.strategy={r.strategy!r} is not one of {', '.join(STRATEGIES)}"
              + (" (ZeRO offload is not supported: ZeRO-3 shards the 70B recipe over 64 GPUs without it)"
                 if "offload" in r.strategy else "")
-             + (" (FSDP is not supported: use deepspeed_stage_3 to shard parameters)" if "fsdp" in r.strategy else "")),
-            (r.validate_every is None or r.validate_every >= 1, "run.validate_every must be >= 1 (or null: at the end)"),
+             + (" (FSDP is not supported: use deepspeed_stage_3 to shard parameters)"
+                if "fsdp" in r.strategy else "")),
+            (r.validate_every is None or r.validate_every >= 1,
+             "run.validate_every must be >= 1 (or null: at the end)"),
             (d.validation_split != d.train_split,
              f"data.validation_split={d.validation_split!r} is the training split: validation would score documents "
-             "the model trains on; use holdout (a held-out slice of the training documents) or a real validation split"),
+             "the model trains on; use holdout (a held-out slice of the training documents) or a real split"),
             (d.kind != "files" or d.validation_split == "holdout",
              "data.kind=files has no splits: set data.validation_split=holdout"),
             (d.shuffle_buffer >= 0 and (d.num_workers is None or d.num_workers >= 0),

@@ -41,7 +41,8 @@ def stages_crossed(run: Path, expected: int = 3) -> str:
     if stages and len(stages) < expected:
         raise CheckFailed(f"only stages {stages} ran")
     cr = metric(run, "train/target_cr")
-    return f"stages {stages or '(GQA: one)'}; target CR {min(cr.values(), default=1):g} -> {max(cr.values(), default=1):g}"
+    low, high = min(cr.values(), default=1), max(cr.values(), default=1)
+    return f"stages {stages or '(GQA: one)'}; target CR {low:g} -> {high:g}"
 
 
 def handover_rows(run: Path, step: int, lr: float, decision_lr: float | None, betas) -> str:

@@ -42,9 +42,10 @@ def tiny_config(heads: int, kv_heads: int, vocab: int, tokenizer, max_positions:
     group = heads // kv_heads
     kv = min(kv_heads, 8) if group == 1 else min(kv_heads, 2)
     head_dim = 16 if kv * group <= 8 else 8
-    return LlamaConfig(vocab_size=vocab, hidden_size=kv * group * head_dim, intermediate_size=256, num_hidden_layers=2,
-                       num_attention_heads=kv * group, num_key_value_heads=kv, max_position_embeddings=max_positions,
-                       tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    return LlamaConfig(vocab_size=vocab, hidden_size=kv * group * head_dim, intermediate_size=256,
+                       num_hidden_layers=2, num_attention_heads=kv * group, num_key_value_heads=kv,
+                       max_position_embeddings=max_positions, tie_word_embeddings=True,
+                       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
 
 
 def write_tiny_model(recipe: Recipe, layout: tuple, tokenizer, out: Path) -> tuple[Path, str]:
