@@ -80,8 +80,10 @@ def scale(recipe: Recipe, out_dir: Path, model_path: str, devices: int, nodes: i
         f"stages {s.stage1_steps}/{s.ramp_steps}/{s.finetune_steps} -> {'/'.join(map(str, STAGES))} steps",
         f"block {d.block_len} -> {BLOCK_LEN} tokens, {d.validation_blocks} -> {VALIDATION_BLOCKS} validation blocks",
         f"accumulation {o.accumulate_grad_batches} -> {acc}",
-        f"{r.num_nodes} node(s) x {r.devices} {r.accelerator} -> {nodes} x {devices} {'gpu' if on_gpu else 'cpu'}",
-        f"checkpoint every {r.checkpoint_every} -> 1 step, validation every {r.validate_every} -> 4 steps",
+        f"{r.num_nodes} node(s) x {r.devices} device(s) ({r.accelerator}) -> {nodes} x {devices} "
+        f"({'gpu' if on_gpu else 'cpu'})",
+        f"checkpoint every {r.checkpoint_every} -> 1 step; validation "
+        f"{f'every {r.validate_every}' if r.validate_every else 'at the end'} -> every 4 steps and at the end",
     ]
     if precision != r.precision:
         changes.append(f"precision {r.precision} -> {precision} (no CUDA here)")

@@ -114,9 +114,11 @@ class Rehearsal:
             self.recipes[name] = recipe
             path = self.root / f"{name}.yaml"
             path.write_text(yaml.safe_dump(json.loads(json.dumps(_asdict(recipe))), sort_keys=False))
-        notes = publish(self.user, tiny, self.hf_home, hub)
+        self.notes = [note, f"tokenizer: {source}", *publish(self.user, tiny, self.hf_home, hub), *changes]
         self.mini = self.recipes["killed"]
-        return "; ".join([note, f"tokenizer of {source}", *notes, *changes])
+        m = self.mini
+        return (f"{self.ns.nodes} node(s) x {self.devices} {m.run.accelerator} process(es), {m.run.strategy}, "
+                f"{m.run.precision}, {m.data.kind} data, {m.total_steps} steps")
 
     # ---- runs ----------------------------------------------------------------------------------------
     def train(self, name: str, extra: list[str] | None = None) -> str:
@@ -210,11 +212,16 @@ def _last_error(text: str) -> str:
     return (errors or lines or ["(no output)"])[-1][:240]
 
 
-def rehearse(ns, recipe, root: Path) -> Table:
+def rehearse(ns, recipe, root: Path) -> tuple[Table, list[str]]:
+    """(the table, what the miniature changed)."""
     table = Table()
     r = Rehearsal(ns, recipe, root)
     if table.check("miniature of the recipe", r.prepare) is None:
-        return table
+        return table, []
+    return _run_checks(ns, r, root, table), r.notes
+
+
+def _run_checks(ns, r: Rehearsal, root: Path, table: Table) -> Table:
     if ns.quick:
         table.check("trainer builds and takes one step", r.train, "killed", ["--stop_at", "1"])
         return table
@@ -270,12 +277,12 @@ def main(argv: list[str] | None = None) -> None:
     root.mkdir(parents=True, exist_ok=True)
     t0 = time.monotonic()
     try:
-        table = rehearse(ns, recipe, root)
+        table, notes = rehearse(ns, recipe, root)
     finally:
         if not ns.out:
             shutil.rmtree(root, ignore_errors=True)
     print(f"dmc rehearse {ns.config} ({'quick' if ns.quick else 'full'}, {time.monotonic() - t0:.0f} s)")
-    print(table.render())
+    print("".join(f"  - {note}\n" for note in notes) + table.render())
     if ns.out:
         (root / "rehearsal.json").write_text(json.dumps([dict(zip(("check", "passed", "detail"), row))
                                                          for row in table.rows], indent=2))
