@@ -128,3 +128,14 @@ def publish_offline_dataset(tmp_path, monkeypatch, texts, repo_id: str, config_n
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     return home
+
+
+def one_line_exit(main, *argv) -> str:
+    """Call a command's ``main(argv)``, expect it to exit with a one-line message, and return the message."""
+    import pytest
+
+    with pytest.raises(SystemExit) as exc:
+        main(list(argv))
+    message = str(exc.value.code)
+    assert "Traceback" not in message and "\n" not in message.strip(), message
+    return message

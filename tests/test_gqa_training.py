@@ -9,7 +9,7 @@ import pytest
 
 pytest.importorskip("lightning")
 
-from tests.helpers import SMOLLM2, logged, tiny_train, write_tiny_checkpoint  # noqa: E402
+from tests.helpers import SMOLLM2, logged, one_line_exit, tiny_train, write_tiny_checkpoint  # noqa: E402
 from train.cli import main  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -72,11 +72,7 @@ def test_gqa_run_resumes_exports_and_evaluates_at_its_cr(tiny, tmp_path, capsys)
 
 
 def _error(*argv) -> str:
-    with pytest.raises(SystemExit) as exc:
-        main(list(argv))
-    message = str(exc.value.code)
-    assert "Traceback" not in message and "\n" not in message.strip()
-    return message
+    return one_line_exit(main, *argv)
 
 
 def test_gqa_recipes_that_cannot_fit_get_one_line_errors(tiny, tmp_path):

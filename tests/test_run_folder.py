@@ -10,7 +10,7 @@ import yaml
 
 pytest.importorskip("lightning")
 
-from tests.helpers import SMOLLM2, tiny_train, write_tiny_checkpoint  # noqa: E402
+from tests.helpers import SMOLLM2, one_line_exit, tiny_train, write_tiny_checkpoint  # noqa: E402
 from train.cli import main, parse  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not (SMOLLM2 / "config.json").exists(), reason="run `make model` first")
@@ -73,11 +73,7 @@ def test_the_resolved_recipe_is_saved_and_runs_again(tiny, tmp_path):
 
 
 def _one_line(capsys, *argv) -> str:
-    with pytest.raises(SystemExit) as exc:
-        main(list(argv))
-    message = str(exc.value.code)
-    assert "Traceback" not in message and "\n" not in message.strip()
-    return message
+    return one_line_exit(main, *argv)
 
 
 def test_recipes_that_would_validate_on_training_data_are_refused(tiny, tmp_path, capsys):

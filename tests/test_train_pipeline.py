@@ -9,7 +9,7 @@ pytest.importorskip("lightning")
 pytest.importorskip("deepspeed")
 
 import dmc  # noqa: E402
-from tests.helpers import SMOLLM2, logged, run_dmc, tiny_train, write_tiny_checkpoint  # noqa: E402
+from tests.helpers import SMOLLM2, logged, one_line_exit, tiny_train, write_tiny_checkpoint  # noqa: E402
 from train.cli import main, parse  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -49,10 +49,6 @@ def test_stop_and_resume_equals_uninterrupted(tiny, tmp_path):
     assert _losses(tmp_path / "a") == _losses(tmp_path / "b")
 
 
-def _cli(*args):
-    return run_dmc("train", *args)
-
-
 @pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
 def test_every_yaml_loads_and_names_its_command(path):
     recipe, _, _ = parse(["--config", str(path)])
@@ -62,11 +58,7 @@ def test_every_yaml_loads_and_names_its_command(path):
 
 
 def _error(capsys, *argv) -> str:
-    with pytest.raises(SystemExit) as exc:
-        main(list(argv))
-    message = str(exc.value.code)
-    assert "Traceback" not in message and "\n" not in message.strip()
-    return message
+    return one_line_exit(main, *argv)
 
 
 def test_bad_inputs_get_one_line_errors(tiny, tmp_path, capsys):
