@@ -319,11 +319,6 @@ class DMCLlamaForCausalLM(LlamaForCausalLM):
                 attn.k_proj.weight[c::D] += attn.decision_adapter[H:].to(attn.k_proj.weight.dtype)
                 attn.decision_adapter = None
 
-    def decision_rows(self) -> list[tuple[torch.nn.Parameter, int, int]]:
-        """(weight, channel, head_dim) of every q/k projection: rows ``c::head_dim`` hold the decisions."""
-        D, c = self.config.dmc_head_dim, self.config.dmc_channel_index
-        return [(p.weight, c, D) for layer in self.model.layers for p in (layer.self_attn.q_proj, layer.self_attn.k_proj)]
-
 
 AutoConfig.register("dmc_llama", DMCLlamaConfig, exist_ok=True)
 AutoModel.register(DMCLlamaConfig, DMCLlamaModel, exist_ok=True)

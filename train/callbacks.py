@@ -13,7 +13,8 @@ import lightning as L
 import dmc
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` under a temporary name and rename it over ``path``: readers see the old or the new file."""
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
@@ -40,7 +41,7 @@ def truncate_jsonl(path: Path, step: int) -> None:
             continue
         if record.get("step", 0) <= step:
             kept.append(line)
-    _atomic_write_text(path, "".join(line + "\n" for line in kept))
+    atomic_write_text(path, "".join(line + "\n" for line in kept))
 
 
 def last_jsonl(path: Path) -> dict | None:
@@ -86,7 +87,7 @@ class AtomicCheckpoint(L.Callback):
             if final.exists():
                 shutil.rmtree(final) if final.is_dir() else final.unlink()
             os.replace(tmp, final)
-            _atomic_write_text(self.dir / "latest", final.name)
+            atomic_write_text(self.dir / "latest", final.name)
             for old in sorted(self.dir.glob("step-*.ckpt"))[: -self.keep_last]:
                 shutil.rmtree(old) if old.is_dir() else old.unlink()
         trainer.strategy.barrier("ckpt-done")

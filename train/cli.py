@@ -74,7 +74,7 @@ def run(recipe: Recipe, resume: str = "auto", stop_at: int | None = None) -> dic
     import torch
     from lightning.pytorch.callbacks import RichProgressBar
 
-    from .callbacks import AtomicCheckpoint, Plots, Telemetry, Validation, last_jsonl
+    from .callbacks import AtomicCheckpoint, Plots, Telemetry, Validation, atomic_write_text, last_jsonl
     from .data_module import BlocksDataModule
     from .loggers import build_loggers, checkpoint_step
     from .module import DMCTrainingModule
@@ -124,7 +124,7 @@ def run(recipe: Recipe, resume: str = "auto", stop_at: int | None = None) -> dic
     if validation:
         summary["validation"] = validation
     if trainer.is_global_zero:
-        _write_atomic(out / "summary.json", json.dumps(summary, indent=2))
+        atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
     return summary
 
 
@@ -136,20 +136,14 @@ def launch_rank() -> int:
     return int(os.environ.get("LOCAL_RANK", 0)) + int(os.environ.get("NODE_RANK", 0))
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def _prepare_run_folder(recipe: Recipe, out: Path, resume_step: int) -> None:
     """The resolved recipe in RUN/config.yaml; what a killed run wrote after its last checkpoint goes (the steps
     that redo it write it again), and so does a checkpoint it was writing."""
-    from .callbacks import truncate_jsonl
+    from .callbacks import atomic_write_text, truncate_jsonl
 
     resolved = json.loads(json.dumps(dataclasses.asdict(recipe)))  # tuples -> lists
     header = f"# The resolved recipe of this run. Run again: dmc train --config {out}/config.yaml\n"
-    _write_atomic(out / "config.yaml", header + yaml.safe_dump(resolved, sort_keys=False))
+    atomic_write_text(out / "config.yaml", header + yaml.safe_dump(resolved, sort_keys=False))
     for name in ("telemetry.jsonl", "validation.jsonl"):
         truncate_jsonl(out / name, resume_step)
     for stale in (out / "ckpt").glob("*.tmp"):

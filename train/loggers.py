@@ -18,6 +18,8 @@ from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.loggers.logger import rank_zero_experiment
 
+from .callbacks import atomic_write_text
+
 WANDB_ID_FILE = "wandb_id"
 
 
@@ -76,9 +78,7 @@ def wandb_run_id(out_dir: Path, is_global_zero: bool) -> str:
         return path.read_text().strip()
     run_id = uuid.uuid4().hex[:12]
     if is_global_zero:  # only rank 0 logs to W&B; other ranks never use their id
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(run_id + "\n")
-        os.replace(tmp, path)
+        atomic_write_text(path, run_id + "\n")
     return run_id
 
 
