@@ -67,16 +67,13 @@ def stdlib_root() -> Path:
 
 
 def _hash01(key: str) -> float:
-    return int(hashlib.sha256(key.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
+    return int(hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()[:8], 16) / 0xFFFFFFFF
 
 
-def _held_out(rel: str, fraction: float) -> bool:
-    return _hash01(rel) < fraction
-
-
-def held_out(text: str, fraction: float) -> bool:
-    """Whether a document belongs to the validation hold-out: a stable hash of its text below ``fraction``."""
-    return int(hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:8], 16) / 0xFFFFFFFF < fraction
+def held_out(key: str, fraction: float) -> bool:
+    """Whether a stdlib file (key: its path) or a document (key: its text) is in the validation hold-out: a
+    stable hash of the key below ``fraction``."""
+    return _hash01(key) < fraction
 
 
 def split_lines(text: str, max_chars: int) -> list[str]:
@@ -116,7 +113,7 @@ def stdlib_files(split: str, fraction: float) -> list[Path]:
         rel = path.relative_to(root).as_posix()
         if rel.startswith(("site-packages/", "dist-packages/")):
             continue
-        if _held_out(rel, fraction) == (split != "train"):
+        if held_out(rel, fraction) == (split != "train"):
             files.append(path)
     return files
 
@@ -192,15 +189,22 @@ def documents(spec: SourceSpec, stats: Counter | None = None) -> Iterator[tuple[
             yield from _nonempty(f"{spec.path}#{n}", text if isinstance(text, str) else None, stats, spec)
 
 
-def _nonempty(doc_id: str, text: str | None, stats: Counter,
-              spec: SourceSpec | None = None) -> Iterator[tuple[str, str]]:
+def keep_document(text: str | None, stats: Counter, spec: SourceSpec | None = None) -> bool:
+    """Whether a document is served: not empty, and on ``spec.holdout``'s side of the hold-out; the reason for a
+    skip is counted in ``stats``."""
     if text is None:
-        return
+        return False
     if not text.strip():
         stats["skipped_empty"] += 1
-        return
+        return False
     if spec is not None and spec.holdout and held_out(text, spec.validation_fraction) != (spec.holdout == "only"):
         stats["held_out" if spec.holdout == "exclude" else "not_held_out"] += 1
-        return
+        return False
     stats["documents"] += 1
-    yield doc_id, text
+    return True
+
+
+def _nonempty(doc_id: str, text: str | None, stats: Counter,
+              spec: SourceSpec | None = None) -> Iterator[tuple[str, str]]:
+    if keep_document(text, stats, spec):
+        yield doc_id, text

@@ -21,7 +21,7 @@ from typing import Iterator
 
 import torch
 
-from .sources import DataError, SourceSpec, held_out, open_stream, split_lines
+from .sources import DataError, SourceSpec, keep_document, open_stream, split_lines
 
 
 @dataclass
@@ -49,31 +49,23 @@ class StreamedBlocks:
     """Iterable of ``(block (block_len,) int64, StreamPosition)`` for one (rank, worker) stream.
 
     chunk: raw documents read, shuffled and tokenised together (the shuffle buffer); shuffle=False keeps order.
-    holdout: drop the documents :func:`data.sources.held_out` reserves for validation (``spec.validation_fraction``).
+    ``spec.holdout`` picks the side of the validation hold-out the stream serves (see ``SourceSpec``).
     """
 
     def __init__(self, spec: SourceSpec, tokenizer, block_len: int, stream: int = 0, streams: int = 1,
                  start: StreamPosition | None = None, chunk: int = 1000, shuffle: bool = True, seed: int = 0,
-                 holdout: bool = True, stats: Counter | None = None, max_doc_chars: int = 1_000_000):
+                 stats: Counter | None = None, max_doc_chars: int = 1_000_000):
         if tokenizer.eos_token_id is None:
             raise ValueError("the tokenizer has no eos_token_id; packing needs one between documents")
         self.spec, self.tokenizer, self.block_len = spec, tokenizer, block_len
         self.stream, self.streams = stream, streams
         self.start = start or StreamPosition()
-        self.chunk, self.shuffle, self.seed, self.holdout = max(1, chunk), shuffle, seed, holdout
+        self.chunk, self.shuffle, self.seed = max(1, chunk), shuffle, seed
         self.stats = Counter() if stats is None else stats
         self.max_doc_chars = max_doc_chars
 
     def _documents(self, texts: list) -> list[str]:
-        keep = []
-        for text in texts:
-            if not isinstance(text, str) or not text.strip():
-                self.stats["skipped_empty"] += 1
-            elif self.holdout and held_out(text, self.spec.validation_fraction):
-                self.stats["held_out"] += 1
-            else:
-                keep.append(text)
-        return keep
+        return [t for t in texts if keep_document(t if isinstance(t, str) else None, self.stats, self.spec)]
 
     def _tokenize(self, texts: list[str]) -> list[list[int]]:
         """One batched tokenizer call for a chunk; a huge document goes in as pieces cut at line ends."""
@@ -106,9 +98,7 @@ class StreamedBlocks:
                 texts = self._documents(batch[field_])
                 if self.shuffle:
                     random.Random(_seed(self.seed, self.stream, pos.epoch, docs)).shuffle(texts)
-                todo = texts[skip:]
-                self.stats["documents"] += len(todo)
-                for j, tokens in enumerate(self._tokenize(todo), start=skip):
+                for j, tokens in enumerate(self._tokenize(texts[skip:]), start=skip):
                     buf += tokens + [eos]
                     while len(buf) >= self.block_len:
                         block, buf = buf[: self.block_len], buf[self.block_len:]

@@ -46,11 +46,10 @@ def _check_rows_after_one_stage2_step(state: dict, config) -> None:
 
 
 def _state_and_config(run_dir):
-    from train.export import load_checkpoint
+    from train.export import load_checkpoint, recorded_config
 
     state, info = load_checkpoint(run_dir)
-    return state, dmc.DMCLlamaConfig(**{k: v for k, v in info["config"].items()
-                                        if k not in ("model_type", "transformers_version")})
+    return state, recorded_config(info, dmc.DMCLlamaConfig)
 
 
 def test_handover_zeroes_rows_adapters_and_moments(tiny, tmp_path):

@@ -40,7 +40,7 @@ def _spec(**kw):
 
 
 def _blocks(tok, **kw):
-    return StreamedBlocks(_spec(), tok, 16, chunk=kw.pop("chunk", 7), seed=1, **kw)
+    return StreamedBlocks(_spec(holdout="exclude"), tok, 16, chunk=kw.pop("chunk", 7), seed=1, **kw)
 
 
 def test_resume_from_a_saved_state_is_exact_across_chunks_and_epochs(hub, tok):

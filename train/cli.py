@@ -141,7 +141,7 @@ def _prepare_run_folder(recipe: Recipe, out: Path, resume_step: int) -> None:
     that redo it write it again), and so does a checkpoint it was writing."""
     from .callbacks import atomic_write_text, truncate_jsonl
 
-    resolved = json.loads(json.dumps(dataclasses.asdict(recipe)))  # tuples -> lists
+    resolved = recipe.to_dict()
     header = f"# The resolved recipe of this run. Run again: dmc train --config {out}/config.yaml\n"
     atomic_write_text(out / "config.yaml", header + yaml.safe_dump(resolved, sort_keys=False))
     for name in ("telemetry.jsonl", "validation.jsonl"):

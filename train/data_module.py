@@ -110,8 +110,7 @@ class BlocksDataModule(L.LightningDataModule):
             start = StreamPosition.from_dict(self.stream_positions.get(logical))
             chunk = s.shuffle_buffer if shuffle else UNSHUFFLED_CHUNK
             return StreamedBlocks(spec, self.tokenizer, s.block_len, stream=rank * workers + logical,
-                                  streams=world * workers, start=start, chunk=chunk, shuffle=shuffle, seed=self.seed,
-                                  holdout=spec.holdout == "exclude")
+                                  streams=world * workers, start=start, chunk=chunk, shuffle=shuffle, seed=self.seed)
 
         return DataLoader(_WorkerStreams(make, workers, self.next_stream), batch_size=s.batch_size,
                           collate_fn=_collate, num_workers=self.workers)

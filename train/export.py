@@ -81,13 +81,18 @@ def _hf_name(key: str) -> str:
     return key.removeprefix("model.") if key.startswith("model.model.") or key.startswith("model.lm_head") else key
 
 
+def recorded_config(info: dict, cls):
+    """The model config a training checkpoint recorded (``info["config"]``), as a ``cls`` config."""
+    return cls(**{k: v for k, v in info["config"].items() if k not in ("model_type", "transformers_version")})
+
+
 def build_gqa_model(state: dict[str, torch.Tensor], info: dict):
     """The up-trained GQA baseline: a plain ``LlamaForCausalLM`` with the recorded (pooled) head count."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from dmc.retrofit import assemble
 
-    config = LlamaConfig(**{k: v for k, v in info["config"].items() if k not in ("model_type", "transformers_version")})
+    config = recorded_config(info, LlamaConfig)
     model, missing, unexpected = assemble(config, state, model_cls=LlamaForCausalLM)
     if missing or unexpected:
         raise ExportError(f"the checkpoint does not match its recorded model config (missing {missing[:3]}, "
@@ -100,8 +105,7 @@ def build_model(state: dict[str, torch.Tensor], info: dict):
     from dmc import DMCLlamaConfig
     from dmc.retrofit import assemble
 
-    config_dict = {k: v for k, v in info["config"].items() if k not in ("model_type", "transformers_version")}
-    config = DMCLlamaConfig(**config_dict)
+    config = recorded_config(info, DMCLlamaConfig)
     stage1 = info.get("recipe", {}).get("schedule", {}).get("stage1_steps", 0)
     if stage1 and info.get("step", 0) <= stage1:  # rows are zeroed at the start of step `stage1`
         raise ExportError(f"the checkpoint is from stage 1 (step {info.get('step')} <= {stage1}): the decision "

@@ -5,7 +5,6 @@ only, the same optimiser, LR schedule and number of steps (so the same token bud
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict
 
@@ -104,7 +103,7 @@ class DMCTrainingModule(L.LightningModule):
     def __init__(self, recipe: Recipe):
         super().__init__()
         self.recipe = recipe
-        self.save_hyperparameters(json.loads(json.dumps(asdict(recipe))))  # the loggers record the recipe (no tuples)
+        self.save_hyperparameters(recipe.to_dict())  # the loggers record the recipe
         self.model: dmc.DMCLlamaForCausalLM | None = None
         self.last_stats: dict = {}  # DMC: the last batch's merges and tokens (telemetry, checkpoint record)
         self.is_gqa = recipe.model.method == "gqa"

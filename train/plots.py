@@ -7,7 +7,8 @@ import json
 from pathlib import Path
 
 
-def _read_metrics(out: Path) -> dict[str, list[tuple[int, float]]]:
+def read_metrics(out: Path) -> dict[str, list[tuple[int, float]]]:
+    """Every metric of a run's CSV logs: key -> [(step, value), ...] in file order."""
     series: dict[str, list[tuple[int, float]]] = {}
     for path in sorted(out.glob("logs/**/metrics.csv")):
         with open(path) as f:
@@ -35,7 +36,7 @@ def plot_run(out: Path) -> list[Path]:
 
     out = Path(out)
     written = []
-    series = _read_metrics(out)
+    series = read_metrics(out)
     if series:
         validated = len(series.get("val/perplexity", [])) >= 2  # a single end-of-run point reads badly as a plot
         fig, axes = plt.subplots(1, 3 if validated else 2, figsize=(16 if validated else 11, 4))

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import json
+from dataclasses import asdict, dataclass, field
 from typing import Literal, Optional
 
 STRATEGIES = ("auto", "ddp", "deepspeed_stage_2", "deepspeed_stage_3")
@@ -106,6 +107,10 @@ class Recipe:
     schedule: ScheduleSection = field(default_factory=ScheduleSection)
     optim: OptimSection = field(default_factory=OptimSection)
     run: RunSection = field(default_factory=RunSection)
+
+    def to_dict(self) -> dict:
+        """The recipe as plain YAML/JSON data (sections of scalars and lists; tuples become lists)."""
+        return json.loads(json.dumps(asdict(self)))
 
     @property
     def total_steps(self) -> int:

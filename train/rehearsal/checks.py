@@ -4,7 +4,6 @@ W&B run, the checkpoint folder after a kill."""
 from __future__ import annotations
 
 import contextlib
-import csv
 import io
 import json
 from pathlib import Path
@@ -16,13 +15,9 @@ class CheckFailed(Exception):
 
 def metric(run: Path, key: str) -> dict[int, float]:
     """step -> value of ``key`` in the run's CSV log (the last row of a step wins)."""
-    out = {}
-    path = run / "logs" / "version_0" / "metrics.csv"
-    if path.exists():
-        for row in csv.DictReader(open(path)):
-            if row.get(key):
-                out[int(row["step"])] = float(row[key])
-    return out
+    from train.plots import read_metrics
+
+    return dict(read_metrics(run).get(key, []))
 
 
 def same_curve(a: Path, b: Path, steps: int, rel: float) -> str:
@@ -47,7 +42,8 @@ def stages_crossed(run: Path, expected: int = 3) -> str:
 
 def handover_rows(run: Path, step: int, lr: float, decision_lr: float | None, betas) -> str:
     """The decision rows one step after the handover are within one fresh Adam step of zero (see handover.py)."""
-    from train.export import load_checkpoint
+    from dmc import DMCLlamaConfig
+    from train.export import load_checkpoint, recorded_config
     from train.handover import first_adam_step
 
     ckpt = run / "ckpt" / f"step-{step:07d}.ckpt"
@@ -55,9 +51,8 @@ def handover_rows(run: Path, step: int, lr: float, decision_lr: float | None, be
         raise CheckFailed(f"{ckpt.name} is gone (keep_last too small for the check)")
     with contextlib.redirect_stdout(io.StringIO()):  # DeepSpeed's consolidation prints its progress
         state, info = load_checkpoint(ckpt)
-    config = info["config"]
-    head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
-    c = config.get("dmc_channel", -1) % head_dim
+    config = recorded_config(info, DMCLlamaConfig)
+    head_dim, c = config.dmc_head_dim, config.dmc_channel_index
     worst, bound = 0.0, first_adam_step(lr, step, betas)
     for key, value in state.items():
         if key.endswith(("self_attn.q_proj.weight", "self_attn.k_proj.weight")):
@@ -92,11 +87,12 @@ def one_wandb_run(run: Path) -> str:
 def intact_after_kill(run: Path, total: int) -> int:
     """The step a killed run resumes from: its ckpt/latest names a complete checkpoint of stage 2."""
     from train.callbacks import AtomicCheckpoint
+    from train.loggers import checkpoint_step
 
     latest = AtomicCheckpoint.latest(str(run))
     if latest is None:
         raise CheckFailed("no complete checkpoint after the kill")
-    step = int(Path(latest).name[5:12])
+    step = checkpoint_step(latest)
     if step >= total:
         raise CheckFailed("the run finished before the kill landed")
     return step

@@ -8,6 +8,7 @@ compares the loss curve with the uninterrupted one; exports the ZeRO checkpoint,
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shutil
@@ -107,43 +108,44 @@ class Rehearsal:
         tiny, note = write_tiny_model(self.user, layout, tokenizer, self.root / "tiny-model")
         hub = looks_like_hub_id(self.user.model.path)
         model_path = self.user.model.path if hub else str(tiny)
-        self.recipes = {}
-        for name in ("uninterrupted", "killed"):
-            recipe, changes = scale(self.user, self.root / name, model_path, self.devices, self.ns.nodes, self.on_gpu,
-                                    self.ns.accumulate)
-            self.recipes[name] = recipe
-            path = self.root / f"{name}.yaml"
-            path.write_text(yaml.safe_dump(json.loads(json.dumps(_asdict(recipe))), sort_keys=False))
+        self.mini, changes = scale(self.user, self.root / "killed", model_path, self.devices, self.ns.nodes,
+                                   self.on_gpu, self.ns.accumulate)
+        for name in ("uninterrupted", "killed"):  # the same miniature, in two run folders
+            run = dataclasses.replace(self.mini.run, out_dir=str(self.root / name))
+            recipe = dataclasses.replace(self.mini, run=run)
+            (self.root / f"{name}.yaml").write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
         self.notes = [note, f"tokenizer: {source}", *publish(self.user, tiny, self.hf_home, hub), *changes]
-        self.mini = self.recipes["killed"]
         m = self.mini
         return (f"{self.ns.nodes} node(s) x {self.devices} {m.run.accelerator} process(es), {m.run.strategy}, "
                 f"{m.run.precision}, {m.data.kind} data, {m.total_steps} steps")
 
     # ---- runs ----------------------------------------------------------------------------------------
+    def _start(self, name: str, extra: list[str] | None = None):
+        """Launch the run folder ``name``'s recipe; each launch logs to logs/NAME-K-nodeI.log."""
+        self.launches[name] = self.launches.get(name, -1) + 1
+        return start(self.root / f"{name}.yaml", self.ns.nodes, self.devices, self.env, self.root / "logs",
+                     f"{name}-{self.launches[name]}", extra)
+
     def train(self, name: str, extra: list[str] | None = None) -> str:
         t0 = time.monotonic()
-        self.launches[name] = self.launches.get(name, -1) + 1
-        run = start(self.root / f"{name}.yaml", self.ns.nodes, self.devices, self.env, self.root / "logs",
-                    f"{name}-{self.launches[name]}", extra)
+        run = self._start(name, extra)
         codes = run.wait(self.ns.timeout)
         if codes != [0] * len(codes):
             raise CheckFailed(f"exit codes {codes}; log: {run.logs[0]}: {_last_error(run.tail())}")
         return f"{len(codes)} launcher(s) x {self.devices} process(es), {time.monotonic() - t0:.0f} s"
 
-    def kill_mid_stage2(self) -> str:
+    def kill_mid_stage2(self) -> tuple[int, str]:
         """Start the second run and SIGKILL its last rank once a mid-stage-2 checkpoint is complete."""
         from train.callbacks import AtomicCheckpoint
+        from train.loggers import checkpoint_step
 
         out = self.root / "killed"
-        self.launches["killed"] = self.launches.get("killed", -1) + 1
-        run = start(self.root / "killed.yaml", self.ns.nodes, self.devices, self.env, self.root / "logs",
-                    f"killed-{self.launches['killed']}")
+        run = self._start("killed")
         target, rank = STAGES[0] + 2, self.devices * self.ns.nodes - 1
         deadline = time.monotonic() + self.ns.timeout
         while time.monotonic() < deadline and run.running():
             latest = AtomicCheckpoint.latest(str(out))
-            if latest and int(Path(latest).name[5:12]) >= target:
+            if latest and checkpoint_step(latest) >= target:
                 break
             time.sleep(0.05)
         if not run.running():
@@ -198,12 +200,6 @@ class Rehearsal:
         (entry,) = results["models"].values()
         ppl = entry["tasks"]["ppl"]
         return f"perplexity {ppl['perplexity']:.4g}, realised CR {ppl['realised_cr']:.3f} on {ppl['tokens']} tokens"
-
-
-def _asdict(recipe):
-    import dataclasses
-
-    return dataclasses.asdict(recipe)
 
 
 def _last_error(text: str) -> str:
