@@ -5,6 +5,7 @@
 """
 
 from .cache import DMCCache, DMCCacheError
+from .distill import distillation_kl
 from .config import DMCConfig, DMCConfigError, DMCLlamaConfig
 from .modeling import DMCCausalLMOutput, DMCLlamaForCausalLM, DMCLlamaModel
 from .retrofit import NotLlamaError, retrofit
@@ -13,6 +14,6 @@ from .schedule import cr_from_merges, cr_loss, cr_schedule, realised_cr, stage1_
 __all__ = [
     "DMCCache", "DMCCacheError", "DMCConfig", "DMCConfigError", "DMCLlamaConfig", "DMCCausalLMOutput",
     "DMCLlamaForCausalLM", "DMCLlamaModel", "NotLlamaError", "retrofit", "cr_loss", "cr_schedule",
-    "realised_cr", "stage1_multiplier", "cr_from_merges",
+    "realised_cr", "stage1_multiplier", "cr_from_merges", "distillation_kl",
 ]
 __version__ = "0.1.0"

@@ -50,10 +50,10 @@ def test_gqa_run_resumes_exports_and_evaluates_at_its_cr(tiny, tmp_path, capsys)
     from transformers import AutoModelForCausalLM
 
     from dmc.gqa import pool_kv_heads
-    from train.export import build_gqa_model, load_checkpoint
+    from train.export import build_vanilla_model, load_checkpoint
 
     exported = AutoModelForCausalLM.from_pretrained(tmp_path / "gqa-hf", dtype=torch.float32)
-    trained = build_gqa_model(*load_checkpoint(tmp_path / "a"))
+    trained = build_vanilla_model(*load_checkpoint(tmp_path / "a"))
     untrained = pool_kv_heads(AutoModelForCausalLM.from_pretrained(tiny, dtype=torch.float32), 1)
     ids = torch.randint(3, 1000, (1, 12))
     with torch.no_grad():

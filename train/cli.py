@@ -95,6 +95,10 @@ def run(recipe: Recipe, resume: str = "auto", stop_at: int | None = None) -> dic
         _check_resume_compatible(recipe, ckpt)
     if recipe.model.method == "gqa":
         _check_gqa(recipe)
+    if recipe.distill.enabled:
+        from .teacher import check_teacher
+
+        check_teacher(recipe)
     resume_step, first = checkpoint_step(ckpt), launch_rank() == 0
     if first:
         _prepare_run_folder(recipe, out, resume_step)
@@ -157,6 +161,9 @@ def _check_fresh_start(recipe: Recipe) -> None:
     model_type = model_config(path, "model.path").model_type  # a local folder or a Hub id
     if model_type not in ("llama", "dmc_llama"):
         raise RecipeError(f"model.path={path!r} is a {model_type!r} model; DMC needs a Llama-architecture model")
+    if recipe.model.method == "control" and model_type != "llama":
+        raise RecipeError(f"model.method=control trains the vanilla model; model.path={path!r} is a {model_type!r} "
+                          "model: point it at the source Llama the DMC run started from")
 
 
 def _check_gqa(recipe: Recipe) -> None:

@@ -86,8 +86,9 @@ def recorded_config(info: dict, cls):
     return cls(**{k: v for k, v in info["config"].items() if k not in ("model_type", "transformers_version")})
 
 
-def build_gqa_model(state: dict[str, torch.Tensor], info: dict):
-    """The up-trained GQA baseline: a plain ``LlamaForCausalLM`` with the recorded (pooled) head count."""
+def build_vanilla_model(state: dict[str, torch.Tensor], info: dict):
+    """A plain ``LlamaForCausalLM`` with the recorded config: the up-trained GQA baseline (pooled heads) or the
+    LM-only control."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from dmc.retrofit import assemble
@@ -130,12 +131,26 @@ def _card(info: dict, checkpoint: Path) -> dict:
     return card
 
 
+def control_card(info: dict) -> str:
+    from dmc.export import eval_table
+
+    base = info.get("base_model", "unknown")
+    lines = ["---", "library_name: transformers", "tags: [llama, dmc-control]", "---", "",
+             f"# LM-only control of {Path(str(base)).name}", "",
+             "The source model after the continued pretraining of a DMC run with DMC disabled (the same data, "
+             "steps, optimiser, schedule and distillation): the baseline that tells DMC's cost apart from "
+             "fine-tuning on the domain. A plain Llama folder; its KV cache is the source model's.", "",
+             "| field | value |", "|---|---|", f"| source model | {base} |", f"| training step | {info.get('step', 0)} |",
+             f"| tokens seen | {info.get('tokens_seen') or 0:,} |"]
+    return "\n".join(lines + eval_table(info)) + "\n"
+
+
 def export(checkpoint: str | Path, out: str | Path, dtype: str = "bfloat16", overwrite: bool = False,
            tokenizer: str | None = None) -> Path:
     path = resolve(checkpoint)
     state, info = load_checkpoint(path)
-    gqa = info.get("method") == "gqa"
-    model = build_gqa_model(state, info) if gqa else build_model(state, info)
+    method = info.get("method", "dmc")
+    model = build_model(state, info) if method == "dmc" else build_vanilla_model(state, info)
     tok = tokenizer or info.get("base_model")
     if tok is None:
         raise ExportError("the checkpoint does not name its base model; pass --tokenizer PATH_OR_HUB_ID")
@@ -143,7 +158,13 @@ def export(checkpoint: str | Path, out: str | Path, dtype: str = "bfloat16", ove
         check_tokenizer(tok, "--tokenizer" if tokenizer else "the base model's tokenizer")
     except ModelSourceError as err:
         raise ExportError(f"{err}{'' if tokenizer else ' (or pass --tokenizer PATH_OR_HUB_ID)'}") from None
-    if gqa:
+    if method == "control":
+        from dmc.export import write_folder
+
+        card = control_card(_card(info, path))
+        return write_folder(model, out, tok, dtype=dtype, overwrite=overwrite,
+                            finish=lambda tmp: (tmp / "README.md").write_text(card))
+    if method == "gqa":
         from dmc.gqa import save_gqa_folder
 
         return save_gqa_folder(model, out, tok, dtype=dtype, overwrite=overwrite, card=_card(info, path))

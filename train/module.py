@@ -1,7 +1,8 @@
-"""The LightningModule: LM loss + one-sided CR loss, the three stages by step, AdamW, LR schedule.
+"""The LightningModule: LM loss + one-sided CR loss (+ distillation), the three stages by step, AdamW, LR schedule.
 
-With ``model.method: gqa`` the same module up-trains the GQA baseline: KV heads mean-pooled at load, LM loss
-only, the same optimiser, LR schedule and number of steps (so the same token budget) as a DMC run."""
+With ``model.method: gqa`` the same module up-trains the GQA baseline: KV heads mean-pooled at load, no CR loss,
+the same optimiser, LR schedule and number of steps (so the same token budget) as a DMC run. With
+``model.method: control`` it trains the vanilla model the same way: the LM-only control."""
 
 from __future__ import annotations
 
@@ -50,6 +51,8 @@ def load_for_training(recipe: Recipe, zero3: bool = False):
     config = AutoConfig.from_pretrained(m.path)
     if m.method == "gqa":
         return load_gqa_for_training(recipe, config, zero3)
+    if m.method == "control":
+        return load_control_for_training(recipe, config)
     if config.model_type not in ("llama", "dmc_llama"):
         raise ValueError(f"model.path={m.path!r} is a {config.model_type!r} model; DMC retrofits Llama-architecture "
                          "checkpoints (model_type 'llama'), e.g. checkpoints/smollm2-135m")
@@ -64,6 +67,18 @@ def load_for_training(recipe: Recipe, zero3: bool = False):
         model = dmc.DMCLlamaForCausalLM.from_pretrained(m.path, config=config, dtype=getattr(torch, m.dtype))
     else:
         model = AutoModelForCausalLM.from_pretrained(m.path, dtype=getattr(torch, m.dtype))
+    if m.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    return model
+
+
+def load_control_for_training(recipe: Recipe, config):
+    """The LM-only control: the vanilla Llama as it is, no DMC layers and no decision channel."""
+    m = recipe.model
+    if config.model_type != "llama":
+        raise ValueError(f"model.method=control trains a vanilla Llama; model.path={m.path!r} is a "
+                         f"{config.model_type!r} model")
+    model = AutoModelForCausalLM.from_pretrained(m.path, dtype=getattr(torch, m.dtype))
     if m.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     return model
@@ -106,7 +121,8 @@ class DMCTrainingModule(L.LightningModule):
         self.save_hyperparameters(recipe.to_dict())  # the loggers record the recipe
         self.model: dmc.DMCLlamaForCausalLM | None = None
         self.last_stats: dict = {}  # DMC: the last batch's merges and tokens (telemetry, checkpoint record)
-        self.is_gqa = recipe.model.method == "gqa"
+        self.method = recipe.model.method
+        self.teacher = None  # set in on_fit_start, kept out of the module tree (no checkpoint, no optimiser)
         self._micro_step, self._micro = -1, 0
 
     def configure_model(self) -> None:
@@ -117,8 +133,20 @@ class DMCTrainingModule(L.LightningModule):
 
                 self._hf_deepspeed = HfDeepSpeedConfig(strategy.config)  # must stay alive while loading
             self.model = load_for_training(self.recipe, getattr(strategy, "zero_stage_3", False)).train()
-            if not self.is_gqa and self.recipe.optim.decision_lr is not None:
+            if self.method == "dmc" and self.recipe.optim.decision_lr is not None:
                 self.model.add_decision_adapters()
+
+    def __setattr__(self, name, value):
+        if name == "teacher":  # a plain attribute: not a submodule, so not saved, not trained, not wrapped
+            object.__setattr__(self, name, value)
+        else:
+            super().__setattr__(name, value)
+
+    def on_fit_start(self) -> None:
+        if self.recipe.distill.enabled and self.teacher is None:
+            from .teacher import load_teacher
+
+            self.teacher = load_teacher(self.recipe, self.device)
 
     # ---- one step ----------------------------------------------------------------------------------
     def _enter_stage(self, step: int, micro: int) -> None:
@@ -151,27 +179,39 @@ class DMCTrainingModule(L.LightningModule):
         if self.trainer.datamodule is not None:
             self.trainer.datamodule.consumed(batch["position"])
         ids = batch["input_ids"]
-        if self.is_gqa:
-            out = self.model(input_ids=ids, labels=ids, use_cache=False)
+        if self.method == "dmc":
+            self._enter_stage(step, micro)
+        out = self.model(input_ids=ids, labels=ids, use_cache=False)
+        d = self.recipe.distill
+        loss, logs = d.lm_weight * out.loss, {"train/lm_loss": out.loss.detach()}
+        if d.enabled:
+            with torch.no_grad():
+                teacher_logits = self.teacher(input_ids=ids, use_cache=False).logits
+            kl = dmc.distillation_kl(out.logits, teacher_logits, d.direction, d.temperature)
+            loss = loss + d.weight * kl
+            logs["train/kl_loss"] = kl.detach()
+        if self.method == "dmc":
+            loss = loss + self._dmc_terms(out, step, logs)
+        else:
             from dmc.gqa import kv_compression
 
-            self.log_dict({"train/lm_loss": out.loss.detach(), "train/realised_cr": kv_compression(self.model.config)},
-                          on_step=True)
-            self.log("loss", out.loss.detach(), prog_bar=True, on_step=True)
-            return out.loss
-        self._enter_stage(step, micro)
-        out = self.model(input_ids=ids, labels=ids, use_cache=False)
-        cr_t = target_cr_at(step, self.recipe)
-        cr_term = dmc.cr_loss(out.dmc_alpha, cr_t) if stage_of(step, self.recipe) > 1 else out.dmc_alpha.sum() * 0
-        loss = out.loss + self.recipe.schedule.cr_loss_weight * cr_term
-        self.last_stats = {"merges": out.dmc_merges.float().sum(1).cpu(), "tokens": float(out.dmc_tokens.sum())}
-        realised = dmc.cr_from_merges(**self.last_stats)["cr"]
-        self.log_dict({"train/lm_loss": out.loss.detach(), "train/cr_loss": cr_term.detach(),
-                       "train/target_cr": cr_t, "train/realised_cr": realised, "train/stage": float(stage_of(step, self.recipe)),
-                       "train/omega": out.dmc_omega.mean()}, prog_bar=False, on_step=True, sync_dist=False)
-        self.log("cr", realised, prog_bar=True, on_step=True)
+            logs["train/realised_cr"] = kv_compression(self.model.config)
+        logs["train/loss"] = loss.detach()
+        self.log_dict(logs, prog_bar=False, on_step=True, sync_dist=False)
+        if self.method == "dmc":
+            self.log("cr", logs["train/realised_cr"], prog_bar=True, on_step=True)
         self.log("loss", out.loss.detach(), prog_bar=True, on_step=True)
         return loss
+
+    def _dmc_terms(self, out, step: int, logs: dict) -> torch.Tensor:
+        """The weighted CR loss (zero in stage 1), with DMC's telemetry added to ``logs``."""
+        cr_t = target_cr_at(step, self.recipe)
+        cr_term = dmc.cr_loss(out.dmc_alpha, cr_t) if stage_of(step, self.recipe) > 1 else out.dmc_alpha.sum() * 0
+        self.last_stats = {"merges": out.dmc_merges.float().sum(1).cpu(), "tokens": float(out.dmc_tokens.sum())}
+        logs.update({"train/cr_loss": cr_term.detach(), "train/target_cr": cr_t,
+                     "train/realised_cr": dmc.cr_from_merges(**self.last_stats)["cr"],
+                     "train/stage": float(stage_of(step, self.recipe)), "train/omega": out.dmc_omega.mean()})
+        return self.recipe.schedule.cr_loss_weight * cr_term
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # What `dmc export` needs besides the weights: the model config, where the tokenizer lives, the

@@ -41,7 +41,7 @@ def plot_run(out: Path) -> list[Path]:
         validated = len(series.get("val/perplexity", [])) >= 2  # a single end-of-run point reads badly as a plot
         fig, axes = plt.subplots(1, 3 if validated else 2, figsize=(16 if validated else 11, 4))
         ax1, ax2 = axes[:2]
-        for key, label in (("train/lm_loss", "LM loss"), ("train/cr_loss", "CR loss")):
+        for key, label in (("train/lm_loss", "LM loss"), ("train/cr_loss", "CR loss"), ("train/kl_loss", "distillation KL")):
             if key in series:
                 xs, ys = zip(*sorted(series[key]))
                 line, = ax1.plot(xs, ys, alpha=0.3, linewidth=0.8)

@@ -11,12 +11,14 @@ STRATEGIES = ("auto", "ddp", "deepspeed_stage_2", "deepspeed_stage_3")
 
 @dataclass
 class ModelSection:
-    """path: a HF Llama folder (or a dmc_llama folder to continue). method: dmc (learned merging) or gqa
+    """path: a HF Llama folder (or a dmc_llama folder to continue). method: dmc (learned merging), gqa
     (the baseline: KV heads mean-pooled to kv_heads, default source heads / schedule.target_cr, then the same
-    continued pretraining on the LM loss alone). The rest are the dmc_* settings of the model."""
+    continued pretraining without the CR loss) or control (the LM-only control: the vanilla model, trained
+    on the same data with the same steps, optimiser, schedule and distillation as a DMC run, so that DMC's
+    cost is told apart from fine-tuning on the domain). The rest are the dmc_* settings of the model."""
 
     path: str = "checkpoints/smollm2-135m"
-    method: Literal["dmc", "gqa"] = "dmc"
+    method: Literal["dmc", "gqa", "control"] = "dmc"
     kv_heads: Optional[int] = None
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     window: Optional[int] = 12
@@ -59,6 +61,24 @@ class ScheduleSection:
     ramp_steps: int = 6000
     finetune_steps: int = 2000
     cr_loss_weight: float = 1.0
+
+
+@dataclass
+class DistillSection:
+    """Distillation from a frozen teacher: loss = lm_weight * LM + weight * KL + the CR loss. weight 0: off.
+    teacher: a HF folder or Hub id with the student's tokenizer (default: model.path, the source model), run in
+    eval mode without gradients, in the training dtype. direction: forward KL(teacher || student) or reverse
+    KL(student || teacher); temperature T softens both distributions (the term is scaled by T^2)."""
+
+    weight: float = 0.0
+    teacher: Optional[str] = None
+    direction: Literal["forward", "reverse"] = "forward"
+    temperature: float = 1.0
+    lm_weight: float = 1.0
+
+    @property
+    def enabled(self) -> bool:
+        return self.weight > 0
 
 
 @dataclass
@@ -105,6 +125,7 @@ class Recipe:
     model: ModelSection = field(default_factory=ModelSection)
     data: DataSection = field(default_factory=DataSection)
     schedule: ScheduleSection = field(default_factory=ScheduleSection)
+    distill: DistillSection = field(default_factory=DistillSection)
     optim: OptimSection = field(default_factory=OptimSection)
     run: RunSection = field(default_factory=RunSection)
 
@@ -118,8 +139,8 @@ class Recipe:
         return s.stage1_steps + s.ramp_steps + s.finetune_steps
 
     def validate(self) -> None:
-        m, s, d, o, r = self.model, self.schedule, self.data, self.optim, self.run
-        checks = [
+        m, s, d, o, r, k = self.model, self.schedule, self.data, self.optim, self.run, self.distill
+        checks = self._control_checks() + [
             (s.target_cr >= 1, f"schedule.target_cr={s.target_cr} must be >= 1 (e.g. 2, 4, 8)"),
             (min(s.stage1_steps, s.ramp_steps, s.finetune_steps) >= 0, "schedule.*_steps must be >= 0"),
             (self.total_steps > 0, "the schedule has no steps: set schedule.ramp_steps or finetune_steps"),
@@ -147,7 +168,27 @@ class Recipe:
              "data.shuffle_buffer and data.num_workers must be >= 0"),
             (d.kind == "hf" or not d.num_workers,
              "data.num_workers is for streamed (kind: hf) data; local sources are packed in the training process"),
+            (k.weight >= 0 and k.lm_weight >= 0 and k.weight + k.lm_weight > 0,
+             f"distill.weight={k.weight:g} and distill.lm_weight={k.lm_weight:g} must be >= 0 and not both 0"),
+            (k.temperature > 0, f"distill.temperature={k.temperature:g} must be > 0"),
+            (not k.enabled or r.strategy != "deepspeed_stage_3",
+             "distill.weight > 0 under run.strategy=deepspeed_stage_3: the frozen teacher is not partitioned (every "
+             "GPU would hold all of it); use deepspeed_stage_2, or set distill.weight 0"),
         ]
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
+
+    def _control_checks(self) -> list[tuple[bool, str]]:
+        """model.method=control trains without DMC: options that only DMC (or GQA) reads are refused."""
+        if self.model.method != "control":
+            return []
+        defaults, m = ModelSection(), self.model
+        set_here = [f"model.{name}" for name in ("window", "tau", "logit_offset", "weight_offset", "train_attention",
+                                                 "kv_heads") if getattr(m, name) != getattr(defaults, name)]
+        if self.optim.decision_lr is not None:
+            set_here.append("optim.decision_lr")
+        if self.schedule.cr_loss_weight != ScheduleSection().cr_loss_weight:
+            set_here.append("schedule.cr_loss_weight")
+        return [(not set_here, f"model.method=control trains without DMC, so {', '.join(set_here)} would do "
+                 "nothing: remove {} from the control recipe".format("it" if len(set_here) == 1 else "them"))]
