@@ -106,16 +106,33 @@ def _stdlib_pieces(spec: "SourceSpec", stats: Counter) -> Iterator[tuple[str, st
         yield from _nonempty(doc_id, piece, stats)
 
 
+# Not code: Python's reference manual as a dict of English text, kept out of every stdlib split so that it can
+# serve as an evaluation source no recipe trains on (``prose_documents``).
+PROSE_FILE = "pydoc_data/topics.py"
+
+
 def stdlib_files(split: str, fraction: float) -> list[Path]:
     root = stdlib_root()
     files = []
     for path in sorted(root.rglob("*.py")):
         rel = path.relative_to(root).as_posix()
-        if rel.startswith(("site-packages/", "dist-packages/")):
+        if rel.startswith(("site-packages/", "dist-packages/")) or rel == PROSE_FILE:
             continue
         if held_out(rel, fraction) == (split != "train"):
             files.append(path)
     return files
+
+
+def prose_documents() -> Iterator[tuple[str, str]]:
+    """English technical prose, offline and never trained on: the topics of Python's reference manual (the text
+    behind ``help("if")``), one document per topic in name order."""
+    try:
+        from pydoc_data.topics import topics
+    except ImportError:
+        raise DataError("this Python has no pydoc_data (built without it); use --ppl-source files:GLOB") from None
+    for name, text in sorted(topics.items()):
+        if text.strip():
+            yield f"pydoc:{name}", text
 
 
 def _read_text(path: Path, stats: Counter) -> str | None:

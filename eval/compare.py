@@ -1,8 +1,11 @@
 """``dmc compare``: the vanilla model, DMC checkpoints and every training-free policy at matched
 compression, on the same tasks, in one table and one quality-versus-CR (Pareto) plot per task.
 
-    dmc compare VANILLA_DIR --dmc DMC_DIR [...] --gqa GQA_DIR [...] --policies all --crs 2 4 8 \
-        --tasks ppl needle --out DIR
+    dmc compare VANILLA_DIR --control CONTROL_DIR --dmc DMC_DIR [...] --gqa GQA_DIR [...] --policies all \
+        --crs 2 4 8 --tasks ppl ppl_prose needle --out DIR
+
+Every policy runs on the vanilla model and on each LM-only control: the control was fine-tuned on the same
+data as the DMC model, so "policy on the control" is the comparison that leaves fine-tuning out of the gap.
 
 Every other option is ``dmc eval``'s (task sizes, batch size, device...). Finished items are cached
 under DIR/items, so rerunning continues an interrupted comparison.
@@ -27,6 +30,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--dmc", nargs="*", default=[], help="exported DMC folders")
     ap.add_argument("--gqa", nargs="*", default=[], help="GQA baseline folders (dmc gqa-convert, then dmc train "
                     "with model.method: gqa and dmc export)")
+    ap.add_argument("--control", nargs="*", default=[], help="LM-only control folders (dmc train with model.method: "
+                    "control, then dmc export): compared as models, and every policy runs on them too")
     ap.add_argument("--policies", nargs="+", default=["all"], help="policy names, or 'all'")
     ap.add_argument("--crs", type=float, nargs="+", default=[2, 4, 8], help="policy budgets as CRs")
     ours, rest = ap.parse_known_args(argv)
@@ -35,14 +40,16 @@ def main(argv: list[str] | None = None) -> None:
     names = sorted(POLICIES) if ours.policies == ["all"] else ours.policies
     unknown = [n for n in names if n not in POLICIES]
     bad_cr = [c for c in ours.crs if c < 1]
-    opts = eval_parser().parse_args([ours.vanilla, *ours.dmc, *ours.gqa, *rest])
+    opts = eval_parser().parse_args([ours.vanilla, *ours.control, *ours.dmc, *ours.gqa, *rest])
     try:
         if unknown:
             raise TaskError(f"unknown policy {unknown[0]!r}; choose from {', '.join(sorted(POLICIES))} or 'all'")
         if bad_cr:
             raise TaskError(f"--crs {bad_cr[0]:g}: every CR must be >= 1")
-        variants = [(ours.vanilla, None)] + [(d, None) for d in ours.dmc + ours.gqa]
-        variants += [(ours.vanilla, POLICIES[n](Budget(cr=c))) for n in names for c in ours.crs]
+        variants = [(ours.vanilla, None, "vanilla")] + [(c, None, "control") for c in ours.control]
+        variants += [(d, None, "dmc") for d in ours.dmc] + [(g, None, "gqa") for g in ours.gqa]
+        for base, role in [(ours.vanilla, "vanilla")] + [(c, "control") for c in ours.control]:
+            variants += [(base, POLICIES[n](Budget(cr=c)), role) for n in names for c in ours.crs]
         results = evaluate(opts, "dmc compare " + shlex.join(argv), variants)
     except TaskError as err:
         sys.exit(f"dmc compare: error: {err}")

@@ -74,14 +74,15 @@ class EvalModel:
     def cr_meter(self) -> CRMeter:
         return CRMeter(self.kv_cr)
 
-    def new_cache(self):
-        """A fresh compressed cache (DMC or the policy's), or None for the vanilla model."""
+    def new_cache(self, question_aware: bool = False):
+        """A fresh compressed cache (DMC or the policy's; ``question_aware``: the policy compresses the prompt once,
+        after prefill), or None for the vanilla model."""
         if self.is_dmc:
             return DMCCache(self.model.config)
         if self.policy is not None:
             from .policies import PolicyCache
 
-            return PolicyCache(self.model.config, self.policy)
+            return PolicyCache(self.model.config, self.policy, question_aware=question_aware)
         return None
 
     def describe(self) -> dict:
@@ -180,12 +181,13 @@ class EvalModel:
 
     # ---- generation ------------------------------------------------------------------------------------
     def generate(self, prompts: list[str], max_new_tokens: int, stop: list[str] | None = None,
-                 temperature: float = 0.0, seed: int = 0) -> tuple[list[str], list[dict | None]]:
+                 temperature: float = 0.0, seed: int = 0,
+                 question_aware: bool = False) -> tuple[list[str], list[dict | None]]:
         texts, counts = [], []
         for start in range(0, len(prompts), self.batch_size):
             chunk = prompts[start : start + self.batch_size]
             gen = generate(self.model, self.tok, chunk, max_new_tokens, temperature=temperature, seed=seed + start,
-                           stop=stop, cache=self.new_cache())
+                           stop=stop, cache=self.new_cache(question_aware))
             texts += gen.texts
             counts += cache_counts(gen.cache, gen.tokens_seen) if gen.cache is not None else [None] * len(chunk)
         return texts, counts

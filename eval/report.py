@@ -6,7 +6,7 @@ import json
 import os
 from pathlib import Path
 
-HEADLINE = {"ppl": "perplexity", "mmlu": "accuracy_micro", "humaneval": "pass@1", "needle": "accuracy"}
+HEADLINE = {"ppl": "perplexity", "ppl_prose": "perplexity", "mmlu": "accuracy_micro", "humaneval": "pass@1", "needle": "accuracy"}
 
 
 def write_json(path: Path, data: dict) -> None:
@@ -28,11 +28,17 @@ def markdown(results: dict) -> str:
         if not rows:
             continue
         keys = [k for k, v in rows[0][1].items() if isinstance(v, (int, float)) and k != "realised_cr"]
+        ci = f"{HEADLINE.get(task)}_ci95"
+        shown = keys + ([f"{HEADLINE[task]} 95% CI"] if any(ci in r for _, r in rows) else [])
         lines.append(f"## {task}\n")
-        lines.append("| model | realised CR | " + " | ".join(keys) + " |")
-        lines.append("|---" * (len(keys) + 2) + "|")
+        lines.append("| model | realised CR | " + " | ".join(shown) + " |")
+        lines.append("|---" * (len(shown) + 2) + "|")
         for name, r in rows:
-            lines.append(f"| {name} | {r.get('realised_cr', 1.0):.2f} | " + " | ".join(_fmt(r.get(k)) for k in keys) + " |")
+            cells = [_fmt(r.get(k)) for k in keys] + ([interval_text(r.get(ci))] if len(shown) > len(keys) else [])
+            lines.append(f"| {name} | {r.get('realised_cr', 1.0):.2f} | " + " | ".join(cells) + " |")
+        if len(shown) > len(keys):
+            lines.append(f"\n95% CI: percentile bootstrap over {'cells' if task == 'needle' else 'blocks'} "
+                         f"({results.get('settings', {}).get('ci_resamples')} resamples).")
         lines.append("")
         if task == "mmlu":
             subjects = sorted({s for _, r in rows for s in r["per_subject"]})
@@ -55,10 +61,18 @@ def markdown(results: dict) -> str:
     return "\n".join(lines)
 
 
+def interval_text(ci) -> str:
+    return f"[{ci[0]:.4g}, {ci[1]:.4g}]" if ci else "–"
+
+
 def family(name: str, model: dict) -> str:
-    """Legend group: the policy name, "DMC" for DMC folders, "GQA" for pooled ones, "vanilla" otherwise."""
+    """Legend group: the policy name (on the LM-only control: "NAME (control)"), "DMC" for DMC folders, "GQA" for
+    pooled ones, "control" for the LM-only control, "vanilla" otherwise."""
+    on_control = model.get("role") == "control"
     if model.get("policy"):
-        return model["policy"].split("@")[0]
+        return model["policy"].split("@")[0] + (" (control)" if on_control else "")
+    if on_control:
+        return "control"
     return "DMC" if model.get("dmc") else ("GQA" if model.get("gqa") else "vanilla")
 
 
@@ -78,14 +92,20 @@ def plots(results: dict, out: Path) -> list[str]:
         fig, ax = plt.subplots(figsize=(6, 4))
         families: dict = {}
         for name, r in pts:
-            families.setdefault(family(name, models[name]), []).append((r.get("realised_cr", 1.0), r[key], name))
+            families.setdefault(family(name, models[name]), []).append(
+                (r.get("realised_cr", 1.0), r[key], name, r.get(f"{key}_ci95")))
         for fam, xs in families.items():
-            xs.sort()
-            ax.plot([x for x, _, _ in xs], [y for _, y, _ in xs], marker="o", label=fam)
-            if fam in ("DMC", "GQA"):
-                for x, y, name in xs:
+            xs.sort(key=lambda p: p[:3])
+            ys = [y for _, y, _, _ in xs]
+            err = None
+            if all(ci for *_, ci in xs):  # the bootstrap interval as an error bar (asymmetric)
+                err = [[y - ci[0] for (_, y, _, ci) in xs], [ci[1] - y for (_, y, _, ci) in xs]]
+            ax.errorbar([x for x, *_ in xs], ys, yerr=err, marker="o", capsize=3, label=fam)
+            if fam in ("DMC", "GQA", "control"):
+                for x, y, name, _ in xs:
                     ax.annotate(name, (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
-        ax.set(xlabel="realised compression ratio", ylabel=key + (" (log, lower is better)" if key == "perplexity" else ""),
+        ax.set(xlabel="realised compression ratio", ylabel=key + (" (log, lower is better)" if key == "perplexity" else "")
+               + (", 95% CI" if any(f"{key}_ci95" in r for _, r in pts) else ""),
                title=f"{task}: {key} vs CR", xscale="log", xticks=[1, 2, 4, 8])
         ax.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
         ax.get_xaxis().set_minor_formatter(matplotlib.ticker.NullFormatter())

@@ -33,13 +33,16 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--ci-resamples", type=int, default=1000, help="bootstrap resamples for the 95%% intervals of "
+                    "ppl (over blocks) and needle (over cells); 0: no intervals")
     g = ap.add_argument_group("baseline cache policies (vanilla Llama folders)")
     g.add_argument("--policy", default=None, help="run the models under a training-free cache policy: "
                    "streaming_llm, tova, h2o, scissorhands, snapkv")
     g.add_argument("--budget-cr", type=float, default=None, help="policy budget: ceil(tokens / CR) slots")
     g.add_argument("--budget-tokens", type=int, default=None, help="policy budget: a fixed number of slots")
     g = ap.add_argument_group("ppl")
-    g.add_argument("--ppl-source", default="stdlib", help="'stdlib' (held-out files) or 'files:GLOB'")
+    g.add_argument("--ppl-source", default="stdlib", help="'stdlib' (held-out files), 'prose' (English, never "
+                   "trained on; also the ppl_prose task) or 'files:GLOB'")
     g.add_argument("--ppl-block", type=int, default=512, help="tokens per block")
     g.add_argument("--ppl-blocks", type=int, default=32, help="number of blocks")
     g = ap.add_argument_group("mmlu")
@@ -60,8 +63,8 @@ def parser() -> argparse.ArgumentParser:
 
 
 def evaluate(opts: argparse.Namespace, command: str, variants: list | None = None) -> dict:
-    """Run ``opts.tasks`` on every (model folder, policy or None) in ``variants`` (default: every
-    ``opts.models`` under ``--policy``, if any)."""
+    """Run ``opts.tasks`` on every (model folder, policy or None[, role]) in ``variants`` (default: every
+    ``opts.models`` under ``--policy``, if any). A role ("control", ...) is recorded with the model's results."""
     from dmc.generate import ModelFolderError
 
     from .lm import EvalModel
@@ -72,6 +75,7 @@ def evaluate(opts: argparse.Namespace, command: str, variants: list | None = Non
               ("--ppl-block", opts.ppl_block >= 2, "at least 2 tokens"), ("--ppl-blocks", opts.ppl_blocks >= 1, "at least 1"),
               ("--limit", opts.limit is None or opts.limit >= 1, "at least 1 (or leave it out for everything)"),
               ("--batch-size", opts.batch_size >= 1, "at least 1"),
+              ("--ci-resamples", opts.ci_resamples >= 0, "0 (no intervals) or more"),
               ("--needle-depths", all(0 <= d <= 1 for d in opts.needle_depths), "fractions between 0 and 1"),
               ("--needle-contexts", all(c >= 64 for c in opts.needle_contexts), "at least 64 tokens each")]
     for flag, ok, want in checks:
@@ -88,12 +92,12 @@ def evaluate(opts: argparse.Namespace, command: str, variants: list | None = Non
     results = {"command": command, "tasks": opts.tasks, "models": {}, "settings": {k: v for k, v in vars(opts).items()},
                "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                             "python": platform.python_version()}, "device": opts.device, "dtype": dtype}
-    for path, policy in variants:
+    for path, policy, *role in variants:
         try:
             model = EvalModel(path, dtype, opts.device, opts.batch_size, policy=policy)
         except (ModelFolderError, ValueError) as err:
             raise TaskError(str(err)) from err
-        entry = {**model.describe(), "tasks": {}, "seconds": {}}
+        entry = {**model.describe(), **({"role": role[0]} if role else {}), "tasks": {}, "seconds": {}}
         if model.name in results["models"]:
             raise TaskError(f"two models are both named {model.name!r}; give their folders different names")
         results["models"][model.name] = entry

@@ -171,14 +171,75 @@ def test_dmc_compare_runs_vanilla_dmc_and_policies_in_one_table(tmp_path):
     model = dmc.retrofit(transformers.AutoModelForCausalLM.from_pretrained(vanilla), dmc.DMCConfig()).eval()
     drive_mixed_decisions(model)
     dmc_dir = save_folder(model, tmp_path / "tiny-dmc", vanilla, dtype="float32")
+    control = write_tiny_checkpoint(tmp_path / "tiny-control", seed=1)  # stands in for the LM-only control
     out = tmp_path / "cmp"
-    main([str(vanilla), "--dmc", str(dmc_dir), "--policies", "h2o", "streaming_llm", "--crs", "2", "4",
-          "--tasks", "ppl", "--ppl-blocks", "2", "--ppl-block", "24", "--out", str(out)])
+    main([str(vanilla), "--control", str(control), "--dmc", str(dmc_dir), "--policies", "h2o", "streaming_llm",
+          "--crs", "2", "4", "--tasks", "ppl", "--ppl-blocks", "2", "--ppl-block", "24", "--out", str(out)])
     results = json.loads((out / "results.json").read_text())["models"]
-    assert sorted(results) == sorted(["tiny", "tiny-dmc", "tiny+h2o@2x", "tiny+h2o@4x", "tiny+streaming_llm@2x",
-                                      "tiny+streaming_llm@4x"])
+    policies = [f"{p}@{c}x" for p in ("h2o", "streaming_llm") for c in (2, 4)]
+    assert sorted(results) == sorted(["tiny", "tiny-control", "tiny-dmc"] + [f"{base}+{p}" for p in policies
+                                                                             for base in ("tiny", "tiny-control")])
     assert results["tiny+h2o@4x"]["tasks"]["ppl"]["realised_cr"] == pytest.approx(4, rel=0.1)
-    assert (out / "ppl_vs_cr.png").exists() and "tiny+streaming_llm@2x" in (out / "report.md").read_text()
+    assert results["tiny-control+h2o@4x"]["role"] == "control" and results["tiny+h2o@4x"]["role"] == "vanilla"
+    # the policy runs on the control's weights, not the vanilla model's
+    assert results["tiny-control+h2o@4x"]["tasks"]["ppl"]["perplexity"] != results["tiny+h2o@4x"]["tasks"]["ppl"]["perplexity"]
+    from eval.report import family
+
+    assert family("tiny-control+h2o@4x", results["tiny-control+h2o@4x"]) == "h2o (control)"
+    assert family("tiny-control", results["tiny-control"]) == "control"
+    assert (out / "ppl_vs_cr.png").exists() and "tiny-control+streaming_llm@2x" in (out / "report.md").read_text()
     with pytest.raises(SystemExit) as e:
         main([str(vanilla), "--policies", "lru", "--out", str(out)])
     assert "unknown policy 'lru'" in str(e.value.code)
+
+
+# ---- the question-aware setting (compress once, after prefill) ------------------------------------------------
+@pytest.mark.parametrize("name", sorted(POLICIES))
+def test_question_aware_prefill_is_exact_then_compressed_to_the_prompt_budget(name):
+    model = _model("gqa")
+    ids = random_ids(2, 29)
+    with torch.no_grad():
+        want = model(ids).logits
+        cache = PolicyCache(model.config, POLICIES[name](Budget(cr=4)), block_size=4, question_aware=True)
+        prefill = model(ids[:, :25], past_key_values=cache).logits
+        torch.testing.assert_close(prefill, want[:, :25], rtol=1e-9, atol=1e-9)  # nothing evicted while it reads
+        for i in range(model.config.num_hidden_layers):
+            assert (cache.num_slots(i) == math.ceil(25 / 4)).all()
+        for t in range(25, 29):  # decoding: generated tokens go on top of the prompt's budget
+            model(ids[:, t:t + 1], past_key_values=cache)
+        for i in range(model.config.num_hidden_layers):
+            assert (cache.num_slots(i) == math.ceil(25 / 4) + 4).all()
+
+
+def test_question_aware_tova_keeps_what_the_last_prompt_query_attends_to():
+    model = _model("gqa")
+    model.config._attn_implementation = "eager"
+    ids = random_ids(1, 30, seed=5)
+    keep = math.ceil(30 / 3)
+    with torch.no_grad():
+        attentions = model(ids, output_attentions=True).attentions  # plain Llama attention, full prompt
+        cache = PolicyCache(model.config, TOVA(Budget(cr=3)), block_size=4, question_aware=True)
+        model(ids, past_key_values=cache)
+    for i, layer in enumerate(cache.layers):
+        last_query = attentions[i][0, :, -1].mean(0)  # head mean, as TOVA scores
+        want = set(last_query.topk(keep).indices.tolist())
+        kept = layer.pair_view(layer.pos_pool, -1)[0]  # (H_kv, slots): positions, the same for every head
+        assert all(set(row.tolist()) == want for row in kept), f"layer {i}"
+
+
+def test_needle_reports_the_question_aware_setting_for_policies(tmp_path):
+    import json
+
+    from eval.run import main
+    from tests.helpers import SMOLLM2, write_tiny_checkpoint
+
+    if not (SMOLLM2 / "config.json").exists():
+        pytest.skip("run `make model` first")
+    tiny = write_tiny_checkpoint(tmp_path / "tiny")
+    main([str(tiny), "--policy", "snapkv", "--budget-cr", "2", "--tasks", "needle", "--needle-contexts", "96",
+          "--needle-depths", "0.3", "0.6", "--out", str(tmp_path / "o")])
+    needle = json.loads((tmp_path / "o/results.json").read_text())["models"]["tiny+snapkv@2x"]["tasks"]["needle"]
+    assert set(needle["question_aware_grid"]) == set(needle["grid"]) == {"96/0.3", "96/0.6"}
+    assert 0 <= needle["question_aware_accuracy"] <= 1 and len(needle["question_aware_accuracy_ci95"]) == 2
+    assert 1.5 < needle["question_aware_realised_cr"] < needle["realised_cr"] + 0.01  # + the 8 generated tokens
+    assert "question_aware_accuracy" in (tmp_path / "o/report.md").read_text()

@@ -6,6 +6,12 @@ appended to its sequence's slots (RoPE already applied, as usual for eviction me
 slots with the same paged attention as DMC decoding, the policy updates its per-slot scores from that
 attention, and slots are evicted until the budget holds. Budgets: ``Budget(cr=c)`` keeps ceil(seen / c)
 slots as the sequence grows; ``Budget(tokens=n)`` keeps n.
+
+Two settings. Query-agnostic (the default, and DMC's by construction): the budget holds at every token, so
+eviction happens while the prompt streams in and cannot know the question at its end. Question-aware
+(``PolicyCache(..., question_aware=True)``, SnapKV's protocol): the prompt is cached whole, the policy scores it
+with every prompt query (its observation window holds the question), and it is compressed once, after
+prefill, to the budget of the prompt; generated tokens are then appended on top of that budget.
 """
 
 from __future__ import annotations
@@ -63,9 +69,10 @@ class Policy:
 class PolicyLayer(SlotCacheLayer):
     update_hint = "PolicyCache is filled by PolicyLlamaAttention; run apply_policy(model) first"
 
-    def __init__(self, num_kv_heads: int, head_dim: int, block_size: int, policy: Policy):
+    def __init__(self, num_kv_heads: int, head_dim: int, block_size: int, policy: Policy, question_aware: bool = False):
         super().__init__(num_kv_heads, head_dim, block_size)
-        self.policy = policy
+        self.policy, self.question_aware = policy, question_aware
+        self.prompt_seen: torch.Tensor | None = None  # question-aware: real prompt tokens, set after prefill
 
     def _init_state(self, batch: int, dtype, device) -> None:
         self._init_pool(batch, dtype, device)
@@ -144,8 +151,20 @@ class PolicyLayer(SlotCacheLayer):
         empty = last % self.block_size == 0
         self._release(b[empty], h[empty], (last // self.block_size)[empty])
 
+    def allowed_slots(self) -> torch.Tensor:
+        """(B,) slots a sequence may hold now: the budget of what it has seen, or (question-aware, after prefill)
+        the budget of its prompt plus every token generated since."""
+        if self.prompt_seen is None:
+            return self.policy.budget.slots(self.seen)
+        return self.policy.budget.slots(self.prompt_seen) + (self.seen - self.prompt_seen)
+
+    def end_prefill(self) -> None:
+        """Question-aware: the prompt is in, scored by all its queries; compress it to its budget once."""
+        self.prompt_seen = self.seen.clone()
+        self.enforce()
+
     def enforce(self) -> None:
-        allowed = self.policy.budget.slots(self.seen)[:, None]
+        allowed = self.allowed_slots()[:, None]
         over = self.lens > allowed
         while bool(over.any()):
             self.evict(over, self.policy.choose(self, over))
@@ -161,11 +180,12 @@ class PolicyLayer(SlotCacheLayer):
 class PolicyCache(Cache):
     """A ``Cache`` whose layers keep at most the policy's budget of slots per (sequence, KV head)."""
 
-    def __init__(self, config, policy: Policy, block_size: int = 16):
+    def __init__(self, config, policy: Policy, block_size: int = 16, question_aware: bool = False):
         H_kv = config.num_key_value_heads
         D = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        super().__init__(layers=[PolicyLayer(H_kv, D, block_size, policy) for _ in range(config.num_hidden_layers)])
-        self.policy = policy
+        super().__init__(layers=[PolicyLayer(H_kv, D, block_size, policy, question_aware)
+                                 for _ in range(config.num_hidden_layers)])
+        self.policy, self.question_aware = policy, question_aware
 
     def num_slots(self, layer_idx: int) -> torch.Tensor:
         return self.layers[layer_idx].lens.clone()
@@ -201,14 +221,18 @@ class PolicyLlamaAttention(LlamaAttention):
         q, k = apply_rotary_pos_emb(q, k, cos, sin)
         layer = past_key_values.layers[self.layer_idx]
         valid = _valid_tokens(attention_mask, B, T, layer.seen_tokens, q.device)
+        prefill = layer.question_aware and layer.seen_tokens == 0  # the prompt: cached whole, compressed after
         outs = []
         for t in range(T):
             layer.append(k[:, :, t], v[:, :, t], valid[:, t])
             out, probs = decode_attention_paged(q[:, :, t], layer.k_pool, layer.v_pool, layer.block_table, layer.lens,
                                                 self.scaling, return_slot_probs=True)
             layer.observe(probs)
-            layer.enforce()
+            if not prefill:
+                layer.enforce()
             outs.append(out)
+        if prefill:
+            layer.end_prefill()
         layer.seen_tokens += T
         out = torch.stack(outs, dim=1).reshape(B, T, -1)
         return self.o_proj(out), None

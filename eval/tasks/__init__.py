@@ -9,7 +9,7 @@ from tqdm.auto import tqdm
 
 from ..store import ItemStore
 
-TASKS = ("ppl", "mmlu", "humaneval", "needle", "speed")
+TASKS = ("ppl", "ppl_prose", "mmlu", "humaneval", "needle", "speed")
 
 
 class TaskError(ValueError):

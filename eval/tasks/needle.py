@@ -1,13 +1,15 @@
 """Needle in a haystack, from local text: a sentence carrying a 5-digit number is put at a given depth of
 held-out stdlib code cut to a given length, and the model is asked to complete the sentence. Exact match
-of the number; a (context length x depth) grid and its heat map."""
+of the number; a (context length x depth) grid and its heat map. A model under a cache policy is also run in
+the question-aware setting (``question_aware_*``: the prompt compressed once, after prefill, with the question
+in view); the default is query-agnostic, as DMC is."""
 
 from __future__ import annotations
 
 import random
 
 from ..store import ItemStore
-from . import run_items
+from . import TaskError, run_items
 
 SETTINGS = ("needle_contexts", "needle_depths")
 NEEDLE = "# Remember this: the secret number of the archive is {n}.\n"
@@ -38,8 +40,12 @@ def build(tok, context: int, depth: float, seed: int) -> tuple[str, str]:
 
 def run(model, opts, folder) -> dict:
     cells = [(c, d) for c in opts.needle_contexts for d in opts.needle_depths]
+    if opts.ci_resamples and len(cells) < 2:
+        raise TaskError("needle: a bootstrap interval needs at least 2 cells (got 1): give more --needle-contexts or "
+                        "--needle-depths, or pass --ci-resamples 0")
     items = [(f"{c}/{d}", build(model.tok, c, d, opts.seed)) for c, d in cells]
-    store = ItemStore(folder, model.name, "needle", {k: getattr(opts, k) for k in SETTINGS} | {"seed": opts.seed})
+    settings = {k: getattr(opts, k) for k in SETTINGS} | {"seed": opts.seed}
+    store = ItemStore(folder, model.name, "needle", settings)
 
     def compute(payloads):
         texts, counts = model.generate([p for p, _ in payloads], 8)
@@ -47,9 +53,33 @@ def run(model, opts, folder) -> dict:
                 for (_, n), t, c in zip(payloads, texts, counts)]
 
     values = run_items(store, items, model.batch_size, compute, f"{model.name} needle")
+    result = _summary(model, opts, cells, values)
+    result |= {"contexts": list(opts.needle_contexts), "depths": list(opts.needle_depths)}
+    if model.policy is not None:
+        # The same cells in the question-aware setting (compress once after prefill, the question in the
+        # policy's observation window). DMC is query-agnostic by construction, so this row has no DMC twin.
+        qa_store = ItemStore(folder, model.name, "needle-question-aware", settings)
+
+        def compute_qa(payloads):
+            texts, counts = model.generate([p for p, _ in payloads], 8, question_aware=True)
+            return [{"answer": t, "correct": t.strip().startswith(n), "counts": c}
+                    for (_, n), t, c in zip(payloads, texts, counts)]
+
+        qa = _summary(model, opts, cells, run_items(qa_store, items, model.batch_size, compute_qa,
+                                                    f"{model.name} needle, question-aware"))
+        result |= {f"question_aware_{k}": qa[k] for k in ("accuracy", "accuracy_ci95", "grid", "realised_cr") if k in qa}
+    return result
+
+
+def _summary(model, opts, cells, values) -> dict:
     meter = model.cr_meter()
     for v in values.values():
         meter.add(v["counts"])
     grid = {f"{c}/{d}": float(values[f"{c}/{d}"]["correct"]) for c, d in cells}
-    return {"accuracy": sum(grid.values()) / len(grid), "grid": grid, "contexts": list(opts.needle_contexts),
-            "depths": list(opts.needle_depths), **meter.summary()}
+    result = {"accuracy": sum(grid.values()) / len(grid), "cells": len(grid), "grid": grid}
+    if opts.ci_resamples:
+        from ..intervals import mean_interval
+
+        result["accuracy_ci95"] = mean_interval(list(grid.values()), "cells", resamples=opts.ci_resamples,
+                                                seed=opts.seed)
+    return result | meter.summary()

@@ -1,5 +1,7 @@
 """Perplexity on held-out text, block-wise: the text is packed into blocks of ``ppl_block`` tokens (documents
-joined with EOS) and every block is scored from its own start, through the model's cache."""
+joined with EOS) and every block is scored from its own start, through the model's cache. ``ppl`` reads
+``--ppl-source`` (default: held-out stdlib code, the training domain); ``ppl_prose`` reads English prose that no
+recipe trains on (``eval.tasks.ppl_prose``). With ``--ci-resamples`` > 0, a bootstrap 95% interval over blocks."""
 
 from __future__ import annotations
 
@@ -12,29 +14,43 @@ from . import TaskError, run_items
 SETTINGS = ("ppl_source", "ppl_block", "ppl_blocks")
 
 
+def source_documents(text: str):
+    """A callable giving the documents of ``stdlib`` (held-out stdlib files), ``prose`` (Python's reference
+    manual topics, English prose) or ``files:GLOB`` (.txt/.jsonl/.json/.parquet)."""
+    from data import documents, prose_documents
+
+    if text == "prose":
+        return prose_documents
+    spec = source_spec(text)
+    return lambda: documents(spec)
+
+
 def source_spec(text: str):
-    """``stdlib`` (held-out stdlib files) or ``files:GLOB`` (.txt/.jsonl/.json/.parquet)."""
     from data import SourceSpec
 
     if text == "stdlib":
         return SourceSpec(kind="stdlib", split="validation")
     if text.startswith("files:"):
         return SourceSpec(kind="files", path=text[len("files:"):])
-    raise TaskError(f"--ppl-source {text!r}: use 'stdlib' or 'files:GLOB'")
+    raise TaskError(f"--ppl-source {text!r}: use 'stdlib', 'prose' or 'files:GLOB'")
 
 
-def run(model, opts, folder) -> dict:
-    from data import DataError, PackedBlocks, documents
+def run(model, opts, folder, source: str | None = None, task: str = "ppl") -> dict:
+    from data import DataError, PackedBlocks
 
-    spec = source_spec(opts.ppl_source)
+    source = source or opts.ppl_source
     try:
-        blocks = PackedBlocks(lambda: documents(spec), model.tok, opts.ppl_block, cycle=False)
+        blocks = PackedBlocks(source_documents(source), model.tok, opts.ppl_block, cycle=False)
         items = [(f"block{i}", b.tolist()) for i, (b, _) in enumerate(islice(blocks, opts.ppl_blocks))]
     except DataError as err:
-        raise TaskError(f"ppl: {err}") from err
+        raise TaskError(f"{task}: {err}") from err
     if not items:
-        raise TaskError(f"ppl: {opts.ppl_source} gave no block of {opts.ppl_block} tokens; use a shorter --ppl-block")
-    store = ItemStore(folder, model.name, "ppl", {k: getattr(opts, k) for k in SETTINGS})
+        raise TaskError(f"{task}: {source} gave no block of {opts.ppl_block} tokens; use a shorter --ppl-block")
+    if opts.ci_resamples and len(items) < 2:
+        raise TaskError(f"{task}: a bootstrap interval needs at least 2 blocks ({source} gave 1 of {opts.ppl_block} "
+                        "tokens): use --ppl-blocks 2 or more, or --ci-resamples 0")
+    settings = {k: getattr(opts, k) for k in SETTINGS} | {"ppl_source": source}
+    store = ItemStore(folder, model.name, task, settings)
 
     def compute(blocks):
         scores, counts = model.block_nll(blocks)
@@ -44,6 +60,12 @@ def run(model, opts, folder) -> dict:
     meter = model.cr_meter()
     for v in values.values():
         meter.add(v["counts"])
-    nll = sum(v["nll"] for v in values.values())
-    tokens = sum(v["tokens"] for v in values.values())
-    return {"perplexity": math.exp(nll / tokens), "tokens": tokens, "blocks": len(values), **meter.summary()}
+    nll = [v["nll"] for v in values.values()]
+    tokens = [v["tokens"] for v in values.values()]
+    result = {"perplexity": math.exp(sum(nll) / sum(tokens)), "tokens": sum(tokens), "blocks": len(values),
+              "source": source}
+    if opts.ci_resamples:
+        from ..intervals import perplexity_interval
+
+        result["perplexity_ci95"] = perplexity_interval(nll, tokens, resamples=opts.ci_resamples, seed=opts.seed)
+    return result | meter.summary()
