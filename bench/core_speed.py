@@ -1,4 +1,5 @@
-"""Core speed benchmark: DMC training step vs vanilla, and one-pass prefill vs token-by-token prefill.
+"""Core speed benchmark: DMC training step vs vanilla (and with distillation from the frozen source model), and
+one-pass prefill vs token-by-token prefill.
 
     .venv/bin/python bench/core_speed.py --model checkpoints/smollm2-135m [--lengths 512 1024 2048]
 
@@ -29,13 +30,18 @@ def _time(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-def train_step_fn(model, ids):
+def train_step_fn(model, ids, teacher=None):
+    """One optimiser step as the trainer takes it (``teacher``: plus its no-grad forward and the KL term)."""
     opt = torch.optim.AdamW(model.parameters(), lr=1e-6, betas=(0.9, 0.95), weight_decay=0.1)
 
     def step():
         out = model(ids, labels=ids, use_cache=False)
         alpha = getattr(out, "dmc_alpha", None)
         loss = out.loss if alpha is None else out.loss + dmc.cr_loss(alpha, 2.0)
+        if teacher is not None:
+            with torch.no_grad():
+                teacher_logits = teacher(ids, use_cache=False).logits
+            loss = loss + dmc.distillation_kl(out.logits, teacher_logits)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
@@ -76,15 +82,18 @@ def main() -> None:
     results = {"model": args.model, "threads": args.threads, "torch": torch.__version__, "train": [], "prefill": {}}
 
     print(f"training step (fwd + bwd + AdamW, batch 1, fp32, {args.threads} threads), median of {args.repeats}")
-    print(f"{'T':>6} {'vanilla s':>10} {'DMC s':>8} {'ratio':>6}")
+    print(f"{'T':>6} {'vanilla s':>10} {'DMC s':>8} {'ratio':>6} {'DMC+KD s':>9} {'KD cost':>8}")
     vanilla, dmc_model = load(args.model).train(), load(args.model, window=12).train()
+    teacher = load(args.model).eval().requires_grad_(False)  # distillation's teacher: the source model, frozen
     for T in args.lengths:
         ids = torch.randint(0, vocab, (1, T))
         t_van = _time(train_step_fn(vanilla, ids), args.repeats)
         t_dmc = _time(train_step_fn(dmc_model, ids), args.repeats)
-        results["train"].append({"T": T, "vanilla_s": t_van, "dmc_s": t_dmc, "ratio": t_dmc / t_van})
-        print(f"{T:>6} {t_van:>10.2f} {t_dmc:>8.2f} {t_dmc / t_van:>6.2f}")
-    del vanilla
+        t_kd = _time(train_step_fn(dmc_model, ids, teacher), args.repeats)
+        results["train"].append({"T": T, "vanilla_s": t_van, "dmc_s": t_dmc, "ratio": t_dmc / t_van,
+                                 "dmc_distill_s": t_kd, "distill_cost": t_kd / t_dmc})
+        print(f"{T:>6} {t_van:>10.2f} {t_dmc:>8.2f} {t_dmc / t_van:>6.2f} {t_kd:>9.2f} {t_kd / t_dmc:>8.2f}")
+    del vanilla, teacher
 
     T = args.prefill_length
     ids = torch.randint(0, vocab, (1, T))

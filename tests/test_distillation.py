@@ -187,3 +187,18 @@ def test_teachers_that_cannot_teach_are_refused(tiny, tmp_path):
     assert "deepspeed_stage_3" in _error(tiny, tmp_path, *DISTILL, "--run.strategy", "deepspeed_stage_3")
     assert "distill.temperature" in _error(tiny, tmp_path, *DISTILL, "--distill.temperature", "0")
     assert "not both 0" in _error(tiny, tmp_path, "--distill.lm_weight", "0")
+
+
+def test_the_shipped_control_recipe_matches_the_2x_recipe_but_for_dmc():
+    from dataclasses import asdict
+
+    from train.cli import parse
+
+    dmc_recipe = parse(["--config", str(ROOT / "configs/smollm2-135m-cpu.yaml")])[0]
+    control = parse(["--config", str(ROOT / "configs/smollm2-135m-control-cpu.yaml")])[0]
+    assert control.model.method == "control" and control.model.path == dmc_recipe.model.path
+    assert asdict(control.data) == asdict(dmc_recipe.data) and asdict(control.distill) == asdict(dmc_recipe.distill)
+    stages = ("stage1_steps", "ramp_steps", "finetune_steps")
+    assert [getattr(control.schedule, k) for k in stages] == [getattr(dmc_recipe.schedule, k) for k in stages]
+    assert asdict(control.optim) == asdict(dmc_recipe.optim) | {"decision_lr": None}
+    assert control.run.seed == dmc_recipe.run.seed

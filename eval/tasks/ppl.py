@@ -56,7 +56,7 @@ def run(model, opts, folder, source: str | None = None, task: str = "ppl") -> di
         scores, counts = model.block_nll(blocks)
         return [{"nll": nll, "tokens": n, "counts": c} for (nll, n), c in zip(scores, counts)]
 
-    values = run_items(store, items, model.batch_size, compute, f"{model.name} ppl")
+    values = run_items(store, items, model.batch_size, compute, f"{model.name} {task}")
     meter = model.cr_meter()
     for v in values.values():
         meter.add(v["counts"])
