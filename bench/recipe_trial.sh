@@ -10,13 +10,16 @@ shift 2
 py=${PY:-.venv/bin/python}
 run=checkpoints/search/$name
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false WANDB_MODE=offline
-start=$(date +%s)
-test -e "$run/summary.json" || $py -m dmc.cli train --config "$config" --run.out_dir "$run" --run.progress_bar false "$@"
-trained=$(( $(date +%s) - start ))
+mkdir -p "eval/results/search/$name"
+if ! test -e "$run/summary.json"; then  # the training time is recorded only by the call that trains
+    start=$(date +%s)
+    $py -m dmc.cli train --config "$config" --run.out_dir "$run" --run.progress_bar false "$@"
+    echo "{\"trial\": \"$name\", \"train_seconds\": $(( $(date +%s) - start )), \"overrides\": \"$*\"}" \
+        > "eval/results/search/$name/trial.json"
+fi
 test -e "$run-hf/config.json" || $py -m dmc.cli export "$run" --out "$run-hf" --dtype float32 --overwrite
 $py -m dmc.cli eval "$run-hf" --tasks ppl ppl_prose --ppl-blocks 32 --ppl-block 512 --batch-size 4 --threads 2 \
     --out "eval/results/search/$name" > /dev/null
-echo "{\"trial\": \"$name\", \"train_seconds\": $trained, \"overrides\": \"$*\"}" > "eval/results/search/$name/trial.json"
 $py - "$name" <<'PY'
 import json, sys
 name = sys.argv[1]

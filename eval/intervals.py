@@ -25,12 +25,17 @@ def percentile_interval(stats: Sequence[float], level: float = LEVEL) -> tuple[f
     return float(lo), float(hi)
 
 
+def require_samples(n: int, what: str, more: str | None = None) -> None:
+    """Refuse an interval over fewer than 2 items; ``more`` says how to evaluate more of them."""
+    if n < 2:
+        raise TaskError(f"a bootstrap interval needs at least 2 {what} (got {n}): {more or f'evaluate more {what}'}, "
+                        "or pass --ci-resamples 0 for no intervals")
+
+
 def bootstrap(n: int, statistic: Callable[[np.ndarray], float], what: str, resamples: int = 1000, seed: int = 0,
               indices: np.ndarray | None = None) -> tuple[float, float]:
     """The interval of ``statistic(item indices)`` over ``n`` items (``indices``: given resamples instead)."""
-    if n < 2:
-        raise TaskError(f"a bootstrap interval needs at least 2 {what} (got {n}): evaluate more {what}, or pass "
-                        "--ci-resamples 0 for no intervals")
+    require_samples(n, what)
     rows = resample_indices(n, resamples, seed) if indices is None else np.asarray(indices)
     return percentile_interval([statistic(row) for row in rows])
 

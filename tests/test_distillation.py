@@ -13,7 +13,7 @@ import torch
 pytest.importorskip("lightning")
 
 import dmc  # noqa: E402
-from tests.helpers import SMOLLM2, logged, one_line_exit, run_dmc, tiny_train, write_tiny_checkpoint  # noqa: E402
+from tests.helpers import SMOLLM2, logged, one_line_exit, tiny_train, write_tiny_checkpoint  # noqa: E402
 from train.cli import main  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent

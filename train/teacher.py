@@ -26,7 +26,7 @@ def check_teacher(recipe: Recipe) -> None:
     vocabulary size or another tokenizer."""
     from transformers import AutoTokenizer
 
-    from dmc.hub import ModelSourceError, model_config
+    from dmc.hub import model_config
 
     source = teacher_source(recipe)
     what = "distill.teacher" if recipe.distill.teacher else "distill.teacher (default: model.path)"

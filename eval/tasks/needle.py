@@ -40,32 +40,33 @@ def build(tok, context: int, depth: float, seed: int) -> tuple[str, str]:
 
 def run(model, opts, folder) -> dict:
     cells = [(c, d) for c in opts.needle_contexts for d in opts.needle_depths]
-    if opts.ci_resamples and len(cells) < 2:
-        raise TaskError("needle: a bootstrap interval needs at least 2 cells (got 1): give more --needle-contexts or "
-                        "--needle-depths, or pass --ci-resamples 0")
+    if opts.ci_resamples:  # before any model runs
+        from ..intervals import require_samples
+
+        try:
+            require_samples(len(cells), "cells", "give more --needle-contexts or --needle-depths")
+        except TaskError as err:
+            raise TaskError(f"needle: {err}") from None
     items = [(f"{c}/{d}", build(model.tok, c, d, opts.seed)) for c, d in cells]
     settings = {k: getattr(opts, k) for k in SETTINGS} | {"seed": opts.seed}
     store = ItemStore(folder, model.name, "needle", settings)
 
-    def compute(payloads):
-        texts, counts = model.generate([p for p, _ in payloads], 8)
-        return [{"answer": t, "correct": t.strip().startswith(n), "counts": c}
-                for (_, n), t, c in zip(payloads, texts, counts)]
+    def scorer(question_aware: bool):
+        def compute(payloads):
+            texts, counts = model.generate([p for p, _ in payloads], 8, question_aware=question_aware)
+            return [{"answer": t, "correct": t.strip().startswith(n), "counts": c}
+                    for (_, n), t, c in zip(payloads, texts, counts)]
 
-    values = run_items(store, items, model.batch_size, compute, f"{model.name} needle")
+        return compute
+
+    values = run_items(store, items, model.batch_size, scorer(False), f"{model.name} needle")
     result = _summary(model, opts, cells, values)
     result |= {"contexts": list(opts.needle_contexts), "depths": list(opts.needle_depths)}
     if model.policy is not None:
         # The same cells in the question-aware setting (compress once after prefill, the question in the
         # policy's observation window). DMC is query-agnostic by construction, so this row has no DMC twin.
         qa_store = ItemStore(folder, model.name, "needle-question-aware", settings)
-
-        def compute_qa(payloads):
-            texts, counts = model.generate([p for p, _ in payloads], 8, question_aware=True)
-            return [{"answer": t, "correct": t.strip().startswith(n), "counts": c}
-                    for (_, n), t, c in zip(payloads, texts, counts)]
-
-        qa = _summary(model, opts, cells, run_items(qa_store, items, model.batch_size, compute_qa,
+        qa = _summary(model, opts, cells, run_items(qa_store, items, model.batch_size, scorer(True),
                                                     f"{model.name} needle, question-aware"))
         result |= {f"question_aware_{k}": qa[k] for k in ("accuracy", "accuracy_ci95", "grid", "realised_cr") if k in qa}
     return result

@@ -46,9 +46,14 @@ def run(model, opts, folder, source: str | None = None, task: str = "ppl") -> di
         raise TaskError(f"{task}: {err}") from err
     if not items:
         raise TaskError(f"{task}: {source} gave no block of {opts.ppl_block} tokens; use a shorter --ppl-block")
-    if opts.ci_resamples and len(items) < 2:
-        raise TaskError(f"{task}: a bootstrap interval needs at least 2 blocks ({source} gave 1 of {opts.ppl_block} "
-                        "tokens): use --ppl-blocks 2 or more, or --ci-resamples 0")
+    if opts.ci_resamples:  # before any model runs
+        from ..intervals import require_samples
+
+        try:
+            require_samples(len(items), "blocks", f"{source} gave {len(items)} of {opts.ppl_block} tokens; use "
+                            "--ppl-blocks 2 or more")
+        except TaskError as err:
+            raise TaskError(f"{task}: {err}") from None
     settings = {k: getattr(opts, k) for k in SETTINGS} | {"ppl_source": source}
     store = ItemStore(folder, model.name, task, settings)
 
