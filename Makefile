@@ -70,7 +70,7 @@ compare: venv model $(DMC_HF)/config.json $(DMC4_HF)/config.json $(CONTROL_HF)/c
 	$(PY) -m dmc.cli compare $(MODEL) --control $(CONTROL_HF) --dmc $(DMC_HF) $(DMC4_HF) --gqa $(GQA_HF) \
 		--policies all --crs 2 4 8 --tasks ppl ppl_prose needle --ppl-blocks 32 --ppl-block 512 \
 		--needle-contexts 256 512 1024 --needle-depths 0.1 0.2 0.3 0.4 0.5 0.6 0.7 0.8 \
-		--batch-size 8 --threads 2 --out eval/results/compare-135m
+		--batch-size 32 --threads 2 --out eval/results/compare-135m
 
 clean:
 	rm -rf $(VENV) .cache .pytest_cache

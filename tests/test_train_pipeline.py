@@ -49,6 +49,17 @@ def test_stop_and_resume_equals_uninterrupted(tiny, tmp_path):
     assert _losses(tmp_path / "a") == _losses(tmp_path / "b")
 
 
+def test_resuming_under_a_changed_recipe_is_refused(tiny, tmp_path, capsys):
+    _train(tiny, tmp_path / "run", "--stop_at", "4")
+    before = _losses(tmp_path / "run")
+    msg = _error(capsys, "--config", str(ROOT / "configs/tiny.yaml"), "--model.path", tiny,
+                 "--run.out_dir", str(tmp_path / "run"), "--schedule.target_cr", "3")
+    assert "another recipe" in msg and "schedule.target_cr: 2.0 -> 3.0" in msg and "--resume none" in msg
+    assert _losses(tmp_path / "run") == before  # nothing trained, nothing rewritten
+    _train(tiny, tmp_path / "run", "--run.keep_last", "3", "--run.progress_bar", "false")  # how it runs may change
+    assert sorted(_losses(tmp_path / "run")) == list(range(8))
+
+
 @pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
 def test_every_yaml_loads_and_names_its_command(path):
     recipe, _, _ = parse(["--config", str(path)])

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import yaml
 
-from .recipe import Recipe
+from .recipe import Recipe, RunSection
 
 
 class RecipeError(ValueError):
@@ -93,6 +93,7 @@ def run(recipe: Recipe, resume: str = "auto", stop_at: int | None = None) -> dic
         _check_fresh_start(recipe)
     else:
         _check_resume_compatible(recipe, ckpt)
+        _check_same_recipe(recipe, out)
     if recipe.model.method == "gqa":
         _check_gqa(recipe)
     if recipe.distill.enabled:
@@ -176,6 +177,37 @@ def _check_gqa(recipe: Recipe) -> None:
         gqa_kv_heads(recipe, AutoConfig.from_pretrained(recipe.model.path))
     except ValueError as err:
         raise RecipeError(str(err)) from None
+
+
+# What a resumed run may change: where and how it runs, not what it computes.
+RESUME_MAY_CHANGE = {"data.num_workers"} | {f"run.{k}" for k in RunSection.__dataclass_fields__
+                                            if k not in ("seed", "precision")}
+
+
+def recipe_changes(old: dict, new: dict) -> list[str]:
+    """'section.key: old -> new' for every computation-relevant setting that differs between two resolved
+    recipes (``Recipe.to_dict()``)."""
+    changes = []
+    for section, values in new.items():
+        for key, value in values.items():
+            name = f"{section}.{key}"
+            before = old.get(section, {}).get(key, value)
+            if name not in RESUME_MAY_CHANGE and before != value:
+                changes.append(f"{name}: {before!r} -> {value!r}")
+    return changes
+
+
+def _check_same_recipe(recipe: Recipe, out: Path) -> None:
+    """Resuming continues the recipe the run folder was started with; resuming it under a changed one would
+    give curves and a checkpoint that neither recipe produces."""
+    recorded = out / "config.yaml"
+    if not recorded.exists():
+        return
+    changes = recipe_changes(yaml.safe_load(recorded.read_text()) or {}, recipe.to_dict())
+    if changes:
+        more = f" (and {len(changes) - 2} more)" if len(changes) > 2 else ""
+        raise RecipeError(f"{out} holds a run of another recipe ({'; '.join(changes[:2])}{more}); use a new "
+                          "--run.out_dir, or --resume none to start this folder over")
 
 
 def _check_resume_compatible(recipe: Recipe, ckpt: str) -> None:
