@@ -4,7 +4,7 @@
 
 DMC models run on their compressed cache throughout and every task reports the realised CR it ran at.
 Finished items are cached under DIR/items, so rerunning the same command continues an interrupted run.
-Writes DIR/results.json, DIR/report.md and PNG plots.
+Writes DIR/results.json, DIR/report.md and PNG plots when it finishes (DIR/results.partial.json until then).
 """
 
 from __future__ import annotations
@@ -86,6 +86,11 @@ def evaluate(opts: argparse.Namespace, command: str, variants: list | None = Non
         variants = [(path, policy) for path in opts.models]
     out = Path(opts.out)
     out.mkdir(parents=True, exist_ok=True)
+    # results.json and report.md describe a finished run only: a run that dies must not leave the previous
+    # run's beside its own items, nor its own half; its progress goes to results.partial.json.
+    for stale in ("results.json", "report.md"):
+        (out / stale).unlink(missing_ok=True)
+    partial = out / "results.partial.json"
     dtype = opts.dtype or ("bfloat16" if opts.device.startswith("cuda") else "float32")
     import transformers
 
@@ -105,11 +110,12 @@ def evaluate(opts: argparse.Namespace, command: str, variants: list | None = Non
             start = time.perf_counter()
             entry["tasks"][task] = task_module(task).run(model, opts, out)
             entry["seconds"][task] = round(time.perf_counter() - start, 1)
-            write_json(out / "results.json", results)  # what is done so far survives a crash
+            write_json(partial, results)  # what is done so far, readable while it runs and after a crash
         del model
     results["plots"] = plots(results, out)
     write_json(out / "results.json", results)
     (out / "report.md").write_text(markdown(results))
+    partial.unlink(missing_ok=True)
     return results
 
 

