@@ -180,8 +180,8 @@ def _check_gqa(recipe: Recipe) -> None:
 
 
 # What a resumed run may change: where and how it runs, not what it computes.
-RESUME_MAY_CHANGE = {"data.num_workers"} | {f"run.{k}" for k in RunSection.__dataclass_fields__
-                                            if k not in ("seed", "precision")}
+RESUME_MAY_CHANGE = {"data.num_workers"} | {f"run.{f.name}" for f in dataclasses.fields(RunSection)
+                                            if f.name not in ("seed", "precision")}
 
 
 def recipe_changes(old: dict, new: dict) -> list[str]:
