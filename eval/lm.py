@@ -82,7 +82,8 @@ class EvalModel:
         if self.policy is not None:
             from .policies import PolicyCache
 
-            return PolicyCache(self.model.config, self.policy, question_aware=question_aware)
+            # dense: the paged reference's slots and decisions with less per-token bookkeeping (eval/policies/dense.py)
+            return PolicyCache(self.model.config, self.policy, question_aware=question_aware, layout="dense")
         return None
 
     def describe(self) -> dict:

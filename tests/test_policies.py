@@ -243,3 +243,68 @@ def test_needle_reports_the_question_aware_setting_for_policies(tmp_path):
     assert 0 <= needle["question_aware_accuracy"] <= 1 and len(needle["question_aware_accuracy_ci95"]) == 2
     assert 1.5 < needle["question_aware_realised_cr"] < needle["realised_cr"] + 0.01  # + the 8 generated tokens
     assert "question_aware_accuracy" in (tmp_path / "o/report.md").read_text()
+
+
+def test_needle_batches_each_context_length_apart(tmp_path, monkeypatch):
+    """A 96-token prompt padded to 192 would cost a 192-token run: cells of one length batch together."""
+    from eval.lm import EvalModel
+    from eval.run import main
+    from tests.helpers import SMOLLM2, write_tiny_checkpoint
+
+    if not (SMOLLM2 / "config.json").exists():
+        pytest.skip("run `make model` first")
+    calls, generate = [], EvalModel.generate
+
+    def spy(self, prompts, *args, **kwargs):
+        calls.append([len(self.tok(p)["input_ids"]) for p in prompts])
+        return generate(self, prompts, *args, **kwargs)
+
+    monkeypatch.setattr(EvalModel, "generate", spy)
+    tiny = write_tiny_checkpoint(tmp_path / "tiny")
+    main([str(tiny), "--tasks", "needle", "--needle-contexts", "96", "192", "--needle-depths", "0.3", "0.6",
+          "--batch-size", "8", "--out", str(tmp_path / "o")])
+    assert len(calls) == 2 and all(max(c) - min(c) <= 4 for c in calls)  # one call per length, not one mixed
+
+
+# ---- the dense layout (eval's fast path) against the paged reference --------------------------------------------
+def _kept_and_logits(model, layout, policy, ids, mask, pos, question_aware, decode):
+    cache = PolicyCache(model.config, policy, block_size=4, question_aware=question_aware, layout=layout)
+    T = ids.shape[1]
+    logits = [model(ids, attention_mask=mask, position_ids=pos, past_key_values=cache).logits]
+    nxt = ids[:, -1:]
+    for t in range(decode):  # decoding on top of the prompt, one token at a time
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+        pos = pos[:, -1:] + 1
+        nxt = (nxt * 7 + 3) % model.config.vocab_size
+        logits.append(model(nxt, attention_mask=mask, position_ids=pos, past_key_values=cache).logits)
+    kept = [layer.pair_view(layer.pos_pool, -1) for layer in cache.layers]
+    return torch.cat(logits, 1), kept, [cache.num_slots(i) for i in range(len(cache.layers))], T
+
+
+@pytest.mark.parametrize("name", sorted(POLICIES))
+@pytest.mark.parametrize("question_aware", [False, True])
+@pytest.mark.parametrize("budget", [Budget(cr=3), Budget(tokens=5)])
+def test_dense_layout_equals_the_paged_reference(name, question_aware, budget):
+    """Same logits, same slots in the same order, on a ragged GQA batch with decoding after the prompt."""
+    model = _model("gqa")
+    _, ids, mask, pos = left_padded_rows([23, 11, 2])
+    policy = POLICIES[name](budget)
+    with torch.no_grad():
+        want, want_kept, want_lens, _ = _kept_and_logits(model, "paged", policy, ids, mask, pos, question_aware, 5)
+        got, got_kept, got_lens, _ = _kept_and_logits(model, "dense", policy, ids, mask, pos, question_aware, 5)
+    real = torch.cat([mask, torch.ones(mask.shape[0], 5, dtype=mask.dtype)], 1).bool()
+    torch.testing.assert_close(got[real], want[real], rtol=1e-9, atol=1e-9)
+    for g, w, gl, wl in zip(got_kept, want_kept, got_lens, want_lens):
+        assert torch.equal(gl, wl) and torch.equal(g, w)
+
+
+def test_dense_layout_counts_the_bytes_of_the_paged_one():
+    model = _model()
+    caches = {layout: PolicyCache(model.config, H2O(Budget(cr=4)), block_size=4, layout=layout)
+              for layout in ("paged", "dense")}
+    with torch.no_grad():
+        for cache in caches.values():
+            model(random_ids(2, 37), past_key_values=cache)
+    assert caches["dense"].allocated_bytes() == caches["paged"].allocated_bytes() > 0
+    with pytest.raises(ValueError, match="unknown cache layout 'ring'"):
+        PolicyCache(model.config, H2O(Budget(cr=4)), layout="ring")

@@ -151,6 +151,11 @@ class PolicyLayer(SlotCacheLayer):
         empty = last % self.block_size == 0
         self._release(b[empty], h[empty], (last // self.block_size)[empty])
 
+    def attend(self, q: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """q (B, H, D): (output (B, H, D), this step's attention per pool slot (group mean))."""
+        return decode_attention_paged(q, self.k_pool, self.v_pool, self.block_table, self.lens, scale,
+                                      return_slot_probs=True)
+
     def allowed_slots(self) -> torch.Tensor:
         """(B,) slots a sequence may hold now: the budget of what it has seen, or (question-aware, after prefill)
         the budget of its prompt plus every token generated since."""
@@ -178,12 +183,21 @@ class PolicyLayer(SlotCacheLayer):
 
 
 class PolicyCache(Cache):
-    """A ``Cache`` whose layers keep at most the policy's budget of slots per (sequence, KV head)."""
+    """A ``Cache`` whose layers keep at most the policy's budget of slots per (sequence, KV head).
 
-    def __init__(self, config, policy: Policy, block_size: int = 16, question_aware: bool = False):
+    ``layout``: "paged" (the reference: DMC's paged pool and its bytes) or "dense" (``dense.py``: the same
+    slots and decisions in per-pair buffers, several times less bookkeeping per token; for quality runs)."""
+
+    def __init__(self, config, policy: Policy, block_size: int = 16, question_aware: bool = False,
+                 layout: str = "paged"):
+        from .dense import DensePolicyLayer
+
+        layers = {"paged": PolicyLayer, "dense": DensePolicyLayer}
+        if layout not in layers:
+            raise ValueError(f"unknown cache layout {layout!r}; choose paged or dense")
         H_kv = config.num_key_value_heads
         D = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        super().__init__(layers=[PolicyLayer(H_kv, D, block_size, policy, question_aware)
+        super().__init__(layers=[layers[layout](H_kv, D, block_size, policy, question_aware)
                                  for _ in range(config.num_hidden_layers)])
         self.policy, self.question_aware = policy, question_aware
 
@@ -225,8 +239,7 @@ class PolicyLlamaAttention(LlamaAttention):
         outs = []
         for t in range(T):
             layer.append(k[:, :, t], v[:, :, t], valid[:, t])
-            out, probs = decode_attention_paged(q[:, :, t], layer.k_pool, layer.v_pool, layer.block_table, layer.lens,
-                                                self.scaling, return_slot_probs=True)
+            out, probs = layer.attend(q[:, :, t], self.scaling)
             layer.observe(probs)
             if not prefill:
                 layer.enforce()

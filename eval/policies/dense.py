@@ -1,0 +1,113 @@
+"""The same policies on dense per-pair slot buffers: the fast layout for quality evaluation.
+
+``PolicyLayer`` keeps slots in the paged pool DMC uses, so bytes are counted alike; every step then pays for
+block-table bookkeeping and a block-wise attention, a few milliseconds per layer and token on a CPU, which
+made a policy's perplexity run cost twice the model's own forward. Here each (sequence, KV head) pair owns
+row ``[b, h, :capacity]`` of one tensor per layer: appending is one scatter, evicting moves the pair's last
+slot into the freed one with a gather and a scatter, and attention is one batched matmul over the longest
+pair's slots. Same slots, same order, same decisions as the paged layer (tests/test_policies.py checks
+logits and kept positions against it); only memory is not comparable, so it reports the bytes the paged
+layout would hand out for the same slots.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .base import PolicyLayer
+
+
+class DensePolicyLayer(PolicyLayer):
+    """A ``PolicyLayer`` whose ``*_pool`` tensors are (B, H_kv, capacity, *extra), indexed by slot."""
+
+    def _init_state(self, batch: int, dtype, device) -> None:
+        H, D = self.num_kv_heads, self.head_dim
+        self.dtype, self.device = dtype, device
+        self.k_pool = torch.zeros(batch, H, 0, D, dtype=dtype, device=device)
+        self.v_pool = torch.zeros_like(self.k_pool)
+        self.pos_pool = torch.zeros(batch, H, 0, dtype=torch.long, device=device)
+        self.score_pool = torch.zeros(batch, H, 0, dtype=torch.float32, device=device)
+        self.hist_pool = torch.zeros(batch, H, 0, self.policy.history, dtype=torch.float32, device=device)
+        self.lens = torch.zeros(batch, H, dtype=torch.long, device=device)
+        self.seen = torch.zeros(batch, dtype=torch.long, device=device)
+        self.steps = 0
+        self.is_initialized = True
+
+    def _pools(self):
+        pools = [self.k_pool, self.v_pool, self.pos_pool, self.score_pool]
+        return pools + [self.hist_pool] if self.policy.history else pools
+
+    def _grow(self, need: int) -> None:
+        cap = self.k_pool.shape[2]
+        if need <= cap:
+            return
+        grow = max(need, 2 * cap, self.block_size) - cap  # doubling: a handful of copies per sequence
+        for name in ("k_pool", "v_pool", "pos_pool", "score_pool", "hist_pool"):
+            pool = getattr(self, name)
+            setattr(self, name, torch.cat([pool, pool.new_zeros(*pool.shape[:2], grow, *pool.shape[3:])], 2))
+
+    @staticmethod
+    def _at(pool: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
+        """Index (B, H_kv, 1, *extra) for slot ``slot`` (B, H_kv) of every pair, for gather/scatter on dim 2."""
+        return slot.view(*slot.shape, 1, *[1] * (pool.dim() - 3)).expand(*slot.shape, 1, *pool.shape[3:])
+
+    def pair_view(self, pool: torch.Tensor, fill) -> torch.Tensor:
+        S = max(1, int(self.lens.max()))
+        if pool.shape[2] < S:
+            self._grow(S)
+        view = pool[:, :, :S]
+        live = torch.arange(S, device=pool.device) < self.lens[..., None]
+        live = live.view(*live.shape, *[1] * (pool.dim() - 3))
+        return torch.where(live, view, torch.as_tensor(fill, dtype=pool.dtype, device=pool.device))
+
+    def append(self, keys, values, valid) -> None:
+        B, H, _ = keys.shape
+        if not self.is_initialized:
+            self._init_state(B, keys.dtype, keys.device)
+        self._grow(int(self.lens.max()) + 1)
+        slot = self.lens  # a padding row writes into its first dead slot and does not count it: harmless
+        new = [keys.to(self.dtype), values.to(self.dtype), self.seen[:, None].expand(B, H),
+               torch.zeros(B, H, dtype=torch.float32, device=keys.device)]
+        if self.policy.history:
+            new.append(torch.full((B, H, self.policy.history), -1.0, device=keys.device))  # not yet observed
+        for pool, value in zip(self._pools(), new):
+            pool.scatter_(2, self._at(pool, slot), value.unsqueeze(2))
+        self.lens = self.lens + valid[:, None].long()
+        self.seen = self.seen + valid.long()
+
+    def evict(self, over: torch.Tensor, slot: torch.Tensor) -> None:
+        """As the paged layer: the pair's last slot moves into the evicted one (pairs not over move their last
+        slot onto itself)."""
+        last = (self.lens - 1).clamp(min=0)
+        dst = torch.where(over, slot, last)
+        for pool in self._pools():
+            pool.scatter_(2, self._at(pool, dst), pool.gather(2, self._at(pool, last)))
+        self.lens = self.lens - over.long()
+
+    def attend(self, q: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """q (B, H, D): (output (B, H, D), attention per slot (B, H_kv, capacity), group mean, 0 where dead)."""
+        B, H, D = q.shape
+        H_kv = self.lens.shape[1]
+        S = max(1, int(self.lens.max()))
+        work = torch.promote_types(q.dtype, torch.float32)
+        scores = (q.view(B, H_kv, H // H_kv, D) @ self.k_pool[:, :, :S].transpose(-1, -2)).to(work) * scale
+        live = torch.arange(S, device=q.device) < self.lens[..., None]  # (B, H_kv, S)
+        p = scores.masked_fill(~live[:, :, None], float("-inf")).softmax(-1)
+        p = torch.where((self.lens > 0)[..., None, None], p, 0)  # no slots yet (left padding): 0, not NaN
+        out = (p.to(q.dtype) @ self.v_pool[:, :, :S]).reshape(B, H, D)
+        probs = torch.zeros(*self.lens.shape, self.k_pool.shape[2], dtype=work, device=q.device)
+        probs[..., :S] = p.mean(2)
+        return out, probs
+
+    def allocated_bytes(self) -> int:
+        """What the paged layout hands out for the same slots (whole blocks), so reports stay comparable."""
+        if not self.is_initialized:
+            return 0
+        blocks = int((-(-self.lens // self.block_size)).sum())
+        return 2 * blocks * self.block_size * self.head_dim * self.k_pool.element_size()
+
+    def reserved_bytes(self) -> int:
+        if not self.is_initialized:
+            return 0
+        return sum(t.numel() * t.element_size() for t in (self.k_pool, self.v_pool, self.pos_pool, self.score_pool,
+                                                           self.hist_pool))
