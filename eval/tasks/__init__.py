@@ -22,13 +22,19 @@ def task_module(name: str):
     return importlib.import_module(f"{__name__}.{name}")
 
 
-def run_items(store: ItemStore, items: list[tuple[str, object]], batch: int, compute, desc: str) -> dict[str, dict]:
+def run_items(store: ItemStore, items: list[tuple[str, object]], batch: int, compute, desc: str,
+              group=None) -> dict[str, dict]:
     """Compute the items not in ``store`` in batches (``compute(payloads) -> values``), storing each as it
-    finishes; return every item's value. Progress bar with ETA; cached items are counted as done."""
+    finishes; return every item's value. ``group(item_id)``: items of different groups never share a batch
+    (prompts of one length together, so no row is padded to another's length). Progress bar with ETA;
+    cached items are counted as done."""
     todo = [(i, p) for i, p in items if i not in store]
+    groups: dict = {}
+    for item in todo:
+        groups.setdefault(group(item[0]) if group else None, []).append(item)
+    chunks = [g[s : s + batch] for g in groups.values() for s in range(0, len(g), batch)]
     with tqdm(total=len(items), initial=len(items) - len(todo), desc=desc, unit="item", dynamic_ncols=True) as bar:
-        for start in range(0, len(todo), batch):
-            chunk = todo[start : start + batch]
+        for chunk in chunks:
             for (item_id, _), value in zip(chunk, compute([p for _, p in chunk])):
                 store.put(item_id, value)
             bar.update(len(chunk))

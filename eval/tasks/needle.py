@@ -59,7 +59,7 @@ def run(model, opts, folder) -> dict:
 
         return compute
 
-    values = run_items(store, items, model.batch_size, scorer(False), f"{model.name} needle")
+    values = run_items(store, items, model.batch_size, scorer(False), f"{model.name} needle", _context)
     result = _summary(model, opts, cells, values)
     result |= {"contexts": list(opts.needle_contexts), "depths": list(opts.needle_depths)}
     if model.policy is not None:
@@ -67,9 +67,14 @@ def run(model, opts, folder) -> dict:
         # policy's observation window). DMC is query-agnostic by construction, so this row has no DMC twin.
         qa_store = ItemStore(folder, model.name, "needle-question-aware", settings)
         qa = _summary(model, opts, cells, run_items(qa_store, items, model.batch_size, scorer(True),
-                                                    f"{model.name} needle, question-aware"))
+                                                    f"{model.name} needle, question-aware", _context))
         result |= {f"question_aware_{k}": qa[k] for k in ("accuracy", "accuracy_ci95", "grid", "realised_cr") if k in qa}
     return result
+
+
+def _context(item_id: str) -> str:
+    """A cell's context length: cells batch with their own length only (a padded row costs the longest's)."""
+    return item_id.split("/")[0]
 
 
 def _summary(model, opts, cells, values) -> dict:
