@@ -166,6 +166,32 @@ def test_bad_input_is_refused_and_leaves_nothing(run, tmp_path, capsys):
     assert not list(tmp_path.glob(".hf.exporting"))
 
 
+class _RunsCode:
+    """Unpickling this calls ``os.getcwd()``: it stands for any code a foreign checkpoint could carry."""
+
+    def __reduce__(self):
+        import os
+
+        return (os.getcwd, ())
+
+
+def test_a_checkpoint_that_would_run_code_is_refused_unless_trusted(run, tmp_path, capsys):
+    latest = max((run / "run/ckpt").glob("step-*.ckpt"))
+    state = {**torch.load(latest, map_location="cpu", weights_only=True), "extra": _RunsCode()}
+    evil, out = tmp_path / "evil.ckpt", tmp_path / "hf"
+    torch.save(state, evil)
+    msg = _one_line_error(capsys, str(evil), "--out", str(out))
+    assert "posix.getcwd" in msg and "--trust-checkpoint" in msg and not out.exists()
+    shard = tmp_path / "ds.ckpt/checkpoint"  # a DeepSpeed folder: its shards are checked before DeepSpeed reads them
+    shard.mkdir(parents=True)
+    torch.save({"module": {}}, shard / "mp_rank_00_model_states.pt")
+    torch.save({"optimizer_state_dict": _RunsCode()}, shard / "zero_pp_rank_0_mp_rank_00_optim_states.pt")
+    msg = _one_line_error(capsys, str(shard.parent), "--out", str(out))
+    assert "optim_states.pt holds a pickled posix.getcwd" in msg and not out.exists()
+    export_main([str(evil), "--out", str(out), "--dtype", "float32", "--trust-checkpoint"])
+    assert (out / "config.json").exists()
+
+
 def test_a_failure_mid_export_leaves_no_folder(run, tmp_path, monkeypatch):
     import dmc.export as export_module
 

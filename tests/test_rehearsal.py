@@ -78,7 +78,7 @@ def test_slurm_dry_run_prints_each_nodes_command(tmp_path):
     assert command[:5] == ["torchrun", "--nnodes", "2", "--nproc_per_node", "8"]
     assert "--rdzv_endpoint" in command and command[command.index("--rdzv_endpoint") + 1] == "gpu-a:29500"
     train_args = command[command.index("train") + 1:]
-    recipe, _, _ = parse(train_args)  # what each node runs is a valid recipe for this allocation
+    recipe = parse(train_args)[0]  # what each node runs is a valid recipe for this allocation
     assert (recipe.run.num_nodes, recipe.run.devices, recipe.optim.lr) == (2, 8, 1e-5)
     outside = subprocess.run(["bash", "scripts/slurm_train.sh", "--dry-run", "configs/tiny.yaml"], cwd=ROOT,
                              env={k: v for k, v in env.items() if not k.startswith("SLURM_")},

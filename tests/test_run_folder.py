@@ -68,7 +68,7 @@ def test_the_resolved_recipe_is_saved_and_runs_again(tiny, tmp_path):
     tiny_train(tiny, run, "--stop_at", "1", "--schedule.target_cr", "3.5")
     header = (run / "config.yaml").read_text().splitlines()[0]
     assert header.startswith("#") and "dmc train --config" in header
-    again, _, _ = parse(["--config", str(run / "config.yaml")])
+    again = parse(["--config", str(run / "config.yaml")])[0]
     assert again.schedule.target_cr == 3.5 and again.model.path == tiny and again.run.out_dir == str(run)
 
 

@@ -62,7 +62,7 @@ def test_resuming_under_a_changed_recipe_is_refused(tiny, tmp_path, capsys):
 
 @pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
 def test_every_yaml_loads_and_names_its_command(path):
-    recipe, _, _ = parse(["--config", str(path)])
+    recipe = parse(["--config", str(path)])[0]
     assert recipe.total_steps > 0
     header = path.read_text().splitlines()[:6]
     assert any("dmc" in line and "train" in line for line in header if line.startswith("#")), "run command in header"
@@ -100,3 +100,28 @@ def test_bad_inputs_get_one_line_errors(tiny, tmp_path, capsys):
     LlamaForCausalLM(config).save_pretrained(other)
     msg = _error(capsys, "--config", cfg, "--model.path", other, "--run.out_dir", str(tmp_path / "run"))
     assert "from another model" in msg
+
+
+class _RunsCode:
+    """Unpickling this calls ``os.getcwd()``: it stands for any code a foreign checkpoint could carry."""
+
+    def __reduce__(self):
+        import os
+
+        return (os.getcwd, ())
+
+
+def test_resuming_from_a_checkpoint_that_would_run_code_is_refused_unless_trusted(tiny, tmp_path, capsys):
+    import torch
+
+    _train(tiny, tmp_path / "run", "--stop_at", "4")
+    ckpt = tmp_path / "run/ckpt/step-0000004.ckpt"
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)  # what we write loads without trust
+    torch.save({**state, "extra": _RunsCode()}, ckpt)
+    before = _losses(tmp_path / "run")
+    msg = _error(capsys, "--config", str(ROOT / "configs/tiny.yaml"), "--model.path", tiny,
+                 "--run.out_dir", str(tmp_path / "run"))
+    assert "posix.getcwd" in msg and "--trust-checkpoint" in msg
+    assert _losses(tmp_path / "run") == before  # nothing trained, nothing rewritten
+    _train(tiny, tmp_path / "run", "--trust-checkpoint")
+    assert sorted(_losses(tmp_path / "run")) == list(range(8))

@@ -81,7 +81,7 @@ class AtomicCheckpoint(L.Callback):
             self.dir.mkdir(parents=True, exist_ok=True)
             shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
         trainer.strategy.barrier("ckpt-prepare")
-        trainer.save_checkpoint(str(tmp))  # every rank takes part (DeepSpeed writes shards)
+        trainer.save_checkpoint(str(tmp), weights_only=False)  # every rank takes part (DeepSpeed writes shards)
         trainer.strategy.barrier("ckpt-written")
         if trainer.is_global_zero:
             if final.exists():

@@ -41,14 +41,16 @@ def load_recipe_file(path: str) -> dict:
     return data
 
 
-def parse(argv: list[str]) -> tuple[Recipe, str, int | None]:
-    from jsonargparse import ActionConfigFile, ArgumentParser
+def parse(argv: list[str]) -> tuple[Recipe, str, int | None, bool]:
+    from jsonargparse import ActionConfigFile, ActionYesNo, ArgumentParser
 
     parser = ArgumentParser(prog="dmc train", description="Continued pretraining of a Llama model with DMC",
                             exit_on_error=False)
     parser.add_argument("--config", action=ActionConfigFile, help="a YAML recipe from configs/")
     parser.add_argument("--resume", default="auto", help="auto (latest checkpoint in run.out_dir), none, or a path")
     parser.add_argument("--stop_at", type=int, default=None, help="stop after this many steps (schedule unchanged)")
+    parser.add_argument("--trust-checkpoint", action=ActionYesNo, default=False, help="resume from a checkpoint holding "
+                        "pickled objects beyond tensors and plain containers (they can run code: trusted sources only)")
     for f in dataclasses.fields(Recipe):
         parser.add_class_arguments(f.default_factory, nested_key=f.name)
     for i, arg in enumerate(argv):
@@ -66,10 +68,10 @@ def parse(argv: list[str]) -> tuple[Recipe, str, int | None]:
         recipe.validate()
     except ValueError as err:
         raise RecipeError(str(err)) from err
-    return recipe, d["resume"], d["stop_at"]
+    return recipe, d["resume"], d["stop_at"], bool(d["trust_checkpoint"])
 
 
-def run(recipe: Recipe, resume: str = "auto", stop_at: int | None = None) -> dict:
+def run(recipe: Recipe, resume: str = "auto", stop_at: int | None = None, trust_checkpoint: bool = False) -> dict:
     import lightning as L
     import torch
     from lightning.pytorch.callbacks import RichProgressBar
@@ -92,7 +94,7 @@ def run(recipe: Recipe, resume: str = "auto", stop_at: int | None = None) -> dic
     if ckpt is None:
         _check_fresh_start(recipe)
     else:
-        _check_resume_compatible(recipe, ckpt)
+        _check_resume_compatible(recipe, ckpt, trust_checkpoint)
         _check_same_recipe(recipe, out)
     if recipe.model.method == "gqa":
         _check_gqa(recipe)
@@ -123,7 +125,10 @@ def run(recipe: Recipe, resume: str = "auto", stop_at: int | None = None) -> dic
     L.seed_everything(r.seed, workers=True, verbose=False)
     module = DMCTrainingModule(recipe)
     data = BlocksDataModule(recipe.data, recipe.model.path, seed=r.seed)
-    trainer.fit(module, datamodule=data, ckpt_path=ckpt)
+    from . import safe_load
+
+    with safe_load.allowed():  # Lightning's own torch.load of the checkpoint, under the same rule
+        trainer.fit(module, datamodule=data, ckpt_path=ckpt, weights_only=not trust_checkpoint)
     summary = {"steps": trainer.global_step, "checkpoint": AtomicCheckpoint.latest(r.out_dir), "data": dict(data.stats)}
     validation = last_jsonl(out / "validation.jsonl")
     if validation:
@@ -210,16 +215,21 @@ def _check_same_recipe(recipe: Recipe, out: Path) -> None:
                           "--run.out_dir, or --resume none to start this folder over")
 
 
-def _check_resume_compatible(recipe: Recipe, ckpt: str) -> None:
-    """A checkpoint of another model (different shapes) is refused before Lightning loads it."""
-    import torch
+def _check_resume_compatible(recipe: Recipe, ckpt: str, trust: bool = False) -> None:
+    """A checkpoint that would run code when loaded, or of another model (different shapes), is refused
+    before Lightning loads it."""
     from transformers import AutoConfig
 
+    from . import safe_load
+
     p = Path(ckpt)
-    file = p if p.is_file() else None
-    if file is None:  # DeepSpeed directory: shapes are checked by the engine itself
-        return
-    state = torch.load(file, map_location="cpu", weights_only=False)
+    try:
+        safe_load.check(p, trust)
+        if p.is_dir():  # DeepSpeed directory: shapes are checked by the engine itself
+            return
+        state = safe_load.load(p, trust, mmap=True)
+    except safe_load.UntrustedCheckpoint as err:
+        raise RecipeError(str(err)) from None
     config = AutoConfig.from_pretrained(recipe.model.path)
     emb = state["state_dict"].get("model.model.embed_tokens.weight")
     if emb is not None and tuple(emb.shape) != (config.vocab_size, config.hidden_size):
@@ -233,8 +243,8 @@ def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
-        recipe, resume, stop_at = parse(argv)
-        summary = run(recipe, resume, stop_at)
+        recipe, resume, stop_at, trust = parse(argv)
+        summary = run(recipe, resume, stop_at, trust)
     except (RecipeError, ValueError, FileNotFoundError) as err:  # data.DataError is a ValueError too
         sys.exit(f"dmc train: error: {err}")
     if int(os.environ.get("RANK", "0")) == 0:

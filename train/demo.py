@@ -20,9 +20,9 @@ def main(argv: list[str] | None = None) -> None:
     from .data_module import BlocksDataModule
 
     argv = sys.argv[1:] if argv is None else argv
-    recipe, resume, stop_at = parse(["--config", str(CONFIG), *argv])
+    recipe, resume, stop_at, trust = parse(["--config", str(CONFIG), *argv])
     t0 = time.time()
-    summary = run(recipe, resume, stop_at)
+    summary = run(recipe, resume, stop_at, trust)
     minutes = (time.time() - t0) / 60
     if "validation" not in summary:
         sys.exit("dmc demo: training did not finish; run `make demo` again to resume")

@@ -49,20 +49,28 @@ def _consolidate_zero(p: Path) -> dict[str, torch.Tensor]:
                           "export a complete checkpoint (every rank's files of one step)") from err
 
 
-def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
-    """(HF-named fp32 state dict, the ``dmc`` info the training module saved) of a training checkpoint."""
+def load_checkpoint(path: str | Path, trust: bool = False) -> tuple[dict[str, torch.Tensor], dict]:
+    """(HF-named fp32 state dict, the ``dmc`` info the training module saved) of a training checkpoint.
+    ``trust``: load pickled objects beyond the allow-list of ``safe_load`` (they can run code)."""
+    from . import safe_load
+
     p = resolve(path)
     if p.is_dir():
         found = [_deepspeed_tag_dir(p) / name for name in MODEL_STATES if (_deepspeed_tag_dir(p) / name).exists()]
         if not found:
             raise ExportError(f"{p} is a folder but not a DeepSpeed checkpoint (no */{MODEL_STATES[0]}); "
                               "pass RUN/ckpt/step-N.ckpt or a run folder")
-        states = found[0]
-        client = torch.load(states, map_location="cpu", weights_only=False)
+        try:
+            safe_load.check(p, trust)  # DeepSpeed's consolidation unpickles every shard itself
+            client = safe_load.load(found[0], trust)
+        except safe_load.UntrustedCheckpoint as err:
+            raise ExportError(str(err)) from None
         state = _consolidate_zero(p)
     else:
         try:
-            client = torch.load(p, map_location="cpu", weights_only=False)
+            client = safe_load.load(p, trust)
+        except safe_load.UntrustedCheckpoint as err:
+            raise ExportError(str(err)) from None
         except Exception as err:  # truncated file, not a torch file: all land here
             raise ExportError(f"{p} is not a readable checkpoint ({type(err).__name__}: {err})") from err
         if not isinstance(client, dict) or "state_dict" not in client:
@@ -146,9 +154,9 @@ def control_card(info: dict) -> str:
 
 
 def export(checkpoint: str | Path, out: str | Path, dtype: str = "bfloat16", overwrite: bool = False,
-           tokenizer: str | None = None) -> Path:
+           tokenizer: str | None = None, trust_checkpoint: bool = False) -> Path:
     path = resolve(checkpoint)
-    state, info = load_checkpoint(path)
+    state, info = load_checkpoint(path, trust_checkpoint)
     method = info.get("method", "dmc")
     model = build_model(state, info) if method == "dmc" else build_vanilla_model(state, info)
     tok = tokenizer or info.get("base_model")
@@ -178,9 +186,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--dtype", default="bfloat16", help="weight dtype: bfloat16 (default), float16, float32")
     ap.add_argument("--tokenizer", default=None, help="tokenizer folder or Hub id (default: the base model of the run)")
     ap.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    ap.add_argument("--trust-checkpoint", action="store_true", help="load pickled objects a checkpoint holds beyond "
+                    "tensors, plain containers and DeepSpeed's few types (they can run code: only for a trusted source)")
     ns = ap.parse_args(argv)
     try:
-        out = export(ns.checkpoint, ns.out, ns.dtype, ns.overwrite, ns.tokenizer)
+        out = export(ns.checkpoint, ns.out, ns.dtype, ns.overwrite, ns.tokenizer, ns.trust_checkpoint)
     except ExportError as err:
         sys.exit(f"dmc export: error: {err}")
     print(f"exported {out}")

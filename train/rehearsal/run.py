@@ -264,7 +264,7 @@ def main(argv: list[str] | None = None) -> None:
     if ns.nodes < 1 or (ns.devices is not None and ns.devices < 1):
         sys.exit("dmc rehearse: error: --nodes and --devices must be >= 1")
     try:
-        recipe, _, _ = parse(["--config", ns.config, *overrides])
+        recipe = parse(["--config", ns.config, *overrides])[0]
     except (RecipeError, ValueError) as err:
         sys.exit(f"dmc rehearse: error: {err}")
     root = Path(ns.out) if ns.out else Path(tempfile.mkdtemp(prefix="dmc-rehearse-"))
