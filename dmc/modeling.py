@@ -189,6 +189,11 @@ class DMCLlamaModel(LlamaModel):
                                    use_cache=use_cache, **kwargs)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        if kwargs.pop("output_attentions", None) or self.config.output_attentions:
+            raise ValueError("output_attentions has no per-token meaning on a DMC model (queries attend to merged "
+                             "slots, not tokens); set model.config.dmc_enabled = False for the vanilla attentions")
+        want_hidden = kwargs.pop("output_hidden_states", None)
+        want_hidden = self.config.output_hidden_states if want_hidden is None else want_hidden
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
         B, T = inputs_embeds.shape[:2]
@@ -212,12 +217,19 @@ class DMCLlamaModel(LlamaModel):
             position_ids = (torch.arange(T, device=inputs_embeds.device) + past)[None]
         position_embeddings = self.rotary_emb(inputs_embeds, position_ids=position_ids)
         hidden = inputs_embeds
+        states = [hidden] if want_hidden else None  # as Llama: the embeddings, each layer's output, the last normed
         for layer in self.layers:
             hidden = layer(hidden, position_embeddings=position_embeddings, position_ids=position_ids,
                            past_key_values=past_key_values, dmc_valid=valid, **kwargs)
+            if states is not None:
+                states.append(hidden)
         if past_key_values is not None:
             past_key_values.seen_tokens = past + T
-        return BaseModelOutputWithPast(last_hidden_state=self.norm(hidden), past_key_values=past_key_values)
+        last = self.norm(hidden)
+        if states is not None:
+            states[-1] = last
+        return BaseModelOutputWithPast(last_hidden_state=last, past_key_values=past_key_values,
+                                       hidden_states=tuple(states) if states is not None else None)
 
 
 class DMCLlamaForCausalLM(LlamaForCausalLM):
@@ -244,7 +256,8 @@ class DMCLlamaForCausalLM(LlamaForCausalLM):
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size)
-        return DMCCausalLMOutput(loss=loss, logits=logits, past_key_values=out.past_key_values, **self._summarise(stats))
+        return DMCCausalLMOutput(loss=loss, logits=logits, past_key_values=out.past_key_values,
+                                 hidden_states=out.hidden_states, **self._summarise(stats))
 
     @staticmethod
     def _summarise(stats: dict) -> dict:

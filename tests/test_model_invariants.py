@@ -35,6 +35,27 @@ def test_alpha_zero_equals_vanilla(kind):
     torch.testing.assert_close(out.logits, vanilla(ids).logits, rtol=1e-10, atol=1e-10)
 
 
+def test_hidden_states_are_llamas_and_attentions_are_refused():
+    """output_hidden_states as Llama gives them (embeddings, each layer, the last normed); with alpha = 0 they
+    equal the vanilla model's. Attention weights over merged slots have no per-token meaning: one clear error."""
+    vanilla = tiny_llama("gqa", dtype=torch.float64)
+    model = dmc.retrofit(tiny_llama("gqa", dtype=torch.float64), dmc.DMCConfig())
+    model.zero_decision_rows()
+    vanilla.load_state_dict(model.state_dict())
+    ids = random_ids(2, 11)
+    got = model(ids, use_cache=False, output_hidden_states=True).hidden_states
+    want = vanilla(ids, output_hidden_states=True).hidden_states
+    assert len(got) == model.config.num_hidden_layers + 1
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-10)
+    assert model(ids, use_cache=False).hidden_states is None
+    mixed = mixed_dmc("gqa")
+    with torch.no_grad():
+        assert len(mixed.eval()(ids, output_hidden_states=True).hidden_states) == mixed.config.num_hidden_layers + 1
+    with pytest.raises(ValueError, match="output_attentions has no per-token meaning"):
+        model(ids, output_attentions=True)
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_stage1_multiplier_one_is_vanilla(kind):
     vanilla = tiny_llama(kind, dtype=torch.float64)
