@@ -227,6 +227,20 @@ def test_question_aware_tova_keeps_what_the_last_prompt_query_attends_to():
         assert all(set(row.tolist()) == want for row in kept), f"layer {i}"
 
 
+def test_question_aware_snapkv_compresses_once_from_one_scoring():
+    """SnapKV's protocol: after the prompt, the observation window's pooled scores are computed once and the
+    best are kept. Re-scoring after every drop (neighbours change as slots go) would keep 1 instead of 5 here."""
+    weights = [0.5, 0.77, 0.09, 0.13, 0.31, 0.63, 0.49, 0.9]  # window attention of each prompt position
+    layer = PolicyLayer(1, 4, 4, SnapKV(Budget(tokens=4), window=1, kernel=3), question_aware=True)
+    for _ in weights:
+        layer.append(torch.randn(1, 1, 4), torch.randn(1, 1, 4), torch.ones(1, dtype=torch.bool))
+    layer.hist_pool[..., 0] = torch.tensor(weights)[layer.pos_pool]
+    layer.end_prefill()
+    pooled = [sum(weights[max(0, i - 1) : i + 2]) / len(weights[max(0, i - 1) : i + 2]) for i in range(7)]
+    best = sorted(range(7), key=lambda i: -pooled[i])[:3]  # the window's own token (7) is kept anyway
+    assert sorted(layer.pair_view(layer.pos_pool, -1)[0, 0].tolist()) == sorted(best + [7]) == [0, 5, 6, 7]
+
+
 def test_needle_reports_the_question_aware_setting_for_policies(tmp_path):
     import json
 
@@ -293,6 +307,24 @@ def test_dense_layout_equals_the_paged_reference(name, question_aware, budget):
         want, want_kept, want_lens, _ = _kept_and_logits(model, "paged", policy, ids, mask, pos, question_aware, 5)
         got, got_kept, got_lens, _ = _kept_and_logits(model, "dense", policy, ids, mask, pos, question_aware, 5)
     real = torch.cat([mask, torch.ones(mask.shape[0], 5, dtype=mask.dtype)], 1).bool()
+    torch.testing.assert_close(got[real], want[real], rtol=1e-9, atol=1e-9)
+    for g, w, gl, wl in zip(got_kept, want_kept, got_lens, want_lens):
+        assert torch.equal(gl, wl) and torch.equal(g, w)
+
+
+@pytest.mark.parametrize("name", sorted(POLICIES))
+def test_dense_question_aware_prefill_in_chunks_equals_the_paged_reference(name, monkeypatch):
+    """A prompt longer than the policies' 32-step history, in query chunks of 16 with a ragged batch."""
+    from eval.policies.dense import DensePolicyLayer
+
+    monkeypatch.setattr(DensePolicyLayer, "prefill_chunk", 16)
+    model = _model("gqa")
+    _, ids, mask, pos = left_padded_rows([45, 30, 3])
+    policy = POLICIES[name](Budget(cr=3))
+    with torch.no_grad():
+        want, want_kept, want_lens, _ = _kept_and_logits(model, "paged", policy, ids, mask, pos, True, 3)
+        got, got_kept, got_lens, _ = _kept_and_logits(model, "dense", policy, ids, mask, pos, True, 3)
+    real = torch.cat([mask, torch.ones(mask.shape[0], 3, dtype=mask.dtype)], 1).bool()
     torch.testing.assert_close(got[real], want[real], rtol=1e-9, atol=1e-9)
     for g, w, gl, wl in zip(got_kept, want_kept, got_lens, want_lens):
         assert torch.equal(gl, wl) and torch.equal(g, w)

@@ -60,10 +60,22 @@ class Policy:
         return f"{self.name}@{b.cr:g}x" if b.cr is not None else f"{self.name}@{b.tokens}tok"
 
     def observe(self, layer: "PolicyLayer", probs: torch.Tensor) -> None:
-        """probs (num_blocks, block_size): this step's attention per pool slot (group mean)."""
+        """probs: this step's attention per pool slot (group mean), shaped like ``layer.score_pool``."""
+
+    def observe_many(self, layer: "PolicyLayer", probs: torch.Tensor) -> None:
+        """probs (..., steps, slots): several consecutive steps' attention at once (a prompt's queries)."""
+        for i in range(probs.shape[-2]):
+            self.observe(layer, probs[..., i, :])
+
+    def priority(self, layer: "PolicyLayer") -> torch.Tensor:
+        """(B, H_kv, slots) eviction order of each pair's slots: the lowest goes first; +inf protects a slot
+        (protected slots go only when nothing else is left, the oldest first)."""
+        raise NotImplementedError
 
     def choose(self, layer: "PolicyLayer", over: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """The slot each pair drops next: the lowest priority, or the oldest slot when all are protected."""
+        priority = self.priority(layer)
+        return torch.where(torch.isinf(priority).all(-1), layer.oldest_slot(), priority.argmin(-1))
 
 
 class PolicyLayer(SlotCacheLayer):
@@ -163,10 +175,35 @@ class PolicyLayer(SlotCacheLayer):
             return self.policy.budget.slots(self.seen)
         return self.policy.budget.slots(self.prompt_seen) + (self.seen - self.prompt_seen)
 
+    def prefill_prompt(self, q, k, v, valid, scale) -> torch.Tensor:
+        """Question-aware: cache the whole prompt (q, k, v (B, H, T, D) rotated), each token observed as it
+        arrives, nothing evicted; returns (B, T, H, D). The reference: one token at a time."""
+        outs = []
+        for t in range(q.shape[2]):
+            self.append(k[:, :, t], v[:, :, t], valid[:, t])
+            out, probs = self.attend(q[:, :, t], scale)
+            self.observe(probs)
+            outs.append(out)
+        return torch.stack(outs, dim=1)
+
     def end_prefill(self) -> None:
-        """Question-aware: the prompt is in, scored by all its queries; compress it to its budget once."""
+        """Question-aware: the prompt is in, scored by all its queries; compress it to its budget once, as
+        SnapKV does: the slots to drop are chosen together from one scoring, not re-scored after each drop."""
         self.prompt_seen = self.seen.clone()
-        self.enforce()
+        drop = (self.lens - self.allowed_slots()[:, None]).clamp(min=0)  # (B, H_kv)
+        if not bool(drop.any()):
+            return
+        priority = self.policy.priority(self).double()
+        big = torch.iinfo(torch.long).max
+        pos = self.pair_view(self.pos_pool, big)
+        live = pos != big
+        group = torch.where(live, torch.isinf(priority).long(), 2)  # scored, protected, dead
+        order = torch.where(group == 0, priority, pos.double()).argsort(dim=-1, stable=True)  # protected: oldest first
+        order = order.gather(-1, group.gather(-1, order).argsort(dim=-1, stable=True))
+        doomed = pos.gather(-1, order)  # positions in the order they go
+        for k in range(int(drop.max())):
+            slot = (self.pair_view(self.pos_pool, -1) == doomed[..., k : k + 1]).long().argmax(-1)
+            self.evict(drop > k, slot)
 
     def enforce(self) -> None:
         allowed = self.allowed_slots()[:, None]
@@ -235,19 +272,20 @@ class PolicyLlamaAttention(LlamaAttention):
         q, k = apply_rotary_pos_emb(q, k, cos, sin)
         layer = past_key_values.layers[self.layer_idx]
         valid = _valid_tokens(attention_mask, B, T, layer.seen_tokens, q.device)
-        prefill = layer.question_aware and layer.seen_tokens == 0  # the prompt: cached whole, compressed after
-        outs = []
-        for t in range(T):
-            layer.append(k[:, :, t], v[:, :, t], valid[:, t])
-            out, probs = layer.attend(q[:, :, t], self.scaling)
-            layer.observe(probs)
-            if not prefill:
-                layer.enforce()
-            outs.append(out)
-        if prefill:
+        if layer.question_aware and layer.seen_tokens == 0:  # the prompt: cached whole, compressed after
+            out = layer.prefill_prompt(q, k, v, valid, self.scaling)
             layer.end_prefill()
+        else:
+            outs = []
+            for t in range(T):
+                layer.append(k[:, :, t], v[:, :, t], valid[:, t])
+                out, probs = layer.attend(q[:, :, t], self.scaling)
+                layer.observe(probs)
+                layer.enforce()
+                outs.append(out)
+            out = torch.stack(outs, dim=1)
         layer.seen_tokens += T
-        out = torch.stack(outs, dim=1).reshape(B, T, -1)
+        out = out.reshape(B, T, -1)
         return self.o_proj(out), None
 
 

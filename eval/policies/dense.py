@@ -99,6 +99,53 @@ class DensePolicyLayer(PolicyLayer):
         probs[..., :S] = p.mean(2)
         return out, probs
 
+    prefill_chunk = 128  # prompt queries per attention call: bounds the (queries x slots) scores held at once
+
+    def prefill_prompt(self, q, k, v, valid, scale) -> torch.Tensor:
+        """The paged layer's token-by-token prefill in one causal attention over the prompt (queries in chunks
+        of ``prefill_chunk``): slot s of a row is its s-th real token, and step t's observation is query t's attention,
+        with the slots not yet appended at step t marked unobserved (-1) in the history, as appending does."""
+        B, H, T, D = q.shape
+        H_kv = k.shape[1]
+        if not self.is_initialized:
+            self._init_state(B, k.dtype, k.device)
+        n = valid.sum(-1)  # (B,) real tokens; padding is on the left, so row b's slot s is token pad[b] + s
+        pad, S = T - n, max(1, int(n.max()))
+        self._grow(S)
+        token = (pad[:, None] + torch.arange(S, device=q.device)).clamp(max=T - 1)  # (B, S); dead slots: anything
+        at = token[:, None, :, None].expand(B, H_kv, S, D)
+        keys, values = k.gather(2, at).to(self.dtype), v.gather(2, at).to(self.dtype)
+        self.k_pool[:, :, :S], self.v_pool[:, :, :S] = keys, values
+        self.pos_pool[:, :, :S] = torch.arange(S, device=q.device)
+        self.score_pool.zero_()
+        self.hist_pool.fill_(-1)
+        self.lens, self.seen = n[:, None].expand(B, H_kv).clone(), n.clone()
+
+        work, g = torch.promote_types(q.dtype, torch.float32), H // H_kv
+        keep_history = T - self.policy.history  # older steps' history entries are overwritten within the prompt
+        outs, chunk = [], self.prefill_chunk
+        for t0 in range(0, T, chunk):
+            c = min(chunk, T - t0)
+            t = torch.arange(t0, t0 + c, device=q.device)
+            width = max(1, min(S, t0 + c - int(pad.min())))  # no query of this chunk sees a later slot
+            slot = torch.arange(width, device=q.device)
+            seen = (slot <= t[None, :, None] - pad[:, None, None]) & (slot < n[:, None, None])  # (B, c, width)
+            qg = q[:, :, t0 : t0 + c].reshape(B, H_kv, g * c, D)  # a group's g heads as g * c queries of one KV head
+            scores = (qg @ keys[:, :, :width].transpose(-1, -2)).to(work).view(B, H_kv, g, c, width) * scale
+            p = scores.masked_fill(~seen[:, None, None], float("-inf")).softmax(-1)
+            p = torch.where(seen.any(-1)[:, None, None, :, None], p, 0)  # a padding step attends to nothing
+            out = p.to(q.dtype).view(B, H_kv, g * c, width) @ values[:, :, :width]
+            outs.append(out.view(B, H, c, D))
+            probs = torch.zeros(B, H_kv, c, self.k_pool.shape[2], dtype=work, device=q.device)
+            probs[..., :width] = p.mean(2)
+            self.policy.observe_many(self, probs)
+            for i in range(max(0, keep_history - t0), c):  # the history ring, as one step at a time leaves it
+                observed = torch.zeros_like(probs[:, :, i], dtype=torch.bool)
+                observed[..., :width] = seen[:, None, i]
+                self.hist_pool[..., (self.steps + i) % self.policy.history] = torch.where(observed, probs[:, :, i], -1)
+            self.steps += c
+        return torch.cat(outs, 2).transpose(1, 2)
+
     def allocated_bytes(self) -> int:
         """What the paged layout hands out for the same slots (whole blocks), so reports stay comparable."""
         if not self.is_initialized:

@@ -19,10 +19,12 @@ class H2O(Policy):
     def observe(self, layer, probs):
         layer.score_pool += probs
 
-    def choose(self, layer, over):
+    def observe_many(self, layer, probs):
+        layer.score_pool += probs.sum(-2)
+
+    def priority(self, layer):
         score = layer.pair_view(layer.score_pool, float("inf"))  # (B, H_kv, S)
         pos = layer.pair_view(layer.pos_pool, -1)
         recent = (self.budget.slots(layer.seen).double() * self.recent_fraction).long()[:, None, None]
         protected = (pos >= (layer.seen[:, None, None] - recent)) | (pos < 0)
-        choice = torch.where(protected, float("inf"), score).argmin(-1)
-        return torch.where(protected.all(-1), layer.oldest_slot(), choice)  # a budget all recent: drop the oldest
+        return torch.where(protected, float("inf"), score)  # a budget all recent: the oldest goes

@@ -22,7 +22,7 @@ class Scissorhands(Policy):
         super().__init__(budget)
         self.history, self.recent = history, recent
 
-    def choose(self, layer, over):
+    def priority(self, layer):
         threshold = 1.0 / self.budget.slots(layer.seen).to(torch.float32)[:, None, None, None]  # uniform share
         hist = layer.pair_view(layer.hist_pool, -1.0)  # (B, H_kv, S, history); -1 = step not observed
         count = ((hist >= 0) & (hist < threshold)).sum(-1).float()
@@ -30,5 +30,4 @@ class Scissorhands(Policy):
         seen = layer.seen[:, None, None]
         protected = (pos >= seen - self.recent) | (pos < 0)
         key = count + 0.5 * (1 - pos.float() / (seen.float() + 1))  # older first among equal counts
-        choice = torch.where(protected, -1.0, key).argmax(-1)
-        return torch.where(protected.all(-1), layer.oldest_slot(), choice)
+        return torch.where(protected, float("inf"), -key)  # the most often low-attention goes first

@@ -3,8 +3,10 @@ cached token by the attention it gets from an observation window of the latest q
 code), smooth the scores over neighbouring positions (average pooling, kernel 7), keep the window's own
 tokens and the best-scored rest. Per KV head (its query heads' mean).
 
-The paper applies this once, at the end of the prompt. Here budgets apply as the sequence grows, so the
-same rule runs whenever the cache exceeds its budget, with the window being the latest ``window`` queries."""
+The paper applies this once, at the end of the prompt: the question-aware setting (``PolicyCache(...,
+question_aware=True)``) does that, choosing every dropped token from one scoring. In the query-agnostic
+setting budgets apply as the sequence grows, so the same rule runs whenever the cache exceeds its budget,
+with the window being the latest ``window`` queries."""
 
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ class SnapKV(Policy):
         self.history = self.window = window
         self.kernel = kernel
 
-    def choose(self, layer, over):
+    def priority(self, layer):
         score = layer.pair_view(layer.hist_pool.clamp(min=0).sum(-1), float("nan"))  # (B, H_kv, S)
         pos = layer.pair_view(layer.pos_pool, torch.iinfo(torch.long).max)
         order = pos.argsort(-1)  # pooling runs over neighbouring positions, not slot order
@@ -36,5 +38,4 @@ class SnapKV(Policy):
         pooled = (pooled / count.clamp(min=1e-9)).reshape(B, H, S)  # mean over live neighbours only
         smooth = torch.empty_like(pooled).scatter_(-1, order, pooled)
         protected = (pos >= (layer.seen[:, None, None] - self.window)) | (pos == torch.iinfo(torch.long).max)
-        choice = torch.where(protected, float("inf"), smooth).argmin(-1)
-        return torch.where(protected.all(-1), layer.oldest_slot(), choice)
+        return torch.where(protected, float("inf"), smooth)

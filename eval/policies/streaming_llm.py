@@ -16,9 +16,8 @@ class StreamingLLM(Policy):
         super().__init__(budget)
         self.sinks = sinks
 
-    def choose(self, layer, over):
-        pos = layer.pair_view(layer.pos_pool, torch.iinfo(torch.long).max)  # (B, H_kv, S)
+    def priority(self, layer):
+        pos = layer.pair_view(layer.pos_pool, -1)  # (B, H_kv, S)
         allowed = self.budget.slots(layer.seen)[:, None, None]
         sinks = torch.minimum(torch.full_like(allowed, self.sinks), allowed - 1)  # always keep the newest token
-        candidate = torch.where(pos >= sinks, pos, torch.iinfo(torch.long).max)
-        return candidate.argmin(-1)
+        return torch.where(pos >= sinks, pos.double(), float("inf"))  # the oldest non-sink goes first

@@ -13,6 +13,9 @@ class TOVA(Policy):
     def observe(self, layer, probs):
         layer.score_pool.copy_(probs)  # only the current query counts
 
-    def choose(self, layer, over):
-        score = layer.pair_view(layer.score_pool, float("inf")).mean(1, keepdim=True)  # (B, 1, S) head mean
-        return score.argmin(-1).expand_as(over)
+    def observe_many(self, layer, probs):
+        layer.score_pool.copy_(probs[..., -1, :])
+
+    def priority(self, layer):
+        score = layer.pair_view(layer.score_pool, float("inf"))  # (B, H_kv, S)
+        return score.mean(1, keepdim=True).expand_as(score)  # the head mean: every head drops the same token
