@@ -295,39 +295,32 @@ def _kept_and_logits(model, layout, policy, ids, mask, pos, question_aware, deco
     return torch.cat(logits, 1), kept, [cache.num_slots(i) for i in range(len(cache.layers))], T
 
 
-@pytest.mark.parametrize("name", sorted(POLICIES))
-@pytest.mark.parametrize("question_aware", [False, True])
-@pytest.mark.parametrize("budget", [Budget(cr=3), Budget(tokens=5)])
-def test_dense_layout_equals_the_paged_reference(name, question_aware, budget):
+def _assert_dense_equals_paged(policy, lengths, question_aware, decode):
     """Same logits, same slots in the same order, on a ragged GQA batch with decoding after the prompt."""
     model = _model("gqa")
-    _, ids, mask, pos = left_padded_rows([23, 11, 2])
-    policy = POLICIES[name](budget)
+    _, ids, mask, pos = left_padded_rows(lengths)
     with torch.no_grad():
-        want, want_kept, want_lens, _ = _kept_and_logits(model, "paged", policy, ids, mask, pos, question_aware, 5)
-        got, got_kept, got_lens, _ = _kept_and_logits(model, "dense", policy, ids, mask, pos, question_aware, 5)
-    real = torch.cat([mask, torch.ones(mask.shape[0], 5, dtype=mask.dtype)], 1).bool()
+        want, want_kept, want_lens, _ = _kept_and_logits(model, "paged", policy, ids, mask, pos, question_aware, decode)
+        got, got_kept, got_lens, _ = _kept_and_logits(model, "dense", policy, ids, mask, pos, question_aware, decode)
+    real = torch.cat([mask, torch.ones(mask.shape[0], decode, dtype=mask.dtype)], 1).bool()
     torch.testing.assert_close(got[real], want[real], rtol=1e-9, atol=1e-9)
     for g, w, gl, wl in zip(got_kept, want_kept, got_lens, want_lens):
         assert torch.equal(gl, wl) and torch.equal(g, w)
+
+
+@pytest.mark.parametrize("name", sorted(POLICIES))
+def test_dense_layout_equals_the_paged_reference(name):
+    _assert_dense_equals_paged(POLICIES[name](Budget(cr=3)), [23, 11, 2], question_aware=False, decode=5)
+    _assert_dense_equals_paged(POLICIES[name](Budget(tokens=5)), [9, 4], question_aware=False, decode=2)
 
 
 @pytest.mark.parametrize("name", sorted(POLICIES))
 def test_dense_question_aware_prefill_in_chunks_equals_the_paged_reference(name, monkeypatch):
-    """A prompt longer than the policies' 32-step history, in query chunks of 16 with a ragged batch."""
+    """A prompt longer than the policies' 32-step history, in query chunks of 16, then decoding."""
     from eval.policies.dense import DensePolicyLayer
 
     monkeypatch.setattr(DensePolicyLayer, "prefill_chunk", 16)
-    model = _model("gqa")
-    _, ids, mask, pos = left_padded_rows([45, 30, 3])
-    policy = POLICIES[name](Budget(cr=3))
-    with torch.no_grad():
-        want, want_kept, want_lens, _ = _kept_and_logits(model, "paged", policy, ids, mask, pos, True, 3)
-        got, got_kept, got_lens, _ = _kept_and_logits(model, "dense", policy, ids, mask, pos, True, 3)
-    real = torch.cat([mask, torch.ones(mask.shape[0], 3, dtype=mask.dtype)], 1).bool()
-    torch.testing.assert_close(got[real], want[real], rtol=1e-9, atol=1e-9)
-    for g, w, gl, wl in zip(got_kept, want_kept, got_lens, want_lens):
-        assert torch.equal(gl, wl) and torch.equal(g, w)
+    _assert_dense_equals_paged(POLICIES[name](Budget(cr=3)), [45, 30, 3], question_aware=True, decode=3)
 
 
 def test_dense_layout_counts_the_bytes_of_the_paged_one():
