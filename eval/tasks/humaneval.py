@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..sandbox import Limits, isolation, run_untrusted
+from ..sandbox import Limits, SandboxUnavailable, isolation, require_strong, run_many
 from ..store import ItemStore
 from . import TaskError, run_items
 
@@ -36,6 +36,11 @@ def load_problems(limit: int | None) -> dict:
 
 
 def run(model, opts, folder) -> dict:
+    allow_weak = getattr(opts, "allow_weak_sandbox", False)
+    try:
+        require_strong(allow_weak)  # before generating anything
+    except SandboxUnavailable as err:
+        raise TaskError(f"humaneval: {err}") from None
     problems = load_problems(opts.limit)
     n = opts.humaneval_samples
     temperature = opts.temperature if n > 1 else 0.0
@@ -47,13 +52,10 @@ def run(model, opts, folder) -> dict:
         prompts = [problems[t]["prompt"] for t in task_ids for _ in range(n)]
         texts, counts = model.generate(prompts, opts.humaneval_max_new_tokens, stop=STOP, temperature=temperature,
                                        seed=opts.seed)
-        out = []
-        for j, tid in enumerate(task_ids):
-            samples = texts[j * n : (j + 1) * n]
-            results = [run_untrusted(program(problems[tid], s), limits) for s in samples]
-            out.append({"completions": samples, "status": [r.status for r in results],
-                        "counts": counts[j * n : (j + 1) * n]})
-        return out
+        programs = [program(problems[t], texts[j]) for j, t in enumerate(t for t in task_ids for _ in range(n))]
+        results = run_many(programs, limits, allow_weak)  # a bounded pool of sandboxes
+        return [{"completions": texts[j * n : (j + 1) * n], "status": [r.status for r in results[j * n : (j + 1) * n]],
+                 "counts": counts[j * n : (j + 1) * n]} for j in range(len(task_ids))]
 
     values = run_items(store, items, max(1, model.batch_size // n), compute, f"{model.name} humaneval")
     meter = model.cr_meter()
