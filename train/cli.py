@@ -224,10 +224,10 @@ def _check_resume_compatible(recipe: Recipe, ckpt: str, trust: bool = False) -> 
 
     p = Path(ckpt)
     try:
-        safe_load.check(p, trust)
-        if p.is_dir():  # DeepSpeed directory: shapes are checked by the engine itself
+        if p.is_dir():  # DeepSpeed directory: every shard checked; shapes are checked by the engine itself
+            safe_load.check(p, trust)
             return
-        state = safe_load.load(p, trust, mmap=True)
+        state = safe_load.load(p, trust, mmap=True)  # the check and the read in one
     except safe_load.UntrustedCheckpoint as err:
         raise RecipeError(str(err)) from None
     config = AutoConfig.from_pretrained(recipe.model.path)

@@ -175,16 +175,23 @@ class PolicyLayer(SlotCacheLayer):
             return self.policy.budget.slots(self.seen)
         return self.policy.budget.slots(self.prompt_seen) + (self.seen - self.prompt_seen)
 
-    def prefill_prompt(self, q, k, v, valid, scale) -> torch.Tensor:
-        """Question-aware: cache the whole prompt (q, k, v (B, H, T, D) rotated), each token observed as it
-        arrives, nothing evicted; returns (B, T, H, D). The reference: one token at a time."""
+    def stream(self, q, k, v, valid, scale, evict: bool = True) -> torch.Tensor:
+        """Tokens one at a time (q, k, v (B, H, T, D) rotated): each is appended, attends, is observed, and
+        (``evict``) the budget is enforced; returns (B, T, H, D)."""
         outs = []
         for t in range(q.shape[2]):
             self.append(k[:, :, t], v[:, :, t], valid[:, t])
             out, probs = self.attend(q[:, :, t], scale)
             self.observe(probs)
+            if evict:
+                self.enforce()
             outs.append(out)
         return torch.stack(outs, dim=1)
+
+    def prefill_prompt(self, q, k, v, valid, scale) -> torch.Tensor:
+        """Question-aware: cache the whole prompt, each token observed as it arrives, nothing evicted. The
+        reference: one token at a time."""
+        return self.stream(q, k, v, valid, scale, evict=False)
 
     def end_prefill(self) -> None:
         """Question-aware: the prompt is in, scored by all its queries; compress it to its budget once, as
@@ -276,14 +283,7 @@ class PolicyLlamaAttention(LlamaAttention):
             out = layer.prefill_prompt(q, k, v, valid, self.scaling)
             layer.end_prefill()
         else:
-            outs = []
-            for t in range(T):
-                layer.append(k[:, :, t], v[:, :, t], valid[:, t])
-                out, probs = layer.attend(q[:, :, t], self.scaling)
-                layer.observe(probs)
-                layer.enforce()
-                outs.append(out)
-            out = torch.stack(outs, dim=1)
+            out = layer.stream(q, k, v, valid, self.scaling)
         layer.seen_tokens += T
         out = out.reshape(B, T, -1)
         return self.o_proj(out), None

@@ -52,9 +52,7 @@ class DensePolicyLayer(PolicyLayer):
         return slot.view(*slot.shape, 1, *[1] * (pool.dim() - 3)).expand(*slot.shape, 1, *pool.shape[3:])
 
     def pair_view(self, pool: torch.Tensor, fill) -> torch.Tensor:
-        S = max(1, int(self.lens.max()))
-        if pool.shape[2] < S:
-            self._grow(S)
+        S = max(1, int(self.lens.max()))  # append and prefill grow the pools first: capacity >= S
         view = pool[:, :, :S]
         live = torch.arange(S, device=pool.device) < self.lens[..., None]
         live = live.view(*live.shape, *[1] * (pool.dim() - 3))
