@@ -31,8 +31,12 @@ $(MODEL)/config.json: $(VENV)/.installed
 model: $(MODEL)/config.json
 
 # Tests never download: a Hub id they need is published into a temporary cache (train/hub_cache.py).
+# Two test processes by default: the suite is mostly separate processes (torchrun launches, fresh `dmc` commands)
+# that leave a core idle while they import; more than the machine's cores only slows each launch.
+TEST_WORKERS ?= 2
+
 test: venv model
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -ra
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -ra -n $(TEST_WORKERS) --dist worksteal
 
 test-fast: venv
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "not slow"

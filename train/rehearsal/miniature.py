@@ -20,7 +20,7 @@ from ..recipe import Recipe
 KNOWN_LAYOUTS = {
     "meta-llama/Llama-2-7b-hf": (32, 32), "meta-llama/Llama-2-13b-hf": (40, 40), "meta-llama/Llama-2-70b-hf": (64, 8),
 }
-STAGES = (2, 4, 2)  # stage 1 / ramp / hold, in optimiser steps: every boundary is crossed
+STAGES = (1, 3, 1)  # stage 1 / ramp / hold, in optimiser steps: every boundary is crossed, the kill lands mid-ramp
 BLOCK_LEN, VALIDATION_BLOCKS, MAX_ACCUMULATE, DOCUMENTS = 64, 4, 2, 400
 
 
