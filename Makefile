@@ -6,8 +6,19 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-# CPU wheel by default; GPU users: make TORCH_SPEC='torch==2.13.0' with their CUDA index configured.
-TORCH_SPEC ?= torch==2.13.0
+# torch is installed before the package so that pip never picks it for us. Without an NVIDIA driver the CPU
+# build (`+cpu`) on purpose: from the PyTorch CPU index, or a local wheel where pip already has one. The index
+# gets a short timeout and one retry, so an unreachable index costs seconds, not a hang. With a driver
+# (nvidia-smi on PATH) the default index's CUDA build. Either way: make TORCH_SPEC='torch==X' TORCH_PIP_ARGS='...'.
+TORCH_VERSION ?= 2.13.0
+TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
+ifeq ($(shell command -v nvidia-smi >/dev/null 2>&1 && echo cuda),cuda)
+TORCH_SPEC ?= torch==$(TORCH_VERSION)
+TORCH_PIP_ARGS ?=
+else
+TORCH_SPEC ?= torch==$(TORCH_VERSION)+cpu
+TORCH_PIP_ARGS ?= --extra-index-url $(TORCH_CPU_INDEX) --timeout 10 --retries 1
+endif
 MODEL := checkpoints/smollm2-135m
 export HF_HOME ?= $(CURDIR)/.cache/hf
 export TOKENIZERS_PARALLELISM := false
@@ -19,7 +30,7 @@ export WANDB_MODE ?= offline
 $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q $(TORCH_PIP_ARGS) "$(TORCH_SPEC)"
 	$(PY) -m pip install -q -e ".[dev,gguf,train,triton,eval]"
 	touch $@
 

@@ -41,25 +41,31 @@ def load_recipe_file(path: str) -> dict:
     return data
 
 
-def parse(argv: list[str]) -> tuple[Recipe, str, int | None, bool]:
+def parser():
+    """`dmc train`'s parser: the run options and every recipe field as --section.key, described by the
+    ``Args:`` of its section's docstring (train/recipe.py)."""
     from jsonargparse import ActionConfigFile, ActionYesNo, ArgumentParser
 
-    parser = ArgumentParser(prog="dmc train", description="Continued pretraining of a Llama model with DMC",
-                            exit_on_error=False)
-    parser.add_argument("--config", action=ActionConfigFile, help="a YAML recipe from configs/")
-    parser.add_argument("--resume", default="auto", help="auto (latest checkpoint in run.out_dir), none, or a path")
-    parser.add_argument("--stop_at", type=int, default=None, help="stop after this many steps (schedule unchanged)")
-    parser.add_argument("--trust-checkpoint", action=ActionYesNo, default=False, help="resume from a checkpoint holding "
-                        "pickled objects beyond tensors and plain containers (they can run code: trusted sources only)")
+    ap = ArgumentParser(prog="dmc train", description="Continued pretraining of a Llama model with DMC",
+                        exit_on_error=False)
+    ap.add_argument("--config", action=ActionConfigFile, help="a YAML recipe from configs/")
+    ap.add_argument("--resume", default="auto", help="auto (latest checkpoint in run.out_dir), none, or a path")
+    ap.add_argument("--stop_at", type=int, default=None, help="stop after this many steps (schedule unchanged)")
+    ap.add_argument("--trust-checkpoint", action=ActionYesNo, default=False, help="resume from a checkpoint holding "
+                    "pickled objects beyond tensors and plain containers (they can run code: trusted sources only)")
     for f in dataclasses.fields(Recipe):
-        parser.add_class_arguments(f.default_factory, nested_key=f.name)
+        ap.add_class_arguments(f.default_factory, nested_key=f.name)
+    return ap
+
+
+def parse(argv: list[str]) -> tuple[Recipe, str, int | None, bool]:
     for i, arg in enumerate(argv):
         if arg == "--config" and i + 1 < len(argv):
             load_recipe_file(argv[i + 1])
         elif arg.startswith("--config="):
             load_recipe_file(arg.split("=", 1)[1])
     try:
-        cfg = parser.parse_args(argv)
+        cfg = parser().parse_args(argv)
     except Exception as err:  # jsonargparse's ArgumentError: type errors, unknown --keys
         raise RecipeError(str(err).strip().splitlines()[0]) from err
     d = cfg.as_dict()
@@ -116,7 +122,8 @@ def run(recipe: Recipe, resume: str = "auto", stop_at: int | None = None, trust_
     trainer = L.Trainer(
         max_steps=last_step, max_epochs=-1,
         accelerator=r.accelerator, devices=r.devices, num_nodes=r.num_nodes,
-        strategy=build_strategy(r.strategy, r.accelerator, r.deepspeed_config), precision=r.precision,
+        strategy=build_strategy(r.strategy, r.accelerator, r.deepspeed_config, recipe.optim.grad_clip),
+        precision=r.precision,
         logger=build_loggers(r, out, resume_step, first), callbacks=callbacks, enable_checkpointing=False,
         log_every_n_steps=r.log_every, gradient_clip_val=None if deepspeed else recipe.optim.grad_clip,
         accumulate_grad_batches=recipe.optim.accumulate_grad_batches, enable_progress_bar=r.progress_bar,

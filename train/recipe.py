@@ -11,11 +11,23 @@ STRATEGIES = ("auto", "ddp", "deepspeed_stage_2", "deepspeed_stage_3")
 
 @dataclass
 class ModelSection:
-    """path: a HF Llama folder (or a dmc_llama folder to continue). method: dmc (learned merging), gqa
-    (the baseline: KV heads mean-pooled to kv_heads, default source heads / schedule.target_cr, then the same
-    continued pretraining without the CR loss) or control (the LM-only control: the vanilla model, trained
-    on the same data with the same steps, optimiser, schedule and distillation as a DMC run, so that DMC's
-    cost is told apart from fine-tuning on the domain). The rest are the dmc_* settings of the model."""
+    """The model to retrofit and how.
+
+    Args:
+        path: A HF Llama folder or Hub id (or a dmc_llama folder, to continue a run's export).
+        method: dmc (learned merging); gqa (the baseline: KV heads mean-pooled to kv_heads, then the same
+            continued pretraining without the CR loss); control (the LM-only control: the vanilla model trained
+            on the same data, steps, optimiser, schedule and distillation, so that DMC's cost is told apart from
+            fine-tuning on the domain).
+        kv_heads: gqa only: KV heads after pooling (default: the source's KV heads / schedule.target_cr).
+        dtype: Weights' dtype when loaded (the precision setting still decides the compute dtype).
+        window: Merge accumulation window in tokens (12 in the reference); 0 or null: unbounded.
+        tau: Gumbel-sigmoid temperature of the relaxed decisions during training.
+        logit_offset: The merge logit is the decision channel of k minus this (5 in the reference).
+        weight_offset: The merge weight is sigmoid(the decision channel of q + this).
+        train_attention: Training-time attention over partially merged keys: auto, flex, sdpa or reference.
+        gradient_checkpointing: Recompute each layer's activations in the backward pass (memory for time).
+    """
 
     path: str = "checkpoints/smollm2-135m"
     method: Literal["dmc", "gqa", "control"] = "dmc"
@@ -31,11 +43,25 @@ class ModelSection:
 
 @dataclass
 class DataSection:
-    """kind: stdlib | files | hf (a streamed Hub dataset); path: glob or dataset name; block_len tokens per sequence.
-    validation_split: "holdout" (default) holds out validation_fraction of the training documents by a stable hash
-    (stdlib: of the file path), never trained on; or the name of a real split of an hf dataset.
-    hf streams: shuffle_buffer documents are shuffled and tokenised together (0: stream order); num_workers
-    DataLoader workers read and tokenise them (default 1)."""
+    """The training and validation text.
+
+    Args:
+        kind: stdlib (the Python standard library), files (a glob of local text files) or hf (a Hub dataset,
+            streamed).
+        path: files: the glob; hf: the dataset id or a local dataset folder.
+        text_field: hf: the column holding the text.
+        name: hf: the dataset's configuration name (e.g. sample-100BT).
+        train_split: hf: the split trained on.
+        validation_split: holdout (held out of the training documents by a stable hash, never trained on) or
+            the name of a real split of an hf dataset.
+        block_len: Tokens per training sequence (documents are packed into blocks).
+        batch_size: Sequences per micro-batch and process.
+        validation_blocks: Held-out blocks scored at each validation (0: no validation).
+        validation_fraction: holdout: the share of documents held out.
+        piece_chars: stdlib: files are cut into pieces of this many characters, served in a shuffled order.
+        shuffle_buffer: hf streams: documents shuffled and tokenised together (0: stream order).
+        num_workers: hf streams: DataLoader workers that read and tokenise (default 1).
+    """
 
     kind: Literal["stdlib", "files", "hf"] = "stdlib"
     path: Optional[str] = None
@@ -47,14 +73,22 @@ class DataSection:
     batch_size: int = 1
     validation_blocks: int = 16
     validation_fraction: float = 0.05
-    piece_chars: int = 4096  # stdlib: files cut into pieces of this size, served in a shuffled order
+    piece_chars: int = 4096
     shuffle_buffer: int = 1000
     num_workers: Optional[int] = None
 
 
 @dataclass
 class ScheduleSection:
-    """Stage lengths in optimiser steps: 1 neuron zero-out, 2 linear CR ramp 1 -> target_cr, 3 hold."""
+    """Stage lengths in optimiser steps: 1 decision neuron zeroed, 2 linear CR ramp 1 -> target_cr, 3 hold.
+
+    Args:
+        target_cr: The compression ratio the ramp ends at and the hold keeps (>= 1).
+        stage1_steps: Stage 1: the repurposed channel is zeroed out while the model adapts to its loss.
+        ramp_steps: Stage 2: the target CR rises linearly from 1 to target_cr.
+        finetune_steps: Stage 3: training continues at target_cr.
+        cr_loss_weight: Weight of the one-sided loss that pulls the realised CR up to the target.
+    """
 
     target_cr: float = 2.0
     stage1_steps: int = 250
@@ -65,10 +99,16 @@ class ScheduleSection:
 
 @dataclass
 class DistillSection:
-    """Distillation from a frozen teacher: loss = lm_weight * LM + weight * KL + the CR loss. weight 0: off.
-    teacher: a HF folder or Hub id with the student's tokenizer (default: model.path, the source model), run in
-    eval mode without gradients, in the training dtype. direction: forward KL(teacher || student) or reverse
-    KL(student || teacher); temperature T softens both distributions (the term is scaled by T^2)."""
+    """Distillation from a frozen teacher: loss = lm_weight * LM + weight * KL + the CR loss.
+
+    Args:
+        weight: Weight of the KL term (0: no distillation).
+        teacher: A HF folder or Hub id with the student's tokenizer (default: model.path, the source model);
+            run in eval mode without gradients, in the training dtype.
+        direction: forward KL(teacher || student) or reverse KL(student || teacher).
+        temperature: Softens both distributions; the term is scaled by its square.
+        lm_weight: Weight of the next-token LM loss (down to 0: distillation only).
+    """
 
     weight: float = 0.0
     teacher: Optional[str] = None
@@ -83,7 +123,18 @@ class DistillSection:
 
 @dataclass
 class OptimSection:
-    """AdamW. decision_lr: learning rate of the decision adapters (null: no adapters, as in the reference)."""
+    """AdamW (torch's), with its schedule.
+
+    Args:
+        lr: Learning rate of every weight (the reference's single LR).
+        min_lr: The cosine's floor in the hold stage.
+        decision_lr: Learning rate of the decision adapters (null: no adapters, as in the reference).
+        betas: Adam's (beta1, beta2).
+        weight_decay: Decoupled weight decay.
+        grad_clip: Gradient-norm clip (0: none); under DeepSpeed it is written into the engine's JSON.
+        lr_schedule: constant, or cosine_in_finetune (constant, then a cosine to min_lr over the hold stage).
+        accumulate_grad_batches: Micro-batches per optimiser step.
+    """
 
     lr: float = 3.0e-5
     min_lr: float = 3.0e-6
@@ -97,9 +148,27 @@ class OptimSection:
 
 @dataclass
 class RunSection:
-    """Where and how: out_dir for checkpoints/logs/plots; strategy auto|ddp|deepspeed_stage_2|deepspeed_stage_3;
-    validate_every: held-out perplexity and realised CR every N optimiser steps (and always at the end);
-    wandb_project/wandb_entity: where the W&B run goes (one run per out_dir, resumed with it)."""
+    """Where and how the run goes.
+
+    Args:
+        out_dir: Run folder: checkpoints, logs, plots, telemetry; a rerun resumes from it.
+        seed: Seeds the data order, the Gumbel noise and every other random draw of the run.
+        strategy: auto, ddp, deepspeed_stage_2 or deepspeed_stage_3.
+        accelerator: auto, cpu or gpu.
+        devices: Processes per node.
+        num_nodes: Nodes (each starts its own torchrun).
+        precision: Lightning precision: 32-true, bf16-mixed, bf16-true, 16-mixed (CUDA only).
+        threads: torch threads per process (default: torch's own).
+        log_every: Log the loss, CR and telemetry every N optimiser steps.
+        checkpoint_every: Write an atomic checkpoint every N optimiser steps (and at the end).
+        keep_last: Checkpoints kept in out_dir/ckpt.
+        loggers: Any of csv, wandb, tensorboard.
+        progress_bar: Show a progress bar (rank 0).
+        validate_every: Held-out perplexity and realised CR every N optimiser steps (null: at the end only).
+        deepspeed_config: A DeepSpeed JSON to use instead of the packaged one for the strategy's ZeRO stage.
+        wandb_project: W&B project (one run per out_dir, resumed with it).
+        wandb_entity: W&B entity (default: yours).
+    """
 
     out_dir: str = "checkpoints/run"
     seed: int = 0

@@ -16,8 +16,9 @@ class StrategyError(ValueError):
     """The strategy or its DeepSpeed config cannot run as asked; the message says what to change."""
 
 
-def deepspeed_config(name: str, path: str | None) -> dict:
-    """The DeepSpeed JSON of a ``deepspeed_stage_N`` strategy (ours, or ``path``), checked against its name."""
+def deepspeed_config(name: str, path: str | None, grad_clip: float = 1.0) -> dict:
+    """The DeepSpeed JSON of a ``deepspeed_stage_N`` strategy (ours, or ``path``), checked against its name, with
+    the recipe's gradient clip (Lightning does not clip under DeepSpeed: the engine does, from this JSON)."""
     stage = ZERO_STAGE[name]
     file = Path(path) if path else CONFIG_DIR / f"zero{stage}.json"
     if not file.exists():
@@ -33,6 +34,10 @@ def deepspeed_config(name: str, path: str | None) -> dict:
         if zero.get(key, {}).get("device", "none") != "none":
             raise StrategyError(f"{file}: zero_optimization.{key} is not supported (the trainer builds torch's "
                                 "AdamW, not DeepSpeed's CPU Adam); remove it, or shard further with more GPUs")
+    if path and config.get("gradient_clipping", grad_clip) != grad_clip:
+        raise StrategyError(f"{file} sets gradient_clipping {config['gradient_clipping']} but optim.grad_clip="
+                            f"{grad_clip}; make them agree (the recipe's value is the one the run reports)")
+    config["gradient_clipping"] = grad_clip
     return config
 
 
@@ -56,12 +61,12 @@ def check_devices(run) -> None:
                             f"{run.devices} x {run.num_nodes}: pass --run.num_nodes {int(world) // int(local)}")
 
 
-def build_strategy(name: str, accelerator: str, config_path: str | None):
+def build_strategy(name: str, accelerator: str, config_path: str | None, grad_clip: float = 1.0):
     if name not in ZERO_STAGE:
         return name  # auto, ddp: Lightning's own (Recipe.validate refuses anything else)
     from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy
 
-    config = deepspeed_config(name, config_path)
+    config = deepspeed_config(name, config_path, grad_clip)
     on_cpu = accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available())
     if not on_cpu:
         return DeepSpeedStrategy(config=config)
