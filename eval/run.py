@@ -99,11 +99,15 @@ def evaluate(opts: argparse.Namespace, command: str, variants: list | None = Non
     results = {"command": command, "tasks": opts.tasks, "models": {}, "settings": {k: v for k, v in vars(opts).items()},
                "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                             "python": platform.python_version()}, "device": opts.device, "dtype": dtype}
-    for path, policy, *role in variants:
+    began = time.perf_counter()
+    for k, (path, policy, *role) in enumerate(variants, 1):
         try:
             model = EvalModel(path, dtype, opts.device, opts.batch_size, policy=policy)
         except (ModelFolderError, ValueError) as err:
             raise TaskError(str(err)) from err
+        minutes = (time.perf_counter() - began) / 60
+        print(f"[{k}/{len(variants)}] {model.name}{f' ({role[0]})' if role else ''}, {minutes:.0f} min so far",
+              file=sys.stderr, flush=True)  # a long compare's place in its list; the task bars show the rest
         entry = {**model.describe(), **({"role": role[0]} if role else {}), "tasks": {}, "seconds": {}}
         if model.name in results["models"]:
             raise TaskError(f"two models are both named {model.name!r}; give their folders different names")

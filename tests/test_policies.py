@@ -157,7 +157,7 @@ def test_eval_cli_refuses_bad_policy_options(tmp_path):
         assert msg in str(e.value.code)
 
 
-def test_dmc_compare_runs_vanilla_dmc_and_policies_in_one_table(tmp_path):
+def test_dmc_compare_runs_vanilla_dmc_and_policies_in_one_table(tmp_path, capsys):
     import json
 
     import transformers
@@ -175,6 +175,8 @@ def test_dmc_compare_runs_vanilla_dmc_and_policies_in_one_table(tmp_path):
     out = tmp_path / "cmp"
     main([str(vanilla), "--control", str(control), "--dmc", str(dmc_dir), "--policies", "h2o", "streaming_llm",
           "--crs", "2", "4", "--tasks", "ppl", "--ppl-blocks", "2", "--ppl-block", "24", "--out", str(out)])
+    progress = [line for line in capsys.readouterr().err.splitlines() if line.startswith("[")]
+    assert progress[0].startswith("[1/11] tiny (vanilla)") and progress[-1].startswith("[11/11] tiny-control+streaming_llm@4x")
     results = json.loads((out / "results.json").read_text())["models"]
     policies = [f"{p}@{c}x" for p in ("h2o", "streaming_llm") for c in (2, 4)]
     assert sorted(results) == sorted(["tiny", "tiny-control", "tiny-dmc"] + [f"{base}+{p}" for p in policies
