@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -139,3 +141,38 @@ def one_line_exit(main, *argv) -> str:
     message = str(exc.value.code)
     assert "Traceback" not in message and "\n" not in message.strip(), message
     return message
+
+
+def check_zero_export(run_dir, tiny, step: int, **dmc_settings) -> None:
+    """`dmc export` of a two-process ZeRO run equals Lightning's own ZeRO consolidation loaded by hand (logits to
+    atol 0, decision adapters folded); with one rank's optimizer shard gone the export is refused in one line and
+    leaves no folder. ``dmc_settings``: the run's DMCConfig fields."""
+    import pytest
+    import torch
+    import transformers
+    from lightning.pytorch.utilities.deepspeed import convert_zero_checkpoint_to_fp32_state_dict
+
+    from dmc.export import ExportError
+    from train.export import export
+
+    run_dir = Path(run_dir)
+    ckpt = run_dir / f"ckpt/step-{step:07d}.ckpt"
+    assert ckpt.is_dir(), sorted(p.name for p in (run_dir / "ckpt").iterdir())
+    folder = export(run_dir, run_dir.parent / "hf", dtype="float32")
+    convert_zero_checkpoint_to_fp32_state_dict(str(ckpt), str(run_dir.parent / "consolidated.pt"))
+    state = torch.load(run_dir.parent / "consolidated.pt", map_location="cpu", weights_only=False)["state_dict"]
+    expected = dmc.retrofit(transformers.AutoModelForCausalLM.from_pretrained(tiny), dmc.DMCConfig(**dmc_settings))
+    expected.add_decision_adapters()
+    missing, unexpected = expected.load_state_dict({k.removeprefix("model."): v for k, v in state.items()}, strict=False)
+    assert not unexpected and set(missing) <= {"lm_head.weight"}
+    expected.fold_decision_adapters()
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
+    ids = torch.tensor([[1, 5, 9, 33, 2, 7, 11, 13]])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, expected.eval()(ids).logits, rtol=0, atol=0)
+    shards = sorted(ckpt.glob("*/*optim_states.pt"))
+    assert len(shards) == 2  # one per rank
+    shards[-1].unlink()
+    with pytest.raises(ExportError, match="missing or inconsistent"):
+        export(run_dir, run_dir.parent / "hf2")
+    assert not (run_dir.parent / "hf2").exists()

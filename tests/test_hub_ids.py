@@ -52,11 +52,24 @@ def test_train_export_eval_generate_bench_from_a_hub_id(hub, tmp_path):
     assert json.loads((tmp_path / "bench" / "bench.json").read_text())["meta"]["synthetic"] is True
 
 
-def test_an_unreachable_hub_id_is_one_line(hub, tmp_path):
-    for command in (["train", "--config", "configs/tiny.yaml", "--model.path", "nobody/missing-model",
-                     "--run.out_dir", str(tmp_path / "r")],
-                    ["generate", "nobody/missing-model", "--prompt", "x"],
-                    ["eval", "nobody/missing-model", "--tasks", "ppl", "--out", str(tmp_path / "e")],
-                    ["bench", "nobody/missing-model", "--out", str(tmp_path / "b")]):
-        message = _one_line_error(run_dmc(*command, env=hub))
-        assert "'nobody/missing-model' is not on this machine" in message and "hf download" in message, message
+def test_an_unreachable_hub_id_is_one_line(hub, tmp_path, monkeypatch):
+    missing = "nobody/missing-model"
+    # the training command in a fresh process, as a user starts it
+    message = _one_line_error(run_dmc("train", "--config", "configs/tiny.yaml", "--model.path", missing,
+                                      "--run.out_dir", str(tmp_path / "r"), env=hub))
+    assert f"'{missing}' is not on this machine" in message and "hf download" in message, message
+    # the other commands resolve the id through the same dmc.hub, each from its own main: run here, offline
+    import huggingface_hub.constants
+
+    from dmc.cli import main
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    for command in (["generate", missing, "--prompt", "x"],
+                    ["eval", missing, "--tasks", "ppl", "--out", str(tmp_path / "e")],
+                    ["bench", missing, "--out", str(tmp_path / "b")]):
+        with pytest.raises(SystemExit) as exc:
+            main(command)
+        message = exc.value.code
+        assert isinstance(message, str) and "\n" not in message, message
+        assert f"'{missing}' is not on this machine" in message and "hf download" in message, message

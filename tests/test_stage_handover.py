@@ -15,7 +15,7 @@ pytest.importorskip("lightning")
 
 import dmc  # noqa: E402
 import dmc.modeling  # noqa: E402
-from tests.helpers import SMOLLM2, logged, run_dmc, tiny_train, write_tiny_checkpoint  # noqa: E402
+from tests.helpers import SMOLLM2, check_zero_export, logged, run_dmc, tiny_train, write_tiny_checkpoint  # noqa: E402
 from train.handover import first_adam_step  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not (SMOLLM2 / "config.json").exists(), reason="run `make model` first")
@@ -65,7 +65,7 @@ def test_handover_zeroes_rows_adapters_and_moments(tiny, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("strategy,distill", [("deepspeed_stage_2", True), ("deepspeed_stage_3", False)])
-def test_handover_reaches_deepspeed_master_copy_two_processes(tiny, tmp_path, strategy, distill):
+def test_handover_reaches_deepspeed_master_copy_and_exports_two_processes(tiny, tmp_path, strategy, distill):
     # ZeRO-2 runs with distillation too (ZeRO-3 refuses it): the bound below holds whatever the gradient.
     extra = ["--distill.weight", "0.5"] if distill else []
     done = run_dmc("train", "--config", "configs/tiny.yaml", "--model.path", tiny, "--run.strategy", strategy,
@@ -82,6 +82,8 @@ def test_handover_reaches_deepspeed_master_copy_two_processes(tiny, tmp_path, st
     # validation runs under DeepSpeed too, each rank scoring its share of the held-out blocks
     validation = json.loads((tmp_path / "run" / "summary.json").read_text())["validation"]
     assert validation["step"] == STAGE1 + 1 and validation["tokens"] == 4 * 31 and validation["perplexity"] > 1
+    # and the ZeRO checkpoint exports (this run is test_export's ZeRO case, trained once for both)
+    check_zero_export(tmp_path / "run", tiny, STAGE1 + 1, target_cr=2.0, window=12)
 
 
 def _record_noise(monkeypatch) -> list[torch.Tensor]:

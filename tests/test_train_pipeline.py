@@ -125,3 +125,24 @@ def test_resuming_from_a_checkpoint_that_would_run_code_is_refused_unless_truste
     assert _losses(tmp_path / "run") == before  # nothing trained, nothing rewritten
     _train(tiny, tmp_path / "run", "--trust-checkpoint")
     assert sorted(_losses(tmp_path / "run")) == list(range(8))
+
+
+def _bars(err: str) -> list[str]:
+    """The training bar's states, in the order printed (tqdm rewrites its line with carriage returns)."""
+    return [part for part in err.replace("\r", "\n").splitlines() if part.startswith("train:")]
+
+
+def test_the_training_bar_counts_optimiser_steps_and_resumes_at_its_step(tiny, tmp_path, capfd):
+    """Under accumulation the bar's total and rate are optimiser steps (4), not micro-batches (8) or epochs;
+    a resumed run's bar starts at its checkpoint's step."""
+    out = tmp_path / "run"
+    args = ["--optim.accumulate_grad_batches", "2", "--run.progress_bar", "true", "--schedule.ramp_steps", "1",
+            "--schedule.finetune_steps", "1"]  # stages 2 / 1 / 1
+    tiny_train(tiny, out, *args, "--stop_at", "2")
+    first = _bars(capfd.readouterr().err)[-1]
+    assert " 2/2 " in first and "stage=1" in first, first  # the bar runs to where this invocation stops
+    tiny_train(tiny, out, *args)
+    err = capfd.readouterr().err
+    assert "Epoch" not in err
+    bars = _bars(err)
+    assert " 2/4 " in bars[0] and " 4/4 " in bars[-1] and "stage=3" in bars[-1], bars

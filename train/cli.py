@@ -80,12 +80,12 @@ def parse(argv: list[str]) -> tuple[Recipe, str, int | None, bool]:
 def run(recipe: Recipe, resume: str = "auto", stop_at: int | None = None, trust_checkpoint: bool = False) -> dict:
     import lightning as L
     import torch
-    from lightning.pytorch.callbacks import RichProgressBar
 
     from .callbacks import AtomicCheckpoint, Plots, Telemetry, Validation, atomic_write_text, last_jsonl
     from .data_module import BlocksDataModule
     from .loggers import build_loggers, checkpoint_step
     from .module import DMCTrainingModule
+    from .progress import StepProgress
     from .strategy import build_strategy, check_devices
 
     r = recipe.run
@@ -117,7 +117,7 @@ def run(recipe: Recipe, resume: str = "auto", stop_at: int | None = None, trust_
     if recipe.data.validation_blocks:
         callbacks.insert(0, Validation(r.out_dir, r.validate_every, last_step, recipe.data.batch_size))
     if r.progress_bar:
-        callbacks.append(RichProgressBar())
+        callbacks.append(StepProgress(last_step, recipe.schedule.stage1_steps, recipe.schedule.ramp_steps))
     deepspeed = r.strategy.startswith("deepspeed")
     trainer = L.Trainer(
         max_steps=last_step, max_epochs=-1,
@@ -126,7 +126,7 @@ def run(recipe: Recipe, resume: str = "auto", stop_at: int | None = None, trust_
         precision=r.precision,
         logger=build_loggers(r, out, resume_step, first), callbacks=callbacks, enable_checkpointing=False,
         log_every_n_steps=r.log_every, gradient_clip_val=None if deepspeed else recipe.optim.grad_clip,
-        accumulate_grad_batches=recipe.optim.accumulate_grad_batches, enable_progress_bar=r.progress_bar,
+        accumulate_grad_batches=recipe.optim.accumulate_grad_batches, enable_progress_bar=False,
         num_sanity_val_steps=0, limit_val_batches=0, enable_model_summary=False,
     )
     L.seed_everything(r.seed, workers=True, verbose=False)
