@@ -47,7 +47,7 @@ model: $(MODEL)/config.json
 TEST_WORKERS ?= 2
 
 test: venv model
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -ra -n $(TEST_WORKERS) --dist worksteal
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -ra -n $(TEST_WORKERS) --dist load
 
 test-fast: venv
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "not slow"

@@ -2,15 +2,29 @@
 
 import os
 
-import torch
+# Under pytest-xdist each worker gets its share of the cores, for itself and for the commands its tests start:
+# two workers each running torch with every core's worth of OpenMP threads spin against each other.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // _WORKERS)))
+
+import torch  # noqa: E402
+
+if _WORKERS > 1:
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 # Without a GPU, Triton kernels can only run in its interpreter; triton reads the switch when it is first
 # imported (transformers imports it through torch._dynamo), so it must be set before anything else loads.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# The longest tests (minutes each, measured by --durations), longest first. Started first, they spread over
+# the workers (xdist's load scheduling hands out tests in order), and the run ends on short tests, not on one
+# worker's rehearsal while the other idles.
+LONGEST = ("test_full_rehearsal_of_a_paper_recipe", "test_end_to_end_on_the_135m_model_vanilla_and_dmc",
+           "test_train_export_eval_generate_bench_from_a_hub_id",
+           "test_handover_reaches_deepspeed_master_copy_and_exports_two_processes")
+
 
 def pytest_collection_modifyitems(config, items):
-    """The slow tests (minutes each) first, in their usual order: with two workers the run then ends on short
-    tests spread over both, not on one worker's rehearsal while the other idles."""
-    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+    items.sort(key=lambda item: LONGEST.index(item.originalname) if item.originalname in LONGEST else len(LONGEST))
