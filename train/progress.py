@@ -1,4 +1,4 @@
-"""The training bar: optimiser steps of the whole schedule, not Lightning's micro-batches of an endless epoch.
+"""The training bar: optimiser steps up to where this run stops, not Lightning's micro-batches of an endless epoch.
 
 Lightning's bars count micro-batches (so under gradient accumulation their rate and ETA are off by the
 accumulation factor) and, with ``max_epochs=-1`` over a stream, show ``Epoch 0/-2`` and no total.
