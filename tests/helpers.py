@@ -148,7 +148,6 @@ def check_zero_export(run_dir, tiny, step: int, **dmc_settings) -> None:
     atol 0, decision adapters folded); with one rank's optimizer shard gone the export is refused in one line and
     leaves no folder. ``dmc_settings``: the run's DMCConfig fields."""
     import pytest
-    import torch
     import transformers
     from lightning.pytorch.utilities.deepspeed import convert_zero_checkpoint_to_fp32_state_dict
 

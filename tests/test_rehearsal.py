@@ -10,7 +10,7 @@ import pytest
 pytest.importorskip("lightning")
 pytest.importorskip("deepspeed")
 
-from tests.helpers import ROOT, SMOLLM2, run_dmc  # noqa: E402
+from tests.helpers import ROOT, SMOLLM2, one_line_exit, run_dmc  # noqa: E402
 from train.cli import parse  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not (SMOLLM2 / "config.json").exists(), reason="run `make model` first")
@@ -77,23 +77,15 @@ def test_every_other_recipe_builds_its_trainer_and_takes_a_step(name, capsys):
     assert _rows(out)["trainer builds and takes one step"].startswith("PASS")
 
 
-def _refusal(*argv) -> str:
-    """`dmc rehearse ARGV`'s exit message (the CLI's own main, in this process: both refusals come before any
-    run starts, so a fresh process would only add its imports)."""
+def test_bad_rehearsal_input_is_one_line(tmp_path):
     from dmc.cli import main
 
-    with pytest.raises(SystemExit) as exc:
-        main(["rehearse", *argv])
-    assert isinstance(exc.value.code, str), exc.value.code
-    return exc.value.code
-
-
-def test_bad_rehearsal_input_is_one_line(tmp_path):
-    message = _refusal("--config", "configs/nothing.yaml")
-    assert "does not exist" in message and "\n" not in message
+    # both refusals come before any run starts: the CLI's own main, in this process
+    message = one_line_exit(main, "rehearse", "--config", "configs/nothing.yaml")
+    assert "does not exist" in message
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "x").write_text("keep me")
-    message = _refusal("--config", "configs/tiny.yaml", "--out", str(tmp_path / "full"))
+    message = one_line_exit(main, "rehearse", "--config", "configs/tiny.yaml", "--out", str(tmp_path / "full"))
     assert "is not empty" in message and (tmp_path / "full" / "x").exists()
 
 
