@@ -46,10 +46,10 @@ def _counting_stream(open_stream, counter: list[int]):
 
 
 def measure(kind: str, steps: int, tokenizer, block_len: int, chunk: int) -> tuple[int, float]:
-    import data.stream
-    from data import PackedBlocks, documents
-    from data.sources import SourceSpec
-    from data.stream import StreamedBlocks
+    import dmc.data.stream
+    from dmc.data import PackedBlocks, documents
+    from dmc.data.sources import SourceSpec
+    from dmc.data.stream import StreamedBlocks
 
     spec = SourceSpec(kind="hf", path=REPO, name=CONFIG, split="train", holdout="exclude")
     counter = [0]
@@ -62,14 +62,14 @@ def measure(kind: str, steps: int, tokenizer, block_len: int, chunk: int) -> tup
             return StreamedBlocks(spec, tokenizer, block_len, start=start, chunk=chunk)
     position = list(islice(make(), steps))[-1][1]  # where a checkpoint at step N leaves the stream
     counter[0] = 0
-    original = data.stream.open_stream
-    data.stream.open_stream = _counting_stream(original, counter)
+    original = dmc.data.stream.open_stream
+    dmc.data.stream.open_stream = _counting_stream(original, counter)
     try:
         t0 = time.perf_counter()
         next(iter(make(position)))
         seconds = time.perf_counter() - t0
     finally:
-        data.stream.open_stream = original
+        dmc.data.stream.open_stream = original
     return counter[0], seconds
 
 
@@ -86,8 +86,8 @@ def main(argv: list[str] | None = None) -> None:
     sys.path.insert(0, str(ROOT))
     from transformers import AutoTokenizer
 
-    from data import SourceSpec, documents
-    from train.hub_cache import publish_dataset
+    from dmc.data import SourceSpec, documents
+    from dmc.train.hub_cache import publish_dataset
 
     texts = [t for _, t in islice(documents(SourceSpec(kind="stdlib", piece_chars=1024)), ns.documents)]
     publish_dataset(texts, REPO, home, CONFIG, shards=8)

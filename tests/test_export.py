@@ -16,9 +16,10 @@ pytest.importorskip("deepspeed")
 
 import dmc  # noqa: E402
 from dmc.export import ExportError, save_folder  # noqa: E402
+from dmc.train.cli import main as train_main  # noqa: E402
+from dmc.train.export import export  # noqa: E402
+from dmc.train.export import main as export_main
 from tests.helpers import SMOLLM2, write_tiny_checkpoint  # noqa: E402
-from train.cli import main as train_main  # noqa: E402
-from train.export import export, main as export_main  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.skipif(not (SMOLLM2 / "config.json").exists(), reason="run `make model` first")

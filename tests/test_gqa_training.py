@@ -9,8 +9,8 @@ import pytest
 
 pytest.importorskip("lightning")
 
+from dmc.train.cli import main  # noqa: E402
 from tests.helpers import SMOLLM2, logged, one_line_exit, tiny_train, write_tiny_checkpoint  # noqa: E402
-from train.cli import main  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 KEYS = ("train/lm_loss", "train/realised_cr")
@@ -39,7 +39,7 @@ def test_gqa_run_resumes_exports_and_evaluates_at_its_cr(tiny, tmp_path, capsys)
     assert summary["validation"]["cr"] == 4.0
     assert (tmp_path / "a/loss_and_cr.png").exists() and not (tmp_path / "a/cr_heatmap.png").exists()
 
-    from train.export import main as export_main
+    from dmc.train.export import main as export_main
 
     export_main([str(tmp_path / "a"), "--out", str(tmp_path / "gqa-hf"), "--dtype", "float32"])
     config = json.loads((tmp_path / "gqa-hf/config.json").read_text())
@@ -50,7 +50,7 @@ def test_gqa_run_resumes_exports_and_evaluates_at_its_cr(tiny, tmp_path, capsys)
     from transformers import AutoModelForCausalLM
 
     from dmc.gqa import pool_kv_heads
-    from train.export import build_vanilla_model, load_checkpoint
+    from dmc.train.export import build_vanilla_model, load_checkpoint
 
     exported = AutoModelForCausalLM.from_pretrained(tmp_path / "gqa-hf", dtype=torch.float32)
     trained = build_vanilla_model(*load_checkpoint(tmp_path / "a"))
@@ -60,7 +60,7 @@ def test_gqa_run_resumes_exports_and_evaluates_at_its_cr(tiny, tmp_path, capsys)
         torch.testing.assert_close(exported(ids).logits, trained(ids).logits)
         assert not torch.allclose(exported(ids).logits, untrained(ids).logits, atol=1e-3)
 
-    from eval.compare import main as compare_main
+    from dmc.eval.compare import main as compare_main
 
     compare_main([tiny, "--gqa", str(tmp_path / "gqa-hf"), "--policies", "streaming_llm", "--crs", "4",
                   "--tasks", "ppl", "--ppl-blocks", "2", "--ppl-block", "32", "--out", str(tmp_path / "cmp")])

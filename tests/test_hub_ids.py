@@ -7,8 +7,8 @@ import pytest
 
 pytest.importorskip("lightning")
 
+from dmc.train.hub_cache import publish_model  # noqa: E402
 from tests.helpers import SMOLLM2, one_line_exit, run_dmc, write_tiny_checkpoint  # noqa: E402
-from train.hub_cache import publish_model  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not (SMOLLM2 / "config.json").exists(), reason="run `make model` first")
 HUB_ID = "meta-llama/Llama-2-7b-hf"

@@ -6,9 +6,9 @@ import math
 import numpy as np
 import pytest
 
-from eval.intervals import mean_interval, perplexity_interval, resample_indices
-from eval.run import main as eval_main
-from eval.tasks import TaskError
+from dmc.eval.intervals import mean_interval, perplexity_interval, resample_indices
+from dmc.eval.run import main as eval_main
+from dmc.eval.tasks import TaskError
 from tests.helpers import SMOLLM2, one_line_exit, write_tiny_checkpoint
 
 
@@ -53,8 +53,8 @@ def test_fewer_than_two_samples_are_refused():
 
 
 def test_prose_source_is_never_a_training_document():
-    from data import SourceSpec, documents, prose_documents
-    from data.sources import PROSE_FILE, stdlib_files
+    from dmc.data import SourceSpec, documents, prose_documents
+    from dmc.data.sources import PROSE_FILE, stdlib_files
 
     prose = list(prose_documents())
     assert len(prose) > 50 and sum(len(t) for _, t in prose) > 300_000  # enough for 32 blocks of 512 tokens

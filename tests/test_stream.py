@@ -9,9 +9,9 @@ import pytest
 
 pytest.importorskip("datasets")
 
-from data import DataError  # noqa: E402
-from data.sources import SourceSpec, documents, held_out  # noqa: E402
-from data.stream import StreamedBlocks, StreamPosition  # noqa: E402
+from dmc.data import DataError  # noqa: E402
+from dmc.data.sources import SourceSpec, documents, held_out  # noqa: E402
+from dmc.data.stream import StreamedBlocks, StreamPosition  # noqa: E402
 from tests.helpers import SMOLLM2, publish_offline_dataset  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not (SMOLLM2 / "config.json").exists(), reason="run `make model` first")

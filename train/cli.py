@@ -12,6 +12,7 @@ from pathlib import Path
 import yaml
 
 from .recipe import Recipe, RunSection
+from .recipes import RecipeNotFound, resolve
 
 
 class RecipeError(ValueError):
@@ -32,13 +33,30 @@ def _check_keys(data, cls, where: str = "") -> None:
             _check_keys(value, sub, f"{where}{key}.")
 
 
-def load_recipe_file(path: str) -> dict:
-    p = Path(path)
-    if not p.exists():
-        raise RecipeError(f"config file {path!r} does not exist; see configs/ for recipes")
-    data = yaml.safe_load(p.read_text()) or {}
+def load_recipe_file(path: str | Path) -> dict:
+    data = yaml.safe_load(Path(path).read_text()) or {}
     _check_keys(data, Recipe)
     return data
+
+
+def _resolve_configs(argv: list[str]) -> list[str]:
+    """argv with every ``--config`` value a checked file: a path, or a packaged recipe's name (`dmc recipes`)."""
+    out = list(argv)
+    for i, arg in enumerate(argv):
+        if arg == "--config" and i + 1 < len(argv):
+            out[i + 1] = str(_checked(argv[i + 1]))
+        elif arg.startswith("--config="):
+            out[i] = f"--config={_checked(arg.split('=', 1)[1])}"
+    return out
+
+
+def _checked(config: str) -> Path:
+    try:
+        path = resolve(config)
+    except RecipeNotFound as err:
+        raise RecipeError(str(err)) from None
+    load_recipe_file(path)
+    return path
 
 
 def parser():
@@ -48,7 +66,7 @@ def parser():
 
     ap = ArgumentParser(prog="dmc train", description="Continued pretraining of a Llama model with DMC",
                         exit_on_error=False)
-    ap.add_argument("--config", action=ActionConfigFile, help="a YAML recipe from configs/")
+    ap.add_argument("--config", action=ActionConfigFile, help="a recipe: a packaged one's name (`dmc recipes` lists them) or a YAML file")
     ap.add_argument("--resume", default="auto", help="auto (latest checkpoint in run.out_dir), none, or a path")
     ap.add_argument("--stop_at", type=int, default=None, help="stop after this many steps (schedule unchanged)")
     ap.add_argument("--trust-checkpoint", action=ActionYesNo, default=False, help="resume from a checkpoint holding "
@@ -59,11 +77,7 @@ def parser():
 
 
 def parse(argv: list[str]) -> tuple[Recipe, str, int | None, bool]:
-    for i, arg in enumerate(argv):
-        if arg == "--config" and i + 1 < len(argv):
-            load_recipe_file(argv[i + 1])
-        elif arg.startswith("--config="):
-            load_recipe_file(arg.split("=", 1)[1])
+    argv = _resolve_configs(argv)
     try:
         cfg = parser().parse_args(argv)
     except Exception as err:  # jsonargparse's ArgumentError: type errors, unknown --keys

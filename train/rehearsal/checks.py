@@ -15,7 +15,7 @@ class CheckFailed(Exception):
 
 def metric(run: Path, key: str) -> dict[int, float]:
     """step -> value of ``key`` in the run's CSV log (the last row of a step wins)."""
-    from train.plots import read_metrics
+    from dmc.train.plots import read_metrics
 
     return dict(read_metrics(run).get(key, []))
 
@@ -43,8 +43,8 @@ def stages_crossed(run: Path, expected: int = 3) -> str:
 def handover_rows(run: Path, step: int, lr: float, decision_lr: float | None, betas) -> str:
     """The decision rows one step after the handover are within one fresh Adam step of zero (see handover.py)."""
     from dmc import DMCLlamaConfig
-    from train.export import load_checkpoint, recorded_config
-    from train.handover import first_adam_step
+    from dmc.train.export import load_checkpoint, recorded_config
+    from dmc.train.handover import first_adam_step
 
     ckpt = run / "ckpt" / f"step-{step:07d}.ckpt"
     if not ckpt.exists():
@@ -86,8 +86,8 @@ def one_wandb_run(run: Path) -> str:
 
 def intact_after_kill(run: Path, total: int) -> int:
     """The step a killed run resumes from: its ckpt/latest names a complete checkpoint of stage 2."""
-    from train.callbacks import AtomicCheckpoint
-    from train.loggers import checkpoint_step
+    from dmc.train.callbacks import AtomicCheckpoint
+    from dmc.train.loggers import checkpoint_step
 
     latest = AtomicCheckpoint.latest(str(run))
     if latest is None:

@@ -107,7 +107,7 @@ def corpus(n: int = DOCUMENTS) -> list[str]:
     """Real text for the published dataset: pieces of the Python standard library."""
     from itertools import islice
 
-    from data import SourceSpec, documents
+    from dmc.data import SourceSpec, documents
 
     return [text for _, text in islice(documents(SourceSpec(kind="stdlib", piece_chars=2048)), n)]
 

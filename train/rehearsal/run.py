@@ -136,8 +136,8 @@ class Rehearsal:
 
     def kill_mid_stage2(self) -> tuple[int, str]:
         """Start the second run and SIGKILL its last rank once a mid-stage-2 checkpoint is complete."""
-        from train.callbacks import AtomicCheckpoint
-        from train.loggers import checkpoint_step
+        from dmc.train.callbacks import AtomicCheckpoint
+        from dmc.train.loggers import checkpoint_step
 
         out = self.root / "killed"
         run = self._start("killed")
@@ -244,11 +244,11 @@ def _run_checks(ns, r: Rehearsal, root: Path, table: Table) -> Table:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from train.cli import RecipeError, parse
+    from dmc.train.cli import RecipeError, parse
 
     ap = argparse.ArgumentParser(prog="dmc rehearse", description=__doc__,
                                  epilog="Other arguments are recipe overrides (--section.key=value), as for dmc train.")
-    ap.add_argument("--config", required=True, help="the recipe to rehearse (a YAML from configs/)")
+    ap.add_argument("--config", required=True, help="the recipe to rehearse: a packaged recipe's name (`dmc recipes`) or a YAML file")
     ap.add_argument("--nodes", type=int, default=1, help="rehearse as this many nodes on this machine (torchrun + "
                     "a local c10d rendezvous)")
     ap.add_argument("--devices", type=int, default=None, help="processes per node (default: this machine's GPUs "
