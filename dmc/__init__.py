@@ -1,19 +1,33 @@
 """Dynamic Memory Compression for Llama-family models in transformers.
 
-``dmc.retrofit(model, DMCConfig(...))`` turns a Llama causal LM into a ``dmc_llama`` model; importing
-``dmc`` registers that model type with the transformers Auto classes.
+``dmc.retrofit(model, DMCConfig(...))`` turns a Llama causal LM into a ``dmc_llama`` model. ``import dmc`` is
+cheap (the ``dmc`` command starts without torch); the first use of any name below imports it, and importing
+``dmc.modeling`` (which any of them does) registers ``dmc_llama`` with the transformers Auto classes.
 """
 
-from .cache import DMCCache, DMCCacheError
-from .distill import distillation_kl
-from .config import DMCConfig, DMCConfigError, DMCLlamaConfig
-from .modeling import DMCCausalLMOutput, DMCLlamaForCausalLM, DMCLlamaModel
-from .retrofit import NotLlamaError, retrofit
-from .schedule import cr_from_merges, cr_loss, cr_schedule, realised_cr, stage1_multiplier
+import importlib
 
-__all__ = [
-    "DMCCache", "DMCCacheError", "DMCConfig", "DMCConfigError", "DMCLlamaConfig", "DMCCausalLMOutput",
-    "DMCLlamaForCausalLM", "DMCLlamaModel", "NotLlamaError", "retrofit", "cr_loss", "cr_schedule",
-    "realised_cr", "stage1_multiplier", "cr_from_merges", "distillation_kl",
-]
+# name -> the submodule that defines it; loaded on first access (PEP 562), so `dmc --help` stays fast.
+_EXPORTS = {
+    "DMCCache": "cache", "DMCCacheError": "cache", "distillation_kl": "distill",
+    "DMCConfig": "config", "DMCConfigError": "config", "DMCLlamaConfig": "config",
+    "DMCCausalLMOutput": "modeling", "DMCLlamaForCausalLM": "modeling", "DMCLlamaModel": "modeling",
+    "NotLlamaError": "retrofit", "retrofit": "retrofit",
+    "cr_from_merges": "schedule", "cr_loss": "schedule", "cr_schedule": "schedule", "realised_cr": "schedule",
+    "stage1_multiplier": "schedule",
+}
+__all__ = sorted(_EXPORTS)
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'dmc' has no attribute {name!r}")
+    importlib.import_module(".modeling", __name__)  # every public name needs the registered model type
+    value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_EXPORTS))

@@ -7,7 +7,7 @@ def test_dmc_imports_with_torch_and_transformers_only():
     # what counts is what importing dmc adds on top of that.
     code = (
         "import sys; from transformers.models.llama import modeling_llama; before = set(sys.modules);"
-        "import dmc; heavy = {'lightning', 'deepspeed', 'wandb', 'datasets', 'flash_attn', 'triton', 'gguf'};"
+        "import dmc; dmc.retrofit; heavy = {'lightning', 'deepspeed', 'wandb', 'datasets', 'flash_attn', 'triton', 'gguf'};"
         "loaded = heavy & (set(sys.modules) - before); assert not loaded, loaded"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
@@ -16,3 +16,16 @@ def test_dmc_imports_with_torch_and_transformers_only():
 def test_cli_help_lists_commands():
     out = subprocess.run([sys.executable, "-m", "dmc.cli", "--help"], capture_output=True, text=True, check=True)
     assert all(command in out.stdout for command in ("fetch-smollm2", "bench-core", "rehearse", "compare"))
+
+
+def test_the_cli_starts_without_torch_and_a_dmc_name_registers_the_model_type():
+    # `dmc --help` and `dmc recipes` answer at once: `import dmc` loads its submodules on first use (PEP 562).
+    code = (
+        "import sys, contextlib, io; from dmc.cli import main\n"
+        "for argv in (['--help'], ['recipes']):\n"
+        "    with contextlib.suppress(SystemExit), contextlib.redirect_stdout(io.StringIO()): main(argv)\n"
+        "assert not {'torch', 'transformers'} & set(sys.modules), sorted({'torch', 'transformers'} & set(sys.modules))\n"
+        "import dmc; from transformers import AutoConfig; dmc.DMCConfig\n"
+        "assert type(AutoConfig.for_model('dmc_llama')).__name__ == 'DMCLlamaConfig'\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
