@@ -8,15 +8,16 @@ cheap (the ``dmc`` command starts without torch); the first use of any name belo
 import importlib
 
 # name -> the submodule that defines it; loaded on first access (PEP 562), so `dmc --help` stays fast.
+# A name must not be a submodule's name too: importing dmc.X binds the module over the attribute.
 _EXPORTS = {
     "DMCCache": "cache", "DMCCacheError": "cache", "distillation_kl": "distill",
     "DMCConfig": "config", "DMCConfigError": "config", "DMCLlamaConfig": "config",
     "DMCCausalLMOutput": "modeling", "DMCLlamaForCausalLM": "modeling", "DMCLlamaModel": "modeling",
-    "NotLlamaError": "retrofit", "retrofit": "retrofit",
+    "NotLlamaError": "retrofitting", "retrofit": "retrofitting",
     "cr_from_merges": "schedule", "cr_loss": "schedule", "cr_schedule": "schedule", "realised_cr": "schedule",
     "stage1_multiplier": "schedule",
 }
-__all__ = sorted(_EXPORTS)
+__all__ = list(_EXPORTS)  # noqa: PLE0605  (the names of _EXPORTS, written once)
 __version__ = "0.1.0"
 
 

@@ -137,16 +137,24 @@ def save_folder(model, out: str | Path, tokenizer_source: str | Path | None = No
         raise ExportError(f"save_folder needs a DMC model (model_type 'dmc_llama'); got {model.config.model_type!r}")
     model.fold_decision_adapters()  # same function, no extra parameters in the folder
 
-    def finish(tmp: Path) -> None:
-        config = json.loads((tmp / "config.json").read_text())
-        config["auto_map"] = AUTO_MAP
-        config["architectures"] = ["DMCLlamaForCausalLM"]
-        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        for name, text in code_files().items():
-            (tmp / name).write_text(text)
+    def finish(tmp: Path) -> None:  # model.save_pretrained has bundled the code; the run's card replaces its own
         (tmp / "README.md").write_text(model_card(model.config, card or {}))
 
     return write_folder(model, out, tokenizer_source, dtype=dtype, overwrite=overwrite, finish=finish)
+
+
+def add_remote_code(folder: str | Path, config) -> None:
+    """Make a saved DMC folder load with only transformers installed: the bundled code files, ``auto_map`` and
+    the architecture in ``config.json``, and a model card when the folder has none."""
+    folder = Path(folder)
+    data = json.loads((folder / "config.json").read_text())
+    data["auto_map"] = AUTO_MAP
+    data["architectures"] = ["DMCLlamaForCausalLM"]
+    (folder / "config.json").write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    for name, text in code_files().items():
+        (folder / name).write_text(text)
+    if not (folder / "README.md").exists():
+        (folder / "README.md").write_text(model_card(config, {}))
 
 
 def eval_table(info: dict) -> list[str]:
@@ -157,16 +165,30 @@ def eval_table(info: dict) -> list[str]:
     return ["", "## Evaluation", "", "| metric | value |", "|---|---|", *rows]
 
 
+def _hub_id(source) -> str | None:
+    """``source`` if it names a Hub repo (ORG/NAME, not a local folder), else None: a card's ``base_model`` must
+    be a Hub id."""
+    text = str(source or "")
+    parts = text.split("/")
+    if len(parts) == 2 and all(parts) and not Path(text).exists() and not text.startswith((".", "~")):
+        return text
+    return None
+
+
+def hub_card(lines: list[str], tags: list[str], base_model) -> str:
+    """A model card built with huggingface_hub.ModelCard: valid metadata (``base_model`` only when it is a Hub
+    id; a local base model is named in the text), then ``lines`` as its markdown."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    data = ModelCardData(library_name="transformers", pipeline_tag="text-generation", tags=tags,
+                         base_model=_hub_id(base_model))
+    return str(ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines) + "\n"))
+
+
 def model_card(config, info: dict) -> str:
-    """A model card: base model, recipe, tokens seen, realised CR per layer, evaluation results if known."""
+    """A DMC model's card: base model, recipe, tokens seen, realised CR per layer, evaluation results if known."""
     base = info.get("base_model", "unknown")
     lines = [
-        "---",
-        "library_name: transformers",
-        "tags: [dmc, dynamic-memory-compression, kv-cache-compression, llama]",
-        f"base_model: {base}" if base != "unknown" else "",
-        "---",
-        "",
         f"# {info.get('name', 'DMC Llama')}",
         "",
         f"A Llama retrofitted with Dynamic Memory Compression (DMC) at a target compression ratio of "
@@ -175,7 +197,7 @@ def model_card(config, info: dict) -> str:
         "",
         "```python",
         "from transformers import AutoModelForCausalLM, AutoTokenizer",
-        "model = AutoModelForCausalLM.from_pretrained(PATH, trust_remote_code=True)  # or `import dmc` first",
+        "model = AutoModelForCausalLM.from_pretrained(PATH, trust_remote_code=True)  # or `import dmc.modeling` first",
         "```",
         "",
         "| field | value |",
@@ -196,4 +218,4 @@ def model_card(config, info: dict) -> str:
     lines += eval_table(info)
     if info.get("recipe"):
         lines += ["", "## Recipe", "", "```json", json.dumps(info["recipe"], indent=2), "```"]
-    return "\n".join(lines) + "\n"
+    return hub_card(lines, ["dmc", "dynamic-memory-compression", "kv-cache-compression", "llama"], base)

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .export import eval_table, write_folder
+from .export import eval_table, hub_card, write_folder
 
 SOURCE_KV_HEADS = "gqa_source_kv_heads"  # config field: the KV heads of the model before pooling
 
@@ -100,7 +100,6 @@ def model_card(config, info: dict) -> str:
     base = info.get("base_model", "unknown")
     tokens = info.get("tokens_seen")
     lines = [
-        "---", "library_name: transformers", "tags: [gqa, kv-cache-compression, llama]", "---", "",
         f"# GQA {Path(str(base)).name} ({kv_compression(config):g}x)", "",
         f"A Llama whose {source} key/value heads were mean-pooled into {config.num_key_value_heads} "
         "(Ainslie et al., 2023)" + (", then up-trained" if info.get("step") else " (not up-trained)") +
@@ -111,7 +110,7 @@ def model_card(config, info: dict) -> str:
         f"| training step | {info.get('step', 0)} |",
         f"| tokens seen | {tokens:,} |" if isinstance(tokens, int) else "| tokens seen | 0 |",
     ]
-    return "\n".join(lines + eval_table(info)) + "\n"
+    return hub_card(lines + eval_table(info), ["gqa", "kv-cache-compression", "llama"], base)
 
 
 def convert(source: str | Path, out: str | Path, *, kv_heads: int | None = None, cr: float | None = None,

@@ -240,6 +240,18 @@ class DMCLlamaForCausalLM(LlamaForCausalLM):
         self.model = DMCLlamaModel(config)  # DMC
         self.post_init()
 
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """HF's save_pretrained, plus what makes the folder load without our package: the modeling code bundled
+        into it and an ``auto_map`` (the folder ``dmc export`` writes, less the run's model card)."""
+        super().save_pretrained(save_directory, *args, **kwargs)
+        if not kwargs.get("is_main_process", True):
+            return
+        try:  # absolute and in a try: transformers' scan of the bundled copy skips it (no relative import)
+            from dmc.export import add_remote_code
+        except ImportError:  # the bundled remote code without our package: transformers copies the code files
+            return
+        add_remote_code(save_directory, self.config)
+
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
                 inputs_embeds=None, labels=None, use_cache=None, logits_to_keep=0, **kwargs):
         if not self.config.dmc_enabled:

@@ -4,6 +4,7 @@ gets one-line errors and leaves nothing half-written."""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -19,7 +20,7 @@ from dmc.export import ExportError, save_folder  # noqa: E402
 from dmc.train.cli import main as train_main  # noqa: E402
 from dmc.train.export import export  # noqa: E402
 from dmc.train.export import main as export_main
-from tests.helpers import SMOLLM2, write_tiny_checkpoint  # noqa: E402
+from tests.helpers import SMOLLM2, one_line_exit, write_tiny_checkpoint  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.skipif(not (SMOLLM2 / "config.json").exists(), reason="run `make model` first")
@@ -90,18 +91,70 @@ def test_round_trip_in_a_fresh_process_without_dmc(run, tmp_path):
             "generation_config.json", "tokenizer.json"} <= {p.name for p in folder.iterdir()}
     assert "tokens seen" in (folder / "README.md").read_text()
 
-    expected = _expected_model(run)
-    tok = AutoTokenizer.from_pretrained(folder)
-    logits, gen = _reference_outputs(expected, tok)
+    _check_fresh_process_equals(folder, _expected_model(run), tmp_path)
+
+
+def _check_fresh_process_equals(folder: Path, expected, tmp_path: Path) -> None:
+    """``folder`` loaded in a fresh process where `import dmc` fails gives ``expected``'s logits and greedy
+    generations exactly, through the folder's own code and the DMC cache."""
+    from transformers import AutoTokenizer
+
+    logits, gen = _reference_outputs(expected, AutoTokenizer.from_pretrained(folder))
     env = dict(os.environ, HF_HOME=str(tmp_path / "hf_home"), PYTHONPATH="")
     result = subprocess.run([sys.executable, "-c", FRESH, str(folder), str(tmp_path / "out.pt"), json.dumps(PROMPTS)],
-                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300, check=False)
     assert result.returncode == 0, result.stderr[-3000:]
     fresh = torch.load(tmp_path / "out.pt")
     assert fresh["module"].startswith("transformers_modules"), fresh["module"]  # the folder's own code ran
     assert fresh["cache"] == "DMCCache"
     torch.testing.assert_close(fresh["logits"], logits, rtol=0, atol=0)
     assert torch.equal(fresh["gen"], gen)
+
+
+def test_save_pretrained_of_a_retrofitted_model_loads_in_a_fresh_process_without_dmc(run, tmp_path):
+    from huggingface_hub import ModelCard
+    from transformers import AutoTokenizer
+
+    model = _expected_model(run)
+    folder = tmp_path / "saved"
+    model.save_pretrained(folder)
+    AutoTokenizer.from_pretrained(run / "llama").save_pretrained(folder)
+    assert json.loads((folder / "config.json").read_text())["auto_map"]["AutoModelForCausalLM"]
+    _check_fresh_process_equals(folder, model, tmp_path)
+    card = ModelCard.load(folder / "README.md")
+    assert card.data.library_name == "transformers" and "dmc" in card.data.tags
+    assert card.data.base_model is None  # never a local path in the metadata
+
+
+def test_export_pushes_the_folder_to_the_hub(run, tmp_path, monkeypatch, capsys):
+    import huggingface_hub
+
+    hub = tmp_path / "hub"
+
+    class LocalHub:  # a stand-in for the Hub API: a repo is a folder under `hub`, a commit copies files in
+        def create_repo(self, repo_id, repo_type, private, exist_ok):
+            assert repo_type == "model" and exist_ok
+            (hub / repo_id).mkdir(parents=True, exist_ok=True)
+            return f"file://{hub / repo_id}"
+
+        def upload_folder(self, repo_id, repo_type, folder_path, commit_message):
+            shutil.copytree(folder_path, hub / repo_id, dirs_exist_ok=True)
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", LocalHub)
+    export_main([str(run / "run"), "--out", str(tmp_path / "hf"), "--push-to-hub", "me/tiny-dmc"])
+    assert f"pushed {tmp_path / 'hf'} to file://{hub / 'me/tiny-dmc'}" in capsys.readouterr().out
+    files = sorted(p.name for p in (tmp_path / "hf").iterdir())
+    assert sorted(p.name for p in (hub / "me/tiny-dmc").iterdir()) == files and "modeling_dmc_llama.py" in files
+    assert all((hub / "me/tiny-dmc" / f).read_bytes() == (tmp_path / "hf" / f).read_bytes() for f in files)
+
+    class OfflineHub(LocalHub):
+        def create_repo(self, *args, **kwargs):
+            raise OSError("Cannot reach https://huggingface.co: offline\nmore detail")
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", OfflineHub)
+    message = one_line_exit(export_main, str(run / "run"), "--out", str(tmp_path / "hf2"), "--push-to-hub", "me/x")
+    assert "pushing to 'me/x' failed (Cannot reach" in message and "hf upload me/x" in message
+    assert (tmp_path / "hf2" / "model.safetensors").exists()  # the export itself is kept
 
 
 def test_plain_from_pretrained_after_import_dmc_uses_the_dmc_cache(run, tmp_path):

@@ -29,3 +29,14 @@ def test_the_cli_starts_without_torch_and_a_dmc_name_registers_the_model_type():
         "assert type(AutoConfig.for_model('dmc_llama')).__name__ == 'DMCLlamaConfig'\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_every_public_name_survives_importing_every_submodule():
+    # `import dmc.X` binds the submodule as the attribute X: a public name equal to a module name would be lost.
+    code = (
+        "import importlib, pkgutil, types, dmc\n"
+        "for m in pkgutil.iter_modules(dmc.__path__): importlib.import_module('dmc.' + m.name)\n"
+        "bad = [n for n in dmc.__all__ if isinstance(getattr(dmc, n), types.ModuleType)]\n"
+        "assert not bad, bad\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)

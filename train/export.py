@@ -99,7 +99,7 @@ def build_vanilla_model(state: dict[str, torch.Tensor], info: dict):
     LM-only control."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from dmc.retrofit import assemble
+    from dmc.retrofitting import assemble
 
     config = recorded_config(info, LlamaConfig)
     model, missing, unexpected = assemble(config, state, model_cls=LlamaForCausalLM)
@@ -112,7 +112,7 @@ def build_vanilla_model(state: dict[str, torch.Tensor], info: dict):
 def build_model(state: dict[str, torch.Tensor], info: dict):
     """A ``DMCLlamaForCausalLM`` from a consolidated state dict, decision adapters folded in."""
     from dmc import DMCLlamaConfig
-    from dmc.retrofit import assemble
+    from dmc.retrofitting import assemble
 
     config = recorded_config(info, DMCLlamaConfig)
     stage1 = info.get("recipe", {}).get("schedule", {}).get("stage1_steps", 0)
@@ -140,17 +140,16 @@ def _card(info: dict, checkpoint: Path) -> dict:
 
 
 def control_card(info: dict) -> str:
-    from dmc.export import eval_table
+    from dmc.export import eval_table, hub_card
 
     base = info.get("base_model", "unknown")
-    lines = ["---", "library_name: transformers", "tags: [llama, dmc-control]", "---", "",
-             f"# LM-only control of {Path(str(base)).name}", "",
+    lines = [f"# LM-only control of {Path(str(base)).name}", "",
              "The source model after the continued pretraining of a DMC run with DMC disabled (the same data, "
              "steps, optimiser, schedule and distillation): the baseline that tells DMC's cost apart from "
              "fine-tuning on the domain. A plain Llama folder; its KV cache is the source model's.", "",
              "| field | value |", "|---|---|", f"| source model | {base} |", f"| training step | {info.get('step', 0)} |",
              f"| tokens seen | {info.get('tokens_seen') or 0:,} |"]
-    return "\n".join(lines + eval_table(info)) + "\n"
+    return hub_card(lines + eval_table(info), ["llama", "dmc-control"], base)
 
 
 def export(checkpoint: str | Path, out: str | Path, dtype: str = "bfloat16", overwrite: bool = False,
@@ -188,12 +187,35 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     ap.add_argument("--trust-checkpoint", action="store_true", help="load pickled objects a checkpoint holds beyond "
                     "tensors, plain containers and DeepSpeed's few types (they can run code: only for a trusted source)")
+    ap.add_argument("--push-to-hub", metavar="REPO", default=None, help="then upload the folder to this Hub repo "
+                    "(ORG/NAME; created if missing; needs `hf auth login` or HF_TOKEN)")
+    ap.add_argument("--private", action="store_true", help="with --push-to-hub: create the repo private")
     ns = ap.parse_args(argv)
     try:
         out = export(ns.checkpoint, ns.out, ns.dtype, ns.overwrite, ns.tokenizer, ns.trust_checkpoint)
     except ExportError as err:
         sys.exit(f"dmc export: error: {err}")
     print(f"exported {out}")
+    if ns.push_to_hub:
+        url = push_to_hub(out, ns.push_to_hub, ns.private)
+        print(f"pushed {out} to {url}")
+
+
+def push_to_hub(folder: Path, repo_id: str, private: bool = False) -> str:
+    """Upload an exported folder as one commit to the Hub model repo ``repo_id`` (created when missing). A
+    failure is one line; the exported folder stays, so the push can be retried without exporting again."""
+    from huggingface_hub import HfApi
+
+    api = HfApi()
+    try:
+        url = api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
+        api.upload_folder(repo_id=repo_id, repo_type="model", folder_path=str(folder),
+                          commit_message=f"dmc export of {folder.name}")
+    except Exception as err:  # HTTP, auth, offline, bad repo id: all end the same way for the user
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        sys.exit(f"dmc export: error: pushing to {repo_id!r} failed ({first}); the folder {folder} is complete: "
+                 f"retry with `hf upload {repo_id} {folder}` after `hf auth login`")
+    return str(url)
 
 
 if __name__ == "__main__":

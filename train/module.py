@@ -59,7 +59,7 @@ def load_for_training(recipe: Recipe, zero3: bool = False):
     if config.model_type == "llama":
         # Load the Llama weights straight into the DMC classes (same parameter names): transformers'
         # loader then also handles DeepSpeed ZeRO-3, where parameters are partitioned as they are created.
-        from dmc.retrofit import dmc_config_from
+        from dmc.retrofitting import dmc_config_from
 
         config = dmc_config_from(config, dmc.DMCConfig(
             target_cr=recipe.schedule.target_cr, window=m.window, tau=m.tau, logit_offset=m.logit_offset,
