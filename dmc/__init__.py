@@ -17,7 +17,7 @@ _EXPORTS = {
     "cr_from_merges": "schedule", "cr_loss": "schedule", "cr_schedule": "schedule", "realised_cr": "schedule",
     "stage1_multiplier": "schedule",
 }
-__all__ = list(_EXPORTS)  # noqa: PLE0605  (the names of _EXPORTS, written once)
+__all__ = list(_EXPORTS)
 __version__ = "0.1.0"
 
 
