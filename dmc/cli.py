@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> None:
                    add_help=False)
     sub.add_parser("compare", help="vanilla vs DMC vs training-free policies at matched CR; see `dmc compare --help`",
                    add_help=False)
-    sub.add_parser("lm-eval", help="lm-evaluation-harness with the `dmc` model registered: dmc lm-eval --model dmc "
+    sub.add_parser("lm-eval", help="lm-evaluation-harness with the `dmc` model added (--model hf etc. work too): dmc lm-eval --model dmc "
                    "--model_args pretrained=DIR --tasks ...", add_help=False)
     bench = sub.add_parser("bench-core", help="training-step and prefill speed of DMC versus vanilla")
     bench.add_argument("args", nargs=argparse.REMAINDER)

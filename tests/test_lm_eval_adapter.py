@@ -6,7 +6,7 @@ import pytest
 
 lm_eval = pytest.importorskip("lm_eval")
 
-from tests.test_eval import folders  # noqa: E402,F401  (the tiny vanilla + DMC folders)
+from tests.test_eval import folders  # noqa: F401  (the tiny vanilla + DMC folders)
 
 TASKS = """
 task: dmc_fixture_mc
@@ -54,23 +54,77 @@ def test_the_package_declares_the_harness_entry_point():
     assert ep.value == "dmc.eval.lm_eval_adapter:DMCLM"
 
 
-def test_harness_tasks_run_on_the_dmc_cache(folders, tmp_path):  # noqa: F811
-    from lm_eval.tasks import TaskManager
-
-    from dmc.eval.lm_eval_adapter import DMCLM
-
-    rows = [{"question": f"What is {a} + {b}?", "choices": [str(a + b), str(a + b + 1)], "answer": 0}
-            for a, b in [(1, 2), (3, 4), (2, 2)]]
+def _fixture_tasks(tmp_path, rows=None):
+    rows = rows or [{"question": f"What is {a} + {b}?", "choices": [str(a + b), str(a + b + 1)], "answer": 0}
+                    for a, b in [(1, 2), (3, 4), (2, 2)]]
     data = tmp_path / "fixture.jsonl"
     data.write_text("\n".join(json.dumps(r) for r in rows))
     for i, doc in enumerate(TASKS.split("---")):
         (tmp_path / f"task{i}.yaml").write_text(doc.format(data=data))
-    lm = DMCLM(pretrained=str(folders[1]), batch_size=2)
-    out = lm_eval.simple_evaluate(model=lm, tasks=["dmc_fixture_mc", "dmc_fixture_gen"],
-                                  task_manager=TaskManager(include_path=str(tmp_path)))
-    assert 0.0 <= out["results"]["dmc_fixture_mc"]["acc,none"] <= 1.0
-    assert 0.0 <= out["results"]["dmc_fixture_gen"]["exact_match,none"] <= 1.0
-    assert lm.meter.summary()["realised_cr"] > 1.0  # every request went through the compressed cache
+    return rows
+
+
+def test_harness_tasks_run_on_the_dmc_cache_and_report_its_cr(folders, tmp_path):  # noqa: F811
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    from dmc.eval.lm_eval_adapter import DMCLM
+
+    _fixture_tasks(tmp_path)
+    for task, metric in (("dmc_fixture_mc", "acc,none"), ("dmc_fixture_gen", "exact_match,none")):
+        lm = DMCLM(pretrained=str(folders[1]), batch_size=2)
+        assert isinstance(lm, HFLM)  # the harness's batching, windows and templates
+        out = lm_eval.simple_evaluate(model=lm, tasks=[task], task_manager=TaskManager(include_path=str(tmp_path)))
+        assert 0.0 <= out["results"][task][metric] <= 1.0
+        # log-likelihood and generation requests each count their cache; the CR lands in the results JSON
+        assert out["config"]["dmc_realised_cr"] == lm.meter.summary()["realised_cr"] > 1.0
+        assert len(out["config"]["dmc_realised_cr_per_layer"]) == 2
+
+
+def _requests(kind, args):
+    from lm_eval.api.instance import Instance
+
+    return [Instance(request_type=kind, doc={}, arguments=a, idx=0) for a in args]
+
+
+def test_the_harness_log_likelihoods_equal_dmc_evals_scorer(folders):  # noqa: F811
+    from dmc.eval.lm import EvalModel
+    from dmc.eval.lm_eval_adapter import DMCLM
+
+    pairs = [("def add(a, b):\n    return", " a + b"), ("import os\nimport", " sys"), ("x = 1", " + 2\n")]
+    harness = DMCLM(pretrained=str(folders[1]), batch_size=3).loglikelihood(_requests("loglikelihood", pairs))
+    ours = EvalModel(folders[1], batch_size=3).loglikelihood(pairs)[0]
+    for (h_score, h_greedy), (o_score, o_greedy) in zip(harness, ours):
+        assert abs(h_score - o_score) < 1e-4 and h_greedy == o_greedy
+
+
+def test_batched_generation_equals_one_request_at_a_time(folders):  # noqa: F811
+    from dmc.eval.lm_eval_adapter import DMCLM
+
+    prompts = ["def add(a, b):\n    return", "import", "class Point:\n    def __init__(self, x, y):\n"]
+    args = [(p, {"until": ["\n\n"], "max_gen_toks": 8, "do_sample": False}) for p in prompts]
+    batched = DMCLM(pretrained=str(folders[1]), batch_size=3)
+    one = DMCLM(pretrained=str(folders[1]), batch_size=1)
+    assert batched.generate_until(_requests("generate_until", args)) == \
+        one.generate_until(_requests("generate_until", args))
+    assert batched.meter.summary()["realised_cr"] > 1.0
+
+
+def test_dmc_lm_eval_with_the_harness_hf_model_scores_as_the_dmc_model_on_a_vanilla_folder(folders, tmp_path,  # noqa: F811
+                                                                                            monkeypatch):
+    from dmc.cli import main
+
+    _fixture_tasks(tmp_path)
+    monkeypatch.setattr("sys.argv", ["dmc"])
+    scores = {}
+    for model in ("hf", "dmc"):
+        out = tmp_path / f"out-{model}"
+        main(["lm-eval", "--model", model, "--model_args", f"pretrained={folders[0]},dtype=float32", "--device", "cpu",
+              "--batch_size", "2", "--tasks", "dmc_fixture_mc", "--include_path", str(tmp_path),
+              "--output_path", str(out), "--log_samples"])
+        (samples,) = out.rglob("samples_dmc_fixture_mc_*.jsonl")
+        scores[model] = [json.loads(line)["filtered_resps"] for line in samples.read_text().splitlines()]
+    assert scores["hf"] == scores["dmc"] and len(scores["hf"]) == 3
 
 
 def test_dmc_lm_eval_command_runs_a_task(folders, tmp_path, monkeypatch, capsys):  # noqa: F811
