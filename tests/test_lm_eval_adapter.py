@@ -138,3 +138,51 @@ def test_dmc_lm_eval_command_runs_a_task(folders, tmp_path, monkeypatch, capsys)
     main(["lm-eval", "--model", "dmc", "--model_args", f"pretrained={folders[1]},batch_size=2",
           "--tasks", "dmc_fixture_mc", "--include_path", str(tmp_path), "--output_path", str(tmp_path / "out")])
     assert "dmc_fixture_mc" in capsys.readouterr().out
+
+
+def test_the_harness_mmlu_template_renders_our_mmlu_prompts_character_for_character(tmp_path):
+    """The harness's own MMLU task files (its template, its subject description), pointed at our fixture, ask
+    for exactly the contexts and continuations eval/tasks/mmlu.py scores."""
+    from pathlib import Path
+
+    import yaml
+    from lm_eval.api.model import LM
+    from lm_eval.tasks import TaskManager
+
+    from dmc.eval.tasks.mmlu import load_mmlu, prompt
+
+    harness = Path(lm_eval.__file__).parent / "tasks" / "mmlu" / "default"
+    subject = "abstract_algebra"
+    rows = [{"question": f"  Q{i}: which of these is {i}?\n", "choices": [str(i), f"{i}+1", f"{i} - 1", "none"],
+             "answer": i % 4, "subject": subject, "split": "dev" if i < 5 else "test"} for i in range(8)]
+    for split in ("dev", "test"):
+        (tmp_path / f"{split}.jsonl").write_text("\n".join(json.dumps(r) for r in rows if r["split"] == split))
+    (tmp_path / "all.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    ours = yaml.safe_load((harness / f"mmlu_{subject}.yaml").read_text())
+    task = {"task": "parity_mmlu", "include": str(harness / "_default_template_yaml"), "dataset_path": "json",
+            "dataset_kwargs": {"data_files": {s: str(tmp_path / f"{s}.jsonl") for s in ("dev", "test")}},
+            "description": ours["description"]}
+    (tmp_path / "parity.yaml").write_text(yaml.safe_dump(task))
+
+    class Recorder(LM):  # answers nothing of interest; keeps what the harness asked
+        def __init__(self):
+            super().__init__()
+            self.asked = []
+
+        def loglikelihood(self, requests, disable_tqdm=False):
+            self.asked += [r.args for r in requests]
+            return [(0.0, False)] * len(requests)
+
+        def loglikelihood_rolling(self, requests, disable_tqdm=False):
+            raise NotImplementedError
+
+        def generate_until(self, requests, disable_tqdm=False):
+            raise NotImplementedError
+
+    recorder = Recorder()
+    lm_eval.simple_evaluate(model=recorder, tasks=["parity_mmlu"], num_fewshot=5,
+                            task_manager=TaskManager(include_path=str(tmp_path)))
+    data = load_mmlu(str(tmp_path / "all.jsonl"))[subject]
+    expected = [(prompt(subject, data["dev"][:5], rec), f" {letter}") for rec in data["test"] for letter in "ABCD"]
+    assert len(recorder.asked) == len(expected) == 12
+    assert sorted(recorder.asked) == sorted(expected)
