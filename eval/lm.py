@@ -17,6 +17,8 @@ from dmc.generate import generate, load
 from dmc.gqa import SOURCE_KV_HEADS, kv_compression
 from dmc.schedule import cr_from_merges
 
+from .fingerprint import model_fingerprint
+
 
 def cache_counts(cache: DMCCache, tokens: torch.Tensor) -> list[dict]:
     """Per sequence: merges (L x H_kv: tokens minus live slots) and tokens, as storable lists."""
@@ -70,6 +72,8 @@ class EvalModel:
             self.name = f"{self.name}+{policy.label}"
         self.compressed = self.is_dmc or policy is not None
         self.kv_cr = kv_compression(self.model.config)  # a GQA baseline's cache is smaller than its source's
+        self.fingerprint = model_fingerprint(path, self.model.config, dtype, device,
+                                             policy.label if policy is not None else None)
 
     def cr_meter(self) -> CRMeter:
         return CRMeter(self.kv_cr)
@@ -88,7 +92,7 @@ class EvalModel:
 
     def describe(self) -> dict:
         cfg = self.model.config
-        info = {"path": self.path, "model_type": cfg.model_type, "dmc": self.is_dmc,
+        info = {"path": self.path, "fingerprint": self.fingerprint, "model_type": cfg.model_type, "dmc": self.is_dmc,
                 "policy": self.policy.label if self.policy is not None else None,
                 "parameters": sum(p.numel() for p in self.model.parameters())}
         if self.kv_cr != 1.0:

@@ -1,7 +1,7 @@
 """Per-item result cache: an interrupted evaluation continues where it stopped.
 
-One JSON-lines file per (model, task, settings); each finished item is appended and flushed to disk
-before the next starts. A line cut short by a crash is ignored on reading.
+One JSON-lines file per (model, task, settings), the model keyed by its fingerprint (eval/fingerprint.py);
+each finished item is appended and flushed to disk before the next starts. A line cut short by a crash is ignored on reading.
 """
 
 from __future__ import annotations
@@ -13,9 +13,12 @@ from pathlib import Path
 
 
 class ItemStore:
-    def __init__(self, folder: str | Path, model: str, task: str, settings: dict):
-        key = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:12]
-        self.path = Path(folder) / "items" / f"{model}.{task}.{key}.jsonl"
+    def __init__(self, folder: str | Path, model, task: str, settings: dict):
+        """``model``: the EvalModel answering; its fingerprint and the task settings make the key, its name
+        the readable part of the file name."""
+        keyed = {"model": model.fingerprint, "settings": settings}
+        key = hashlib.sha256(json.dumps(keyed, sort_keys=True, default=str).encode()).hexdigest()[:12]
+        self.path = Path(folder) / "items" / f"{model.name}.{task}.{key}.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.items: dict[str, dict] = {}
         if self.path.exists():

@@ -130,6 +130,29 @@ def test_an_interrupted_run_keeps_its_finished_items(folders, tmp_path, monkeypa
     assert mmlu.run(lm, opts, tmp_path)["questions"] == 7
 
 
+def test_stored_answers_are_never_served_for_another_model_or_dtype(folders, tmp_path):
+    """Two folders with the same name (a/hf, b/hf: different weights), then another dtype, into one --out: each
+    gets its own answers, equal to a fresh evaluation's; rerunning the first reuses its own."""
+    import shutil
+
+    for name, seed in (("a", 0), ("b", 1)):
+        write_tiny_checkpoint(tmp_path / name / "hf", seed=seed)
+    ppl = ["--tasks", "ppl", "--ppl-blocks", "2", "--ppl-block", "32"]
+
+    def score(folder, out, *extra):
+        eval_main([str(folder), *ppl, "--out", str(out), *extra])
+        return json.loads((out / "results.json").read_text())["models"]["hf"]["tasks"]["ppl"]["perplexity"]
+
+    shared = tmp_path / "shared"
+    a, b = score(tmp_path / "a/hf", shared), score(tmp_path / "b/hf", shared)
+    assert b == score(tmp_path / "b/hf", tmp_path / "fresh-b") != a
+    assert len(list((shared / "items").glob("hf.ppl.*.jsonl"))) == 2
+    half = score(tmp_path / "b/hf", shared, "--dtype", "bfloat16")
+    assert half == score(tmp_path / "b/hf", tmp_path / "fresh-half", "--dtype", "bfloat16") != b
+    shutil.rmtree(tmp_path / "fresh-b")
+    assert score(tmp_path / "a/hf", shared) == a and len(list((shared / "items").glob("hf.ppl.*.jsonl"))) == 3
+
+
 def test_pass_at_k_is_the_unbiased_estimator():
     for n, c, k in [(5, 1, 1), (10, 3, 5), (20, 0, 10), (20, 20, 1), (7, 6, 2)]:
         exact = 1 - comb(n - c, k) / comb(n, k)

@@ -45,7 +45,7 @@ def run(model, opts, folder) -> dict:
     n = opts.humaneval_samples
     temperature = opts.temperature if n > 1 else 0.0
     items = [(tid, tid) for tid in problems]
-    store = ItemStore(folder, model.name, "humaneval", {k: getattr(opts, k, None) for k in SETTINGS})
+    store = ItemStore(folder, model, "humaneval", {k: getattr(opts, k, None) for k in SETTINGS})
     limits = Limits(timeout_s=opts.humaneval_timeout)
 
     def compute(task_ids):

@@ -108,7 +108,7 @@ def run(model, opts, folder) -> dict:
         shots = data[subject]["dev"][: opts.mmlu_shots]
         tests = data[subject]["test"][: opts.limit] if opts.limit else data[subject]["test"]
         items += [(f"{subject}/{i}", (subject, prompt(subject, shots, rec), rec["answer"])) for i, rec in enumerate(tests)]
-    store = ItemStore(folder, model.name, "mmlu", {k: getattr(opts, k, None) for k in SETTINGS})
+    store = ItemStore(folder, model, "mmlu", {k: getattr(opts, k, None) for k in SETTINGS})
 
     def compute(payloads):
         scores, counts = model.choose([p for _, p, _ in payloads], [f" {L}" for L in LETTERS])

@@ -49,7 +49,7 @@ def run(model, opts, folder) -> dict:
             raise TaskError(f"needle: {err}") from None
     items = [(f"{c}/{d}", build(model.tok, c, d, opts.seed)) for c, d in cells]
     settings = {k: getattr(opts, k) for k in SETTINGS} | {"seed": opts.seed}
-    store = ItemStore(folder, model.name, "needle", settings)
+    store = ItemStore(folder, model, "needle", settings)
 
     def scorer(question_aware: bool):
         def compute(payloads):
@@ -65,7 +65,7 @@ def run(model, opts, folder) -> dict:
     if model.policy is not None:
         # The same cells in the question-aware setting (compress once after prefill, the question in the
         # policy's observation window). DMC is query-agnostic by construction, so this row has no DMC twin.
-        qa_store = ItemStore(folder, model.name, "needle-question-aware", settings)
+        qa_store = ItemStore(folder, model, "needle-question-aware", settings)
         qa = _summary(model, opts, cells, run_items(qa_store, items, model.batch_size, scorer(True),
                                                     f"{model.name} needle, question-aware", _context))
         result |= {f"question_aware_{k}": qa[k] for k in ("accuracy", "accuracy_ci95", "grid", "realised_cr") if k in qa}

@@ -55,7 +55,7 @@ def run(model, opts, folder, source: str | None = None, task: str = "ppl") -> di
         except TaskError as err:
             raise TaskError(f"{task}: {err}") from None
     settings = {k: getattr(opts, k) for k in SETTINGS} | {"ppl_source": source}
-    store = ItemStore(folder, model.name, task, settings)
+    store = ItemStore(folder, model, task, settings)
 
     def compute(blocks):
         scores, counts = model.block_nll(blocks)

@@ -1,0 +1,39 @@
+"""What an evaluated model is, as a short hash: the item store keys every stored answer by it, so answers of
+one model are never served for another (two folders named ``hf``, a retrained checkpoint in the same
+folder, another dtype, device, decode backend or cache policy)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+EDGE = 1 << 20  # bytes hashed at each end of a weight file
+
+
+def _file_digest(path: Path) -> str:
+    """Size plus a hash of the first and last MiB: weights that changed change both ends (the safetensors
+    header and the first and last tensors' data), at a cost independent of the model's size."""
+    size = path.stat().st_size
+    h = hashlib.sha256(str(size).encode())
+    with open(path, "rb") as f:
+        h.update(f.read(EDGE))
+        if size > EDGE:
+            f.seek(max(EDGE, size - EDGE))
+            h.update(f.read(EDGE))
+    return h.hexdigest()
+
+
+def model_fingerprint(path: str | Path, config, dtype, device, policy: str | None) -> str:
+    """A 16-hex-digit hash of the model's config, its weight files (a local folder) or Hub revision (an id),
+    and how it runs: dtype, device type, cache policy (the decode backend is part of the config)."""
+    folder = Path(path)
+    if folder.is_dir():
+        weights = {p.name: _file_digest(p) for p in sorted(folder.iterdir()) if p.name.endswith(WEIGHT_SUFFIXES)}
+    else:  # a Hub id: from_pretrained recorded the commit it resolved
+        weights = {"revision": getattr(config, "_commit_hash", None) or str(path)}
+    settings = {k: v for k, v in config.to_dict().items() if k not in ("transformers_version", "_commit_hash")}
+    record = {"config": settings, "weights": weights, "dtype": str(dtype), "device": str(device).split(":")[0],
+              "policy": policy}
+    return hashlib.sha256(json.dumps(record, sort_keys=True, default=str).encode()).hexdigest()[:16]
