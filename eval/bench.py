@@ -17,12 +17,14 @@ import copy
 import gc
 import json
 import os
+import sys
 import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 from transformers import DynamicCache
 
 import dmc
@@ -176,11 +178,15 @@ def run(path: str, contexts: list[int], batches: list[int], crs: list[float], de
     rows: list[Row] = []
     vanilla: dict[tuple[int, int], Row] = {}
     w_bytes = None
+    is_dmc = model_config(path).model_type == "dmc_llama"
+    bar = tqdm(total=len(all_ids) * (2 if is_dmc else 1 + len(crs)), desc="dmc bench", unit="run", file=sys.stderr)
     for label, model in variants(path, crs, calibration, dtype, device):
         w_bytes = w_bytes or weight_bytes(model)
         measure(model, calibration[:, :64].to(device), 2)  # warm-up: first calls pay for allocations
         for (context, batch), ids in all_ids.items():
+            bar.set_postfix_str(f"{label}, context {context}, batch {batch}")
             m = measure(model, ids.to(device), decode_steps)
+            bar.update()
             row = Row(model=label, context=context, batch=batch, **m)
             if label == "vanilla":
                 vanilla[(context, batch)] = row
@@ -193,7 +199,8 @@ def run(path: str, contexts: list[int], batches: list[int], crs: list[float], de
                 row.ideal_decode_speedup = (w_bytes + kv) / (w_bytes + kv / c)
                 row.prefill_ratio = row.prefill_s / base.prefill_s
             rows.append(row)
-            print(format_row(row), flush=True)
+            bar.write(format_row(row))
+    bar.close()
     return rows
 
 

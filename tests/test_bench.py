@@ -22,7 +22,7 @@ def test_synthetic_cr_hits_its_target(cr):
 
 
 @pytest.mark.skipif(not (SMOLLM2 / "config.json").exists(), reason="run `make model` first")
-def test_bench_run_writes_consistent_rows(tmp_path):
+def test_bench_run_writes_consistent_rows(tmp_path, capsys):
     from dmc.eval.bench import main
 
     folder = write_tiny_checkpoint(tmp_path / "tiny")
@@ -30,6 +30,8 @@ def test_bench_run_writes_consistent_rows(tmp_path):
     main([str(folder), "--contexts", "64", "--batches", "2", "--crs", "2", "--decode-steps", "3", "--out", str(out)])
     data = json.loads((out / "bench.json").read_text())
     assert (out / "bench.png").stat().st_size > 0
+    progress = capsys.readouterr().err  # the bar, on stderr: one run per (model, context, batch)
+    assert "dmc bench: 100%" in progress and "2/2" in progress
     vanilla, synthetic = data["rows"]
     assert vanilla["model"] == "vanilla" and synthetic["model"] == "dmc synthetic 2x"
     config = json.loads((folder / "config.json").read_text())

@@ -142,7 +142,10 @@ def test_export_pushes_the_folder_to_the_hub(run, tmp_path, monkeypatch, capsys)
 
     monkeypatch.setattr(huggingface_hub, "HfApi", LocalHub)
     export_main([str(run / "run"), "--out", str(tmp_path / "hf"), "--push-to-hub", "me/tiny-dmc"])
-    assert f"pushed {tmp_path / 'hf'} to file://{hub / 'me/tiny-dmc'}" in capsys.readouterr().out
+    printed = capsys.readouterr()
+    assert f"pushed {tmp_path / 'hf'} to file://{hub / 'me/tiny-dmc'}" in printed.out
+    assert [line.split("]")[0] for line in printed.err.splitlines() if line.startswith("dmc export [")] == \
+        ["dmc export [1/3", "dmc export [2/3", "dmc export [3/3"]  # its progress, stage by stage
     files = sorted(p.name for p in (tmp_path / "hf").iterdir())
     assert sorted(p.name for p in (hub / "me/tiny-dmc").iterdir()) == files and "modeling_dmc_llama.py" in files
     assert all((hub / "me/tiny-dmc" / f).read_bytes() == (tmp_path / "hf" / f).read_bytes() for f in files)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -152,11 +153,27 @@ def control_card(info: dict) -> str:
     return hub_card(lines + eval_table(info), ["llama", "dmc-control"], base)
 
 
+def _stages(total: int):
+    """``stage(what)`` prints ``dmc export [k/total] what`` with the seconds so far, to stderr: at 7B each stage
+    takes minutes, and the user sees which one is running."""
+    start, done = time.monotonic(), [0]
+
+    def stage(what: str) -> None:
+        done[0] += 1
+        print(f"dmc export [{done[0]}/{total}] {what} ({time.monotonic() - start:.0f} s so far)", file=sys.stderr,
+              flush=True)
+
+    return stage
+
+
 def export(checkpoint: str | Path, out: str | Path, dtype: str = "bfloat16", overwrite: bool = False,
            tokenizer: str | None = None, trust_checkpoint: bool = False) -> Path:
     path = resolve(checkpoint)
+    stage = _stages(3)
+    stage(f"reading {path}" + (" (consolidating ZeRO shards)" if path.is_dir() else ""))
     state, info = load_checkpoint(path, trust_checkpoint)
     method = info.get("method", "dmc")
+    stage(f"building the {method} model ({sum(t.numel() for t in state.values()) / 1e6:,.0f}M parameters)")
     model = build_model(state, info) if method == "dmc" else build_vanilla_model(state, info)
     tok = tokenizer or info.get("base_model")
     if tok is None:
@@ -165,6 +182,7 @@ def export(checkpoint: str | Path, out: str | Path, dtype: str = "bfloat16", ove
         check_tokenizer(tok, "--tokenizer" if tokenizer else "the base model's tokenizer")
     except ModelSourceError as err:
         raise ExportError(f"{err}{'' if tokenizer else ' (or pass --tokenizer PATH_OR_HUB_ID)'}") from None
+    stage(f"writing {out} ({dtype} safetensors, tokenizer, card) under a temporary name")
     if method == "control":
         from dmc.export import write_folder
 
