@@ -110,11 +110,12 @@ def test_batched_generation_equals_one_request_at_a_time(folders):  # noqa: F811
     assert batched.meter.summary()["realised_cr"] > 1.0
 
 
-def test_dmc_lm_eval_with_the_harness_hf_model_scores_as_the_dmc_model_on_a_vanilla_folder(folders, tmp_path,  # noqa: F811
-                                                                                            monkeypatch):
+def test_dmc_lm_eval_with_the_harness_hf_model_scores_as_our_model_and_dmc_eval(folders, tmp_path,  # noqa: F811
+                                                                               monkeypatch):
     from dmc.cli import main
+    from dmc.eval.lm import EvalModel
 
-    _fixture_tasks(tmp_path)
+    rows = _fixture_tasks(tmp_path)
     monkeypatch.setattr("sys.argv", ["dmc"])
     scores = {}
     for model in ("hf", "dmc"):
@@ -125,6 +126,12 @@ def test_dmc_lm_eval_with_the_harness_hf_model_scores_as_the_dmc_model_on_a_vani
         (samples,) = out.rglob("samples_dmc_fixture_mc_*.jsonl")
         scores[model] = [json.loads(line)["filtered_resps"] for line in samples.read_text().splitlines()]
     assert scores["hf"] == scores["dmc"] and len(scores["hf"]) == 3
+    # and they are what `dmc eval`'s scorer gives the same (context, continuation) pairs
+    ours = EvalModel(folders[0], batch_size=2)
+    for row, harness in zip(rows, scores["hf"]):
+        pairs = [(f"{row['question']}\nAnswer:", f" {choice}") for choice in row["choices"]]
+        expected = [score for score, _ in ours.loglikelihood(pairs)[0]]
+        assert [float(ll) for ll, *_ in harness] == pytest.approx(expected, abs=1e-4)
 
 
 def test_dmc_lm_eval_command_runs_a_task(folders, tmp_path, monkeypatch, capsys):  # noqa: F811
