@@ -25,7 +25,7 @@ export TOKENIZERS_PARALLELISM := false
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 export WANDB_MODE ?= offline
 
-.PHONY: venv test test-fast demo bench compare model clean
+.PHONY: venv test test-fast lint demo bench compare model clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -46,8 +46,12 @@ model: $(MODEL)/config.json
 # that leave a core idle while they import; more than the machine's cores only slows each launch.
 TEST_WORKERS ?= 2
 
-test: venv model
+test: venv model lint
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -ra -n $(TEST_WORKERS) --dist load
+
+# The rules are pyproject.toml's [tool.ruff.lint]; ruff is pinned in the dev extra so every machine checks the same.
+lint: venv
+	$(PY) -m ruff check .
 
 test-fast: venv
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "not slow"

@@ -10,9 +10,9 @@ of each row of ``world_size`` blocks, the same on every rank.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from itertools import islice
-from typing import Callable, Iterator
 
 import torch
 
@@ -30,7 +30,7 @@ class Position:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict | None) -> "Position":
+    def from_dict(cls, d: dict | None) -> Position:
         return cls(**d) if d else cls()
 
 

@@ -11,9 +11,9 @@ import hashlib
 import json
 import sysconfig
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 KINDS = ("stdlib", "files", "hf")
 
@@ -89,7 +89,7 @@ def split_lines(text: str, max_chars: int) -> list[str]:
     return pieces
 
 
-def _stdlib_pieces(spec: "SourceSpec", stats: Counter) -> Iterator[tuple[str, str]]:
+def _stdlib_pieces(spec: SourceSpec, stats: Counter) -> Iterator[tuple[str, str]]:
     root = stdlib_root()
     pieces = []
     split = {"exclude": "train", "only": "validation"}.get(spec.holdout, spec.split)

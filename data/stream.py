@@ -16,8 +16,8 @@ from __future__ import annotations
 import hashlib
 import random
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
-from typing import Iterator
 
 import torch
 
@@ -37,7 +37,7 @@ class StreamPosition:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict | None) -> "StreamPosition":
+    def from_dict(cls, d: dict | None) -> StreamPosition:
         return cls(**d) if d else cls()
 
 

@@ -85,7 +85,7 @@ class DMCConfig:
         return {f"dmc_{k}": v for k, v in asdict(self).items()}
 
     @classmethod
-    def from_prefixed(cls, source) -> "DMCConfig":
+    def from_prefixed(cls, source) -> DMCConfig:
         get = source.get if isinstance(source, dict) else lambda k, d: getattr(source, k, d)
         return cls(**{f.name: get(f"dmc_{f.name}", f.default) for f in fields(cls)})
 

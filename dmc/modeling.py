@@ -11,7 +11,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
-from transformers.cache_utils import Cache
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.models.llama.modeling_llama import (
     LlamaAttention,
@@ -26,8 +25,8 @@ from .config import DMCLlamaConfig
 from .decisions import gumbel_sigmoid_logits, read_decision_channel, straight_through_hard
 from .ops.accumulate import accumulate
 from .ops.decode_attention import decode_attention, resolve_backend
-from .ops.triton_decode import cache_step_triton
 from .ops.train_attention import MASKED, train_attention
+from .ops.triton_decode import cache_step_triton
 
 
 @dataclass

@@ -18,7 +18,8 @@ import shlex
 import sys
 from pathlib import Path
 
-from .run import evaluate, parser as eval_parser
+from .run import evaluate
+from .run import parser as eval_parser
 from .tasks import TaskError
 
 

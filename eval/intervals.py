@@ -5,7 +5,7 @@ ch. 13); the resamples come from a seeded generator, so a rerun gives the same i
 from __future__ import annotations
 
 import math
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 

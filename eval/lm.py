@@ -133,7 +133,7 @@ class EvalModel:
     def loglikelihood(self, pairs: list[tuple[str, str]]) -> tuple[list[tuple[float, bool]], list[dict | None]]:
         """Per pair: (sum of log p(continuation | context), whether greedy decoding gives it) and cache counts."""
         encoded = [self.encode_pair(c, x) for c, x in pairs]
-        for (ctx, cont), (c, _) in zip(encoded, pairs):
+        for (_, cont), (c, _) in zip(encoded, pairs):
             if not cont:
                 raise ValueError(f"empty continuation after context ...{c[-40:]!r}")
         results: list = [None] * len(pairs)

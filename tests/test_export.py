@@ -82,7 +82,6 @@ torch.save({"logits": logits, "gen": res.sequences, "module": type(model).__modu
 
 
 def test_round_trip_in_a_fresh_process_without_dmc(run, tmp_path):
-    from transformers import AutoTokenizer
 
     folder = export(run / "run", tmp_path / "hf", dtype="float32")
     config = json.loads((folder / "config.json").read_text())

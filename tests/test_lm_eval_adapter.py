@@ -6,7 +6,7 @@ import pytest
 
 lm_eval = pytest.importorskip("lm_eval")
 
-from tests.test_eval import folders  # noqa: F401  (the tiny vanilla + DMC folders)
+from tests.test_eval import folders  # noqa: E402,F401  (the tiny vanilla + DMC folders)
 
 TASKS = """
 task: dmc_fixture_mc

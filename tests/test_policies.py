@@ -288,7 +288,7 @@ def _kept_and_logits(model, layout, policy, ids, mask, pos, question_aware, deco
     T = ids.shape[1]
     logits = [model(ids, attention_mask=mask, position_ids=pos, past_key_values=cache).logits]
     nxt = ids[:, -1:]
-    for t in range(decode):  # decoding on top of the prompt, one token at a time
+    for _ in range(decode):  # decoding on top of the prompt, one token at a time
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
         pos = pos[:, -1:] + 1
         nxt = (nxt * 7 + 3) % model.config.vocab_size

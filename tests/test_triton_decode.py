@@ -10,7 +10,6 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # must be set before triton is imported
 pytest.importorskip("triton")
 
-import dmc  # noqa: E402
 from dmc.cache import DMCCache  # noqa: E402
 from dmc.ops.decode_attention import decode_attention_reference  # noqa: E402
 from dmc.ops.triton_decode import decode_attention_triton, triton_available  # noqa: E402

@@ -62,8 +62,12 @@ def hand_over(model, optimizer, zero3: bool = False) -> None:
     _relink_deepspeed_optimizer_state(optimizer)
     for p, rows in targets:
         if _is_deepspeed(p):
-            from deepspeed.utils import (safe_get_full_fp32_param, safe_get_full_optimizer_state,
-                                         safe_set_full_fp32_param, safe_set_full_optimizer_state)
+            from deepspeed.utils import (
+                safe_get_full_fp32_param,
+                safe_get_full_optimizer_state,
+                safe_set_full_fp32_param,
+                safe_set_full_optimizer_state,
+            )
 
             full = safe_get_full_fp32_param(p)
             if full is not None:

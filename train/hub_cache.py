@@ -14,9 +14,9 @@ import hashlib
 import json
 import shutil
 import tempfile
+from collections.abc import Iterable
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterable
 
 
 def _revision(repo_id: str) -> str:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field
-from typing import Literal, Optional
+from typing import Literal
 
 STRATEGIES = ("auto", "ddp", "deepspeed_stage_2", "deepspeed_stage_3")
 
@@ -31,9 +31,9 @@ class ModelSection:
 
     path: str = "checkpoints/smollm2-135m"
     method: Literal["dmc", "gqa", "control"] = "dmc"
-    kv_heads: Optional[int] = None
+    kv_heads: int | None = None
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    window: Optional[int] = 12
+    window: int | None = 12
     tau: float = 0.1
     logit_offset: float = 5.0
     weight_offset: float = 5.0
@@ -64,9 +64,9 @@ class DataSection:
     """
 
     kind: Literal["stdlib", "files", "hf"] = "stdlib"
-    path: Optional[str] = None
+    path: str | None = None
     text_field: str = "text"
-    name: Optional[str] = None
+    name: str | None = None
     train_split: str = "train"
     validation_split: str = "holdout"
     block_len: int = 256
@@ -75,7 +75,7 @@ class DataSection:
     validation_fraction: float = 0.05
     piece_chars: int = 4096
     shuffle_buffer: int = 1000
-    num_workers: Optional[int] = None
+    num_workers: int | None = None
 
 
 @dataclass
@@ -111,7 +111,7 @@ class DistillSection:
     """
 
     weight: float = 0.0
-    teacher: Optional[str] = None
+    teacher: str | None = None
     direction: Literal["forward", "reverse"] = "forward"
     temperature: float = 1.0
     lm_weight: float = 1.0
@@ -138,7 +138,7 @@ class OptimSection:
 
     lr: float = 3.0e-5
     min_lr: float = 3.0e-6
-    decision_lr: Optional[float] = None
+    decision_lr: float | None = None
     betas: tuple[float, float] = (0.9, 0.95)
     weight_decay: float = 0.1
     grad_clip: float = 1.0
@@ -177,16 +177,16 @@ class RunSection:
     devices: int = 1
     num_nodes: int = 1
     precision: str = "32-true"
-    threads: Optional[int] = None
+    threads: int | None = None
     log_every: int = 10
     checkpoint_every: int = 100
     keep_last: int = 2
     loggers: list[str] = field(default_factory=lambda: ["csv"])
     progress_bar: bool = True
-    validate_every: Optional[int] = None
-    deepspeed_config: Optional[str] = None
+    validate_every: int | None = None
+    deepspeed_config: str | None = None
     wandb_project: str = "dmc"
-    wandb_entity: Optional[str] = None
+    wandb_entity: str | None = None
 
 
 @dataclass

@@ -59,20 +59,20 @@ class Policy:
         b = self.budget
         return f"{self.name}@{b.cr:g}x" if b.cr is not None else f"{self.name}@{b.tokens}tok"
 
-    def observe(self, layer: "PolicyLayer", probs: torch.Tensor) -> None:
+    def observe(self, layer: PolicyLayer, probs: torch.Tensor) -> None:
         """probs: this step's attention per pool slot (group mean), shaped like ``layer.score_pool``."""
 
-    def observe_many(self, layer: "PolicyLayer", probs: torch.Tensor) -> None:
+    def observe_many(self, layer: PolicyLayer, probs: torch.Tensor) -> None:
         """probs (..., steps, slots): several consecutive steps' attention at once (a prompt's queries)."""
         for i in range(probs.shape[-2]):
             self.observe(layer, probs[..., i, :])
 
-    def priority(self, layer: "PolicyLayer") -> torch.Tensor:
+    def priority(self, layer: PolicyLayer) -> torch.Tensor:
         """(B, H_kv, slots) eviction order of each pair's slots: the lowest goes first; +inf protects a slot
         (protected slots go only when nothing else is left, the oldest first)."""
         raise NotImplementedError
 
-    def choose(self, layer: "PolicyLayer", over: torch.Tensor) -> torch.Tensor:
+    def choose(self, layer: PolicyLayer, over: torch.Tensor) -> torch.Tensor:
         """The slot each pair drops next: the lowest priority, or the oldest slot when all are protected."""
         priority = self.priority(layer)
         return torch.where(torch.isinf(priority).all(-1), layer.oldest_slot(), priority.argmin(-1))
