@@ -8,6 +8,7 @@ _WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 if _WORKERS > 1:
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // _WORKERS)))
 
+import pytest  # noqa: E402
 import torch  # noqa: E402
 
 if _WORKERS > 1:
@@ -23,8 +24,26 @@ if not torch.cuda.is_available():
 # worker's rehearsal while the other idles.
 LONGEST = ("test_full_rehearsal_of_a_paper_recipe", "test_end_to_end_on_the_135m_model_vanilla_and_dmc",
            "test_train_export_eval_generate_bench_from_a_hub_id",
-           "test_handover_reaches_deepspeed_master_copy_and_exports_two_processes")
+           "test_handover_reaches_deepspeed_master_copy_and_exports_two_processes",
+           "test_the_wheel_in_a_fresh_environment_trains_exports_and_evaluates_from_an_empty_folder")
 
 
 def pytest_collection_modifyitems(config, items):
     items.sort(key=lambda item: LONGEST.index(item.originalname) if item.originalname in LONGEST else len(LONGEST))
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    """A tiny vanilla Llama folder and a DMC retrofit of it with mixed decisions (about half merge)."""
+    from transformers import AutoModelForCausalLM
+
+    import dmc
+    from dmc.export import save_folder
+    from tests.helpers import drive_mixed_decisions, write_tiny_checkpoint
+
+    root = tmp_path_factory.mktemp("eval")
+    vanilla = write_tiny_checkpoint(root / "tiny-vanilla")
+    model = dmc.retrofit(AutoModelForCausalLM.from_pretrained(vanilla), dmc.DMCConfig(window=12)).eval()
+    drive_mixed_decisions(model)
+    save_folder(model, root / "tiny-dmc", vanilla, dtype="float32")
+    return vanilla, root / "tiny-dmc"

@@ -15,22 +15,9 @@ from dmc.eval.run import parser
 from dmc.eval.tasks import mmlu
 from dmc.eval.tasks.humaneval import pass_at_k
 from dmc.export import save_folder
-from tests.helpers import SMOLLM2, drive_mixed_decisions, write_tiny_checkpoint
+from tests.helpers import SMOLLM2, write_tiny_checkpoint
 
 FIXTURE = Path(__file__).parent / "fixtures" / "mmlu"
-
-
-@pytest.fixture(scope="module")
-def folders(tmp_path_factory):
-    """A tiny vanilla Llama folder and a DMC retrofit of it with mixed decisions (about half merge)."""
-    root = tmp_path_factory.mktemp("eval")
-    vanilla = write_tiny_checkpoint(root / "tiny-vanilla")
-    model = dmc.retrofit(
-        __import__("transformers").AutoModelForCausalLM.from_pretrained(vanilla), dmc.DMCConfig(window=12)
-    ).eval()
-    drive_mixed_decisions(model)
-    save_folder(model, root / "tiny-dmc", vanilla, dtype="float32")
-    return vanilla, root / "tiny-dmc"
 
 
 def _opts(tmp_path, **kw):
@@ -281,8 +268,9 @@ def test_humaneval_with_samples_runs_each_in_the_sandbox(folders, tmp_path):
     lm = EvalModel(folders[1], batch_size=2)
     opts = _opts(tmp_path, limit=1, humaneval_samples=2, humaneval_max_new_tokens=4, temperature=0.8)
     out = humaneval.run(lm, opts, tmp_path)
-    assert out["problems"] == 1 and out["samples_per_problem"] == 2 and 0.0 <= out["pass@1"] <= 1.0
+    assert out["problems"] == 1 and out["samples_per_problem"] == 2
     assert out["realised_cr"] > 1.0 and "pass@10" not in out
     (item,) = (tmp_path / "items").glob("*.humaneval.*.jsonl")
     stored = json.loads(item.read_text().splitlines()[0])["value"]
     assert len(stored["completions"]) == len(stored["status"]) == len(stored["counts"]) == 2
+    assert out["pass@1"] == [s == "passed" for s in stored["status"]].count(True) / 2  # pass@1 of n=2: c / n

@@ -6,7 +6,6 @@ import pytest
 
 lm_eval = pytest.importorskip("lm_eval")
 
-from tests.test_eval import folders  # noqa: E402,F401  (the tiny vanilla + DMC folders)
 
 TASKS = """
 task: dmc_fixture_mc
@@ -64,18 +63,29 @@ def _fixture_tasks(tmp_path, rows=None):
     return rows
 
 
-def test_harness_tasks_run_on_the_dmc_cache_and_report_its_cr(folders, tmp_path):  # noqa: F811
+def test_harness_tasks_run_on_the_dmc_cache_and_report_its_cr(folders, tmp_path):
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
+    from dmc.eval.lm import EvalModel
     from dmc.eval.lm_eval_adapter import DMCLM
 
-    _fixture_tasks(tmp_path)
+    rows = _fixture_tasks(tmp_path)
+    ours = EvalModel(folders[1], batch_size=2)
     for task, metric in (("dmc_fixture_mc", "acc,none"), ("dmc_fixture_gen", "exact_match,none")):
         lm = DMCLM(pretrained=str(folders[1]), batch_size=2)
         assert isinstance(lm, HFLM)  # the harness's batching, windows and templates
-        out = lm_eval.simple_evaluate(model=lm, tasks=[task], task_manager=TaskManager(include_path=str(tmp_path)))
-        assert 0.0 <= out["results"][task][metric] <= 1.0
+        out = lm_eval.simple_evaluate(model=lm, tasks=[task], task_manager=TaskManager(include_path=str(tmp_path)),
+                                      log_samples=True)
+        if task == "dmc_fixture_mc":  # the harness's accuracy is our scorer's argmax over the choices
+            right = []
+            for r in rows:
+                scores = ours.loglikelihood([(f"{r['question']}\nAnswer:", f" {c}") for c in r["choices"]])[0]
+                right.append(max(range(len(scores)), key=lambda i: scores[i][0]) == r["answer"])
+            assert out["results"][task][metric] == pytest.approx(sum(right) / len(rows))
+        else:  # its generations are our decoding on the cache, stop sequence cut
+            texts = ours.generate([f"{r['question']}\nAnswer:" for r in rows], 6, stop=["\n"])[0]
+            assert [s["resps"][0][0] for s in out["samples"][task]] == [t.split("\n")[0] for t in texts]
         # log-likelihood and generation requests each count their cache; the CR lands in the results JSON
         assert out["config"]["dmc_realised_cr"] == lm.meter.summary()["realised_cr"] > 1.0
         assert len(out["config"]["dmc_realised_cr_per_layer"]) == 2
@@ -87,7 +97,7 @@ def _requests(kind, args):
     return [Instance(request_type=kind, doc={}, arguments=a, idx=0) for a in args]
 
 
-def test_the_harness_log_likelihoods_equal_dmc_evals_scorer(folders):  # noqa: F811
+def test_the_harness_log_likelihoods_equal_dmc_evals_scorer(folders):
     from dmc.eval.lm import EvalModel
     from dmc.eval.lm_eval_adapter import DMCLM
 
@@ -98,7 +108,7 @@ def test_the_harness_log_likelihoods_equal_dmc_evals_scorer(folders):  # noqa: F
         assert abs(h_score - o_score) < 1e-4 and h_greedy == o_greedy
 
 
-def test_batched_generation_equals_one_request_at_a_time(folders):  # noqa: F811
+def test_batched_generation_equals_one_request_at_a_time(folders):
     from dmc.eval.lm_eval_adapter import DMCLM
 
     prompts = ["def add(a, b):\n    return", "import", "class Point:\n    def __init__(self, x, y):\n"]
@@ -110,7 +120,7 @@ def test_batched_generation_equals_one_request_at_a_time(folders):  # noqa: F811
     assert batched.meter.summary()["realised_cr"] > 1.0
 
 
-def test_dmc_lm_eval_with_the_harness_hf_model_scores_as_our_model_and_dmc_eval(folders, tmp_path,  # noqa: F811
+def test_dmc_lm_eval_with_the_harness_hf_model_scores_as_our_model_and_dmc_eval(folders, tmp_path,
                                                                                monkeypatch):
     from dmc.cli import main
     from dmc.eval.lm import EvalModel
@@ -134,7 +144,7 @@ def test_dmc_lm_eval_with_the_harness_hf_model_scores_as_our_model_and_dmc_eval(
         assert [float(ll) for ll, *_ in harness] == pytest.approx(expected, abs=1e-4)
 
 
-def test_dmc_lm_eval_command_runs_a_task(folders, tmp_path, monkeypatch, capsys):  # noqa: F811
+def test_dmc_lm_eval_command_runs_a_task(folders, tmp_path, monkeypatch, capsys):
     from dmc.cli import main
 
     rows = [{"question": "What is 1 + 1?", "choices": ["2", "3"], "answer": 0}]

@@ -191,11 +191,18 @@ def test_cache_memory_follows_slots():
     assert cache.allocated_bytes() < vanilla_bytes
 
 
-def test_beam_search_reorders_cache():
-    model = mixed_dmc("gqa", 12, dtype=torch.float32)
+def test_beam_search_on_the_compressed_cache_equals_beam_search_recomputing_every_step():
+    # Without a cache every beam step re-runs the whole sequence (the eval forward, equal to decoding), so a
+    # cache that does not follow the beams' reordering gives other beams and scores.
+    model = mixed_dmc("gqa", 12, dtype=torch.float64)
     ids = random_ids(2, 8)
-    out = model.generate(ids, max_new_tokens=4, num_beams=3, do_sample=False)
-    assert out.shape == (2, 12)
+    kw = dict(max_new_tokens=6, num_beams=3, num_return_sequences=3, do_sample=False, output_scores=True,
+              return_dict_in_generate=True, length_penalty=0.0)
+    cached = model.generate(ids, use_cache=True, **kw)
+    recomputed = model.generate(ids, use_cache=False, **kw)
+    assert type(cached.past_key_values).__name__ == "DMCCache"
+    assert torch.equal(cached.sequences, recomputed.sequences)
+    torch.testing.assert_close(cached.sequences_scores, recomputed.sequences_scores)
 
 
 def test_training_mode_gradients_reach_decision_rows():

@@ -256,7 +256,9 @@ def test_needle_reports_the_question_aware_setting_for_policies(tmp_path):
           "--needle-depths", "0.3", "0.6", "--out", str(tmp_path / "o")])
     needle = json.loads((tmp_path / "o/results.json").read_text())["models"]["tiny+snapkv@2x"]["tasks"]["needle"]
     assert set(needle["question_aware_grid"]) == set(needle["grid"]) == {"96/0.3", "96/0.6"}
-    assert 0 <= needle["question_aware_accuracy"] <= 1 and len(needle["question_aware_accuracy_ci95"]) == 2
+    cells = needle["question_aware_grid"].values()
+    assert needle["question_aware_accuracy"] == sum(map(float, cells)) / len(cells)
+    assert len(needle["question_aware_accuracy_ci95"]) == 2
     assert 1.5 < needle["question_aware_realised_cr"] < needle["realised_cr"] + 0.01  # + the 8 generated tokens
     assert "question_aware_accuracy" in (tmp_path / "o/report.md").read_text()
 
