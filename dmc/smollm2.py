@@ -61,3 +61,14 @@ def main(out: str = "checkpoints/smollm2-135m", cache: str = ".cache/gguf") -> N
     print(f"converting {gguf} -> {out_path} (about 30 s)")
     convert(gguf, out_path)
     print(f"wrote {out_path}")
+
+
+def cli(argv: list[str]) -> None:
+    """``dmc fetch-smollm2 [--out DIR] [--cache DIR]``."""
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="dmc fetch-smollm2", description=__doc__)
+    ap.add_argument("--out", default="checkpoints/smollm2-135m", help="the HF folder to write")
+    ap.add_argument("--cache", default=".cache/gguf", help="where the downloaded GGUF is kept")
+    ns = ap.parse_args(argv)
+    main(ns.out, ns.cache)
