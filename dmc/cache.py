@@ -12,6 +12,8 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 from transformers.models.llama.modeling_llama import rotate_half
 
+from .metrics import head_dim
+
 
 class DMCCacheError(RuntimeError):
     """The cache was used in a way DMC does not support; the message says what to do instead."""
@@ -306,7 +308,7 @@ class DMCCache(Cache):
 
     def __init__(self, config, block_size: int | None = None):
         H_kv = config.num_key_value_heads
-        D = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        D = head_dim(config)
         block_size = block_size or getattr(config, "dmc_block_size", 16)
         window = getattr(config, "dmc_window", None) or None
         layers = [DMCLayer(H_kv, D, block_size, window) for _ in range(config.num_hidden_layers)]

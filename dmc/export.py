@@ -19,7 +19,7 @@ import torch
 PACKAGE = Path(__file__).resolve().parent
 CONFIG_MODULES = ["config.py"]
 # Dependency order: a module comes after everything it imports.
-MODELING_MODULES = ["decisions.py", "ops/accumulate.py", "ops/train_attention.py", "ops/triton_decode.py",
+MODELING_MODULES = ["metrics.py", "decisions.py", "ops/accumulate.py", "ops/train_attention.py", "ops/triton_decode.py",
                     "ops/decode_attention.py", "cache.py", "modeling.py"]
 AUTO_MAP = {
     "AutoConfig": "configuration_dmc_llama.DMCLlamaConfig",

@@ -8,8 +8,7 @@ from pathlib import Path
 import torch
 
 from .cache import DMCCache
-
-SUPPORTED = ("llama", "dmc_llama")
+from .metrics import LLAMA_TYPES, cache_realised_cr, is_dmc
 
 
 class ModelFolderError(ValueError):
@@ -26,9 +25,9 @@ def load(path: str | Path, dtype: str = "float32", device: str = "cpu"):
         model_type = model_config(path, "model").model_type
     except ModelSourceError as err:
         raise ModelFolderError(str(err)) from None
-    if model_type not in SUPPORTED:
+    if model_type not in LLAMA_TYPES:
         raise ModelFolderError(f"{path} holds a {model_type!r} model; dmc runs Llama-architecture models "
-                               f"({', '.join(SUPPORTED)})")
+                               f"({', '.join(LLAMA_TYPES)})")
     if not hasattr(torch, dtype):
         raise ModelFolderError(f"dtype {dtype!r} is not a torch dtype; use float32, bfloat16 or float16")
     path = str(path)
@@ -50,12 +49,6 @@ class Generation:
     tokens_seen: torch.Tensor | None = None  # (B,) tokens each sequence put through the cache
 
 
-def realised_cr(cache: DMCCache, tokens: torch.Tensor) -> list[float]:
-    """Tokens seen per sequence over its mean live slots (all layers and KV heads)."""
-    slots = torch.stack([cache.num_slots(i).float() for i in range(len(cache.layers))])  # (L, B, H_kv)
-    return (tokens.float() / slots.mean(dim=(0, 2)).clamp(min=1)).tolist()
-
-
 def cut_at_stop(text: str, stop: list[str] | None) -> str:
     """``text`` up to the earliest stop string."""
     cuts = [text.find(s) for s in stop or [] if s and s in text]
@@ -68,8 +61,7 @@ def generate(model, tok, prompts: list[str], max_new_tokens: int = 64, temperatu
     """Batched generation (ragged prompts left-padded); ``stop`` strings end a sequence and are cut off.
     DMC models get a fresh ``DMCCache``; ``cache`` passes another compressed cache (with ``num_slots``)."""
     batch = tok(prompts, return_tensors="pt", padding=True).to(model.device)
-    dmc = getattr(model.config, "model_type", None) == "dmc_llama" and model.config.dmc_enabled
-    if cache is None and dmc:
+    if cache is None and is_dmc(model.config):
         cache = DMCCache(model.config)
     dmc = cache is not None
     torch.manual_seed(seed)
@@ -85,7 +77,7 @@ def generate(model, tok, prompts: list[str], max_new_tokens: int = 64, temperatu
     # The cache has seen every prompt token and every generated position but the last (generate() keeps
     # feeding finished sequences padding, and the mask it extends counts those positions as real).
     seen = batch["attention_mask"].sum(1) + new.shape[1] - 1
-    return Generation(texts, new, realised_cr(cache, seen.cpu()), cache.allocated_bytes(), cache, seen)
+    return Generation(texts, new, cache_realised_cr(cache, seen.cpu()), cache.allocated_bytes(), cache, seen)
 
 
 def main(argv: list[str] | None = None) -> None:

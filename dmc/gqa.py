@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from .export import eval_table, hub_card, write_folder
+from .metrics import head_dim
 
 SOURCE_KV_HEADS = "gqa_source_kv_heads"  # config field: the KV heads of the model before pooling
 
@@ -75,11 +76,11 @@ def pool_kv_heads(model, kv_heads: int):
         raise GQAError(f"GQA pooling converts vanilla Llama models; got model_type {config.model_type!r}")
     heads = config.num_key_value_heads
     kv_heads_for(config, kv_heads=kv_heads)  # refuses counts that do not divide the heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    dim = head_dim(config)
     for layer in model.model.layers:
         attn = layer.self_attn
-        attn.k_proj = _pool_linear(attn.k_proj, heads, kv_heads, head_dim)
-        attn.v_proj = _pool_linear(attn.v_proj, heads, kv_heads, head_dim)
+        attn.k_proj = _pool_linear(attn.k_proj, heads, kv_heads, dim)
+        attn.v_proj = _pool_linear(attn.v_proj, heads, kv_heads, dim)
         attn.num_key_value_groups = config.num_attention_heads // kv_heads
     setattr(config, SOURCE_KV_HEADS, getattr(config, SOURCE_KV_HEADS, None) or heads)
     config.num_key_value_heads = kv_heads

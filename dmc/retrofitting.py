@@ -6,6 +6,7 @@ import torch
 from transformers import PreTrainedModel
 
 from .config import DMCConfig, DMCLlamaConfig
+from .metrics import LLAMA_TYPES
 from .modeling import DMCLlamaForCausalLM
 
 
@@ -16,7 +17,7 @@ class NotLlamaError(TypeError):
 def _check_llama(model) -> None:
     config = getattr(model, "config", None)
     model_type = getattr(config, "model_type", None)
-    if not isinstance(model, PreTrainedModel) or model_type not in ("llama", "dmc_llama"):
+    if not isinstance(model, PreTrainedModel) or model_type not in LLAMA_TYPES:
         arch = type(model).__name__ + (f" (model_type={model_type!r})" if model_type else "")
         raise NotLlamaError(
             f"dmc.retrofit needs a Llama-architecture causal LM (LlamaForCausalLM, model_type 'llama'); "

@@ -29,8 +29,9 @@ from transformers import DynamicCache
 
 import dmc
 from dmc.cache import DMCCache
-from dmc.generate import ModelFolderError, load, realised_cr
+from dmc.generate import ModelFolderError, load
 from dmc.hub import ModelSourceError, model_config
+from dmc.metrics import cache_realised_cr, is_dmc
 from dmc.synthetic import impose_synthetic_cr
 
 
@@ -107,8 +108,8 @@ def dynamic_cache_bytes(cache: DynamicCache) -> int:
 def measure(model, ids: torch.Tensor, decode_steps: int) -> dict:
     """Prefill ``ids`` (B, T) in one call, then decode ``decode_steps`` greedy tokens one by one."""
     device = ids.device
-    is_dmc = getattr(model.config, "model_type", None) == "dmc_llama" and model.config.dmc_enabled
-    cache = DMCCache(model.config) if is_dmc else DynamicCache(config=model.config)
+    compressed = is_dmc(model.config)
+    cache = DMCCache(model.config) if compressed else DynamicCache(config=model.config)
     gc.collect()
     with PeakMemory(device) as peak:
         _sync(device)
@@ -124,9 +125,9 @@ def measure(model, ids: torch.Tensor, decode_steps: int) -> dict:
         _sync(device)
         decode = time.perf_counter() - t0
     seen = torch.full((ids.shape[0],), ids.shape[1] + decode_steps)
-    kv = cache.allocated_bytes() if is_dmc else dynamic_cache_bytes(cache)
-    reserved = cache.reserved_bytes() if is_dmc else kv
-    cr = sum(realised_cr(cache, seen)) / ids.shape[0] if is_dmc else 1.0
+    kv = cache.allocated_bytes() if compressed else dynamic_cache_bytes(cache)
+    reserved = cache.reserved_bytes() if compressed else kv
+    cr = sum(cache_realised_cr(cache, seen)) / ids.shape[0] if compressed else 1.0
     return {"prefill_s": prefill, "decode_tokens_per_s": ids.shape[0] * decode_steps / decode, "kv_bytes": kv,
             "kv_reserved_bytes": reserved, "peak_bytes": peak.bytes, "realised_cr": cr}
 
@@ -178,8 +179,8 @@ def run(path: str, contexts: list[int], batches: list[int], crs: list[float], de
     rows: list[Row] = []
     vanilla: dict[tuple[int, int], Row] = {}
     w_bytes = None
-    is_dmc = model_config(path).model_type == "dmc_llama"
-    bar = tqdm(total=len(all_ids) * (2 if is_dmc else 1 + len(crs)), desc="dmc bench", unit="run", file=sys.stderr)
+    dmc_folder = model_config(path).model_type == "dmc_llama"  # vanilla + itself, else vanilla + one per CR
+    bar = tqdm(total=len(all_ids) * (2 if dmc_folder else 1 + len(crs)), desc="dmc bench", unit="run", file=sys.stderr)
     for label, model in variants(path, crs, calibration, dtype, device):
         w_bytes = w_bytes or weight_bytes(model)
         measure(model, calibration[:, :64].to(device), 2)  # warm-up: first calls pay for allocations

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from dmc.cache import DMCCache
 from dmc.generate import generate, load
 from dmc.gqa import SOURCE_KV_HEADS, kv_compression
+from dmc.metrics import is_dmc
 from dmc.schedule import cr_from_merges
 
 from .fingerprint import model_fingerprint
@@ -61,7 +62,7 @@ class EvalModel:
         self.device = torch.device(device)
         self.batch_size = batch_size
         self.max_length = max_length or getattr(self.model.config, "max_position_embeddings", 2048)
-        self.is_dmc = self.model.config.model_type == "dmc_llama" and self.model.config.dmc_enabled
+        self.is_dmc = is_dmc(self.model.config)
         self.policy = policy
         if policy is not None:
             if self.model.config.model_type != "llama":

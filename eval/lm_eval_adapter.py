@@ -19,6 +19,7 @@ from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM  # importing lm_eval.models registers the harness's own models
 
 from dmc.gqa import kv_compression
+from dmc.metrics import is_dmc
 
 from .lm import CRMeter
 
@@ -37,7 +38,7 @@ class DMCLM(HFLM):
         dtype = dtype or ("bfloat16" if str(device).startswith("cuda") else "float32")
         super().__init__(pretrained=pretrained, device=device, dtype=dtype, **kwargs)
         config = self.model.config
-        self.is_dmc = config.model_type == "dmc_llama" and config.dmc_enabled
+        self.is_dmc = is_dmc(config)
         self.meter = CRMeter(kv_compression(config))  # a GQA baseline's fixed CR; a vanilla model's 1
 
     @classmethod

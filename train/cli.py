@@ -11,6 +11,8 @@ from pathlib import Path
 
 import yaml
 
+from dmc.metrics import LLAMA_TYPES
+
 from .recipe import Recipe, RunSection
 from .recipes import RecipeNotFound, resolve
 
@@ -186,7 +188,7 @@ def _check_fresh_start(recipe: Recipe) -> None:
 
     path = recipe.model.path
     model_type = model_config(path, "model.path").model_type  # a local folder or a Hub id
-    if model_type not in ("llama", "dmc_llama"):
+    if model_type not in LLAMA_TYPES:
         raise RecipeError(f"model.path={path!r} is a {model_type!r} model; DMC needs a Llama-architecture model")
     if recipe.model.method == "control" and model_type != "llama":
         raise RecipeError(f"model.method=control trains the vanilla model; model.path={path!r} is a {model_type!r} "

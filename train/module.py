@@ -14,6 +14,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 import dmc
+from dmc.metrics import LLAMA_TYPES
 
 from .handover import hand_over
 from .recipe import Recipe
@@ -53,7 +54,7 @@ def load_for_training(recipe: Recipe, zero3: bool = False):
         return load_gqa_for_training(recipe, config, zero3)
     if m.method == "control":
         return load_control_for_training(recipe, config)
-    if config.model_type not in ("llama", "dmc_llama"):
+    if config.model_type not in LLAMA_TYPES:
         raise ValueError(f"model.path={m.path!r} is a {config.model_type!r} model; DMC retrofits Llama-architecture "
                          "checkpoints (model_type 'llama'), e.g. checkpoints/smollm2-135m")
     if config.model_type == "llama":

@@ -23,6 +23,7 @@ from transformers.cache_utils import Cache
 from transformers.models.llama.modeling_llama import LlamaAttention, apply_rotary_pos_emb
 
 from dmc.cache import SlotCacheLayer
+from dmc.metrics import head_dim
 from dmc.ops.decode_attention import decode_attention_paged
 
 
@@ -240,7 +241,7 @@ class PolicyCache(Cache):
         if layout not in layers:
             raise ValueError(f"unknown cache layout {layout!r}; choose paged or dense")
         H_kv = config.num_key_value_heads
-        D = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        D = head_dim(config)
         super().__init__(layers=[layers[layout](H_kv, D, block_size, policy, question_aware)
                                  for _ in range(config.num_hidden_layers)])
         self.policy, self.question_aware = policy, question_aware

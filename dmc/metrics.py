@@ -1,0 +1,26 @@
+"""Facts derived from a model's config or cache, each computed in one place.
+
+Part of the bundled modeling code (dmc/export.py's MODELING_MODULES), so it needs torch alone.
+"""
+
+from __future__ import annotations
+
+import torch
+
+LLAMA_TYPES = ("llama", "dmc_llama")  # the model types dmc runs: vanilla Llama and its DMC retrofit
+
+
+def head_dim(config) -> int:
+    """Channels per attention head of a Llama-style config (``head_dim`` when the config sets it)."""
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def is_dmc(config) -> bool:
+    """Whether a config runs DMC: a ``dmc_llama`` model with DMC enabled (disabled, it is the vanilla Llama)."""
+    return getattr(config, "model_type", None) == "dmc_llama" and bool(getattr(config, "dmc_enabled", False))
+
+
+def cache_realised_cr(cache, tokens: torch.Tensor) -> list[float]:
+    """Per sequence, the tokens it fed ``cache`` over its mean live slots (all layers and KV heads)."""
+    slots = torch.stack([cache.num_slots(i).float() for i in range(len(cache.layers))])  # (L, B, H_kv)
+    return (tokens.float() / slots.mean(dim=(0, 2)).clamp(min=1)).tolist()
