@@ -6,7 +6,18 @@ import math
 import pytest
 import torch
 
-from dmc.eval.policies import H2O, POLICIES, TOVA, Budget, PolicyCache, Scissorhands, SnapKV, StreamingLLM, apply_policy
+from dmc.eval.policies import (
+    H2O,
+    POLICIES,
+    TOVA,
+    Budget,
+    PolicyCache,
+    Scissorhands,
+    SnapKV,
+    StreamingLLM,
+    apply_policy,
+    policy_attention,
+)
 from dmc.eval.policies.base import PolicyLayer
 from tests.helpers import left_padded_rows, random_ids, tiny_llama
 
@@ -15,6 +26,22 @@ def _model(kind="gqa", dtype=torch.float64):
     model = tiny_llama(kind, dtype=dtype).eval()
     apply_policy(model)
     return model
+
+
+def test_policy_attention_restores_the_model_on_leaving_even_after_an_error():
+    from transformers.models.llama.modeling_llama import LlamaAttention
+
+    model = tiny_llama("gqa", dtype=torch.float64).eval()
+    ids = random_ids(2, 12)
+    with torch.no_grad():
+        before = model(ids).logits
+        with pytest.raises(RuntimeError, match="inside"), policy_attention(model):
+            assert all(type(layer.self_attn).__name__ == "PolicyLlamaAttention" for layer in model.model.layers)
+            cache = PolicyCache(model.config, H2O(Budget(cr=2)), block_size=4)
+            model(ids, past_key_values=cache)
+            raise RuntimeError("inside the block")
+        assert all(type(layer.self_attn) is LlamaAttention for layer in model.model.layers)
+        torch.testing.assert_close(model(ids).logits, before, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("name", sorted(POLICIES))

@@ -1,6 +1,6 @@
 """Training-free KV-cache compression baselines as cache policies (see base.py)."""
 
-from .base import Budget, Policy, PolicyCache, PolicyLlamaAttention, apply_policy
+from .base import Budget, Policy, PolicyCache, PolicyLlamaAttention, apply_policy, policy_attention
 from .h2o import H2O
 from .scissorhands import Scissorhands
 from .snapkv import SnapKV
@@ -9,5 +9,5 @@ from .tova import TOVA
 
 POLICIES = {"streaming_llm": StreamingLLM, "tova": TOVA, "h2o": H2O, "scissorhands": Scissorhands, "snapkv": SnapKV}
 
-__all__ = ["Budget", "Policy", "PolicyCache", "PolicyLlamaAttention", "apply_policy", "POLICIES", "H2O",
+__all__ = ["Budget", "Policy", "PolicyCache", "PolicyLlamaAttention", "apply_policy", "policy_attention", "POLICIES", "H2O",
            "Scissorhands", "SnapKV", "StreamingLLM", "TOVA"]

@@ -16,9 +16,11 @@ prefill, to the budget of the prompt; generated tokens are then appended on top 
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 from transformers.cache_utils import Cache
 from transformers.models.llama.modeling_llama import LlamaAttention, apply_rotary_pos_emb
 
@@ -290,11 +292,27 @@ class PolicyLlamaAttention(LlamaAttention):
         return self.o_proj(out), None
 
 
-def apply_policy(model) -> None:
+def apply_policy(model) -> list[nn.Module]:
     """Swap every Llama attention module for ``PolicyLlamaAttention`` (same weights; without a
-    ``PolicyCache`` it computes exactly what Llama attention computes)."""
+    ``PolicyCache`` it computes exactly what Llama attention computes) and return the swapped modules.
+    For a model the caller owns (``EvalModel`` loads its own); otherwise use ``policy_attention``."""
+    swapped = []
     for layer in model.model.layers:
         attn = layer.self_attn
         if type(attn) is LlamaAttention:
             attn.__class__ = PolicyLlamaAttention
+            swapped.append(attn)
+    return swapped
+
+
+@contextmanager
+def policy_attention(model):
+    """``with policy_attention(model):`` the model's attention runs policy caches; on leaving (an error
+    included) every module is a plain ``LlamaAttention`` again, as kvpress removes its presses."""
+    swapped = apply_policy(model)
+    try:
+        yield model
+    finally:
+        for attn in swapped:
+            attn.__class__ = LlamaAttention
 
