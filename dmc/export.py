@@ -18,9 +18,7 @@ import torch
 
 PACKAGE = Path(__file__).resolve().parent
 CONFIG_MODULES = ["config.py"]
-# Dependency order: a module comes after everything it imports.
-MODELING_MODULES = ["metrics.py", "decisions.py", "ops/accumulate.py", "ops/train_attention.py", "ops/triton_decode.py",
-                    "ops/decode_attention.py", "cache.py", "modeling.py"]
+MODELING_ENTRY = "modeling.py"  # the bundle is it and every module it reaches by relative imports
 AUTO_MAP = {
     "AutoConfig": "configuration_dmc_llama.DMCLlamaConfig",
     "AutoModel": "modeling_dmc_llama.DMCLlamaModel",
@@ -64,6 +62,49 @@ def bundle(modules: list[str], header: str) -> str:
     return f'"""{header}"""\n\nfrom __future__ import annotations\n\n' + "\n\n\n".join(body) + "\n"
 
 
+def _relative_imports(rel: str) -> list[str]:
+    """The package modules (paths under dmc/) that module ``rel`` imports relatively, in source order. Only
+    module-level ones: the bundler drops those lines, so a relative import inside a function would break the
+    bundled copy and is refused."""
+    tree = ast.parse((PACKAGE / rel).read_text())
+    top = {id(node) for node in tree.body}
+    found = []
+    for node in ast.walk(tree):
+        if not (isinstance(node, ast.ImportFrom) and node.level):
+            continue
+        if id(node) not in top:
+            raise ExportError(f"dmc/{rel}:{node.lineno} has a relative import inside a function; the export "
+                              "bundles module-level relative imports only: move it to the top or import absolutely")
+        base = Path(rel).parent
+        for _ in range(node.level - 1):
+            base = base.parent
+        targets = [node.module] if node.module else [a.name for a in node.names]
+        for target in targets:
+            path = (base / target.replace(".", "/")).with_suffix(".py")
+            if not (PACKAGE / path).exists():
+                raise ExportError(f"dmc/{rel} imports {'.' * node.level}{target}, which is not a module file")
+            found.append(path.as_posix())
+    return found
+
+
+def modeling_modules() -> list[str]:
+    """The modeling bundle's modules in dependency order (each after everything it imports), derived from the
+    imports of ``modeling.py``; the configuration modules go into their own file."""
+    order: list[str] = []
+
+    def visit(rel: str, path: tuple[str, ...]) -> None:
+        if rel in order or rel in CONFIG_MODULES:
+            return
+        if rel in path:
+            raise ExportError(f"cannot bundle the modeling code: an import cycle {' -> '.join((*path, rel))}")
+        for dep in _relative_imports(rel):
+            visit(dep, (*path, rel))
+        order.append(rel)
+
+    visit(MODELING_ENTRY, ())
+    return order
+
+
 def _top_level_names(node: ast.stmt) -> list[str]:
     if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
         return [node.name]
@@ -80,7 +121,7 @@ def code_files() -> dict[str, str]:
 
     note = f"Bundled from the dmc package {__version__} by `dmc export`; edit the package, not this file."
     config = bundle(CONFIG_MODULES, f"DMC Llama configuration. {note}")
-    modeling = bundle(MODELING_MODULES, f"DMC Llama modeling code. {note}")
+    modeling = bundle(modeling_modules(), f"DMC Llama modeling code. {note}")
     modeling = modeling.replace("from __future__ import annotations\n",
                                 "from __future__ import annotations\n\nfrom .configuration_dmc_llama import DMCLlamaConfig\n", 1)
     return {"configuration_dmc_llama.py": config, "modeling_dmc_llama.py": modeling}

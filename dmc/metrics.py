@@ -1,6 +1,6 @@
 """Facts derived from a model's config or cache, each computed in one place.
 
-Part of the bundled modeling code (dmc/export.py's MODELING_MODULES), so it needs torch alone.
+Part of the bundled modeling code (dmc/export.py bundles what modeling.py imports), so it needs torch alone.
 """
 
 from __future__ import annotations

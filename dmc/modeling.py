@@ -2,6 +2,10 @@
 
 Deviations from the upstream Llama classes are marked ``# DMC:``. With ``dmc_enabled=False`` every
 class defers to its Llama parent, so the model computes exactly the vanilla Llama.
+
+Exported folders carry this module and every module it reaches by relative imports, concatenated into one
+file (dmc/export.py): keep relative imports at module level (inside a function they are refused) and
+top-level names unique across those modules (a clash is refused); ``config.py`` becomes its own file.
 """
 
 from __future__ import annotations
