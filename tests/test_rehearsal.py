@@ -10,7 +10,7 @@ import pytest
 pytest.importorskip("lightning")
 pytest.importorskip("deepspeed")
 
-from dmc.train.cli import parse  # noqa: E402
+from dmc.train.run import parse  # noqa: E402
 from tests.helpers import ROOT, SMOLLM2, one_line_exit, run_dmc  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not (SMOLLM2 / "config.json").exists(), reason="run `make model` first")

@@ -10,7 +10,7 @@ import yaml
 
 pytest.importorskip("lightning")
 
-from dmc.train.cli import main, parse  # noqa: E402
+from dmc.train.run import main, parse  # noqa: E402
 from tests.helpers import SMOLLM2, one_line_exit, tiny_train, write_tiny_checkpoint  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not (SMOLLM2 / "config.json").exists(), reason="run `make model` first")

@@ -9,7 +9,7 @@ pytest.importorskip("lightning")
 pytest.importorskip("deepspeed")
 
 import dmc  # noqa: E402
-from dmc.train.cli import main, parse  # noqa: E402
+from dmc.train.run import main, parse  # noqa: E402
 from tests.helpers import SMOLLM2, logged, one_line_exit, tiny_train, write_tiny_checkpoint  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent

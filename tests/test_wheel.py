@@ -55,7 +55,7 @@ def test_the_wheel_in_a_fresh_environment_trains_exports_and_evaluates_from_an_e
     wheel = _build_wheel(tmp_path)
     names = zipfile.ZipFile(wheel).namelist()
     assert "dmc/configs/tiny.yaml" in names and "dmc/configs/deepspeed/zero3.json" in names
-    assert "dmc/train/cli.py" in names and not any(n.startswith(("train/", "data/", "eval/")) for n in names)
+    assert "dmc/train/run.py" in names and not any(n.startswith(("train/", "data/", "eval/")) for n in names)
     env = _fresh_env(tmp_path, wheel)
     work = tmp_path / "empty"
     work.mkdir()
@@ -70,7 +70,7 @@ def test_the_wheel_in_a_fresh_environment_trains_exports_and_evaluates_from_an_e
         assert done.returncode == 0, f"dmc {' '.join(args)}:\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}"
         return done.stdout
 
-    code = "import dmc.train.cli as m, dmc.configs as c; print(m.__file__); print(c.__file__)"
+    code = "import dmc.train.run as m, dmc.configs as c; print(m.__file__); print(c.__file__)"
     where = subprocess.run(["python", "-c", code], cwd=work, env=env_vars, capture_output=True, text=True, check=True)
     assert all(str(env) in line for line in where.stdout.split()), where.stdout  # the wheel's, not the checkout's
     shadow = subprocess.run(["python", "-c", "import train"], cwd=work, env=env_vars, capture_output=True, text=True,

@@ -27,8 +27,8 @@ def main(argv: list[str] | None = None) -> None:
 
     from dmc.evaluation import perplexity_and_cr
 
-    from .cli import parse, run
     from .data_module import BlocksDataModule
+    from .run import parse, run
 
     argv = sys.argv[1:] if argv is None else argv
     recipe, resume, stop_at, trust = parse(["--config", CONFIG, *argv])

@@ -244,7 +244,7 @@ def _run_checks(ns, r: Rehearsal, root: Path, table: Table) -> Table:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from dmc.train.cli import RecipeError, parse
+    from dmc.train.run import RecipeError, parse
 
     ap = argparse.ArgumentParser(prog="dmc rehearse", description=__doc__,
                                  epilog="Other arguments are recipe overrides (--section.key=value), as for dmc train.")
