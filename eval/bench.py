@@ -29,10 +29,10 @@ from transformers import DynamicCache
 
 import dmc
 from dmc.cache import DMCCache
+from dmc.eval.synthetic import impose_synthetic_cr
 from dmc.generate import ModelFolderError, load
 from dmc.hub import ModelSourceError, model_config
 from dmc.metrics import cache_realised_cr, is_dmc
-from dmc.synthetic import impose_synthetic_cr
 
 
 @dataclass

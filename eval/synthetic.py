@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from .schedule import cr_from_merges
+from dmc.schedule import cr_from_merges
 
 
 @torch.no_grad()

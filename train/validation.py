@@ -6,8 +6,8 @@ import math
 
 import torch
 
-from .gqa import kv_compression
-from .schedule import cr_from_merges
+from dmc.gqa import kv_compression
+from dmc.schedule import cr_from_merges
 
 
 @torch.no_grad()
