@@ -3,6 +3,8 @@ for editing, and `dmc train --config NAME` takes a packaged name as well as a pa
 
 from pathlib import Path
 
+import pytest
+
 from dmc.cli import main as dmc_main
 from dmc.train import recipes
 from dmc.train.run import parse
@@ -48,3 +50,21 @@ def test_recipes_cp_writes_an_editable_copy_and_never_overwrites_silently(tmp_pa
     assert copy.read_text() == (ROOT / "configs/tiny.yaml").read_text()
     assert "does not exist" in one_line_exit(dmc_main, "recipes", "cp", "tiny", str(tmp_path / "no" / "x.yaml"))
     assert sorted(p.name for p in Path(tmp_path).iterdir()) == ["tiny.yaml"]  # no temporary file left behind
+
+
+def test_every_dmc_option_is_settable_from_a_recipe_with_dmc_configs_default():
+    import dataclasses
+
+    from dmc.config import DMCConfig
+    from dmc.train.recipe import DMC_FIELDS, ModelSection
+    from dmc.train.run import RecipeError
+
+    defaults = {f.name: f.default for f in dataclasses.fields(DMCConfig)}
+    assert set(DMC_FIELDS) == set(defaults) - {"enabled", "target_cr"}  # every DMC option has a model.* field
+    assert all(getattr(ModelSection(), name) == defaults[name] for name in DMC_FIELDS)  # with one default
+    recipe = parse(["--config", "tiny", "--model.weight_eps", "0.01", "--model.channel", "0",
+                    "--model.decode_backend", "paged", "--model.block_size", "8"])[0]
+    config = recipe.model.dmc_config(recipe.schedule.target_cr)
+    assert (config.weight_eps, config.channel, config.decode_backend, config.block_size) == (0.01, 0, "paged", 8)
+    with pytest.raises(RecipeError, match=r"^model\.block_size=0 is invalid"):
+        parse(["--config", "tiny", "--model.block_size", "0"])

@@ -62,9 +62,7 @@ def load_for_training(recipe: Recipe, zero3: bool = False):
         # loader then also handles DeepSpeed ZeRO-3, where parameters are partitioned as they are created.
         from dmc.retrofitting import dmc_config_from
 
-        config = dmc_config_from(config, dmc.DMCConfig(
-            target_cr=recipe.schedule.target_cr, window=m.window, tau=m.tau, logit_offset=m.logit_offset,
-            weight_offset=m.weight_offset, train_attention=m.train_attention))
+        config = dmc_config_from(config, m.dmc_config(recipe.schedule.target_cr))
         model = dmc.DMCLlamaForCausalLM.from_pretrained(m.path, config=config, dtype=getattr(torch, m.dtype))
     else:
         model = AutoModelForCausalLM.from_pretrained(m.path, dtype=getattr(torch, m.dtype))

@@ -6,7 +6,11 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Literal
 
+from dmc.config import DMCConfig
+
 STRATEGIES = ("auto", "ddp", "deepspeed_stage_2", "deepspeed_stage_3")
+DMC_FIELDS = ("window", "tau", "logit_offset", "weight_offset", "train_attention", "weight_eps", "channel",
+              "decode_backend", "block_size")  # model.* fields that are DMCConfig's
 
 
 @dataclass
@@ -26,19 +30,33 @@ class ModelSection:
         logit_offset: The merge logit is the decision channel of k minus this (5 in the reference).
         weight_offset: The merge weight is sigmoid(the decision channel of q + this).
         train_attention: Training-time attention over partially merged keys: auto, flex, sdpa or reference.
+        weight_eps: Added to every merge weight, keeping it away from 0.
+        channel: The head channel repurposed for the decisions; -1 is the last, as in the reference.
+        decode_backend: The exported model's cached-decoding attention: auto, paged, sdpa, reference, flash or
+            triton (training does not use it).
+        block_size: Slots per block of the exported model's paged cache (training does not use it).
         gradient_checkpointing: Recompute each layer's activations in the backward pass (memory for time).
     """
 
+    # The DMC fields take DMCConfig's defaults (dmc/config.py holds them once); dmc_config() builds it.
     path: str = "checkpoints/smollm2-135m"
     method: Literal["dmc", "gqa", "control"] = "dmc"
     kv_heads: int | None = None
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    window: int | None = 12
-    tau: float = 0.1
-    logit_offset: float = 5.0
-    weight_offset: float = 5.0
-    train_attention: Literal["auto", "flex", "sdpa", "reference"] = "auto"
+    window: int | None = DMCConfig.window
+    tau: float = DMCConfig.tau
+    logit_offset: float = DMCConfig.logit_offset
+    weight_offset: float = DMCConfig.weight_offset
+    train_attention: Literal["auto", "flex", "sdpa", "reference"] = DMCConfig.train_attention
+    weight_eps: float = DMCConfig.weight_eps
+    channel: int = DMCConfig.channel
+    decode_backend: Literal["auto", "paged", "sdpa", "reference", "flash", "triton"] = DMCConfig.decode_backend
+    block_size: int = DMCConfig.block_size
     gradient_checkpointing: bool = False
+
+    def dmc_config(self, target_cr: float) -> DMCConfig:
+        """The model's DMCConfig: every DMC field of this section, at ``target_cr`` (validated by DMCConfig)."""
+        return DMCConfig(target_cr=target_cr, **{name: getattr(self, name) for name in DMC_FIELDS})
 
 
 @dataclass
@@ -209,6 +227,12 @@ class Recipe:
 
     def validate(self) -> None:
         m, s, d, o, r, k = self.model, self.schedule, self.data, self.optim, self.run, self.distill
+        if m.method == "dmc" and s.target_cr >= 1:
+            try:
+                m.dmc_config(s.target_cr)
+            except ValueError as err:  # DMCConfigError names the field as dmc_<name>
+                raise ValueError(str(err).replace("dmc_target_cr", "schedule.target_cr").replace("dmc_", "model.")) \
+                    from None
         checks = self._control_checks() + [
             (s.target_cr >= 1, f"schedule.target_cr={s.target_cr} must be >= 1 (e.g. 2, 4, 8)"),
             (min(s.stage1_steps, s.ramp_steps, s.finetune_steps) >= 0, "schedule.*_steps must be >= 0"),

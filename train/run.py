@@ -208,8 +208,9 @@ def _check_gqa(recipe: Recipe) -> None:
 
 
 # What a resumed run may change: where and how it runs, not what it computes.
-RESUME_MAY_CHANGE = {"data.num_workers"} | {f"run.{f.name}" for f in dataclasses.fields(RunSection)
-                                            if f.name not in ("seed", "precision")}
+# Settings a resume may change: how the run is executed, and the exported model's inference-only fields.
+RESUME_MAY_CHANGE = {"data.num_workers", "model.decode_backend", "model.block_size"} | {
+    f"run.{f.name}" for f in dataclasses.fields(RunSection) if f.name not in ("seed", "precision")}
 
 
 def recipe_changes(old: dict, new: dict) -> list[str]:
