@@ -21,7 +21,7 @@ from lm_eval.models.huggingface import HFLM  # importing lm_eval.models register
 from dmc.gqa import kv_compression
 from dmc.metrics import is_dmc
 
-from .lm import CRMeter
+from .lm import CRMeter, cache_counts
 
 log = logging.getLogger(__name__)
 
@@ -65,11 +65,9 @@ class DMCLM(HFLM):
             return super()._model_generate(context, max_length, stop, **generation_kwargs)
         out = super()._model_generate(context, max_length, stop, return_dict_in_generate=True,
                                       **generation_kwargs)
-        cache = out.past_key_values
         pads = (context == self.tokenizer.pad_token_id).cumprod(-1).sum(-1).cpu()  # the left padding
-        tokens = cache.get_seq_length() - pads
-        slots = torch.stack([cache.num_slots(i) for i in range(len(cache.layers))]).cpu()  # (L, B, H_kv)
-        self._count(tokens[None, :, None] - slots, tokens)
+        for counts in cache_counts(out.past_key_values, out.past_key_values.get_seq_length() - pads):
+            self.meter.add(counts)
         return out.sequences
 
     def get_model_info(self) -> dict:
