@@ -10,7 +10,7 @@ import importlib
 # name -> the submodule that defines it; loaded on first access (PEP 562), so `dmc --help` stays fast.
 # A name must not be a submodule's name too: importing dmc.X binds the module over the attribute.
 _EXPORTS = {
-    "DMCCache": "cache", "DMCCacheError": "cache", "distillation_kl": "distill",
+    "DMCCache": "cache", "DMCCacheError": "slot_cache", "distillation_kl": "distill",
     "DMCConfig": "config", "DMCConfigError": "config", "DMCLlamaConfig": "config",
     "DMCCausalLMOutput": "modeling", "DMCLlamaForCausalLM": "modeling", "DMCLlamaModel": "modeling",
     "NotLlamaError": "retrofitting", "retrofit": "retrofitting",

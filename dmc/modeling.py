@@ -11,9 +11,9 @@ top-level names unique across those modules (a clash is refused); ``config.py`` 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.models.llama.modeling_llama import (
@@ -26,10 +26,12 @@ from transformers.models.llama.modeling_llama import (
 
 from .cache import DMCCache, DMCCacheError
 from .config import DMCLlamaConfig
-from .decisions import gumbel_sigmoid_logits, read_decision_channel, straight_through_hard
+from .decisions import read_decision_channel, straight_through_hard
 from .ops.accumulate import accumulate
+from .ops.attention_bias import decode_merge_candidates, hard_decisions, no_merge_biases, relaxed_decisions
+from .ops.cache_step import cache_step
 from .ops.decode_attention import decode_attention, resolve_backend
-from .ops.train_attention import MASKED, train_attention
+from .ops.train_attention import train_attention
 from .ops.triton_decode import cache_step_triton
 
 
@@ -46,21 +48,63 @@ class DMCCausalLMOutput(CausalLMOutputWithPast):
     dmc_omega: torch.Tensor | None = None  # (L,) mean merge weight of each layer over real tokens (detached)
 
 
-def _shift_next(x: torch.Tensor, fill: float) -> torch.Tensor:
-    """x[..., j] -> x[..., j + 1], with ``fill`` after the last token."""
-    return torch.cat([x[..., 1:], torch.full_like(x[..., :1], fill)], dim=-1)
+class LayerDecisions(NamedTuple):
+    """What one attention layer decided in a forward (``dmc_stats[layer_idx]``); vocabulary of
+    ``ops/attention_bias.py``."""
+
+    alpha_st: torch.Tensor  # (B, H_kv, T) straight-through hard decisions, 0 where a token cannot merge
+    merged: torch.Tensor  # (B, H_kv, T) bool
+    valid: torch.Tensor  # (B, T) real tokens
+    omega_mean: torch.Tensor  # () mean merge weight over real tokens and KV heads (detached)
 
 
 class DMCLlamaAttention(LlamaAttention):
+    """Llama attention that merges keys/values per token and KV head (DMC); with ``config.dmc_enabled=False``
+    it is exactly ``LlamaAttention``.
+
+    Extra keyword arguments (``DMCLlamaModel`` passes them to every layer):
+      ``dmc_valid`` (B, T) bool, False for left padding (None: every token is real);
+      ``dmc_stats`` dict, receives this layer's ``LayerDecisions`` under its ``layer_idx``.
+    ``forward`` runs one of three paths: stage 1 (``stage1_multiplier`` set: vanilla attention, channel c fading
+    out, nothing merges), decode (the cache already holds this layer's tokens: one token at a time into the
+    paged cache) or parallel (training, evaluation, and the one-pass prefill of an empty cache).
+    """
+
     def __init__(self, config: DMCLlamaConfig, layer_idx: int):
         super().__init__(config, layer_idx)
         self.stage1_multiplier: float | None = None  # DMC: set during stage 1 (neuron zero-out)
         self.decision_adapter: torch.nn.Parameter | None = None  # DMC: training-only, see add_decision_adapters
         self.gumbel_noise = True  # DMC: training draws Gumbel noise; off only to compare with the eval form
 
-    def _project(self, hidden_states, B, T, D):
+    def forward(self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None, **kwargs):
+        cfg = self.config
+        if not cfg.dmc_enabled:
+            return super().forward(hidden_states, position_embeddings, attention_mask, past_key_values, **kwargs)
+        B, T, _ = hidden_states.shape
+        q, k, v = self._project(hidden_states)  # (B, H, T, D), (B, H_kv, T, D) x 2
+        valid = kwargs.get("dmc_valid")
+        valid = torch.ones(B, T, dtype=torch.bool, device=q.device) if valid is None else valid
+        # DMC: decisions and importances come from channel c of the pre-RoPE k and q.
+        logit, omega, q0, k0 = read_decision_channel(
+            q, k, cfg.dmc_channel_index, cfg.dmc_logit_offset, cfg.dmc_weight_offset, cfg.dmc_weight_eps
+        )
+        cache, rope = past_key_values, position_embeddings
+        if self.stage1_multiplier is not None:
+            out, alpha_st, merged = self._stage1(q, k, v, logit, valid, rope)
+        elif cache is not None and cache.layer(self.layer_idx).seen_tokens > 0:
+            out, alpha_st, merged = self._decode(cache, q0, k0, v, logit, omega, valid, rope)
+        else:
+            out, alpha_st, merged = self._parallel(cache, q0, k0, v, logit, omega, valid, rope)
+        self._record(kwargs.get("dmc_stats"), alpha_st, merged, valid, omega)
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1)), None
+
+    def _project(self, hidden_states):
+        """q (B, H, T, D), k and v (B, H_kv, T, D), pre-RoPE; decision adapters (training) added to channel c."""
+        B, T, _ = hidden_states.shape
+        D = self.head_dim
         q = self.q_proj(hidden_states).view(B, T, -1, D)
         k = self.k_proj(hidden_states).view(B, T, -1, D)
+        v = self.v_proj(hidden_states).view(B, T, -1, D)
         if self.decision_adapter is not None:  # DMC: extra (H + H_kv, hidden) rows added to channel c of q and k
             c, H = self.config.dmc_channel_index, q.shape[2]
             extra = hidden_states @ self.decision_adapter.to(hidden_states.dtype).T  # (B, T, H + H_kv)
@@ -68,72 +112,31 @@ class DMCLlamaAttention(LlamaAttention):
             bump[c] = 1
             q = q + extra[..., :H, None] * bump
             k = k + extra[..., H:, None] * bump
-        return q.transpose(1, 2), k.transpose(1, 2)
+        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
 
-    def forward(self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None, **kwargs):
-        cfg = self.config
-        if not cfg.dmc_enabled:
-            return super().forward(hidden_states, position_embeddings, attention_mask, past_key_values, **kwargs)
-        B, T, _ = hidden_states.shape
-        D, c = self.head_dim, cfg.dmc_channel_index
-        q, k = self._project(hidden_states, B, T, D)  # (B, H, T, D), (B, H_kv, T, D)
-        v = self.v_proj(hidden_states).view(B, T, -1, D).transpose(1, 2)
-        cos, sin = position_embeddings
-        valid = kwargs.get("dmc_valid")
-        valid = torch.ones(B, T, dtype=torch.bool, device=q.device) if valid is None else valid
+    def _stage1(self, q, k, v, logit, valid, rope):
+        """Stage 1: vanilla causal attention with channel c of q and k scaled by ``stage1_multiplier``."""
+        fade = torch.ones(self.head_dim, dtype=q.dtype, device=q.device)
+        fade[self.config.dmc_channel_index] = self.stage1_multiplier
+        q_rot, k_rot = apply_rotary_pos_emb(q * fade, k * fade, *rope)
+        keep_log, merge_log = no_merge_biases(valid, k.shape[1])
+        out = train_attention(self.config.dmc_train_attention, q_rot, k_rot, v, keep_log, merge_log, self.scaling)
+        return out, torch.zeros_like(logit), torch.zeros_like(logit, dtype=torch.bool)
 
-        # DMC: decisions and importances come from channel c of the pre-RoPE k and q.
-        logit, omega, q0, k0 = read_decision_channel(
-            q, k, c, cfg.dmc_logit_offset, cfg.dmc_weight_offset, cfg.dmc_weight_eps
-        )
-        if self.stage1_multiplier is not None:  # DMC: stage 1, vanilla attention with channel c fading out
-            fade = torch.ones(D, dtype=q.dtype, device=q.device)
-            fade[c] = self.stage1_multiplier
-            q_rot, k_rot = apply_rotary_pos_emb(q * fade, k * fade, cos, sin)
-            keep = torch.where(valid, 0.0, MASKED)[:, None, :].expand(B, k.shape[1], T)
-            out = train_attention(cfg.dmc_train_attention, q_rot, k_rot, v, keep, torch.full_like(keep, MASKED), self.scaling)
-            self._record(kwargs, torch.zeros_like(logit), logit < logit, valid, omega)
-            return self.o_proj(out.transpose(1, 2).reshape(B, T, -1)), None
-
-        cache = past_key_values
-        if cache is not None and cache.layer(self.layer_idx).seen_tokens > 0:
-            layer = cache.layer(self.layer_idx)
-            # a token can merge only if its sequence had a real token before it
-            earlier = (valid.long().cumsum(-1) - valid.long()) > 0
-            started = (layer.started[:, None] | earlier) if layer.is_initialized else earlier
-            out = self._decode_tokens(cache, q0, k0, v, logit, omega, valid, cos, sin)
-            self._record(kwargs, straight_through_hard(logit) * started[:, None], (logit > 0) & started[:, None], valid, omega)
-            return self.o_proj(out.transpose(1, 2).reshape(B, T, -1)), None
-
-        first = valid.long().argmax(-1)  # (B,) first real token: always appends
-        after_first = (torch.arange(T, device=q.device)[None, :] > first[:, None]) & valid  # (B, T)
+    def _parallel(self, cache, q0, k0, v, logit, omega, valid, rope):
+        """All tokens at once: attend over partially accumulated states, RoPE at the newest token of each
+        state; with an (empty) cache, store the prompt's slots."""
+        cfg, D = self.config, self.head_dim
         if self.training:
-            z = gumbel_sigmoid_logits(logit, cfg.dmc_tau, noise=self.gumbel_noise)  # relaxed logit (B, H_kv, T)
-            alpha = torch.sigmoid(z)
-            alpha_loss = straight_through_hard(z)
-            hard = z > 0
-            keep, merge = F.logsigmoid(-z), F.logsigmoid(z)
+            dec = relaxed_decisions(logit, valid, cfg.dmc_tau, noise=self.gumbel_noise)
         else:
-            hard = logit > 0
-            alpha = hard.to(torch.float32)
-            alpha_loss = straight_through_hard(logit)
-            keep = torch.where(hard, MASKED, 0.0)
-            merge = torch.where(hard, 0.0, MASKED)
-        alpha = alpha * after_first[:, None, :]
-        alpha_loss = alpha_loss * after_first[:, None, :]
-        next_counts = _shift_next(after_first.float(), 0.0)[:, None, :] > 0  # next token can merge into j
-        keep = torch.where(next_counts, _shift_next(keep, 0.0), 0.0)
-        merge = torch.where(next_counts, _shift_next(merge, MASKED), MASKED)
-        keep = torch.where(valid[:, None, :], keep, MASKED)  # padding is never attended
-
-        # DMC: attend over partially accumulated states; RoPE at the newest token of each state.
+            dec = hard_decisions(logit, valid)
         kv = torch.cat([k0, v], dim=-1)
-        kv_bar, norm = accumulate(kv, alpha, omega, cfg.dmc_window, out_dtype=torch.promote_types(kv.dtype, torch.float32))
-        k_bar, v_bar = kv_bar[..., :D].to(k.dtype), kv_bar[..., D:].to(v.dtype)
-        q_rot, k_rot = apply_rotary_pos_emb(q0, k_bar, cos, sin)
-        out = train_attention(cfg.dmc_train_attention, q_rot, k_rot, v_bar, keep, merge, self.scaling)
-        self._record(kwargs, alpha_loss, hard & after_first[:, None, :], valid, omega)
-
+        kv_bar, norm = accumulate(kv, dec.alpha, omega, cfg.dmc_window,
+                                  out_dtype=torch.promote_types(kv.dtype, torch.float32))
+        k_bar, v_bar = kv_bar[..., :D].to(k0.dtype), kv_bar[..., D:].to(v.dtype)
+        q_rot, k_rot = apply_rotary_pos_emb(q0, k_bar, *rope)
+        out = train_attention(cfg.dmc_train_attention, q_rot, k_rot, v_bar, dec.keep_log, dec.merge_log, self.scaling)
         if cache is not None:  # DMC: one-pass prefill, then a segment reduction into slots
             if self.training:
                 raise DMCCacheError("DMCCache needs hard decisions: call model.eval() before caching")
@@ -141,31 +144,31 @@ class DMCLlamaAttention(LlamaAttention):
                 raise DMCCacheError("a DMC cache supports left padding only (pad tokens before the prompt)")
             acc = kv_bar[..., -1, :] * norm[..., -1, None]  # running sums of each open slot (B, H_kv, 2D)
             cache.layer(self.layer_idx).prefill(
-                k_rot, v_bar, k0, v, omega, acc[..., :D], acc[..., D:], norm[..., -1], alpha, valid
+                k_rot, v_bar, k0, v, omega, acc[..., :D], acc[..., D:], norm[..., -1], dec.alpha, valid
             )
-        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1)), None
+        return out, dec.alpha_st, dec.merged
 
-    def _decode_tokens(self, cache: DMCCache, q0, k0, v, logit, omega, valid, cos, sin):
-        """Token-by-token: merge/append into the cache, then attend over each head's live slots."""
+    def _decode(self, cache: DMCCache, q0, k0, v, logit, omega, valid, rope):
+        """Token by token: merge/append into the cache, then attend over each head's live slots."""
         layer = cache.layer(self.layer_idx)
-        B, H, T, D = q0.shape
+        cos, sin = rope
+        can = decode_merge_candidates(valid, layer.started if layer.is_initialized else None)[:, None, :]
         q_rot, _ = apply_rotary_pos_emb(q0, q0[:, :1], cos, sin)
         backend = resolve_backend(self.config.dmc_decode_backend, q0.device, layer.block_size)
-        step = cache_step_triton if backend == "triton" else type(layer).step  # the fused update goes with its kernel
+        step = cache_step_triton if backend == "triton" else cache_step  # the fused update goes with its kernel
         outs = []
-        for t in range(T):
+        for t in range(q0.shape[2]):
             step(layer, k0[:, :, t], v[:, :, t], omega[..., t], logit[..., t] > 0, valid[:, t], cos[:, t], sin[:, t])
             outs.append(decode_attention(backend, q_rot[:, :, t], layer.k_pool, layer.v_pool, layer.block_table,
                                          layer.lens, self.scaling))
-        layer.seen_tokens += T
-        return torch.stack(outs, dim=2)
+        layer.seen_tokens += q0.shape[2]
+        return torch.stack(outs, dim=2), straight_through_hard(logit) * can, (logit > 0) & can
 
-    def _record(self, kwargs, alpha, merged, valid, omega) -> None:
-        stats = kwargs.get("dmc_stats")
+    def _record(self, stats: dict | None, alpha_st, merged, valid, omega) -> None:
         if stats is not None:  # keyed by layer: a gradient-checkpointing recompute overwrites, never doubles
             w = valid[:, None, :].to(omega.dtype)
-            omega_mean = ((omega.detach() * w).sum() / (w.sum() * omega.shape[1]).clamp(min=1))
-            stats[self.layer_idx] = (alpha, merged, valid, omega_mean)
+            omega_mean = (omega.detach() * w).sum() / (w.sum() * omega.shape[1]).clamp(min=1)
+            stats[self.layer_idx] = LayerDecisions(alpha_st, merged, valid, omega_mean)
 
 
 class DMCLlamaDecoderLayer(LlamaDecoderLayer):
@@ -190,16 +193,44 @@ class DMCLlamaModel(LlamaModel):
             return super().forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                                    past_key_values=past_key_values, inputs_embeds=inputs_embeds,
                                    use_cache=use_cache, **kwargs)
+        want_hidden = self._check_outputs(input_ids, inputs_embeds, kwargs)
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
+        B, T = inputs_embeds.shape[:2]
+        cache = self._cache_for(past_key_values, use_cache)
+        past = cache.get_seq_length() if cache is not None else 0
+        valid = _valid_tokens(attention_mask, T)  # DMC: padding flags reach the layers, not a 4D mask
+        if position_ids is None:
+            position_ids = (torch.arange(T, device=inputs_embeds.device) + past)[None]
+        position_embeddings = self.rotary_emb(inputs_embeds, position_ids=position_ids)
+        hidden = inputs_embeds
+        states = [hidden] if want_hidden else None  # as Llama: the embeddings, each layer's output, the last normed
+        for layer in self.layers:
+            hidden = layer(hidden, position_embeddings=position_embeddings, position_ids=position_ids,
+                           past_key_values=cache, dmc_valid=valid, **kwargs)
+            if states is not None:
+                states.append(hidden)
+        if cache is not None:
+            cache.seen_tokens = past + T
+        last = self.norm(hidden)
+        if states is not None:
+            states[-1] = last
+        return BaseModelOutputWithPast(last_hidden_state=last, past_key_values=cache,
+                                       hidden_states=tuple(states) if states is not None else None)
+
+    def _check_outputs(self, input_ids, inputs_embeds, kwargs: dict) -> bool:
+        """Refuse what a DMC forward cannot give; pops the output flags and returns whether hidden states are
+        wanted."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         if kwargs.pop("output_attentions", None) or self.config.output_attentions:
             raise ValueError("output_attentions has no per-token meaning on a DMC model (queries attend to merged "
                              "slots, not tokens); set model.config.dmc_enabled = False for the vanilla attentions")
         want_hidden = kwargs.pop("output_hidden_states", None)
-        want_hidden = self.config.output_hidden_states if want_hidden is None else want_hidden
-        if inputs_embeds is None:
-            inputs_embeds = self.embed_tokens(input_ids)
-        B, T = inputs_embeds.shape[:2]
+        return self.config.output_hidden_states if want_hidden is None else want_hidden
+
+    def _cache_for(self, past_key_values, use_cache) -> DMCCache | None:
+        """The caller's DMCCache, a new one (evaluation with ``use_cache``), or None; anything else is refused."""
         use_cache = self.config.use_cache if use_cache is None else use_cache
         if past_key_values is None and use_cache and not self.training:
             past_key_values = DMCCache(self.config)
@@ -210,29 +241,16 @@ class DMCLlamaModel(LlamaModel):
             )
         if past_key_values is not None and self.training:
             raise DMCCacheError("DMCCache needs hard decisions: call model.eval() before caching (or use_cache=False)")
-        past = past_key_values.get_seq_length() if past_key_values is not None else 0
-        valid = None
-        if attention_mask is not None:
-            if attention_mask.dim() != 2:
-                raise ValueError("dmc_llama takes a 2D attention_mask (B, past + T) of 0/1 padding flags")
-            valid = attention_mask[:, -T:].bool()
-        if position_ids is None:
-            position_ids = (torch.arange(T, device=inputs_embeds.device) + past)[None]
-        position_embeddings = self.rotary_emb(inputs_embeds, position_ids=position_ids)
-        hidden = inputs_embeds
-        states = [hidden] if want_hidden else None  # as Llama: the embeddings, each layer's output, the last normed
-        for layer in self.layers:
-            hidden = layer(hidden, position_embeddings=position_embeddings, position_ids=position_ids,
-                           past_key_values=past_key_values, dmc_valid=valid, **kwargs)
-            if states is not None:
-                states.append(hidden)
-        if past_key_values is not None:
-            past_key_values.seen_tokens = past + T
-        last = self.norm(hidden)
-        if states is not None:
-            states[-1] = last
-        return BaseModelOutputWithPast(last_hidden_state=last, past_key_values=past_key_values,
-                                       hidden_states=tuple(states) if states is not None else None)
+        return past_key_values
+
+
+def _valid_tokens(attention_mask, T: int) -> torch.Tensor | None:
+    """(B, T) real-token flags of this forward's tokens from a 2D (B, past + T) mask; None: all real."""
+    if attention_mask is None:
+        return None
+    if attention_mask.dim() != 2:
+        raise ValueError("dmc_llama takes a 2D attention_mask (B, past + T) of 0/1 padding flags")
+    return attention_mask[:, -T:].bool()
 
 
 class DMCLlamaForCausalLM(LlamaForCausalLM):
@@ -266,8 +284,8 @@ class DMCLlamaForCausalLM(LlamaForCausalLM):
                          past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
                          dmc_stats=stats, **kwargs)
         hidden = out.last_hidden_state
-        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-        logits = self.lm_head(hidden[:, keep, :])
+        rows = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(hidden[:, rows, :])
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size)
@@ -278,14 +296,14 @@ class DMCLlamaForCausalLM(LlamaForCausalLM):
     def _summarise(stats: dict) -> dict:
         if not stats:
             return {}
-        layers = sorted(stats)
-        alphas = torch.stack([stats[i][0] for i in layers])  # (L, B, H_kv, T)
-        valid = stats[layers[0]][2]  # (B, T)
-        merges = torch.stack([(stats[i][1] & valid[:, None, :]).sum(-1) for i in layers])  # (L, B, H_kv)
+        layers = [stats[i] for i in sorted(stats)]
+        alphas = torch.stack([d.alpha_st for d in layers])  # (L, B, H_kv, T)
+        valid = layers[0].valid  # (B, T)
+        merges = torch.stack([(d.merged & valid[:, None, :]).sum(-1) for d in layers])  # (L, B, H_kv)
         tokens = valid.sum(-1)  # (B,)
         weight = valid.to(alphas.dtype)[None, :, None, :]
         alpha = (alphas * weight).sum(dim=(0, 2, 3)) / (tokens.clamp(min=1) * alphas.shape[0] * alphas.shape[2])
-        omega = torch.stack([stats[i][3] for i in layers])
+        omega = torch.stack([d.omega_mean for d in layers])
         return {"dmc_alpha": alpha, "dmc_merges": merges, "dmc_tokens": tokens, "dmc_omega": omega}
 
     # DMC: generate() gets a DMCCache unless the caller passes a cache.

@@ -99,11 +99,13 @@ def test_one_pass_prefill_then_decoding_equals_parallel_forward(kind, window, sp
     with torch.no_grad():
         full = model(ids, use_cache=False)
         cache = dmc.DMCCache(model.config)
-        logits = [model(ids[:, :split], past_key_values=cache).logits]
-        logits += [model(ids[:, t : t + 1], past_key_values=cache).logits for t in range(split, ids.shape[1])]
-    torch.testing.assert_close(torch.cat(logits, 1), full.logits, rtol=1e-9, atol=1e-9)
+        outs = [model(ids[:, :split], past_key_values=cache)]
+        outs += [model(ids[:, t : t + 1], past_key_values=cache) for t in range(split, ids.shape[1])]
+    torch.testing.assert_close(torch.cat([o.logits for o in outs], 1), full.logits, rtol=1e-9, atol=1e-9)
     for layer in range(model.config.num_hidden_layers):
         assert torch.equal(cache.num_slots(layer), _expected_slots(full, layer))
+        # the merges each forward reports (prefill, then every decoded token) add up to the cache's slots
+        assert torch.equal(sum(_expected_slots(o, layer) for o in outs), cache.num_slots(layer))
 
 
 @pytest.mark.parametrize("backend", ["reference", "sdpa", "paged"])

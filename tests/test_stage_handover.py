@@ -15,6 +15,7 @@ pytest.importorskip("lightning")
 
 import dmc  # noqa: E402
 import dmc.modeling  # noqa: E402
+import dmc.ops.attention_bias  # noqa: E402
 from dmc.train.handover import first_adam_step  # noqa: E402
 from tests.helpers import SMOLLM2, check_zero_export, logged, run_dmc, tiny_train, write_tiny_checkpoint  # noqa: E402
 
@@ -89,14 +90,14 @@ def test_handover_reaches_deepspeed_master_copy_and_exports_two_processes(tiny, 
 def _record_noise(monkeypatch) -> list[torch.Tensor]:
     """The Gumbel noise (g1 - g2) of every training forward, layer 0 only."""
     calls: list[torch.Tensor] = []
-    original = dmc.modeling.gumbel_sigmoid_logits
+    original = dmc.ops.attention_bias.gumbel_sigmoid_logits
 
     def recording(logit, tau, generator=None, noise=True):
         z = original(logit, tau, generator, noise)
         calls.append((z * tau - logit).detach().clone())
         return z
 
-    monkeypatch.setattr(dmc.modeling, "gumbel_sigmoid_logits", recording)
+    monkeypatch.setattr(dmc.ops.attention_bias, "gumbel_sigmoid_logits", recording)
     return calls
 
 

@@ -71,6 +71,24 @@ def decode_attention_sdpa(q, k_pool, v_pool, block_table, lens, scale=None):
     return out.reshape(B, H, D)
 
 
+def _block_owners(block_table, lens, bs: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """For pool blocks 0..U-1 (U: one past the highest referenced): ``owner`` (U,) the flat pair index
+    b * H_kv + h holding the block (B * H_kv: nobody), ``live`` (U, bs) which of its slots are live."""
+    B, H_kv = lens.shape
+    P = B * H_kv
+    held = block_table >= 0
+    ids = block_table[held]
+    U = int(ids.max()) + 1 if ids.numel() else 1
+    pair = torch.arange(P, device=lens.device).view(B, H_kv, 1).expand_as(block_table)[held]
+    col = torch.arange(block_table.shape[-1], device=lens.device).expand_as(block_table)[held]
+    owner = torch.full((U,), P, dtype=torch.long, device=lens.device)  # row P: blocks nobody references
+    owner[ids] = pair
+    first_slot = torch.zeros(U, dtype=torch.long, device=lens.device)
+    first_slot[ids] = col * bs
+    pair_lens = torch.cat([lens.reshape(-1), lens.new_zeros(1)])  # (P + 1,)
+    return owner, first_slot[:, None] + torch.arange(bs, device=lens.device) < pair_lens[owner][:, None]
+
+
 def decode_attention_paged(q, k_pool, v_pool, block_table, lens, scale=None, return_slot_probs=False):
     """Portable path that reads the pool in place: one small matmul per block, softmax across a pair's blocks.
 
@@ -83,20 +101,10 @@ def decode_attention_paged(q, k_pool, v_pool, block_table, lens, scale=None, ret
     """
     B, H, D = q.shape
     H_kv = lens.shape[1]
-    g, bs, P = H // H_kv, k_pool.shape[1], B * H_kv
+    g, P = H // H_kv, B * H_kv
     scale = D**-0.5 if scale is None else scale
-    held = block_table >= 0
-    ids = block_table[held]
-    U = int(ids.max()) + 1 if ids.numel() else 1
-    pair = torch.arange(P, device=q.device).view(B, H_kv, 1).expand_as(block_table)[held]
-    col = torch.arange(block_table.shape[-1], device=q.device).expand_as(block_table)[held]
-    owner = torch.full((U,), P, dtype=torch.long, device=q.device)  # row P: blocks nobody references
-    owner[ids] = pair
-    first_slot = torch.zeros(U, dtype=torch.long, device=q.device)
-    first_slot[ids] = col * bs
-    pair_lens = torch.cat([lens.reshape(-1), lens.new_zeros(1)])  # (P + 1,)
-    live = first_slot[:, None] + torch.arange(bs, device=q.device) < pair_lens[owner][:, None]  # (U, bs)
-
+    owner, live = _block_owners(block_table, lens, k_pool.shape[1])
+    U = owner.shape[0]
     work = torch.promote_types(q.dtype, torch.float32)
     q_rows = torch.cat([q.reshape(P, g, D), q.new_zeros(1, g, D)])
     scores = torch.bmm(q_rows[owner], k_pool[:U].transpose(1, 2)).to(work) * scale  # (U, g, bs)

@@ -1,12 +1,14 @@
 """Triton kernels for one DMC decoding step: the append/merge cache update and the attention over each
 (sequence, KV head)'s live slots in the paged pool. Used on CUDA; on CPU they run (slowly, for tests)
-under ``TRITON_INTERPRET=1``. Both mirror the PyTorch code of ``dmc.cache.DMCLayer.step`` and
-``decode_attention_reference`` and are tested against them.
+under ``TRITON_INTERPRET=1``. Both mirror PyTorch references, ``cache_step.cache_step`` and
+``decode_attention.decode_attention_reference``, and are tested against them.
 """
 
 from __future__ import annotations
 
 import torch
+
+from .cache_step import step_masks
 
 _KERNELS: dict = {}
 triton = tl = None  # bound by _kernels()
@@ -152,10 +154,10 @@ def decode_attention_triton(q, k_pool, v_pool, block_table, lens, scale=None):
 
 
 def cache_step_triton(layer, k_pre, v, omega, merge, valid, cos, sin) -> None:
-    """``DMCLayer.step`` with the per-pair update fused into one kernel; block allocation stays in PyTorch."""
+    """``cache_step`` with the per-pair update fused into one kernel; block allocation stays in PyTorch."""
     B, H, D = k_pre.shape
-    live, merge, append = layer.step_masks(k_pre, merge, valid)
-    layer._allocate(append & (layer.lens % layer.block_size == 0), layer.lens // layer.block_size)
+    live, merge, append = step_masks(layer, k_pre, merge, valid)
+    layer.allocate(append & (layer.lens % layer.block_size == 0), layer.lens // layer.block_size)
     win = layer.window or 0
     for name in ("k_sum", "v_sum", "w_sum", "lens") + (("ring_k", "ring_v", "ring_w", "seg_len") if win else ()):
         setattr(layer, name, getattr(layer, name).contiguous())  # the kernel updates them in place, densely

@@ -1,0 +1,122 @@
+"""``PagedSlots``: per (sequence, KV head) lists of key/value slots in one paged pool per layer.
+
+The storage that the DMC cache, every baseline cache policy and the Triton cache update share, so that their
+bytes are counted the same way. The public API, all of it tested directly (tests/test_paged_slots.py):
+
+    init_pool(batch, dtype, device)   empty pool and block table for ``batch`` sequences
+    allocate(want, block_col)         one block for each pair where ``want`` (B, H_kv), at table column block_col
+    allocate_runs(n_blocks)           ``n_blocks[b, h]`` blocks for each pair, at columns 0.. (an empty table)
+    release(b, h, col)                blocks back to the free list (reused before the pool grows)
+    locate(b, h, slot) -> (block, offset)   where slot ``slot`` of pair (b, h) lives
+    write(b, h, slot, keys, values)   store keys/values (N, D) at those slots
+    select_sequences(index)           keep/reorder/repeat sequences (beam search); compacts the pool
+    allocated_bytes(), pool_bytes()   blocks handed out, and the pool as reserved
+
+State: ``k_pool``, ``v_pool`` (blocks, block_size, D); ``block_table[b, h, j]`` the block holding slots
+``j * block_size ..`` of pair (b, h) (-1: none); ``lens[b, h]`` its number of live slots. The pool grows by
+whole zero-filled blocks (``reserve``, which a subclass extends to grow per-slot pools of its own beside).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class PagedSlots:
+    def __init__(self, num_kv_heads: int, head_dim: int, block_size: int):
+        self.num_kv_heads, self.head_dim, self.block_size = num_kv_heads, head_dim, block_size
+
+    def init_pool(self, batch: int, dtype, device) -> None:
+        H, D = self.num_kv_heads, self.head_dim
+        self.dtype, self.device = dtype, device
+        self.k_pool = torch.empty(0, self.block_size, D, dtype=dtype, device=device)
+        self.v_pool = torch.empty_like(self.k_pool)
+        self.used_blocks = 0  # high-water mark of the pool
+        self.free_blocks = torch.empty(0, dtype=torch.long, device=device)  # released, below the mark
+        self.block_table = torch.full((batch, H, 0), -1, dtype=torch.long, device=device)
+        self.lens = torch.zeros(batch, H, dtype=torch.long, device=device)
+
+    def reserve(self, extra: int) -> None:
+        """Room for ``extra`` blocks above the high-water mark (the pool grows by at least a quarter)."""
+        need = self.used_blocks + extra
+        if need > self.k_pool.shape[0]:
+            grow = max(need, int(self.k_pool.shape[0] * 1.25) + 1) - self.k_pool.shape[0]
+            # zeros, not garbage: the paged attention multiplies dead slots by 0, and 0 * NaN is NaN
+            pad = self.k_pool.new_zeros(grow, self.block_size, self.head_dim)
+            self.k_pool = torch.cat([self.k_pool, pad])
+            self.v_pool = torch.cat([self.v_pool, pad])
+
+    def _grow_table(self, width: int) -> None:
+        if width > self.block_table.shape[-1]:
+            pad = self.block_table.new_full((*self.block_table.shape[:2], width - self.block_table.shape[-1]), -1)
+            self.block_table = torch.cat([self.block_table, pad], dim=-1)
+
+    def _take_blocks(self, n: int) -> torch.Tensor:
+        """``n`` block ids: released ones first, then fresh ones above the high-water mark."""
+        reuse = min(n, self.free_blocks.numel())
+        fresh = n - reuse
+        self.reserve(fresh)
+        ids = torch.cat([self.free_blocks[:reuse], self.used_blocks + torch.arange(fresh, device=self.device)])
+        self.free_blocks = self.free_blocks[reuse:]
+        self.used_blocks += fresh
+        return ids
+
+    def allocate(self, want: torch.Tensor, block_col: torch.Tensor) -> None:
+        """Give a block to every pair where ``want`` (B, H_kv), at table column ``block_col`` (B, H_kv)."""
+        n = int(want.sum())
+        if n == 0:
+            return
+        ids = self._take_blocks(n)
+        self._grow_table(int(block_col[want].max()) + 1)
+        b, h = want.nonzero(as_tuple=True)
+        self.block_table[b, h, block_col[b, h]] = ids
+
+    def allocate_runs(self, n_blocks: torch.Tensor) -> None:
+        """Give pair (b, h) ``n_blocks[b, h]`` blocks at table columns 0.. (an empty table)."""
+        total, width = int(n_blocks.sum()), int(n_blocks.max()) if n_blocks.numel() else 0
+        self._grow_table(width)
+        if total == 0:
+            return
+        ids = self._take_blocks(total)
+        first = n_blocks.flatten().cumsum(0).view_as(n_blocks) - n_blocks  # (B, H_kv): the pair's first id in ids
+        col = torch.arange(width, device=self.device)
+        at = (first[..., None] + col).clamp(max=total - 1)
+        self.block_table[..., :width] = torch.where(col < n_blocks[..., None], ids[at], -1)
+
+    def release(self, b: torch.Tensor, h: torch.Tensor, col: torch.Tensor) -> None:
+        """Return the blocks at table column ``col`` of pairs (b, h) (N,) to the free list."""
+        ids = self.block_table[b, h, col]
+        self.block_table[b, h, col] = -1
+        self.free_blocks = torch.cat([self.free_blocks, ids[ids >= 0]])
+
+    def locate(self, b: torch.Tensor, h: torch.Tensor, slot: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(block, offset) (N,) of slot ``slot`` of pairs (b, h) (N,); the slot's block must be allocated."""
+        return self.block_table[b, h, slot // self.block_size], slot % self.block_size
+
+    def write(self, b, h, slot, keys, values) -> None:
+        """keys, values (N, D) into slot ``slot`` of pairs (b, h) (N,), cast to the pool's dtype."""
+        block, offset = self.locate(b, h, slot)
+        self.k_pool[block, offset] = keys.to(self.dtype)
+        self.v_pool[block, offset] = values.to(self.dtype)
+
+    def select_sequences(self, index: torch.Tensor) -> None:
+        """Keep/reorder/repeat sequences; blocks are copied, never shared, and the pool is compacted."""
+        table = self.block_table[index]
+        live = table >= 0
+        new_ids = live.flatten().long().cumsum(0).view_as(table) - 1
+        self.k_pool, self.v_pool = self.k_pool[table[live]], self.v_pool[table[live]]
+        self.used_blocks = int(live.sum())
+        self.free_blocks = self.free_blocks[:0]
+        self.block_table = torch.where(live, new_ids, -1)
+        self.lens = self.lens[index]
+
+    def allocated_bytes(self) -> int:
+        """Bytes of the slot blocks handed out (keys and values)."""
+        if not getattr(self, "is_initialized", False):
+            return 0
+        blocks = self.used_blocks - self.free_blocks.numel()
+        return 2 * blocks * self.block_size * self.head_dim * self.k_pool.element_size()
+
+    def pool_bytes(self) -> int:
+        """Bytes of the pools as reserved (blocks handed out or not)."""
+        return 2 * self.k_pool.numel() * self.k_pool.element_size() if getattr(self, "is_initialized", False) else 0

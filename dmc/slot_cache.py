@@ -1,0 +1,70 @@
+"""The transformers ``Cache`` over paged slots that the DMC cache and the baseline policy caches both are.
+
+``SlotCacheLayer`` is a cache layer filled by its own attention code (``update`` is refused with a hint);
+``SlotCache`` holds one per layer and answers what every slot cache answers: live slots per pair and bytes.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from .paged_slots import PagedSlots
+
+
+class DMCCacheError(RuntimeError):
+    """The cache was used in a way DMC does not support; the message says what to do instead."""
+
+
+class SlotCacheLayer(PagedSlots, CacheLayerMixin):
+    """A transformers cache layer over paged slots. Subclasses define ``_init_state(batch, dtype, device)``,
+    ``reserved_bytes()`` and ``update_hint`` (what to do instead of a plain ``update``)."""
+
+    is_compileable = False
+    is_sliding = False
+    supports_early_init = False
+    update_hint = ""
+
+    def __init__(self, num_kv_heads: int, head_dim: int, block_size: int):
+        PagedSlots.__init__(self, num_kv_heads, head_dim, block_size)
+        CacheLayerMixin.__init__(self)
+        self.seen_tokens = 0
+
+    def lazy_initialization(self, key_states, value_states) -> None:
+        self._init_state(key_states.shape[0], key_states.dtype, key_states.device)
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        raise DMCCacheError(self.update_hint)
+
+    def get_seq_length(self) -> int:
+        return self.seen_tokens
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.seen_tokens + query_length, 0
+
+    def reset(self) -> None:
+        self.is_initialized = False
+        self.seen_tokens = 0
+
+
+class SlotCache(Cache):
+    """A ``Cache`` of ``SlotCacheLayer``s: ``num_slots(layer_idx)`` -> (B, H_kv) live slots;
+    ``allocated_bytes()`` the slot blocks in use; ``reserved_bytes()`` the pools plus per-slot state."""
+
+    def layer(self, layer_idx: int) -> SlotCacheLayer:
+        return self.layers[layer_idx]
+
+    def num_slots(self, layer_idx: int) -> torch.Tensor:
+        layer = self.layers[layer_idx]
+        if not layer.is_initialized:
+            raise DMCCacheError(f"layer {layer_idx} of the cache is empty: run a forward pass first")
+        return layer.lens.clone()
+
+    def allocated_bytes(self) -> int:
+        return sum(layer.allocated_bytes() for layer in self.layers)
+
+    def reserved_bytes(self) -> int:
+        return sum(layer.reserved_bytes() for layer in self.layers)
