@@ -15,7 +15,7 @@ from dmc.eval.run import parser
 from dmc.eval.tasks import mmlu
 from dmc.eval.tasks.humaneval import pass_at_k
 from dmc.export import save_folder
-from tests.helpers import SMOLLM2, write_tiny_checkpoint
+from tests.helpers import SMOLLM2, one_line_exit, write_tiny_checkpoint
 
 FIXTURE = Path(__file__).parent / "fixtures" / "mmlu"
 
@@ -148,9 +148,7 @@ def test_pass_at_k_is_the_unbiased_estimator():
 
 def test_bad_input_gets_one_line_errors(folders, tmp_path, capsys):
     def err(*argv):
-        with pytest.raises(SystemExit) as e:
-            eval_main(list(argv))
-        return str(e.value.code)
+        return one_line_exit(eval_main, *argv)
 
     msg = err(str(folders[0]), "--tasks", "ppl", "hellaswag", "--out", str(tmp_path))
     assert "unknown task 'hellaswag'" in msg and "mmlu" in msg

@@ -193,10 +193,8 @@ def test_bf16_export_is_the_default_and_equals_a_cast_of_the_fp32_export(run, tm
 
 
 def _one_line_error(capsys, *argv) -> str:
-    with pytest.raises(SystemExit) as exc:
-        export_main(list(argv))
-    message = str(exc.value.code)
-    assert message.startswith("dmc export: error:") and "\n" not in message.strip()
+    message = one_line_exit(export_main, *argv)
+    assert message.startswith("dmc export: error:")
     return message
 
 

@@ -18,15 +18,15 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import nn
-from transformers.cache_utils import Cache
 from transformers.models.llama.modeling_llama import LlamaAttention, apply_rotary_pos_emb
 
-from dmc.cache import SlotCacheLayer
 from dmc.metrics import head_dim
 from dmc.ops.decode_attention import decode_attention_paged
+from dmc.slot_cache import SlotCache, SlotCacheLayer
 
 
 @dataclass(frozen=True)
@@ -47,15 +47,15 @@ class Budget:
         return seen.clamp(max=self.tokens)
 
 
+@dataclass
 class Policy:
-    """Decides which slot to drop. ``observe`` sees each step's attention; ``choose`` names, for every pair
-    over budget, the slot (index into that pair's slot list) to evict."""
+    """Decides which slot to drop (kvpress's scorer presses, as dataclasses citing their paper). ``observe``
+    sees each step's attention; ``priority`` orders each pair's slots for eviction; ``choose`` names, for every
+    pair over budget, the slot (index into that pair's slot list) to evict."""
 
-    name = "policy"
-    history = 0  # > 0: keep each slot's attention over the last ``history`` steps (``hist_pool``; -1 = unseen)
-
-    def __init__(self, budget: Budget):
-        self.budget = budget
+    budget: Budget
+    name: ClassVar[str] = "policy"
+    history: ClassVar[int] = 0  # > 0: each slot's attention over the last ``history`` steps (``hist_pool``; -1 unseen)
 
     @property
     def label(self) -> str:
@@ -80,6 +80,15 @@ class Policy:
         priority = self.priority(layer)
         return torch.where(torch.isinf(priority).all(-1), layer.oldest_slot(), priority.argmin(-1))
 
+    @staticmethod
+    def protect_recent(layer: PolicyLayer, priority: torch.Tensor, recent) -> torch.Tensor:
+        """``priority`` (B, H_kv, S) with each sequence's ``recent`` (int or (B,)) newest tokens and the dead
+        slots set to +inf."""
+        pos = layer.pair_view(layer.pos_pool, -1)
+        recent = torch.as_tensor(recent, device=pos.device).reshape(-1, 1, 1)
+        protected = (pos >= layer.seen[:, None, None] - recent) | (pos < 0)
+        return torch.where(protected, float("inf"), priority)
+
 
 class PolicyLayer(SlotCacheLayer):
     update_hint = "PolicyCache is filled by PolicyLlamaAttention; run apply_policy(model) first"
@@ -90,7 +99,7 @@ class PolicyLayer(SlotCacheLayer):
         self.prompt_seen: torch.Tensor | None = None  # question-aware: real prompt tokens, set after prefill
 
     def _init_state(self, batch: int, dtype, device) -> None:
-        self._init_pool(batch, dtype, device)
+        self.init_pool(batch, dtype, device)
         self.pos_pool = torch.zeros(0, self.block_size, dtype=torch.long, device=device)
         self.score_pool = torch.zeros(0, self.block_size, dtype=torch.float32, device=device)
         self.hist_pool = torch.zeros(0, self.block_size, self.policy.history, dtype=torch.float32, device=device)
@@ -98,8 +107,8 @@ class PolicyLayer(SlotCacheLayer):
         self.steps = 0  # attention observations so far (indexes the history ring)
         self.is_initialized = True
 
-    def _ensure_blocks(self, extra: int) -> None:
-        super()._ensure_blocks(extra)
+    def reserve(self, extra: int) -> None:
+        super().reserve(extra)
         grow = self.k_pool.shape[0] - self.pos_pool.shape[0]
         if grow > 0:  # per-slot position, score and attention history live beside the keys, block for block
             self.pos_pool = torch.cat([self.pos_pool, self.pos_pool.new_zeros(grow, self.block_size)])
@@ -113,9 +122,6 @@ class PolicyLayer(SlotCacheLayer):
         if self.policy.history:
             self.hist_pool[..., self.steps % self.policy.history] = probs
         self.steps += 1
-
-    def _where(self, b, h, slot):
-        return self.block_table[b, h, slot // self.block_size], slot % self.block_size
 
     def pair_view(self, pool: torch.Tensor, fill) -> torch.Tensor:
         """(B, H_kv, max slots, *extra) view of a per-slot pool (blocks, block_size, *extra); dead slots hold
@@ -140,10 +146,10 @@ class PolicyLayer(SlotCacheLayer):
             self._init_state(B, keys.dtype, keys.device)
         live = valid[:, None].expand(B, H)
         slot = self.lens
-        self._allocate(live & (slot % self.block_size == 0), slot // self.block_size)
+        self.allocate(live & (slot % self.block_size == 0), slot // self.block_size)
         b, h = live.nonzero(as_tuple=True)
-        self._write(b, h, slot[b, h], keys[b, h], values[b, h])
-        blk, off = self._where(b, h, slot[b, h])
+        self.write(b, h, slot[b, h], keys[b, h], values[b, h])
+        blk, off = self.locate(b, h, slot[b, h])
         self.pos_pool[blk, off] = self.seen[b]
         self.score_pool[blk, off] = 0
         self.hist_pool[blk, off] = -1  # not yet observed
@@ -157,14 +163,14 @@ class PolicyLayer(SlotCacheLayer):
         if b.numel() == 0:
             return
         last = self.lens[b, h] - 1
-        dst, dst_off = self._where(b, h, slot[b, h])
-        src, src_off = self._where(b, h, last)
+        dst, dst_off = self.locate(b, h, slot[b, h])
+        src, src_off = self.locate(b, h, last)
         for pool in (self.k_pool, self.v_pool, self.pos_pool, self.score_pool, self.hist_pool):
             pool[dst, dst_off] = pool[src, src_off]
             pool[src, src_off] = 0  # dead slots stay zero (finite) for the paged attention
         self.lens[b, h] = last
         empty = last % self.block_size == 0
-        self._release(b[empty], h[empty], (last // self.block_size)[empty])
+        self.release(b[empty], h[empty], (last // self.block_size)[empty])
 
     def attend(self, q: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
         """q (B, H, D): (output (B, H, D), this step's attention per pool slot (group mean))."""
@@ -229,7 +235,7 @@ class PolicyLayer(SlotCacheLayer):
         return self.pool_bytes() + sum(t.numel() * t.element_size() for t in meta)
 
 
-class PolicyCache(Cache):
+class PolicyCache(SlotCache):
     """A ``Cache`` whose layers keep at most the policy's budget of slots per (sequence, KV head).
 
     ``layout``: "paged" (the reference: DMC's paged pool and its bytes) or "dense" (``dense.py``: the same
@@ -247,15 +253,6 @@ class PolicyCache(Cache):
         super().__init__(layers=[layers[layout](H_kv, D, block_size, policy, question_aware)
                                  for _ in range(config.num_hidden_layers)])
         self.policy, self.question_aware = policy, question_aware
-
-    def num_slots(self, layer_idx: int) -> torch.Tensor:
-        return self.layers[layer_idx].lens.clone()
-
-    def allocated_bytes(self) -> int:
-        return sum(layer.allocated_bytes() for layer in self.layers)
-
-    def reserved_bytes(self) -> int:
-        return sum(layer.reserved_bytes() for layer in self.layers)
 
 
 def _valid_tokens(attention_mask, B: int, T: int, past: int, device) -> torch.Tensor:

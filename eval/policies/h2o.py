@@ -4,17 +4,16 @@ paper's default splits the budget evenly between the two. Per KV head (its query
 
 from __future__ import annotations
 
-import torch
+from dataclasses import dataclass
+from typing import ClassVar
 
-from .base import Budget, Policy
+from .base import Policy
 
 
+@dataclass
 class H2O(Policy):
-    name = "h2o"
-
-    def __init__(self, budget: Budget, recent_fraction: float = 0.5):
-        super().__init__(budget)
-        self.recent_fraction = recent_fraction
+    recent_fraction: float = 0.5  # share of the budget kept for the newest tokens
+    name: ClassVar[str] = "h2o"
 
     def observe(self, layer, probs):
         layer.score_pool += probs
@@ -23,8 +22,6 @@ class H2O(Policy):
         layer.score_pool += probs.sum(-2)
 
     def priority(self, layer):
-        score = layer.pair_view(layer.score_pool, float("inf"))  # (B, H_kv, S)
-        pos = layer.pair_view(layer.pos_pool, -1)
-        recent = (self.budget.slots(layer.seen).double() * self.recent_fraction).long()[:, None, None]
-        protected = (pos >= (layer.seen[:, None, None] - recent)) | (pos < 0)
-        return torch.where(protected, float("inf"), score)  # a budget all recent: the oldest goes
+        score = layer.pair_view(layer.score_pool, float("inf"))  # (B, H_kv, S) attention accumulated so far
+        recent = (self.budget.slots(layer.seen).double() * self.recent_fraction).long()
+        return self.protect_recent(layer, score, recent)  # a budget all recent: the oldest goes

@@ -10,24 +10,24 @@ and dropping just enough tokens to meet the budget (the paper drops a batch of m
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import ClassVar
+
 import torch
 
-from .base import Budget, Policy
+from .base import Policy
 
 
+@dataclass
 class Scissorhands(Policy):
-    name = "scissorhands"
-
-    def __init__(self, budget: Budget, history: int = 32, recent: int = 8):
-        super().__init__(budget)
-        self.history, self.recent = history, recent
+    history: int = 32  # steps of attention counted (the history ring)
+    recent: int = 8  # newest tokens always kept
+    name: ClassVar[str] = "scissorhands"
 
     def priority(self, layer):
         threshold = 1.0 / self.budget.slots(layer.seen).to(torch.float32)[:, None, None, None]  # uniform share
         hist = layer.pair_view(layer.hist_pool, -1.0)  # (B, H_kv, S, history); -1 = step not observed
         count = ((hist >= 0) & (hist < threshold)).sum(-1).float()
         pos = layer.pair_view(layer.pos_pool, -1)
-        seen = layer.seen[:, None, None]
-        protected = (pos >= seen - self.recent) | (pos < 0)
-        key = count + 0.5 * (1 - pos.float() / (seen.float() + 1))  # older first among equal counts
-        return torch.where(protected, float("inf"), -key)  # the most often low-attention goes first
+        key = count + 0.5 * (1 - pos.float() / (layer.seen[:, None, None].float() + 1))  # older first among equals
+        return self.protect_recent(layer, -key, self.recent)  # the most often low-attention goes first

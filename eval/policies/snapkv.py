@@ -10,19 +10,24 @@ with the window being the latest ``window`` queries."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import ClassVar
+
 import torch
 import torch.nn.functional as F
 
-from .base import Budget, Policy
+from .base import Policy
 
 
+@dataclass
 class SnapKV(Policy):
-    name = "snapkv"
+    window: int = 32  # observation window: the latest queries that score the cache (and are kept)
+    kernel: int = 7  # average-pooling width over neighbouring positions
+    name: ClassVar[str] = "snapkv"
 
-    def __init__(self, budget: Budget, window: int = 32, kernel: int = 7):
-        super().__init__(budget)
-        self.history = self.window = window
-        self.kernel = kernel
+    @property
+    def history(self) -> int:  # the observation window is the attention history kept per slot
+        return self.window
 
     def priority(self, layer):
         score = layer.pair_view(layer.hist_pool.clamp(min=0).sum(-1), float("nan"))  # (B, H_kv, S)
@@ -37,5 +42,4 @@ class SnapKV(Policy):
         count = F.avg_pool1d(ones, self.kernel, 1, pad, count_include_pad=True)
         pooled = (pooled / count.clamp(min=1e-9)).reshape(B, H, S)  # mean over live neighbours only
         smooth = torch.empty_like(pooled).scatter_(-1, order, pooled)
-        protected = (pos >= (layer.seen[:, None, None] - self.window)) | (pos == torch.iinfo(torch.long).max)
-        return torch.where(protected, float("inf"), smooth)
+        return self.protect_recent(layer, smooth, self.window)

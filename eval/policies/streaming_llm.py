@@ -4,17 +4,18 @@ non-sink token. Keys keep their original RoPE positions (as in kvpress), not re-
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import ClassVar
+
 import torch
 
-from .base import Budget, Policy
+from .base import Policy
 
 
+@dataclass
 class StreamingLLM(Policy):
-    name = "streaming_llm"
-
-    def __init__(self, budget: Budget, sinks: int = 4):
-        super().__init__(budget)
-        self.sinks = sinks
+    sinks: int = 4  # first tokens always kept (the attention sinks)
+    name: ClassVar[str] = "streaming_llm"
 
     def priority(self, layer):
         pos = layer.pair_view(layer.pos_pool, -1)  # (B, H_kv, S)

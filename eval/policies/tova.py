@@ -4,11 +4,15 @@ every KV head drops the same token, so their slot lists stay aligned)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import ClassVar
+
 from .base import Policy
 
 
+@dataclass
 class TOVA(Policy):
-    name = "tova"
+    name: ClassVar[str] = "tova"
 
     def observe(self, layer, probs):
         layer.score_pool.copy_(probs)  # only the current query counts
