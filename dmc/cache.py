@@ -21,6 +21,9 @@ class DMCLayer(SlotCacheLayer):
     def __init__(self, num_kv_heads: int, head_dim: int, block_size: int, window: int | None):
         super().__init__(num_kv_heads, head_dim, block_size)
         self.window = window
+        # each sequence's open-slot state, selected, copied and emptied with its slots
+        self.row_state = ("started", "k_sum", "v_sum", "w_sum") + (
+            ("ring_k", "ring_v", "ring_w", "seg_len") if window else ())
 
     # ---- allocation ------------------------------------------------------------------------------
     def _init_state(self, batch: int, dtype, device) -> None:
@@ -78,14 +81,8 @@ class DMCLayer(SlotCacheLayer):
     # ---- transformers Cache API (beyond SlotCacheLayer) ----------------------------------------------
     def select_rows(self, index: torch.Tensor) -> None:
         """Keep/reorder/repeat sequences (beam search, num_return_sequences); blocks are copied, never shared."""
-        if not self.is_initialized:
-            return
-        index = index.to(self.device)
-        self.select_sequences(index)
-        names = ["started", "k_sum", "v_sum", "w_sum"]
-        names += ["ring_k", "ring_v", "ring_w", "seg_len"] if self.window else []
-        for name in names:
-            setattr(self, name, getattr(self, name)[index])
+        if self.is_initialized:
+            self.select_sequences(index.to(self.device))
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self.select_rows(beam_idx)

@@ -10,11 +10,15 @@ bytes are counted the same way. The public API, all of it tested directly (tests
     locate(b, h, slot) -> (block, offset)   where slot ``slot`` of pair (b, h) lives
     write(b, h, slot, keys, values)   store keys/values (N, D) at those slots
     select_sequences(index)           keep/reorder/repeat sequences (beam search); compacts the pool
+    add_sequences(n)                  n more (empty) sequences
+    insert_sequence(b, other, ob)     copy sequence ``ob`` of another store into the empty sequence b
+    release_sequence(b)               free every block of sequence b and empty it (continuous batching)
     allocated_bytes(), pool_bytes()   blocks handed out, and the pool as reserved
 
 State: ``k_pool``, ``v_pool`` (blocks, block_size, D); ``block_table[b, h, j]`` the block holding slots
-``j * block_size ..`` of pair (b, h) (-1: none); ``lens[b, h]`` its number of live slots. The pool grows by
-whole zero-filled blocks (``reserve``, which a subclass extends to grow per-slot pools of its own beside).
+``j * block_size ..`` of pair (b, h) (-1: none); ``lens[b, h]`` its number of live slots. A subclass names
+further per-slot pools (``slot_pools``, grown, copied and compacted with the keys) and per-sequence state
+(``row_state``, tensors whose first dimension is the sequence). The pool grows by whole zero-filled blocks.
 """
 
 from __future__ import annotations
@@ -23,6 +27,9 @@ import torch
 
 
 class PagedSlots:
+    slot_pools: tuple[str, ...] = ("k_pool", "v_pool")  # (blocks, block_size, ...) tensors, block for block
+    row_state: tuple[str, ...] = ()  # (B, ...) per-sequence tensors beside the table
+
     def __init__(self, num_kv_heads: int, head_dim: int, block_size: int):
         self.num_kv_heads, self.head_dim, self.block_size = num_kv_heads, head_dim, block_size
 
@@ -41,10 +48,9 @@ class PagedSlots:
         need = self.used_blocks + extra
         if need > self.k_pool.shape[0]:
             grow = max(need, int(self.k_pool.shape[0] * 1.25) + 1) - self.k_pool.shape[0]
-            # zeros, not garbage: the paged attention multiplies dead slots by 0, and 0 * NaN is NaN
-            pad = self.k_pool.new_zeros(grow, self.block_size, self.head_dim)
-            self.k_pool = torch.cat([self.k_pool, pad])
-            self.v_pool = torch.cat([self.v_pool, pad])
+            for name in self.slot_pools:  # zeros, not garbage: the paged attention multiplies dead slots by 0
+                pool = getattr(self, name)
+                setattr(self, name, torch.cat([pool, pool.new_zeros(grow, *pool.shape[1:])]))
 
     def _grow_table(self, width: int) -> None:
         if width > self.block_table.shape[-1]:
@@ -104,18 +110,58 @@ class PagedSlots:
         table = self.block_table[index]
         live = table >= 0
         new_ids = live.flatten().long().cumsum(0).view_as(table) - 1
-        self.k_pool, self.v_pool = self.k_pool[table[live]], self.v_pool[table[live]]
+        for name in self.slot_pools:
+            setattr(self, name, getattr(self, name)[table[live]])
         self.used_blocks = int(live.sum())
         self.free_blocks = self.free_blocks[:0]
         self.block_table = torch.where(live, new_ids, -1)
         self.lens = self.lens[index]
+        for name in self.row_state:
+            setattr(self, name, getattr(self, name)[index])
+
+    def add_sequences(self, n: int) -> None:
+        """Append ``n`` empty sequences (no blocks, zeroed state) after the existing ones."""
+        self.block_table = torch.cat([self.block_table, self.block_table.new_full((n, *self.block_table.shape[1:]), -1)])
+        self.lens = torch.cat([self.lens, self.lens.new_zeros(n, *self.lens.shape[1:])])
+        for name in self.row_state:
+            state = getattr(self, name)
+            setattr(self, name, torch.cat([state, state.new_zeros(n, *state.shape[1:])]))
+
+    def insert_sequence(self, b: int, other: PagedSlots, ob: int = 0) -> None:
+        """Copy sequence ``ob`` of ``other`` (same heads, head dim, block size and pools) into the empty
+        sequence ``b``: its blocks into fresh blocks of this pool, its table row, lengths and state."""
+        if bool((self.block_table[b] >= 0).any()):
+            raise ValueError(f"sequence {b} still holds blocks: release_sequence({b}) first")
+        src = other.block_table[ob]  # (H_kv, cols)
+        held = src >= 0
+        ids = self._take_blocks(int(held.sum()))
+        self._grow_table(src.shape[-1])
+        row = self.block_table[b]
+        row[:, : src.shape[-1]][held] = ids
+        for name in self.slot_pools:
+            getattr(self, name)[ids] = getattr(other, name)[src[held]]
+        self.lens[b] = other.lens[ob]
+        for name in self.row_state:
+            getattr(self, name)[b] = getattr(other, name)[ob]
+
+    def release_sequence(self, b: int) -> None:
+        """Free every block of sequence ``b`` (they are reused before the pool grows) and empty it; its row
+        stays, ready for ``insert_sequence``."""
+        h, col = (self.block_table[b] >= 0).nonzero(as_tuple=True)
+        self.release(torch.full_like(h, b), h, col)
+        self.lens[b] = 0
+        for name in self.row_state:
+            getattr(self, name)[b] = 0
 
     def allocated_bytes(self) -> int:
         """Bytes of the slot blocks handed out (keys and values)."""
         if not getattr(self, "is_initialized", False):
             return 0
-        blocks = self.used_blocks - self.free_blocks.numel()
-        return 2 * blocks * self.block_size * self.head_dim * self.k_pool.element_size()
+        return (self.used_blocks - self.free_blocks.numel()) * self.block_bytes()
+
+    def block_bytes(self) -> int:
+        """Bytes of one block of keys and values."""
+        return 2 * self.block_size * self.head_dim * self.k_pool.element_size()
 
     def pool_bytes(self) -> int:
         """Bytes of the pools as reserved (blocks handed out or not)."""

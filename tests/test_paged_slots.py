@@ -1,6 +1,7 @@
 """The paged slot storage shared by the DMC cache and the baseline policies, through its public API: allocation,
 release, reuse, locating and writing slots, sequence selection, byte counts."""
 
+import pytest
 import torch
 
 from dmc.paged_slots import PagedSlots
@@ -73,3 +74,31 @@ def test_reserve_grows_by_zero_filled_blocks_and_keeps_contents():
     assert s.k_pool.shape[0] >= s.used_blocks + 5 > held
     assert s.k_pool[s.block_table[0, 0, 0], 1].eq(1).all() and s.k_pool.sum() == 8
     assert s.pool_bytes() == 2 * s.k_pool.numel() * 4 and s.allocated_bytes() == 2 * 1 * 2 * 8 * 4
+
+
+def test_insert_then_release_a_sequence_moves_its_slots_and_frees_its_blocks():
+    src = _store(batch=2, heads=2, block=2)
+    src.allocate_runs(torch.tensor([[1, 2], [2, 1]]))
+    src.lens = torch.tensor([[2, 3], [4, 1]])
+    for h, n in ((0, 4), (1, 1)):
+        for slot in range(n):
+            src.write(torch.tensor([1]), torch.tensor([h]), torch.tensor([slot]),
+                      torch.full((1, 8), 10.0 * h + slot), torch.full((1, 8), -1.0 - slot))
+    dst = _store(batch=1, heads=2, block=2)
+    dst.allocate_runs(torch.tensor([[3, 0]]))  # sequence 0 busy: the copy must not land on its blocks
+    dst.add_sequences(2)
+    assert dst.block_table.shape[0] == 3 and (dst.block_table[1:] == -1).all() and (dst.lens[1:] == 0).all()
+    dst.insert_sequence(2, src, 1)
+    assert dst.lens[2].tolist() == [4, 1] and dst.allocated_bytes() == 2 * 6 * 2 * 8 * 4
+    for h, n in ((0, 4), (1, 1)):
+        for slot in range(n):
+            block, offset = dst.locate(torch.tensor([2]), torch.tensor([h]), torch.tensor([slot]))
+            assert dst.k_pool[block, offset, 0] == 10.0 * h + slot and dst.v_pool[block, offset, 0] == -1.0 - slot
+    assert set(dst.block_table[2][dst.block_table[2] >= 0].tolist()).isdisjoint(dst.block_table[0].flatten().tolist())
+    with pytest.raises(ValueError, match="release_sequence"):
+        dst.insert_sequence(2, src, 1)
+    dst.release_sequence(2)
+    assert (dst.block_table[2] == -1).all() and (dst.lens[2] == 0).all()
+    assert dst.allocated_bytes() == 2 * 3 * 2 * 8 * 4  # only sequence 0's blocks remain handed out
+    dst.insert_sequence(1, src, 1)  # the freed blocks are reused before the pool grows
+    assert dst.used_blocks == 6

@@ -56,6 +56,7 @@ class Policy:
     budget: Budget
     name: ClassVar[str] = "policy"
     history: ClassVar[int] = 0  # > 0: each slot's attention over the last ``history`` steps (``hist_pool``; -1 unseen)
+    observes: ClassVar[bool] = True  # False: never looks at attention (the layer skips computing it)
 
     @property
     def label(self) -> str:
@@ -92,6 +93,9 @@ class Policy:
 
 class PolicyLayer(SlotCacheLayer):
     update_hint = "PolicyCache is filled by PolicyLlamaAttention; run apply_policy(model) first"
+    # per-slot position, score and attention history live beside the keys, block for block
+    slot_pools = ("k_pool", "v_pool", "pos_pool", "score_pool", "hist_pool")
+    row_state = ("seen",)
 
     def __init__(self, num_kv_heads: int, head_dim: int, block_size: int, policy: Policy, question_aware: bool = False):
         super().__init__(num_kv_heads, head_dim, block_size)
@@ -106,14 +110,6 @@ class PolicyLayer(SlotCacheLayer):
         self.seen = torch.zeros(batch, dtype=torch.long, device=device)
         self.steps = 0  # attention observations so far (indexes the history ring)
         self.is_initialized = True
-
-    def reserve(self, extra: int) -> None:
-        super().reserve(extra)
-        grow = self.k_pool.shape[0] - self.pos_pool.shape[0]
-        if grow > 0:  # per-slot position, score and attention history live beside the keys, block for block
-            self.pos_pool = torch.cat([self.pos_pool, self.pos_pool.new_zeros(grow, self.block_size)])
-            self.score_pool = torch.cat([self.score_pool, self.score_pool.new_zeros(grow, self.block_size)])
-            self.hist_pool = torch.cat([self.hist_pool, self.hist_pool.new_zeros(grow, *self.hist_pool.shape[1:])])
 
     def observe(self, probs: torch.Tensor) -> None:
         """This step's attention per pool slot: the policy's own scores, then the history ring (policies
@@ -165,15 +161,18 @@ class PolicyLayer(SlotCacheLayer):
         last = self.lens[b, h] - 1
         dst, dst_off = self.locate(b, h, slot[b, h])
         src, src_off = self.locate(b, h, last)
-        for pool in (self.k_pool, self.v_pool, self.pos_pool, self.score_pool, self.hist_pool):
+        for pool in (getattr(self, name) for name in self.slot_pools):
             pool[dst, dst_off] = pool[src, src_off]
             pool[src, src_off] = 0  # dead slots stay zero (finite) for the paged attention
         self.lens[b, h] = last
         empty = last % self.block_size == 0
         self.release(b[empty], h[empty], (last // self.block_size)[empty])
 
-    def attend(self, q: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """q (B, H, D): (output (B, H, D), this step's attention per pool slot (group mean))."""
+    def attend(self, q: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """q (B, H, D): (output (B, H, D), this step's attention per pool slot (group mean), None for a policy
+        that does not observe)."""
+        if not self.policy.observes:
+            return decode_attention_paged(q, self.k_pool, self.v_pool, self.block_table, self.lens, scale), None
         return decode_attention_paged(q, self.k_pool, self.v_pool, self.block_table, self.lens, scale,
                                       return_slot_probs=True)
 
@@ -191,7 +190,8 @@ class PolicyLayer(SlotCacheLayer):
         for t in range(q.shape[2]):
             self.append(k[:, :, t], v[:, :, t], valid[:, t])
             out, probs = self.attend(q[:, :, t], scale)
-            self.observe(probs)
+            if probs is not None:
+                self.observe(probs)
             if evict:
                 self.enforce()
             outs.append(out)
