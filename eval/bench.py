@@ -2,6 +2,9 @@
 (HF ``DynamicCache``) and the DMC model, on the same prompts, in one run.
 
     dmc bench MODEL [--contexts 1024 2048 4096] [--batches 1 8] [--crs 2 4 8] [--out bench/results/NAME]
+    dmc bench MODEL --budget-seqs 4 8 16 [--context 2048] [--requests N]   (or --kv-budget GiB ...)
+
+The second form measures tokens/s at a fixed KV-memory budget with continuous batching (eval/throughput.py).
 
 MODEL is a vanilla Llama folder (the DMC variants are then retrofits with a *synthetic* CR imposed on
 their decision rows, labelled as such) or a DMC folder (its own learned decisions, plus its vanilla twin
@@ -16,6 +19,7 @@ import argparse
 import copy
 import gc
 import json
+import math
 import os
 import sys
 import threading
@@ -237,28 +241,42 @@ def plot(rows: list[Row], path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    import sys
-
     ap = argparse.ArgumentParser(prog="dmc bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("model", help="a vanilla Llama or a DMC HF folder")
     ap.add_argument("--contexts", type=int, nargs="+", default=[1024, 2048, 4096])
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--crs", type=float, nargs="+", default=[2, 4, 8], help="synthetic CRs (vanilla MODEL only)")
     ap.add_argument("--decode-steps", type=int, default=16)
+    budget = ap.add_argument_group("throughput at a KV budget (continuous batching)")
+    budget.add_argument("--budget-seqs", type=float, nargs="+", default=None,
+                        help="budgets that hold this many vanilla sequences of --context tokens")
+    budget.add_argument("--kv-budget", type=float, nargs="+", default=None, help="budgets in GiB of slot blocks")
+    budget.add_argument("--context", type=int, default=2048, help="longest request: prompt + output tokens")
+    budget.add_argument("--out-tokens", type=int, nargs=2, default=[32, 64], metavar=("MIN", "MAX"),
+                        help="output lengths of the requests, drawn between MIN and MAX")
+    budget.add_argument("--requests", type=int, default=None,
+                        help="requests per run (default: enough for the most compressed model to fill the largest budget twice)")
+    budget.add_argument("--block-size", type=int, default=16)
+    budget.add_argument("--no-hf-baseline", action="store_true", help="skip HF DynamicCache at a static batch")
     ap.add_argument("--dtype", default=None, help="default: bfloat16 on CUDA, float32 on CPU")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--out", default=None, help="folder for bench.json and bench.png (default bench/results/<model>)")
+    ap.add_argument("--out", default=None, help="folder for the JSON and the plot (default bench/results/<model>)")
     ns = ap.parse_args(argv)
     dtype = ns.dtype or ("bfloat16" if ns.device.startswith("cuda") else "float32")
+    fail = lambda msg: sys.exit(f"dmc bench: error: {msg}")  # noqa: E731
     if any(c < 1 for c in ns.crs):
-        sys.exit("dmc bench: error: every --crs value must be >= 1")
+        fail("every --crs value must be >= 1")
+    if ns.device.startswith("cuda") and not torch.cuda.is_available():
+        fail(f"--device {ns.device}: this machine has no CUDA device; use --device cpu")
+    out = Path(ns.out or Path("bench/results") / Path(ns.model).name)
     try:
+        if ns.budget_seqs or ns.kv_budget:
+            return _throughput_main(ns, dtype, out, fail)
         synthetic = model_config(ns.model).model_type != "dmc_llama"
         rows = run(ns.model, ns.contexts, ns.batches, ns.crs, ns.decode_steps, dtype, ns.device, ns.threads)
     except (ModelFolderError, ModelSourceError) as err:
-        sys.exit(f"dmc bench: error: {err}")
-    out = Path(ns.out or Path("bench/results") / Path(ns.model).name)
+        fail(err)
     out.mkdir(parents=True, exist_ok=True)
     meta = {"model": ns.model, "device": ns.device, "dtype": dtype, "threads": torch.get_num_threads(),
             "torch": torch.__version__, "decode_steps": ns.decode_steps,
@@ -269,3 +287,41 @@ def main(argv: list[str] | None = None) -> None:
     for r in rows:
         print(format_row(r))
     print(f"wrote {out / 'bench.json'} and {out / 'bench.png'}")
+
+
+def _throughput_main(ns, dtype: str, out: Path, fail) -> None:
+    """``--budget-seqs`` / ``--kv-budget``: eval/throughput.py over the vanilla model and the DMC variants."""
+    from transformers import AutoTokenizer
+
+    from . import throughput
+    from .serving import BudgetError
+
+    config = model_config(ns.model)
+    limit = getattr(config, "max_position_embeddings", None)
+    if limit and ns.context > limit:
+        fail(f"--context {ns.context} is longer than the model's {limit} positions; use --context <= {limit}")
+    one = throughput.budget_bytes(config, 1, ns.context, ns.block_size, getattr(torch, dtype))
+    budgets = list(ns.budget_seqs or []) + [g * 2**30 / one for g in ns.kv_budget or []]
+    synthetic = config.model_type != "dmc_llama"
+    most = max(ns.crs) if synthetic else 4.0
+    n_requests = ns.requests or math.ceil(2 * max(budgets) * most)
+    if ns.threads:
+        torch.set_num_threads(ns.threads)
+    tok = AutoTokenizer.from_pretrained(ns.model)
+    calibration = prompts(tok, 1, 1024)
+    try:
+        models = variants(ns.model, ns.crs, calibration, dtype, ns.device)
+        rows = throughput.run(models, 1 + (len(ns.crs) if synthetic else 1), tok, budgets, ns.context, n_requests,
+                              tuple(ns.out_tokens), ns.block_size, not ns.no_hf_baseline)
+    except (BudgetError, ValueError) as err:
+        fail(err)
+    out.mkdir(parents=True, exist_ok=True)
+    meta = {"model": ns.model, "device": ns.device, "dtype": dtype, "threads": torch.get_num_threads(),
+            "torch": torch.__version__, "context": ns.context, "out_tokens": ns.out_tokens,
+            "requests": n_requests, "block_size": ns.block_size, "synthetic": synthetic}
+    (out / "throughput.json").write_text(json.dumps({"meta": meta, "rows": [asdict(r) for r in rows]}, indent=2))
+    throughput.plot(rows, out / "throughput.png")
+    print(throughput.HEADER)
+    for r in rows:
+        print(throughput.format_row(r))
+    print(f"wrote {out / 'throughput.json'} and {out / 'throughput.png'}")

@@ -6,11 +6,13 @@ step decodes one token for every sequence in flight; a finished sequence's block
 once and its row takes the next request. With a compressed cache (DMC, or an eviction policy) sequences hold
 fewer blocks, so more of them fit, and tokens per second rise.
 
-The budget counts the bytes of slot blocks handed out by the allocator (``allocated_bytes``). Before each step
-the loop reserves the worst case of that step (a new block for every pair at a block boundary, as if all of
-them appended); if that would not fit, the newest sequence is preempted (its blocks freed, its request queued
-again at the front, recomputed from scratch later, as vLLM's recompute preemption), so the budget holds at
-every step. Greedy decoding; outputs equal generating each request alone.
+The budget counts the bytes of slot blocks handed out by the allocator (``allocated_bytes``). A request is
+admitted when every sequence in flight, itself included, still fits at its end, growing at the CR it has shown
+so far (for vanilla, exactly). Before each step the loop reserves the worst case of that step (a new block for
+every pair at a block boundary, as if all of them appended); if that would not fit (a sequence compressing
+less than it did), the newest sequence is preempted (its blocks freed, its request queued again at the front,
+recomputed from scratch later, as vLLM's recompute preemption), so the budget holds at every step. Greedy
+decoding; outputs equal generating each request alone.
 
 The vanilla model runs on the same paged storage with every token appended (``KeepAll``), so the ratio to it
 isolates the compression.
@@ -18,6 +20,7 @@ isolates the compression.
 
 from __future__ import annotations
 
+import math
 import time
 from collections import deque
 from contextlib import nullcontext
@@ -49,6 +52,9 @@ class ServeStats:
     steps: int = 0  # decode steps (one token for every sequence in flight)
     wall_s: float = 0.0
     in_flight: list[int] = field(default_factory=list)  # sequences in flight at each step
+    kv_bytes: list[int] = field(default_factory=list)  # slot bytes handed out after each step
+    realised_cr: list[float] = field(default_factory=list)  # each finished sequence's tokens fed / mean live slots
+    decode_s: float = 0.0  # time in decode steps (the rest of wall_s: prefills and bookkeeping)
     peak_bytes: int = 0  # most slot bytes handed out at any point (after admission, after each step)
     preempted: int = 0
     final_bytes: int = 0  # slot bytes still handed out when every request is done (0: every block freed)
@@ -56,6 +62,19 @@ class ServeStats:
     @property
     def tokens_per_s(self) -> float:
         return self.generated_tokens / self.wall_s if self.wall_s else 0.0
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        """Tokens per second of the decode steps alone (one per sequence in flight per step)."""
+        return sum(self.in_flight) / self.decode_s if self.decode_s else 0.0
+
+    @property
+    def mean_kv_bytes(self) -> float:
+        return sum(self.kv_bytes) / len(self.kv_bytes) if self.kv_bytes else 0.0
+
+    @property
+    def mean_realised_cr(self) -> float:
+        return sum(self.realised_cr) / len(self.realised_cr) if self.realised_cr else 1.0
 
     @property
     def mean_in_flight(self) -> float:
@@ -133,9 +152,29 @@ class Server:
         logits = self.model(ids, past_key_values=solo, use_cache=True, logits_to_keep=1).logits
         return solo, logits[0, -1]
 
+    def _growth_bytes(self, cache: SlotCache, rows: list[tuple[int, _Slot | Request, int]]) -> int:
+        """Bytes the sequences ``rows`` ((row, slot or request, tokens still to feed)) will take to their end if
+        they go on compressing as they have so far (each pair's remaining tokens over the sequence's realised
+        CR): admission's watermark, so that a new sequence does not at once preempt the ones in flight."""
+        total = 0
+        for b, owner, remaining in rows:
+            request = owner.request if isinstance(owner, _Slot) else owner
+            fed = request.prompt.numel() + (len(owner.tokens) - 1 if isinstance(owner, _Slot) else 0)
+            lens = torch.stack([layer.lens[b] for layer in cache.layers])  # (L, H_kv)
+            cr = fed / max(float(lens.float().mean()), 1.0)
+            grow = math.ceil(remaining / cr)
+            bs = self.block_size
+            blocks = (-(-(lens + grow) // bs)) - (-(-lens // bs))
+            total += int(blocks.sum()) * cache.layers[0].block_bytes()
+        return total
+
     def admit(self, index: int, request: Request, solo: SlotCache, first: torch.Tensor) -> bool:
-        """Copy a prefilled request into a free row if it fits beside the sequences in flight."""
-        if not self._fits(solo):
+        """Copy a prefilled request into a free row if it fits beside the sequences in flight, all of them
+        growing to their end at the CR they show so far (vanilla: exactly what they will need)."""
+        live = [(b, s, s.request.max_new_tokens - len(s.tokens)) for b, s in enumerate(self.rows) if s is not None]
+        held = self.cache.allocated_bytes() + solo.allocated_bytes()
+        held += self._growth_bytes(self.cache, live) + self._growth_bytes(solo, [(0, request, request.max_new_tokens - 1)])
+        if held > self.budget or not self._fits(solo):
             return False
         row = self._free_row()
         for layer, other in zip(self._layers(), solo.layers):
@@ -145,6 +184,11 @@ class Server:
                                [first] if self.record_logits else None)
         self.stats.peak_bytes = max(self.stats.peak_bytes, self.cache.allocated_bytes())
         return True
+
+    def _realised_cr(self, row: int, slot: _Slot) -> float:
+        fed = slot.request.prompt.numel() + len(slot.tokens) - 1  # the last token is generated, not yet fed
+        slots = torch.stack([layer.lens[row].float() for layer in self._layers()]).mean()
+        return fed / max(float(slots), 1.0)
 
     def release(self, row: int) -> _Slot:
         for layer in self._layers():
@@ -171,12 +215,15 @@ class Server:
         past = self.cache.get_seq_length()
         mask = torch.ones(len(self.rows), past + 1, dtype=torch.long, device=device)
         mask[:, -1] = torch.tensor(active, dtype=torch.long, device=device)  # idle rows are padding: untouched
+        t0 = time.perf_counter()
         logits = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=self.cache,
                             use_cache=True).logits[:, -1]
         nxt = logits.argmax(-1).tolist()
+        self.stats.decode_s += time.perf_counter() - t0
         self.stats.steps += 1
         self.stats.in_flight.append(sum(active))
-        self.stats.peak_bytes = max(self.stats.peak_bytes, self.cache.allocated_bytes())
+        self.stats.kv_bytes.append(self.cache.allocated_bytes())
+        self.stats.peak_bytes = max(self.stats.peak_bytes, self.stats.kv_bytes[-1])
         done = []
         for b, s in enumerate(self.rows):
             if s is None:
@@ -186,6 +233,7 @@ class Server:
                 s.logits.append(logits[b])
             if len(s.tokens) >= s.request.max_new_tokens:
                 self.stats.generated_tokens += len(s.tokens)
+                self.stats.realised_cr.append(self._realised_cr(b, s))
                 done.append(self.release(b))
         return done
 

@@ -41,3 +41,35 @@ def test_bench_run_writes_consistent_rows(tmp_path, capsys):
     assert vanilla["kv_bytes"] == expected  # fp32 keys and values of every layer
     assert synthetic["realised_cr"] > 1.5 and synthetic["kv_ratio"] < 0.8
     assert synthetic["ideal_decode_speedup"] > 1.0 and synthetic["prefill_s"] > 0
+
+
+@pytest.mark.skipif(not (SMOLLM2 / "config.json").exists(), reason="run `make model` first")
+def test_budget_bench_runs_the_continuous_batching_loop_and_writes_its_rows(tmp_path, capsys):
+    from dmc.eval.bench import main
+
+    folder = write_tiny_checkpoint(tmp_path / "tiny")
+    out = tmp_path / "out"
+    main([str(folder), "--budget-seqs", "2", "4", "--context", "96", "--out-tokens", "4", "8", "--crs", "4",
+          "--requests", "12", "--block-size", "8", "--out", str(out)])
+    data = json.loads((out / "throughput.json").read_text())
+    assert (out / "throughput.png").stat().st_size > 0 and "2/2" not in capsys.readouterr().out
+    rows = {(r["model"], r["budget_seqs"]): r for r in data["rows"]}
+    assert set(rows) == {(m, b) for m in ("vanilla", "dmc synthetic 4x") for b in (2, 4)}
+    for seqs in (2, 4):
+        vanilla, dmc4 = rows["vanilla", seqs], rows["dmc synthetic 4x", seqs]
+        assert vanilla["peak_kv_bytes"] <= vanilla["budget_bytes"] and vanilla["preempted"] == 0
+        assert dmc4["peak_kv_bytes"] <= dmc4["budget_bytes"] == vanilla["budget_bytes"]
+        assert dmc4["realised_cr"] > 2 and dmc4["in_flight_ratio"] > 1.5  # the budget holds more sequences
+        assert vanilla["hf_static_batch"] >= 1 and vanilla["hf_tokens_per_s"] > 0
+
+
+def test_budget_bench_bad_input_is_one_line(tmp_path):
+    from dmc.eval.bench import main
+    from tests.helpers import one_line_exit
+
+    folder = write_tiny_checkpoint(tmp_path / "tiny")
+    common = ["--crs", "2", "--requests", "2", "--out", str(tmp_path / "out"), "--no-hf-baseline"]
+    msg = one_line_exit(main, str(folder), "--budget-seqs", "0.01", "--context", "64", "--out-tokens", "4", "8", *common)
+    assert "cannot hold one sequence" in msg and "--kv-budget" in msg
+    msg = one_line_exit(main, str(folder), "--budget-seqs", "2", "--context", "100000", *common)
+    assert "longer than the model's" in msg and "use --context <=" in msg

@@ -35,7 +35,7 @@ def _check_equal_alone(result, model, requests, new_cache):
         torch.testing.assert_close(logits, want_logits, rtol=1e-9, atol=1e-9)
 
 
-@pytest.mark.parametrize("budget_blocks", [400, 60])  # roomy: all in flight; tight: preemption
+@pytest.mark.parametrize("budget_blocks", [400, 60])  # roomy: all in flight; tight: the budget limits the batch
 def test_dmc_outputs_equal_each_request_alone_within_the_budget(budget_blocks):
     model = mixed_dmc("gqa", window=12)
     block = 2 * 4 * model.config.dmc_head_dim * 8  # bytes of one block of 4 float64 slots, keys and values
@@ -48,7 +48,6 @@ def test_dmc_outputs_equal_each_request_alone_within_the_budget(budget_blocks):
     assert stats.generated_tokens == sum(new for _, new in LENGTHS)
     if budget_blocks == 60:
         assert stats.max_in_flight < len(requests)  # the budget, not the queue, limited the batch
-        assert stats.preempted > 0 and stats.discarded_tokens > 0
 
 
 def test_vanilla_on_the_paged_storage_is_the_vanilla_model():

@@ -76,3 +76,42 @@ def test_flex_forward_equals_reference(shape):
         warnings.simplefilter("ignore")
         out = train_attention_flex(q, k, v, keep, merge)
     torch.testing.assert_close(out, train_attention_reference(q, k, v, keep, merge), rtol=1e-5, atol=1e-5)
+
+
+def _low_precision_check(fn, device: str, dtype, shape=(2, 8, 2, 300, 64)):
+    """``fn`` on ``device`` in ``dtype``, values and gradients, against the fp64 reference on the CPU: its error
+    may be at most twice the same-precision reference's own (flash-attention's rule)."""
+    q, k, v, z = _inputs(*shape, dtype=torch.float64)
+    keep, merge = _biases(z, False)
+    probe = torch.randn(q.shape, dtype=torch.float64)
+    exact = train_attention_reference(q, k, v, keep, merge)
+    g_exact = torch.autograd.grad((exact * probe).sum(), (q, k, v))
+
+    def run(f, dev):
+        leaves = [t.detach().to(dev, dtype).requires_grad_() for t in (q, k, v)]
+        out = f(*leaves, keep.detach().to(dev, dtype), merge.detach().to(dev, dtype))
+        grads = torch.autograd.grad((out * probe.to(dev, dtype)).sum(), leaves)
+        return [x.double().cpu() for x in (out, *grads)]
+
+    got, same = run(fn, device), run(train_attention_reference, device)
+    for g, s, e in zip(got, same, (exact, *g_exact)):
+        assert (g - e).abs().max() <= max(2 * (s - e).abs().max(), 1e-3 * e.abs().max())
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_sdpa_cuda_branch_values_and_grads_in_bfloat16():
+    """On CUDA the sentinel form repeats K/V per query head for the fused kernels (no enable_gqa)."""
+    _low_precision_check(train_attention_sdpa, "cuda", torch.bfloat16)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_flex_cuda_values_and_grads_in_bfloat16():
+    """FlexAttention has a backward on CUDA (compiled score_mod); on CPU torch 2.13 has none."""
+    _low_precision_check(train_attention_flex, "cuda", torch.bfloat16, shape=(2, 8, 2, 256, 64))
+
+
+def test_low_precision_check_runs_on_the_cpu_too():
+    """The helper the CUDA tests use, on the CPU path (fp32), so that it is exercised without a GPU."""
+    _low_precision_check(train_attention_sdpa, "cpu", torch.float32, shape=(1, 4, 2, 37, 16))

@@ -1,0 +1,185 @@
+"""The GPU check: the CUDA-marked tests and a benchmark on a randomly initialised model of Llama-2-7B shape.
+
+    bash scripts/gpu_check.sh [--dry-run] [--out bench/results/gpu_check.json]
+
+On one NVIDIA GPU with no network (torch, triton and transformers installed; flash-attn optional), in about
+8 minutes: the kernel tests (Triton decode and update, the sentinel SDPA's CUDA branch, FlexAttention forward
+and backward, flash-attn where present) against their PyTorch references, then, on Llama-2-7B's layer shape
+(hidden 4096, 32 heads, MHA, MLP 11008, vocab 32000; ``--layers`` of its 32, random weights, bf16):
+  - a training step (forward + backward, no optimiser state: the shape, not a recipe) DMC versus vanilla at T;
+  - prefill of T tokens: DMC one-pass versus vanilla HF;
+  - decode at a fixed batch and context T: vanilla ``DynamicCache`` versus DMC at synthetic CR 2/4/8;
+  - throughput at a KV budget holding N vanilla sequences of T tokens (continuous batching), same models.
+One JSON with every figure. ``--dry-run``: tiny shapes on the CPU (Triton in its interpreter), so that CI
+keeps the script working; its figures mean nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+TESTS = ["tests/test_triton_decode.py", "tests/test_decode_attention.py", "tests/test_train_attention.py"]
+LLAMA2_7B = dict(hidden_size=4096, num_attention_heads=32, num_key_value_heads=32, intermediate_size=11008,
+                 vocab_size=32000, max_position_embeddings=4096)
+TINY = dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, intermediate_size=128, vocab_size=512,
+            max_position_embeddings=512)
+
+
+def run_tests(dry_run: bool) -> dict:
+    """The kernel tests in a fresh process; on a GPU the CUDA-marked ones run, on the CPU they skip."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *TESTS]
+    if dry_run:  # the suite runs these tests on the CPU already; here: that they collect, as the GPU run will
+        cmd.append("--collect-only")
+    t0 = time.perf_counter()
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    summary = done.stdout.strip().splitlines()[-1] if done.stdout.strip() else done.stderr[-500:]
+    return {"returncode": done.returncode, "summary": summary, "seconds": round(time.perf_counter() - t0, 1)}
+
+
+def random_model(shape: dict, layers: int, dtype, device):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(num_hidden_layers=layers, **shape)
+    with torch.device(device):
+        model = LlamaForCausalLM(config)
+    return model.to(dtype).eval()
+
+
+def _sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _timed(fn, device, repeats: int = 2) -> float:
+    fn()
+    _sync(device)
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def train_step_s(model, ids) -> float:
+    """Forward + backward of the LM loss (and the CR loss for DMC), gradients dropped after."""
+    import dmc
+
+    def step():
+        out = model(ids, labels=ids, use_cache=False)
+        loss = out.loss if getattr(out, "dmc_alpha", None) is None else out.loss + dmc.cr_loss(out.dmc_alpha, 2.0)
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+
+    model.train()
+    try:
+        return _timed(step, ids.device)
+    finally:
+        model.eval()
+
+
+@torch.no_grad()
+def prefill_s(model, ids) -> float:
+    return _timed(lambda: model(ids, use_cache=True, logits_to_keep=1), ids.device)
+
+
+def synthetic_dmc(vanilla, cr: float, calibration):
+    import dmc
+    from dmc.eval.synthetic import impose_synthetic_cr
+
+    model = dmc.retrofit(copy.deepcopy(vanilla), dmc.DMCConfig(target_cr=cr)).eval()
+    realised = impose_synthetic_cr(model, cr, calibration)
+    return model, realised
+
+
+def bench(ns, device, dtype) -> dict:
+    from dmc.eval.bench import measure
+    from dmc.eval.serving import Request, serve
+    from dmc.eval.throughput import budget_bytes
+
+    shape = TINY if ns.dry_run else LLAMA2_7B
+    T, B = ns.context, ns.batch
+    vanilla = random_model(shape, ns.layers, dtype, device)
+    g = torch.Generator().manual_seed(0)
+    ids = lambda b, t: torch.randint(3, shape["vocab_size"], (b, t), generator=g).to(device)  # noqa: E731
+    calibration = ids(1, min(T, 1024))
+    results: dict = {"shape": {**shape, "num_hidden_layers": ns.layers}, "context": T, "batch": B,
+                     "dtype": str(dtype), "rows": []}
+    dmc2, results["train_prefill_cr"] = synthetic_dmc(vanilla, 2.0, calibration)
+    x = ids(1, T)
+    results["train_step_s"] = {"vanilla": train_step_s(vanilla, x), "dmc": train_step_s(dmc2, x)}
+    results["prefill_s"] = {"vanilla": prefill_s(vanilla, x), "dmc": prefill_s(dmc2, x)}
+    del dmc2
+    prompts = ids(B, T)
+    requests = [Request(ids(1, T // 2 + (i * 37) % (T // 2 - ns.new_tokens))[0], ns.new_tokens)
+                for i in range(ns.requests)]
+    budget = budget_bytes(vanilla.config, ns.budget_seqs, T, 16, dtype)
+    for label, cr in [("vanilla", 1.0)] + [(f"dmc synthetic {c:g}x", c) for c in ns.crs]:
+        model, realised = (vanilla, 1.0) if cr == 1 else synthetic_dmc(vanilla, cr, calibration)
+        row = {"model": label, "realised_cr": realised, **measure(model, prompts, ns.decode_steps)}
+        st = serve(model, requests, budget).stats
+        row.update(budget_bytes=budget, in_flight_mean=st.mean_in_flight, in_flight_max=st.max_in_flight,
+                   served_tokens_per_s=st.tokens_per_s, served_decode_tokens_per_s=st.decode_tokens_per_s,
+                   preempted=st.preempted, served_peak_bytes=st.peak_bytes)
+        results["rows"].append(row)
+        print(json.dumps(row), flush=True)
+        if model is not vanilla:
+            del model
+    return results
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--dry-run", action="store_true", help="tiny shapes on the CPU, for CI")
+    ap.add_argument("--out", default="bench/results/gpu_check.json")
+    ap.add_argument("--layers", type=int, default=None, help="decoder layers (default 8 of Llama-2-7B's 32; 2 dry)")
+    ap.add_argument("--context", type=int, default=None, help="T (default 4096; 64 dry)")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--decode-steps", type=int, default=None)
+    ap.add_argument("--crs", type=float, nargs="+", default=[2, 4, 8])
+    ap.add_argument("--budget-seqs", type=float, default=None, help="KV budget in vanilla sequences of T tokens")
+    ap.add_argument("--requests", type=int, default=None)
+    ap.add_argument("--new-tokens", type=int, default=None)
+    ap.add_argument("--skip-tests", action="store_true")
+    ns = ap.parse_args(argv)
+    dry = ns.dry_run
+    defaults = dict(layers=(2, 8), context=(64, 4096), decode_steps=(3, 32), budget_seqs=(2, 8), requests=(6, 64),
+                    new_tokens=(4, 64))
+    for name, (small, big) in defaults.items():
+        if getattr(ns, name) is None:
+            setattr(ns, name, small if dry else big)
+    if not dry and not torch.cuda.is_available():
+        sys.exit("gpu_check: error: no CUDA device here; run it on a GPU machine, or pass --dry-run")
+    device = torch.device("cpu" if dry else "cuda")
+    dtype = torch.float32 if dry else torch.bfloat16
+    report = {"dry_run": dry, "torch": torch.__version__,
+              "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu"}
+    if not ns.skip_tests:
+        report["tests"] = run_tests(dry)
+        print(f"tests: {report['tests']['summary']}", flush=True)
+    report["bench"] = bench(ns, device, dtype)
+    out = Path(ns.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(report, indent=2))
+    tmp.replace(out)  # atomic: never a half-written report
+    print(f"wrote {out}")
+    if report.get("tests", {}).get("returncode", 0) != 0:
+        sys.exit("gpu_check: error: kernel tests failed (see the summary in the report)")
+
+
+if __name__ == "__main__":
+    main()
