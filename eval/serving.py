@@ -196,7 +196,7 @@ class Server:
         slot, self.rows[row] = self.rows[row], None
         return slot
 
-    def preempt_newest(self) -> Request:
+    def preempt_newest(self) -> _Slot:
         live = [(s.admitted_at, s.index, b) for b, s in enumerate(self.rows) if s is not None]
         _, _, row = max(live)
         self.stats.preempted += 1

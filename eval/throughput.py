@@ -16,7 +16,6 @@ import math
 import random
 import sys
 from dataclasses import dataclass
-from itertools import islice
 
 import torch
 from tqdm.auto import tqdm
@@ -24,6 +23,7 @@ from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
 from dmc.metrics import head_dim, is_dmc
 
+from .bench import prompts, weight_bytes
 from .serving import Request, serve
 
 
@@ -51,18 +51,12 @@ class ThroughputRow:
 def make_requests(tokenizer, n: int, context: int, out_tokens: tuple[int, int], seed: int = 0) -> list[Request]:
     """``n`` requests from held-out stdlib windows: prompts of context/2 .. context - out_max tokens, outputs
     of out_min .. out_max tokens, drawn with a fixed seed; every request fits ``context`` tokens."""
-    from dmc.data import PackedBlocks, SourceSpec, documents
-
     lo, hi = out_tokens
     if context - hi < max(2, context // 2):
         raise ValueError(f"--context {context} leaves no room for prompts beside outputs of up to {hi} tokens")
-    spec = SourceSpec(kind="stdlib", split="validation")
-    blocks = PackedBlocks(lambda: documents(spec), tokenizer, context, cycle=True)
     rng = random.Random(seed)
-    out = []
-    for block, _ in islice(blocks, n):
-        out.append(Request(block[: rng.randint(context // 2, context - hi)], rng.randint(lo, hi)))
-    return out
+    return [Request(block[: rng.randint(context // 2, context - hi)], rng.randint(lo, hi))
+            for block in prompts(tokenizer, n, context)]
 
 
 def budget_bytes(config, seqs: float, context: int, block_size: int, dtype: torch.dtype) -> int:
@@ -109,10 +103,6 @@ def hf_static(model, requests: list[Request], budget: int) -> tuple[int, float]:
                        min_new_tokens=new, do_sample=False, past_key_values=DynamicCache(config=config),
                        pad_token_id=0)
     return int(batch), sum(r.max_new_tokens for r in requests) / (time.perf_counter() - t0)
-
-
-def weight_bytes(model) -> int:
-    return sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values())
 
 
 def run(variants, n_variants: int, tokenizer, budgets: list[float], context: int, n_requests: int,
