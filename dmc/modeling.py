@@ -160,7 +160,7 @@ class DMCLlamaAttention(LlamaAttention):
         for t in range(q0.shape[2]):
             step(layer, k0[:, :, t], v[:, :, t], omega[..., t], logit[..., t] > 0, valid[:, t], cos[:, t], sin[:, t])
             outs.append(decode_attention(backend, q_rot[:, :, t], layer.k_pool, layer.v_pool, layer.block_table,
-                                         layer.lens, self.scaling))
+                                         layer.lens, self.scaling, owned=layer.owners()))
         layer.seen_tokens += q0.shape[2]
         return torch.stack(outs, dim=2), straight_through_hard(logit) * can, (logit > 0) & can
 

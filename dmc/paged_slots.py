@@ -16,7 +16,9 @@ bytes are counted the same way. The public API, all of it tested directly (tests
     allocated_bytes(), pool_bytes()   blocks handed out, and the pool as reserved
 
 State: ``k_pool``, ``v_pool`` (blocks, block_size, D); ``block_table[b, h, j]`` the block holding slots
-``j * block_size ..`` of pair (b, h) (-1: none); ``lens[b, h]`` its number of live slots. A subclass names
+``j * block_size ..`` of pair (b, h) (-1: none); ``lens[b, h]`` its number of live slots. Its inverse,
+``owners()``: per block the flat pair b * H_kv + h holding it (-1: none) and its table column, kept up to
+date by every method that changes the table, so that decode attention does not rebuild it every step. A subclass names
 further per-slot pools (``slot_pools``, grown, copied and compacted with the keys) and per-sequence state
 (``row_state``, tensors whose first dimension is the sequence). The pool grows by whole zero-filled blocks.
 """
@@ -42,6 +44,24 @@ class PagedSlots:
         self.free_blocks = torch.empty(0, dtype=torch.long, device=device)  # released, below the mark
         self.block_table = torch.full((batch, H, 0), -1, dtype=torch.long, device=device)
         self.lens = torch.zeros(batch, H, dtype=torch.long, device=device)
+        self.block_pair = torch.empty(0, dtype=torch.long, device=device)  # the table's inverse, block by block
+        self.block_col = torch.empty(0, dtype=torch.long, device=device)
+
+    def owners(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(pair, column) (used blocks,): which flat pair b * H_kv + h holds each block below the high-water
+        mark, at which table column (pair -1: a free block)."""
+        return self.block_pair[: self.used_blocks], self.block_col[: self.used_blocks]
+
+    def _own(self, ids, b, h, col) -> None:
+        self.block_pair[ids] = b * self.num_kv_heads + h
+        self.block_col[ids] = col
+
+    def _rebuild_owners(self) -> None:
+        held = self.block_table >= 0
+        self.block_pair = torch.full((self.k_pool.shape[0],), -1, dtype=torch.long, device=self.device)
+        self.block_col = torch.zeros_like(self.block_pair)
+        b, h, col = held.nonzero(as_tuple=True)
+        self._own(self.block_table[held], b, h, col)
 
     def reserve(self, extra: int) -> None:
         """Room for ``extra`` blocks above the high-water mark (the pool grows by at least a quarter)."""
@@ -51,6 +71,8 @@ class PagedSlots:
             for name in self.slot_pools:  # zeros, not garbage: the paged attention multiplies dead slots by 0
                 pool = getattr(self, name)
                 setattr(self, name, torch.cat([pool, pool.new_zeros(grow, *pool.shape[1:])]))
+            self.block_pair = torch.cat([self.block_pair, self.block_pair.new_full((grow,), -1)])
+            self.block_col = torch.cat([self.block_col, self.block_col.new_zeros(grow)])
 
     def _grow_table(self, width: int) -> None:
         if width > self.block_table.shape[-1]:
@@ -76,6 +98,7 @@ class PagedSlots:
         self._grow_table(int(block_col[want].max()) + 1)
         b, h = want.nonzero(as_tuple=True)
         self.block_table[b, h, block_col[b, h]] = ids
+        self._own(ids, b, h, block_col[b, h])
 
     def allocate_runs(self, n_blocks: torch.Tensor) -> None:
         """Give pair (b, h) ``n_blocks[b, h]`` blocks at table columns 0.. (an empty table)."""
@@ -88,12 +111,14 @@ class PagedSlots:
         col = torch.arange(width, device=self.device)
         at = (first[..., None] + col).clamp(max=total - 1)
         self.block_table[..., :width] = torch.where(col < n_blocks[..., None], ids[at], -1)
+        self._rebuild_owners()
 
     def release(self, b: torch.Tensor, h: torch.Tensor, col: torch.Tensor) -> None:
         """Return the blocks at table column ``col`` of pairs (b, h) (N,) to the free list."""
         ids = self.block_table[b, h, col]
         self.block_table[b, h, col] = -1
         self.free_blocks = torch.cat([self.free_blocks, ids[ids >= 0]])
+        self.block_pair[ids[ids >= 0]] = -1
 
     def locate(self, b: torch.Tensor, h: torch.Tensor, slot: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(block, offset) (N,) of slot ``slot`` of pairs (b, h) (N,); the slot's block must be allocated."""
@@ -118,6 +143,7 @@ class PagedSlots:
         self.lens = self.lens[index]
         for name in self.row_state:
             setattr(self, name, getattr(self, name)[index])
+        self._rebuild_owners()
 
     def add_sequences(self, n: int) -> None:
         """Append ``n`` empty sequences (no blocks, zeroed state) after the existing ones."""
@@ -138,6 +164,8 @@ class PagedSlots:
         self._grow_table(src.shape[-1])
         row = self.block_table[b]
         row[:, : src.shape[-1]][held] = ids
+        h, col = held.nonzero(as_tuple=True)
+        self._own(ids, b, h, col)
         for name in self.slot_pools:
             getattr(self, name)[ids] = getattr(other, name)[src[held]]
         self.lens[b] = other.lens[ob]

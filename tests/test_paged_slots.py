@@ -102,3 +102,47 @@ def test_insert_then_release_a_sequence_moves_its_slots_and_frees_its_blocks():
     assert dst.allocated_bytes() == 2 * 3 * 2 * 8 * 4  # only sequence 0's blocks remain handed out
     dst.insert_sequence(1, src, 1)  # the freed blocks are reused before the pool grows
     assert dst.used_blocks == 6
+
+
+def _inverse_of_table(s):
+    """The (pair, column) of every block below the high-water mark, rebuilt from the table by a loop."""
+    pair = [-1] * s.used_blocks
+    col = [None] * s.used_blocks
+    B, H, W = s.block_table.shape
+    for b in range(B):
+        for h in range(H):
+            for j in range(W):
+                block = int(s.block_table[b, h, j])
+                if block >= 0:
+                    pair[block], col[block] = b * H + h, j
+    return pair, col
+
+
+def _assert_owners_match(s):
+    pair, col = s.owners()
+    want_pair, want_col = _inverse_of_table(s)
+    assert pair.tolist() == want_pair
+    assert [c for c, p in zip(col.tolist(), want_pair) if p >= 0] == [c for c in want_col if c is not None]
+
+
+def test_owners_follow_every_change_of_the_table():
+    # decode attention reads owners() instead of inverting the table each step: every mutation must keep it
+    s = _store(batch=3, heads=2, block=2)
+    s.allocate_runs(torch.tensor([[2, 1], [0, 3], [1, 1]]))
+    _assert_owners_match(s)
+    s.allocate(torch.tensor([[True, False], [True, True], [False, True]]), torch.tensor([[2, 0], [0, 3], [0, 1]]))
+    _assert_owners_match(s)
+    s.release(torch.tensor([0, 1]), torch.tensor([0, 1]), torch.tensor([1, 3]))
+    _assert_owners_match(s)
+    s.allocate(torch.tensor([[False, True], [False, False], [True, False]]), torch.tensor([[0, 1], [0, 0], [1, 0]]))
+    _assert_owners_match(s)  # reused blocks get their new owner
+    s.select_sequences(torch.tensor([2, 0, 0]))
+    _assert_owners_match(s)
+    s.release_sequence(1)
+    _assert_owners_match(s)
+    other = _store(batch=1, heads=2, block=2)
+    other.allocate_runs(torch.tensor([[1, 2]]))
+    s.insert_sequence(1, other, 0)
+    _assert_owners_match(s)
+    s.add_sequences(2)
+    _assert_owners_match(s)

@@ -360,3 +360,30 @@ def test_dense_layout_counts_the_bytes_of_the_paged_one():
     assert caches["dense"].allocated_bytes() == caches["paged"].allocated_bytes() > 0
     with pytest.raises(ValueError, match="unknown cache layout 'ring'"):
         PolicyCache(model.config, H2O(Budget(cr=4)), layout="ring")
+
+
+def test_keep_all_stores_a_left_padded_prompt_in_one_pass_as_streaming_would():
+    # KeepAll neither evicts nor observes, so its prompt is attended in one causal pass and stored at once
+    # (the serving loop's vanilla prefill); it must leave what streaming token by token leaves
+    from dmc.eval.policies import KeepAll
+
+    model = _model("gqa")
+    _, ids, mask, pos = left_padded_rows([11, 6, 9])
+    caches, logits = {}, {}
+    with torch.no_grad():
+        for evicts in (False, True):  # True: the policy claims it may evict, so the prompt streams
+            policy = KeepAll()
+            object.__setattr__(policy, "evicts", evicts)
+            cache = PolicyCache(model.config, policy, block_size=4)
+            first = model(ids, attention_mask=mask, position_ids=pos, past_key_values=cache).logits
+            nxt = first[:, -1:].argmax(-1)
+            mask2 = torch.cat([mask, torch.ones_like(nxt)], 1)
+            second = model(nxt, attention_mask=mask2, position_ids=pos[:, -1:] + 1, past_key_values=cache).logits
+            caches[evicts], logits[evicts] = cache, (first * mask[..., None], second)
+    for a, b in zip(logits[False], logits[True]):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+    for one, streamed in zip(caches[False].layers, caches[True].layers):
+        assert torch.equal(one.lens, streamed.lens) and torch.equal(one.seen, streamed.seen)
+        for pool in ("k_pool", "v_pool", "pos_pool"):
+            torch.testing.assert_close(one.pair_view(getattr(one, pool), 0), streamed.pair_view(getattr(streamed, pool), 0),
+                                       rtol=0, atol=0)

@@ -71,25 +71,29 @@ def decode_attention_sdpa(q, k_pool, v_pool, block_table, lens, scale=None):
     return out.reshape(B, H, D)
 
 
-def _block_owners(block_table, lens, bs: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """For pool blocks 0..U-1 (U: one past the highest referenced): ``owner`` (U,) the flat pair index
-    b * H_kv + h holding the block (B * H_kv: nobody), ``live`` (U, bs) which of its slots are live."""
+def _block_owners(block_table, lens, bs: int, owned=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """For pool blocks 0..U-1: ``owner`` (U,) the flat pair index b * H_kv + h holding the block (B * H_kv:
+    nobody), ``live`` (U, bs) which of its slots are live. ``owned``: the table's inverse (pair, column) as
+    ``PagedSlots.owners()`` keeps it (pair -1: nobody); else it is built here from the table (U: one past
+    the highest block referenced)."""
     B, H_kv = lens.shape
     P = B * H_kv
-    held = block_table >= 0
-    ids = block_table[held]
-    U = int(ids.max()) + 1 if ids.numel() else 1
-    pair = torch.arange(P, device=lens.device).view(B, H_kv, 1).expand_as(block_table)[held]
-    col = torch.arange(block_table.shape[-1], device=lens.device).expand_as(block_table)[held]
-    owner = torch.full((U,), P, dtype=torch.long, device=lens.device)  # row P: blocks nobody references
-    owner[ids] = pair
-    first_slot = torch.zeros(U, dtype=torch.long, device=lens.device)
-    first_slot[ids] = col * bs
+    if owned is None:
+        held = block_table >= 0
+        ids = block_table[held]
+        U = int(ids.max()) + 1 if ids.numel() else 1
+        pair = torch.full((U,), -1, dtype=torch.long, device=lens.device)
+        pair[ids] = torch.arange(P, device=lens.device).view(B, H_kv, 1).expand_as(block_table)[held]
+        col = torch.zeros(U, dtype=torch.long, device=lens.device)
+        col[ids] = torch.arange(block_table.shape[-1], device=lens.device).expand_as(block_table)[held]
+    else:
+        pair, col = owned
+    owner = torch.where(pair >= 0, pair, P)  # row P: blocks nobody references
     pair_lens = torch.cat([lens.reshape(-1), lens.new_zeros(1)])  # (P + 1,)
-    return owner, first_slot[:, None] + torch.arange(bs, device=lens.device) < pair_lens[owner][:, None]
+    return owner, (col * bs)[:, None] + torch.arange(bs, device=lens.device) < pair_lens[owner][:, None]
 
 
-def decode_attention_paged(q, k_pool, v_pool, block_table, lens, scale=None, return_slot_probs=False):
+def decode_attention_paged(q, k_pool, v_pool, block_table, lens, scale=None, return_slot_probs=False, owned=None):
     """Portable path that reads the pool in place: one small matmul per block, softmax across a pair's blocks.
 
     Gathering every pair's blocks into a padded tensor copies the whole compressed cache each step; here
@@ -103,7 +107,7 @@ def decode_attention_paged(q, k_pool, v_pool, block_table, lens, scale=None, ret
     H_kv = lens.shape[1]
     g, P = H // H_kv, B * H_kv
     scale = D**-0.5 if scale is None else scale
-    owner, live = _block_owners(block_table, lens, k_pool.shape[1])
+    owner, live = _block_owners(block_table, lens, k_pool.shape[1], owned)
     U = owner.shape[0]
     work = torch.promote_types(q.dtype, torch.float32)
     q_rows = torch.cat([q.reshape(P, g, D), q.new_zeros(1, g, D)])
@@ -181,12 +185,15 @@ def resolve_backend(backend: str, device: torch.device, block_size: int) -> str:
     return "paged"
 
 
-def decode_attention(backend: str, q, k_pool, v_pool, block_table, lens, scale=None):
+def decode_attention(backend: str, q, k_pool, v_pool, block_table, lens, scale=None, owned=None):
     """Dispatch; ``auto``: flash-attn on CUDA when installed and the block size allows, else our Triton
-    kernel on CUDA (else SDPA), and the in-place paged path on CPU (fastest measured there)."""
+    kernel on CUDA (else SDPA), and the in-place paged path on CPU (fastest measured there). ``owned``: the
+    storage's block owners, for the paged path."""
     backend = resolve_backend(backend, q.device, k_pool.shape[1])
     if backend == "flash" and not flash_available():
         raise RuntimeError("dmc_decode_backend='flash' needs CUDA and the flash-attn package; use 'sdpa'")
     if backend == "triton" and not triton_available():
         raise RuntimeError("dmc_decode_backend='triton' needs the triton package and CUDA (or TRITON_INTERPRET=1)")
+    if backend == "paged":
+        return decode_attention_paged(q, k_pool, v_pool, block_table, lens, scale, owned=owned)
     return DECODE_ATTENTION[backend](q, k_pool, v_pool, block_table, lens, scale)

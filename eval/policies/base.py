@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers.models.llama.modeling_llama import LlamaAttention, apply_rotary_pos_emb
 
@@ -57,6 +58,7 @@ class Policy:
     name: ClassVar[str] = "policy"
     history: ClassVar[int] = 0  # > 0: each slot's attention over the last ``history`` steps (``hist_pool``; -1 unseen)
     observes: ClassVar[bool] = True  # False: never looks at attention (the layer skips computing it)
+    evicts: ClassVar[bool] = True  # False: keeps every token (a prompt is then stored in one pass)
 
     @property
     def label(self) -> str:
@@ -172,9 +174,10 @@ class PolicyLayer(SlotCacheLayer):
         """q (B, H, D): (output (B, H, D), this step's attention per pool slot (group mean), None for a policy
         that does not observe)."""
         if not self.policy.observes:
-            return decode_attention_paged(q, self.k_pool, self.v_pool, self.block_table, self.lens, scale), None
+            return decode_attention_paged(q, self.k_pool, self.v_pool, self.block_table, self.lens, scale,
+                                          owned=self.owners()), None
         return decode_attention_paged(q, self.k_pool, self.v_pool, self.block_table, self.lens, scale,
-                                      return_slot_probs=True)
+                                      return_slot_probs=True, owned=self.owners())
 
     def allowed_slots(self) -> torch.Tensor:
         """(B,) slots a sequence may hold now: the budget of what it has seen, or (question-aware, after prefill)
@@ -196,6 +199,32 @@ class PolicyLayer(SlotCacheLayer):
                 self.enforce()
             outs.append(out)
         return torch.stack(outs, dim=1)
+
+    def store_prompt(self, q, k, v, valid, scale) -> torch.Tensor:
+        """A policy that neither evicts nor observes: the prompt (q, k, v (B, H, T, D) rotated) attends in one
+        causal pass, as Llama's own attention, and every real token becomes a slot at once, as ``stream``
+        would leave them; returns (B, T, H, D)."""
+        B, H, T, D = q.shape
+        if not self.is_initialized:
+            self._init_state(B, k.dtype, k.device)
+        causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
+        mask = (causal & valid[:, None, None, :]) | torch.eye(T, dtype=torch.bool, device=q.device)  # pads: self
+        g = H // k.shape[1]
+        out = F.scaled_dot_product_attention(q, k.repeat_interleave(g, 1), v.repeat_interleave(g, 1),
+                                             attn_mask=mask, scale=scale)
+        n = valid.sum(-1)  # (B,) real tokens: left padding only, so they are the last n
+        self.allocate_runs((-(-n // self.block_size))[:, None].expand(B, self.num_kv_heads))
+        b, t = valid.nonzero(as_tuple=True)
+        index = t - (T - n[b])  # the token's index among its sequence's real tokens
+        for h in range(self.num_kv_heads):
+            hh = torch.full_like(b, h)
+            self.write(b, hh, index, k[b, h, t], v[b, h, t])
+            blk, off = self.locate(b, hh, index)
+            self.pos_pool[blk, off] = self.seen[b] + index
+            self.hist_pool[blk, off] = -1
+        self.lens = self.lens + n[:, None]
+        self.seen = self.seen + n
+        return out.transpose(1, 2)
 
     def prefill_prompt(self, q, k, v, valid, scale) -> torch.Tensor:
         """Question-aware: cache the whole prompt, each token observed as it arrives, nothing evicted. The
@@ -264,6 +293,11 @@ def _valid_tokens(attention_mask, B: int, T: int, past: int, device) -> torch.Te
     return diag if diag.dtype == torch.bool else diag == 0
 
 
+def _left_padded(valid: torch.Tensor) -> bool:
+    """A prompt of several tokens whose padding, if any, comes first."""
+    return valid.shape[1] > 1 and not bool((valid[:, 1:].long() < valid[:, :-1].long()).any())
+
+
 class PolicyLlamaAttention(LlamaAttention):
     """Llama attention that, given a ``PolicyCache``, runs each token through the policy's cache."""
 
@@ -282,6 +316,8 @@ class PolicyLlamaAttention(LlamaAttention):
         if layer.question_aware and layer.seen_tokens == 0:  # the prompt: cached whole, compressed after
             out = layer.prefill_prompt(q, k, v, valid, self.scaling)
             layer.end_prefill()
+        elif not (layer.policy.evicts or layer.policy.observes) and layer.seen_tokens == 0 and _left_padded(valid):
+            out = layer.store_prompt(q, k, v, valid, self.scaling)  # nothing to decide token by token
         else:
             out = layer.stream(q, k, v, valid, self.scaling)
         layer.seen_tokens += T

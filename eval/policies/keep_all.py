@@ -15,6 +15,7 @@ class KeepAll(Policy):
     budget: Budget = field(default_factory=lambda: Budget(cr=1))
     name: ClassVar[str] = "keep_all"
     observes: ClassVar[bool] = False
+    evicts: ClassVar[bool] = False
 
     def __post_init__(self):
         if self.budget.cr != 1:
