@@ -18,12 +18,15 @@ class DMCLayer(SlotCacheLayer):
     update_hint = ("DMCCache is filled by DMC attention layers (prefill/step); it cannot take plain key/value "
                    "updates. Use it with a dmc_llama model, or a DynamicCache with a vanilla Llama.")
 
-    def __init__(self, num_kv_heads: int, head_dim: int, block_size: int, window: int | None):
-        super().__init__(num_kv_heads, head_dim, block_size)
+    def __init__(self, num_kv_heads: int, head_dim: int, block_size: int, window: int | None, kv_bits: int = 16,
+                 kv_group: int = 32):
+        super().__init__(num_kv_heads, head_dim, block_size, kv_bits, kv_group)
         self.window = window
-        # each sequence's open-slot state, selected, copied and emptied with its slots
+        # each sequence's open-slot state, selected, copied and emptied with its slots; a quantised store keeps
+        # the open slot itself in full precision (open_k, open_v) and codes it when it closes
         self.row_state = ("started", "k_sum", "v_sum", "w_sum") + (
-            ("ring_k", "ring_v", "ring_w", "seg_len") if window else ())
+            ("ring_k", "ring_v", "ring_w", "seg_len") if window else ()) + (
+            ("open_k", "open_v") if self.quantized else ())
 
     # ---- allocation ------------------------------------------------------------------------------
     def _init_state(self, batch: int, dtype, device) -> None:
@@ -40,7 +43,27 @@ class DMCLayer(SlotCacheLayer):
             self.ring_v = torch.zeros_like(self.ring_k)
             self.ring_w = torch.zeros(batch, H, W, dtype=sd, device=device)
             self.seg_len = torch.zeros(batch, H, dtype=torch.long, device=device)
+        if self.quantized:
+            self.open_k = torch.zeros(batch, H, D, dtype=dtype, device=device)
+            self.open_v = torch.zeros_like(self.open_k)
         self.is_initialized = True
+
+    def write_open(self, b, h, slot, key, val, append) -> None:
+        """Pairs (b, h) (N,) write their open (last) slot ``slot``. A quantised store keeps it in full precision
+        beside the codes, and codes the slot before it when ``append`` opened this one: a slot is coded once,
+        when it closes, and a merge never reads codes back."""
+        if not self.quantized:
+            return self.write(b, h, slot, key, val)
+        closing = append & (slot > 0)
+        if bool(closing.any()):
+            cb, ch = b[closing], h[closing]
+            self.write(cb, ch, slot[closing] - 1, self.open_k[cb, ch], self.open_v[cb, ch])
+        self.open_k[b, h] = key.to(self.dtype)
+        self.open_v[b, h] = val.to(self.dtype)
+
+    def closed_lens(self) -> torch.Tensor:
+        """(B, H_kv) slots held as codes (a quantised store; all but the open one), else every slot."""
+        return (self.lens - 1).clamp(min=0) if self.quantized else self.lens
 
     # ---- the two ways in: one-pass prefill here, one token at a time in ops/cache_step.py ---------------
     def prefill(self, k_bar_rot, v_bar, k_pre, v, omega, k_sum, v_sum, w_sum, alpha, valid) -> None:
@@ -60,7 +83,14 @@ class DMCLayer(SlotCacheLayer):
         self.lens = ends.sum(-1)
         self.allocate_runs(-(-self.lens // self.block_size))
         b, h, t = ends.nonzero(as_tuple=True)
-        self.write(b, h, slot[b, h, t], k_bar_rot[b, h, t], v_bar[b, h, t])
+        if self.quantized:  # closed slots as codes; each pair's last (open) slot in full precision
+            last = slot[b, h, t] == self.lens[b, h] - 1
+            c = ~last
+            self.write(b[c], h[c], slot[b, h, t][c], k_bar_rot[b[c], h[c], t[c]], v_bar[b[c], h[c], t[c]])
+            self.open_k[b[last], h[last]] = k_bar_rot[b[last], h[last], t[last]].to(self.dtype)
+            self.open_v[b[last], h[last]] = v_bar[b[last], h[last], t[last]].to(self.dtype)
+        else:
+            self.write(b, h, slot[b, h, t], k_bar_rot[b, h, t], v_bar[b, h, t])
 
         self.started = valid.any(-1)
         sd = self.state_dtype
@@ -98,11 +128,17 @@ class DMCLayer(SlotCacheLayer):
         raise DMCCacheError("a DMC cache cannot be cropped (merged slots cannot be un-merged); regenerate instead")
 
     # ---- accounting ----------------------------------------------------------------------------------
+    def allocated_bytes(self) -> int:
+        """Slot blocks handed out; a quantised store adds its full-precision open slots (one per pair)."""
+        extra = self.open_k.numel() * self.open_k.element_size() * 2 if self.quantized and self.is_initialized else 0
+        return super().allocated_bytes() + extra
+
     def reserved_bytes(self) -> int:
         """Bytes of the pools, handed out or not, plus the fp32 running state of the open slots."""
         if not self.is_initialized:
             return 0
         state = [self.k_sum, self.v_sum, self.w_sum] + ([self.ring_k, self.ring_v, self.ring_w] if self.window else [])
+        state += [self.open_k, self.open_v] if self.quantized else []
         return self.pool_bytes() + sum(t.numel() * t.element_size() for t in state)
 
 
@@ -117,7 +153,8 @@ class DMCCache(SlotCache):
         D = head_dim(config)
         block_size = block_size or getattr(config, "dmc_block_size", 16)
         window = getattr(config, "dmc_window", None) or None
-        layers = [DMCLayer(H_kv, D, block_size, window) for _ in range(config.num_hidden_layers)]
+        bits, group = getattr(config, "dmc_kv_bits", 16), getattr(config, "dmc_kv_group", 32)
+        layers = [DMCLayer(H_kv, D, block_size, window, bits, group) for _ in range(config.num_hidden_layers)]
         super().__init__(layers=layers)
 
     def layer(self, layer_idx: int) -> DMCLayer:

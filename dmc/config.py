@@ -6,6 +6,8 @@ from dataclasses import asdict, dataclass, fields
 
 from transformers import LlamaConfig
 
+from .ops.kv_quant import KV_BITS
+
 TRAIN_ATTENTION_BACKENDS = ("auto", "flex", "sdpa", "reference")
 DECODE_BACKENDS = ("auto", "paged", "sdpa", "reference", "flash", "triton")
 
@@ -29,6 +31,9 @@ class DMCConfig:
     train_attention: training-time attention kernel ("auto", "flex", "sdpa", "reference").
     decode_backend: cached-decoding attention ("auto", "paged", "sdpa", "reference", "flash", "triton").
     block_size: slots per cache block (the paged cache allocates blocks on demand).
+    kv_bits: bits per cached key/value element: 16 keeps the model's dtype; 8 or 4 store closed slots as
+        group-wise integer codes (the open slot, which merges still write, stays in full precision).
+    kv_group: channels per quantisation group (one scale and minimum each); a divisor of head_dim.
     """
 
     enabled: bool = True
@@ -42,6 +47,8 @@ class DMCConfig:
     train_attention: str = "auto"
     decode_backend: str = "auto"
     block_size: int = 16
+    kv_bits: int = 16
+    kv_group: int = 32
 
     def __post_init__(self) -> None:
         self.validate()
@@ -66,6 +73,10 @@ class DMCConfig:
             raise bad("decode_backend", f"choose one of {', '.join(DECODE_BACKENDS)}")
         if not isinstance(self.block_size, int) or self.block_size < 1:
             raise bad("block_size", "use a positive number of slots per block (e.g. 16)")
+        if self.kv_bits not in KV_BITS:
+            raise bad("kv_bits", f"choose one of {', '.join(map(str, KV_BITS))} (16: not quantised)")
+        if not isinstance(self.kv_group, int) or self.kv_group < 1:
+            raise bad("kv_group", "use a positive number of channels per quantisation group (e.g. 32)")
         if not isinstance(self.channel, int):
             raise bad("channel", "use a channel index such as -1 (the last channel)")
         if head_dim is not None:
@@ -76,6 +87,8 @@ class DMCConfig:
                 )
             if not -head_dim <= self.channel < head_dim:
                 raise bad("channel", f"must index a head channel in [-{head_dim}, {head_dim - 1}]")
+            if head_dim % min(self.kv_group, head_dim):
+                raise bad("kv_group", f"must divide head_dim={head_dim} (e.g. 32 or {head_dim})")
 
     @property
     def unbounded(self) -> bool:

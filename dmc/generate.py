@@ -15,8 +15,9 @@ class ModelFolderError(ValueError):
     """The folder cannot be loaded as a Llama or DMC model; the message says why and what to do."""
 
 
-def load(path: str | Path, dtype: str = "float32", device: str = "cpu"):
-    """(model, tokenizer) of a vanilla Llama or ``dmc_llama`` model (a HF folder or a Hub id), in eval mode."""
+def load(path: str | Path, dtype: str = "float32", device: str = "cpu", kv_bits: int | None = None):
+    """(model, tokenizer) of a vanilla Llama or ``dmc_llama`` model (a HF folder or a Hub id), in eval mode.
+    ``kv_bits`` (DMC models): the cache's precision, 16, 8 or 4 (``dmc_kv_bits``; None: the folder's own)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .hub import ModelSourceError, model_config
@@ -30,13 +31,28 @@ def load(path: str | Path, dtype: str = "float32", device: str = "cpu"):
                                f"({', '.join(LLAMA_TYPES)})")
     if not hasattr(torch, dtype):
         raise ModelFolderError(f"dtype {dtype!r} is not a torch dtype; use float32, bfloat16 or float16")
+    if kv_bits is not None:
+        set_kv_bits(model_type, kv_bits)
     path = str(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).to(device).eval()
+    if kv_bits is not None:
+        model.config.dmc_kv_bits = kv_bits
     tok = AutoTokenizer.from_pretrained(path)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     tok.padding_side = "left"  # ragged prompts: the DMC cache skips pad tokens per sequence
     return model, tok
+
+
+def set_kv_bits(model_type: str, kv_bits: int) -> None:
+    """Check a --kv-bits request before loading: valid bits, on a model whose cache can hold codes."""
+    from .ops.kv_quant import KV_BITS
+
+    if kv_bits not in KV_BITS:
+        raise ModelFolderError(f"--kv-bits {kv_bits}: choose one of {', '.join(map(str, KV_BITS))}")
+    if model_type != "dmc_llama" and kv_bits != 16:
+        raise ModelFolderError(f"--kv-bits {kv_bits} needs a DMC folder: a vanilla Llama keeps HF's own cache, "
+                               "which this option does not quantise; drop --kv-bits")
 
 
 @dataclass
@@ -92,9 +108,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--top-p", type=float, default=1.0)
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--kv-bits", type=int, default=None, help="DMC cache precision: 16, 8 or 4 (closed slots as "
+                    "integer codes; default: the folder's dmc_kv_bits)")
     ns = ap.parse_args(argv)
     try:
-        model, tok = load(ns.model, ns.dtype, ns.device)
+        model, tok = load(ns.model, ns.dtype, ns.device, ns.kv_bits)
     except ModelFolderError as err:
         sys.exit(f"dmc generate: error: {err}")
     result = generate(model, tok, ns.prompt, ns.max_new_tokens, ns.temperature, ns.top_p)
@@ -102,4 +120,6 @@ def main(argv: list[str] | None = None) -> None:
         cr = f"  [realised CR {result.realised_cr[i]:.2f}]" if result.realised_cr else ""
         print(f"--- prompt {i}{cr}\n{prompt}{text}")
     if result.kv_bytes is not None:
-        print(f"--- DMC cache: {result.kv_bytes / 2**20:.2f} MiB allocated")
+        bits = getattr(model.config, "dmc_kv_bits", 16)
+        kv = result.kv_bytes
+        print(f"--- DMC cache: {kv / 2**20:.2f} MiB allocated ({kv:,} bytes, {bits}-bit slots)")

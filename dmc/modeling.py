@@ -31,6 +31,7 @@ from .ops.accumulate import accumulate
 from .ops.attention_bias import decode_merge_candidates, hard_decisions, no_merge_biases, relaxed_decisions
 from .ops.cache_step import cache_step
 from .ops.decode_attention import decode_attention, resolve_backend
+from .ops.quant_attention import CodedPool, decode_attention_quant_paged, decode_attention_quant_reference
 from .ops.train_attention import train_attention
 from .ops.triton_decode import cache_step_triton
 
@@ -154,15 +155,26 @@ class DMCLlamaAttention(LlamaAttention):
         cos, sin = rope
         can = decode_merge_candidates(valid, layer.started if layer.is_initialized else None)[:, None, :]
         q_rot, _ = apply_rotary_pos_emb(q0, q0[:, :1], cos, sin)
-        backend = resolve_backend(self.config.dmc_decode_backend, q0.device, layer.block_size)
+        backend = resolve_backend(self.config.dmc_decode_backend, q0.device, layer.block_size, layer.kv_bits)
         step = cache_step_triton if backend == "triton" else cache_step  # the fused update goes with its kernel
         outs = []
         for t in range(q0.shape[2]):
             step(layer, k0[:, :, t], v[:, :, t], omega[..., t], logit[..., t] > 0, valid[:, t], cos[:, t], sin[:, t])
-            outs.append(decode_attention(backend, q_rot[:, :, t], layer.k_pool, layer.v_pool, layer.block_table,
-                                         layer.lens, self.scaling, owned=layer.owners()))
+            outs.append(self._attend(backend, layer, q_rot[:, :, t]))
         layer.seen_tokens += q0.shape[2]
         return torch.stack(outs, dim=2), straight_through_hard(logit) * can, (logit > 0) & can
+
+    def _attend(self, backend: str, layer, q):
+        """One query per sequence over its cache: the plain pools, or codes plus the full-precision open slot."""
+        if not layer.quantized:
+            return decode_attention(backend, q, layer.k_pool, layer.v_pool, layer.block_table, layer.lens,
+                                    self.scaling, owned=layer.owners())
+        k, v = (CodedPool(getattr(layer, f"{x}_pool"), getattr(layer, f"{x}_scale"), getattr(layer, f"{x}_min"),
+                          layer.kv_bits) for x in "kv")
+        fn = decode_attention_quant_reference if backend == "reference" else decode_attention_quant_paged
+        extra = {} if backend == "reference" else {"owned": layer.owners()}
+        return fn(q, k, v, layer.block_table, layer.closed_lens(), layer.open_k, layer.open_v, layer.lens > 0,
+                  self.scaling, **extra)
 
     def _record(self, stats: dict | None, alpha_st, merged, valid, omega) -> None:
         if stats is not None:  # keyed by layer: a gradient-checkpointing recompute overwrites, never doubles

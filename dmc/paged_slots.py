@@ -14,6 +14,7 @@ bytes are counted the same way. The public API, all of it tested directly (tests
     insert_sequence(b, other, ob)     copy sequence ``ob`` of another store into the empty sequence b
     release_sequence(b)               free every block of sequence b and empty it (continuous batching)
     allocated_bytes(), pool_bytes()   blocks handed out, and the pool as reserved
+    key_values(b, h, slot)            the keys/values stored there, decoded when the pool holds codes
 
 State: ``k_pool``, ``v_pool`` (blocks, block_size, D); ``block_table[b, h, j]`` the block holding slots
 ``j * block_size ..`` of pair (b, h) (-1: none); ``lens[b, h]`` its number of live slots. Its inverse,
@@ -21,24 +22,52 @@ State: ``k_pool``, ``v_pool`` (blocks, block_size, D); ``block_table[b, h, j]`` 
 date by every method that changes the table, so that decode attention does not rebuild it every step. A subclass names
 further per-slot pools (``slot_pools``, grown, copied and compacted with the keys) and per-sequence state
 (``row_state``, tensors whose first dimension is the sequence). The pool grows by whole zero-filled blocks.
+
+With ``kv_bits`` 8 or 4 the pools hold group-wise integer codes instead (``ops/kv_quant.py``): ``k_pool`` and
+``v_pool`` are uint8 (blocks, block_size, D * bits / 8), beside them ``k_scale``, ``k_min``, ``v_scale``,
+``v_min`` (blocks, block_size, D / kv_group) in fp16; ``write`` codes what it stores, and every byte count
+includes the scales.
 """
 
 from __future__ import annotations
 
 import torch
 
+from .ops.kv_quant import check_bits, code_width, dequantize, num_groups, quantize
+
+SCALE_POOLS = ("k_scale", "k_min", "v_scale", "v_min")  # beside the codes when kv_bits < 16
+SCALE_DTYPE = torch.float16
+
 
 class PagedSlots:
     slot_pools: tuple[str, ...] = ("k_pool", "v_pool")  # (blocks, block_size, ...) tensors, block for block
     row_state: tuple[str, ...] = ()  # (B, ...) per-sequence tensors beside the table
 
-    def __init__(self, num_kv_heads: int, head_dim: int, block_size: int):
+    def __init__(self, num_kv_heads: int, head_dim: int, block_size: int, kv_bits: int = 16, kv_group: int = 32):
         self.num_kv_heads, self.head_dim, self.block_size = num_kv_heads, head_dim, block_size
+        self.kv_bits = check_bits(kv_bits)
+        self.kv_group = min(kv_group, head_dim)
+        if self.quantized:
+            num_groups(head_dim, self.kv_group)  # raises for a head dim the groups do not divide
+
+    @property
+    def quantized(self) -> bool:
+        return self.kv_bits < 16
+
+    def pools(self) -> tuple[str, ...]:
+        """Every per-slot pool: the subclass's, plus the code scales of a quantised store."""
+        return self.slot_pools + (SCALE_POOLS if self.quantized else ())
 
     def init_pool(self, batch: int, dtype, device) -> None:
         H, D = self.num_kv_heads, self.head_dim
         self.dtype, self.device = dtype, device
-        self.k_pool = torch.empty(0, self.block_size, D, dtype=dtype, device=device)
+        if self.quantized:
+            self.k_pool = torch.empty(0, self.block_size, code_width(D, self.kv_bits), dtype=torch.uint8, device=device)
+            for name in SCALE_POOLS:
+                groups = D // self.kv_group
+                setattr(self, name, torch.empty(0, self.block_size, groups, dtype=SCALE_DTYPE, device=device))
+        else:
+            self.k_pool = torch.empty(0, self.block_size, D, dtype=dtype, device=device)
         self.v_pool = torch.empty_like(self.k_pool)
         self.used_blocks = 0  # high-water mark of the pool
         self.free_blocks = torch.empty(0, dtype=torch.long, device=device)  # released, below the mark
@@ -68,7 +97,7 @@ class PagedSlots:
         need = self.used_blocks + extra
         if need > self.k_pool.shape[0]:
             grow = max(need, int(self.k_pool.shape[0] * 1.25) + 1) - self.k_pool.shape[0]
-            for name in self.slot_pools:  # zeros, not garbage: the paged attention multiplies dead slots by 0
+            for name in self.pools():  # zeros, not garbage: the paged attention multiplies dead slots by 0
                 pool = getattr(self, name)
                 setattr(self, name, torch.cat([pool, pool.new_zeros(grow, *pool.shape[1:])]))
             self.block_pair = torch.cat([self.block_pair, self.block_pair.new_full((grow,), -1)])
@@ -127,15 +156,28 @@ class PagedSlots:
     def write(self, b, h, slot, keys, values) -> None:
         """keys, values (N, D) into slot ``slot`` of pairs (b, h) (N,), cast to the pool's dtype."""
         block, offset = self.locate(b, h, slot)
-        self.k_pool[block, offset] = keys.to(self.dtype)
-        self.v_pool[block, offset] = values.to(self.dtype)
+        if not self.quantized:
+            self.k_pool[block, offset] = keys.to(self.dtype)
+            self.v_pool[block, offset] = values.to(self.dtype)
+            return
+        for x, names in ((keys, ("k_pool", "k_scale", "k_min")), (values, ("v_pool", "v_scale", "v_min"))):
+            for name, part in zip(names, quantize(x, self.kv_bits, self.kv_group, SCALE_DTYPE)):
+                getattr(self, name)[block, offset] = part
+
+    def key_values(self, b, h, slot) -> tuple[torch.Tensor, torch.Tensor]:
+        """The keys and values (N, D) stored at slot ``slot`` of pairs (b, h), decoded to the store's dtype."""
+        block, offset = self.locate(b, h, slot)
+        if not self.quantized:
+            return self.k_pool[block, offset], self.v_pool[block, offset]
+        return tuple(dequantize(getattr(self, f"{x}_pool")[block, offset], getattr(self, f"{x}_scale")[block, offset],
+                                getattr(self, f"{x}_min")[block, offset], self.kv_bits, self.dtype) for x in "kv")
 
     def select_sequences(self, index: torch.Tensor) -> None:
         """Keep/reorder/repeat sequences; blocks are copied, never shared, and the pool is compacted."""
         table = self.block_table[index]
         live = table >= 0
         new_ids = live.flatten().long().cumsum(0).view_as(table) - 1
-        for name in self.slot_pools:
+        for name in self.pools():
             setattr(self, name, getattr(self, name)[table[live]])
         self.used_blocks = int(live.sum())
         self.free_blocks = self.free_blocks[:0]
@@ -166,7 +208,7 @@ class PagedSlots:
         row[:, : src.shape[-1]][held] = ids
         h, col = held.nonzero(as_tuple=True)
         self._own(ids, b, h, col)
-        for name in self.slot_pools:
+        for name in self.pools():
             getattr(self, name)[ids] = getattr(other, name)[src[held]]
         self.lens[b] = other.lens[ob]
         for name in self.row_state:
@@ -188,9 +230,16 @@ class PagedSlots:
         return (self.used_blocks - self.free_blocks.numel()) * self.block_bytes()
 
     def block_bytes(self) -> int:
-        """Bytes of one block of keys and values."""
-        return 2 * self.block_size * self.head_dim * self.k_pool.element_size()
+        """Bytes of one block of keys and values (codes plus their scales and minima when quantised)."""
+        return self.block_size * self.slot_bytes()
+
+    def slot_bytes(self) -> int:
+        """Bytes one slot's key and value take in this store."""
+        if not self.quantized:
+            return 2 * self.head_dim * torch.empty((), dtype=self.dtype).element_size()
+        scales = 2 * (self.head_dim // self.kv_group) * torch.empty((), dtype=SCALE_DTYPE).element_size()
+        return 2 * (code_width(self.head_dim, self.kv_bits) + scales)
 
     def pool_bytes(self) -> int:
         """Bytes of the pools as reserved (blocks handed out or not)."""
-        return 2 * self.k_pool.numel() * self.k_pool.element_size() if getattr(self, "is_initialized", False) else 0
+        return self.k_pool.shape[0] * self.block_bytes() if getattr(self, "is_initialized", False) else 0

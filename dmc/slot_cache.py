@@ -25,8 +25,8 @@ class SlotCacheLayer(PagedSlots, CacheLayerMixin):
     supports_early_init = False
     update_hint = ""
 
-    def __init__(self, num_kv_heads: int, head_dim: int, block_size: int):
-        PagedSlots.__init__(self, num_kv_heads, head_dim, block_size)
+    def __init__(self, num_kv_heads: int, head_dim: int, block_size: int, kv_bits: int = 16, kv_group: int = 32):
+        PagedSlots.__init__(self, num_kv_heads, head_dim, block_size, kv_bits, kv_group)
         CacheLayerMixin.__init__(self)
         self.seen_tokens = 0
 

@@ -74,5 +74,5 @@ def cache_step(layer, k_pre, v, omega, merge, valid, cos, sin) -> None:
     key = _rope((layer.k_sum / layer.w_sum[..., None]).to(layer.dtype), cos, sin)
     val = layer.v_sum / layer.w_sum[..., None]
     b, h = live.nonzero(as_tuple=True)
-    layer.write(b, h, slot[b, h], key[b, h], val[b, h])
+    layer.write_open(b, h, slot[b, h], key[b, h], val[b, h], append[b, h])
     layer.started = layer.started | valid

@@ -163,7 +163,7 @@ class PolicyLayer(SlotCacheLayer):
         last = self.lens[b, h] - 1
         dst, dst_off = self.locate(b, h, slot[b, h])
         src, src_off = self.locate(b, h, last)
-        for pool in (getattr(self, name) for name in self.slot_pools):
+        for pool in (getattr(self, name) for name in self.pools()):
             pool[dst, dst_off] = pool[src, src_off]
             pool[src, src_off] = 0  # dead slots stay zero (finite) for the paged attention
         self.lens[b, h] = last

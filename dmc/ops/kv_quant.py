@@ -1,0 +1,72 @@
+"""Group-wise integer codes for closed KV slots: the reference codec that every quantised path is tested against.
+
+A slot's vector x (D,) is cut into groups of ``group`` channels; each group is stored as unsigned ``bits``-bit
+codes with its own scale and minimum (asymmetric, as KIVI and FlexGen):
+
+    scale = (max - min) / (2**bits - 1)        code = round((x - min) / scale)        x' = min + code * scale
+
+so |x - x'| <= scale / 2 per element (plus the rounding of scale and min to their storage dtype). Every slot
+is coded alone (per-token groups along the head dimension, for keys as for values): a DMC slot closes on its
+own, when its pair appends the next one, and is never coded again. 4-bit codes are packed two per byte
+(low nibble first); 8-bit codes are one byte each.
+"""
+
+from __future__ import annotations
+
+import torch
+
+KV_BITS = (16, 8, 4)  # 16: no codes, the pool keeps the model's dtype
+
+
+def check_bits(bits: int) -> int:
+    if bits not in KV_BITS:
+        raise ValueError(f"kv bits must be one of {', '.join(map(str, KV_BITS))} (got {bits})")
+    return bits
+
+
+def code_width(head_dim: int, bits: int) -> int:
+    """Bytes of one slot's codes."""
+    return head_dim * bits // 8
+
+
+def num_groups(head_dim: int, group: int) -> int:
+    if head_dim % group:
+        raise ValueError(f"head dim {head_dim} is not a multiple of the quantisation group {group}")
+    return head_dim // group
+
+
+def quantize(x: torch.Tensor, bits: int, group: int, param_dtype=torch.float16):
+    """x (..., D) -> (codes (..., D * bits / 8) uint8, scale (..., D / group), minimum (..., D / group)).
+
+    Non-finite inputs are a caller's bug, but they must not spread: NaN groups code to 0 with scale 0."""
+    *lead, D = x.shape
+    g = x.float().reshape(*lead, num_groups(D, group), group)
+    lo, hi = g.amin(-1), g.amax(-1)
+    scale = ((hi - lo) / (2**bits - 1)).to(param_dtype)
+    lo = lo.to(param_dtype)
+    # the codes are taken against the stored (rounded) scale and minimum, so decoding sees the same numbers
+    s, m = scale.float()[..., None], lo.float()[..., None]
+    codes = torch.where(s > 0, ((g - m) / torch.where(s > 0, s, 1)).round(), 0).clamp(0, 2**bits - 1)
+    codes = torch.nan_to_num(codes, nan=0.0).to(torch.uint8).reshape(*lead, D)
+    if bits == 4:
+        codes = codes[..., 0::2] | (codes[..., 1::2] << 4)
+    return codes, torch.nan_to_num(scale, nan=0.0), torch.nan_to_num(lo, nan=0.0)
+
+
+def dequantize(codes: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor, bits: int, dtype=torch.float32):
+    """Inverse of ``quantize``: (..., D) in ``dtype``."""
+    if bits == 4:
+        codes = torch.stack([codes & 0xF, codes >> 4], dim=-1).flatten(-2)
+    *lead, D = codes.shape
+    G = scale.shape[-1]
+    x = codes.reshape(*lead, G, D // G).float() * scale.float()[..., None] + minimum.float()[..., None]
+    return x.reshape(*lead, D).to(dtype)
+
+
+def error_bound(scale: torch.Tensor, minimum: torch.Tensor, group: int) -> torch.Tensor:
+    """Per element (..., D): the most ``dequantize(quantize(x))`` may differ from x: half a step, plus the
+    fp16 rounding of the stored minimum and of the top code's scale (code <= 2**bits - 1)."""
+    s, m = scale.float(), minimum.float()
+    eps = torch.finfo(scale.dtype).eps
+    slack = eps * (m.abs() + s * 255) + 1e-6
+    return (s / 2 + slack).repeat_interleave(group, dim=-1)
