@@ -50,3 +50,10 @@ def test_bits_are_checked():
     assert check_bits(4) == 4
     with pytest.raises(ValueError, match="one of 16, 8, 4"):
         check_bits(3)
+
+
+def test_the_config_accepts_exactly_the_widths_the_codec_codes():
+    from dmc.config import KV_BITS as CONFIG_BITS
+    from dmc.ops.kv_quant import KV_BITS
+
+    assert CONFIG_BITS == KV_BITS

@@ -10,7 +10,7 @@ from dmc.config import DMCConfig
 
 STRATEGIES = ("auto", "ddp", "deepspeed_stage_2", "deepspeed_stage_3")
 DMC_FIELDS = ("window", "tau", "logit_offset", "weight_offset", "train_attention", "weight_eps", "channel",
-              "decode_backend", "block_size")  # model.* fields that are DMCConfig's
+              "decode_backend", "block_size", "kv_bits", "kv_group")  # model.* fields that are DMCConfig's
 
 
 @dataclass
@@ -35,6 +35,9 @@ class ModelSection:
         decode_backend: The exported model's cached-decoding attention: auto, paged, sdpa, reference, flash or
             triton (training does not use it).
         block_size: Slots per block of the exported model's paged cache (training does not use it).
+        kv_bits: The exported model's cache precision: 16 (the model's dtype), 8 or 4 (integer codes of closed
+            slots; training does not use it).
+        kv_group: Channels per quantisation group of the cache (one fp16 scale and minimum each).
         gradient_checkpointing: Recompute each layer's activations in the backward pass (memory for time).
     """
 
@@ -52,6 +55,8 @@ class ModelSection:
     channel: int = DMCConfig.channel
     decode_backend: Literal["auto", "paged", "sdpa", "reference", "flash", "triton"] = DMCConfig.decode_backend
     block_size: int = DMCConfig.block_size
+    kv_bits: Literal[16, 8, 4] = DMCConfig.kv_bits
+    kv_group: int = DMCConfig.kv_group
     gradient_checkpointing: bool = False
 
     def dmc_config(self, target_cr: float) -> DMCConfig:
