@@ -83,3 +83,20 @@ def test_a_budget_smaller_than_one_sequence_is_one_line():
     with pytest.raises(BudgetError, match="cannot hold one sequence") as err:
         serve(model, _requests(), 1000, block_size=4)
     assert "\n" not in str(err.value) and "--kv-budget" in str(err.value)
+
+
+def test_preempted_sequences_are_recomputed_and_the_budget_still_holds(monkeypatch):
+    # admission that ignores growth fills the budget with prompts alone; every step's worst-case reserve must
+    # then preempt the newest sequences (freed, queued again, recomputed from scratch) to stay in budget
+    from dmc.eval.serving import Server
+
+    monkeypatch.setattr(Server, "_growth_bytes", lambda self, cache, rows: 0)
+    model = mixed_dmc("gqa", window=12)
+    block = 2 * 4 * model.config.dmc_head_dim * 8
+    requests = _requests()
+    result = serve(model, requests, 60 * block, block_size=4, record_logits=True)
+    stats = result.stats
+    assert stats.preempted > 0 and stats.discarded_tokens > 0
+    _check_equal_alone(result, model, requests, lambda: dmc.DMCCache(model.config, block_size=4))
+    assert 0 < stats.peak_bytes <= 60 * block and stats.final_bytes == 0
+    assert stats.generated_tokens == sum(new for _, new in LENGTHS)  # discarded tokens are not delivered twice
