@@ -33,10 +33,12 @@ from transformers import DynamicCache
 
 import dmc
 from dmc.cache import DMCCache
+from dmc.config import KV_BITS
 from dmc.eval.synthetic import impose_synthetic_cr
 from dmc.generate import ModelFolderError, load
 from dmc.hub import ModelSourceError, model_config
-from dmc.metrics import cache_realised_cr, is_dmc
+from dmc.metrics import cache_realised_cr, head_dim, is_dmc
+from dmc.paged_slots import PagedSlots
 
 
 @dataclass
@@ -136,6 +138,16 @@ def measure(model, ids: torch.Tensor, decode_steps: int) -> dict:
             "kv_reserved_bytes": reserved, "peak_bytes": peak.bytes, "realised_cr": cr}
 
 
+def slot_shrink(model) -> float:
+    """Bytes of one slot in the model's cache over one slot in its dtype (1 unless dmc_kv_bits < 16)."""
+    cfg = model.config
+    store = PagedSlots(1, head_dim(cfg), 1, getattr(cfg, "dmc_kv_bits", 16), getattr(cfg, "dmc_kv_group", 32))
+    store.dtype = model.dtype
+    plain = PagedSlots(1, head_dim(cfg), 1)
+    plain.dtype = model.dtype
+    return store.slot_bytes() / plain.slot_bytes()
+
+
 def weight_bytes(model) -> int:
     return sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values())
 
@@ -151,15 +163,23 @@ def prompts(tokenizer, batch: int, context: int) -> torch.Tensor:
     return torch.stack([b for b, _ in islice(blocks, batch)])
 
 
-def variants(path: str, crs: list[float], calibration: torch.Tensor, dtype: str, device: str):
-    """Yield (label, model): the vanilla model first, then the DMC ones."""
+def with_kv_bits(label: str, model, kv_bits: tuple[int, ...]):
+    """Yield the DMC ``model`` once per cache precision (its config's dmc_kv_bits, read by each new cache)."""
+    for bits in kv_bits:
+        model.config.dmc_kv_bits = bits
+        yield (label if bits == 16 else f"{label} int{bits}"), model
+
+
+def variants(path: str, crs: list[float], calibration: torch.Tensor, dtype: str, device: str,
+             kv_bits: tuple[int, ...] = (16,)):
+    """Yield (label, model): the vanilla model first, then the DMC ones, each at every ``kv_bits``."""
     model, tok = load(path, dtype, device)
     if model.config.model_type == "dmc_llama":
         vanilla = copy.deepcopy(model)
         vanilla.config.dmc_enabled = False
         yield "vanilla", vanilla
         del vanilla
-        yield "dmc", model
+        yield from with_kv_bits("dmc", model, kv_bits)
         return
     yield "vanilla", model
     for cr in crs:
@@ -167,12 +187,12 @@ def variants(path: str, crs: list[float], calibration: torch.Tensor, dtype: str,
         dmc_model = dmc.retrofit(base, dmc.DMCConfig(target_cr=cr)).to(device).eval()
         got = impose_synthetic_cr(dmc_model, cr, calibration.to(device))
         print(f"synthetic {cr:g}x: decision rows calibrated, realised {got:.2f}x on the calibration text")
-        yield f"dmc synthetic {cr:g}x", dmc_model
+        yield from with_kv_bits(f"dmc synthetic {cr:g}x", dmc_model, kv_bits)
         del dmc_model
 
 
 def run(path: str, contexts: list[int], batches: list[int], crs: list[float], decode_steps: int, dtype: str,
-        device: str, threads: int | None) -> list[Row]:
+        device: str, threads: int | None, kv_bits: tuple[int, ...] = (16,)) -> list[Row]:
     if threads:
         torch.set_num_threads(threads)
     from transformers import AutoTokenizer
@@ -184,8 +204,9 @@ def run(path: str, contexts: list[int], batches: list[int], crs: list[float], de
     vanilla: dict[tuple[int, int], Row] = {}
     w_bytes = None
     dmc_folder = model_config(path).model_type == "dmc_llama"  # vanilla + itself, else vanilla + one per CR
-    bar = tqdm(total=len(all_ids) * (2 if dmc_folder else 1 + len(crs)), desc="dmc bench", unit="run", file=sys.stderr)
-    for label, model in variants(path, crs, calibration, dtype, device):
+    n_dmc = (1 if dmc_folder else len(crs)) * len(kv_bits)
+    bar = tqdm(total=len(all_ids) * (1 + n_dmc), desc="dmc bench", unit="run", file=sys.stderr)
+    for label, model in variants(path, crs, calibration, dtype, device, kv_bits):
         w_bytes = w_bytes or weight_bytes(model)
         measure(model, calibration[:, :64].to(device), 2)  # warm-up: first calls pay for allocations
         for (context, batch), ids in all_ids.items():
@@ -197,7 +218,7 @@ def run(path: str, contexts: list[int], batches: list[int], crs: list[float], de
                 vanilla[(context, batch)] = row
             else:
                 base = vanilla[(context, batch)]
-                kv, c = base.kv_bytes, row.realised_cr
+                kv, c = base.kv_bytes, row.realised_cr / slot_shrink(model)  # codes shrink each slot too
                 row.kv_ratio = row.kv_bytes / kv
                 row.ideal_kv_ratio = 1 / c
                 row.decode_speedup = row.decode_tokens_per_s / base.decode_tokens_per_s
@@ -247,6 +268,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--crs", type=float, nargs="+", default=[2, 4, 8], help="synthetic CRs (vanilla MODEL only)")
     ap.add_argument("--decode-steps", type=int, default=16)
+    ap.add_argument("--kv-bits", type=int, nargs="+", default=[16], help="DMC cache precisions to run: 16, 8 "
+                    "and/or 4 (closed slots as integer codes; the vanilla model keeps HF's cache)")
     budget = ap.add_argument_group("throughput at a KV budget (continuous batching)")
     budget.add_argument("--budget-seqs", type=float, nargs="+", default=None,
                         help="budgets that hold this many vanilla sequences of --context tokens")
@@ -267,6 +290,9 @@ def main(argv: list[str] | None = None) -> None:
     fail = lambda msg: sys.exit(f"dmc bench: error: {msg}")  # noqa: E731
     if any(c < 1 for c in ns.crs):
         fail("every --crs value must be >= 1")
+    if any(b not in KV_BITS for b in ns.kv_bits):
+        fail(f"--kv-bits takes {', '.join(map(str, KV_BITS))} (got {' '.join(map(str, ns.kv_bits))})")
+    ns.kv_bits = tuple(dict.fromkeys(ns.kv_bits))
     if ns.device.startswith("cuda") and not torch.cuda.is_available():
         fail(f"--device {ns.device}: this machine has no CUDA device; use --device cpu")
     out = Path(ns.out or Path("bench/results") / Path(ns.model).name)
@@ -274,12 +300,13 @@ def main(argv: list[str] | None = None) -> None:
         if ns.budget_seqs or ns.kv_budget:
             return _throughput_main(ns, dtype, out, fail)
         synthetic = model_config(ns.model).model_type != "dmc_llama"
-        rows = run(ns.model, ns.contexts, ns.batches, ns.crs, ns.decode_steps, dtype, ns.device, ns.threads)
+        rows = run(ns.model, ns.contexts, ns.batches, ns.crs, ns.decode_steps, dtype, ns.device, ns.threads,
+                   ns.kv_bits)
     except (ModelFolderError, ModelSourceError) as err:
         fail(err)
     out.mkdir(parents=True, exist_ok=True)
     meta = {"model": ns.model, "device": ns.device, "dtype": dtype, "threads": torch.get_num_threads(),
-            "torch": torch.__version__, "decode_steps": ns.decode_steps,
+            "torch": torch.__version__, "decode_steps": ns.decode_steps, "kv_bits": list(ns.kv_bits),
             "synthetic": synthetic}
     (out / "bench.json").write_text(json.dumps({"meta": meta, "rows": [asdict(r) for r in rows]}, indent=2))
     plot(rows, out / "bench.png")
@@ -310,15 +337,16 @@ def _throughput_main(ns, dtype: str, out: Path, fail) -> None:
     tok = AutoTokenizer.from_pretrained(ns.model)
     calibration = prompts(tok, 1, 1024)
     try:
-        models = variants(ns.model, ns.crs, calibration, dtype, ns.device)
-        rows = throughput.run(models, 1 + (len(ns.crs) if synthetic else 1), tok, budgets, ns.context, n_requests,
+        models = variants(ns.model, ns.crs, calibration, dtype, ns.device, ns.kv_bits)
+        n_dmc = (len(ns.crs) if synthetic else 1) * len(ns.kv_bits)
+        rows = throughput.run(models, 1 + n_dmc, tok, budgets, ns.context, n_requests,
                               tuple(ns.out_tokens), ns.block_size, not ns.no_hf_baseline)
     except (BudgetError, ValueError) as err:
         fail(err)
     out.mkdir(parents=True, exist_ok=True)
     meta = {"model": ns.model, "device": ns.device, "dtype": dtype, "threads": torch.get_num_threads(),
             "torch": torch.__version__, "context": ns.context, "out_tokens": ns.out_tokens,
-            "requests": n_requests, "block_size": ns.block_size, "synthetic": synthetic}
+            "requests": n_requests, "block_size": ns.block_size, "synthetic": synthetic, "kv_bits": list(ns.kv_bits)}
     (out / "throughput.json").write_text(json.dumps({"meta": meta, "rows": [asdict(r) for r in rows]}, indent=2))
     throughput.plot(rows, out / "throughput.png")
     print(throughput.HEADER)

@@ -73,3 +73,25 @@ def test_budget_bench_bad_input_is_one_line(tmp_path):
     assert "cannot hold one sequence" in msg and "--kv-budget" in msg
     msg = one_line_exit(main, str(folder), "--budget-seqs", "2", "--context", "100000", *common)
     assert "longer than the model's" in msg and "use --context <=" in msg
+
+
+@pytest.mark.skipif(not (SMOLLM2 / "config.json").exists(), reason="run `make model` first")
+def test_bench_kv_bits_runs_each_dmc_model_at_each_precision(tmp_path, capsys):
+    from dmc.eval.bench import main
+    from tests.helpers import one_line_exit
+
+    folder = write_tiny_checkpoint(tmp_path / "tiny")
+    out = tmp_path / "out"
+    main([str(folder), "--contexts", "64", "--batches", "2", "--crs", "2", "--decode-steps", "3", "--kv-bits", "16",
+          "4", "--out", str(out)])
+    rows = {r["model"]: r for r in json.loads((out / "bench.json").read_text())["rows"]}
+    assert list(rows) == ["vanilla", "dmc synthetic 2x", "dmc synthetic 2x int4"]
+    fp, int4 = rows["dmc synthetic 2x"], rows["dmc synthetic 2x int4"]
+    assert int4["realised_cr"] == fp["realised_cr"]  # the same decisions: codes change bytes, not slots
+    config = json.loads((folder / "config.json").read_text())
+    D = config["hidden_size"] // config["num_attention_heads"]
+    group = min(32, D)
+    shrink = (D * 4 // 8 + 2 * (D // group) * 2) / (D * 4)  # int4 codes + fp16 scale/min vs float32
+    assert int4["ideal_kv_ratio"] == pytest.approx(fp["ideal_kv_ratio"] * shrink)
+    assert int4["kv_bytes"] < fp["kv_bytes"] * shrink * 1.5  # blocks + the full-precision open slots
+    assert one_line_exit(main, str(folder), "--kv-bits", "3") == "dmc bench: error: --kv-bits takes 16, 8, 4 (got 3)"
