@@ -32,7 +32,7 @@ def load(path: str | Path, dtype: str = "float32", device: str = "cpu", kv_bits:
     if not hasattr(torch, dtype):
         raise ModelFolderError(f"dtype {dtype!r} is not a torch dtype; use float32, bfloat16 or float16")
     if kv_bits is not None:
-        set_kv_bits(model_type, kv_bits)
+        check_kv_bits(model_type, kv_bits)
     path = str(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).to(device).eval()
     if kv_bits is not None:
@@ -44,7 +44,7 @@ def load(path: str | Path, dtype: str = "float32", device: str = "cpu", kv_bits:
     return model, tok
 
 
-def set_kv_bits(model_type: str, kv_bits: int) -> None:
+def check_kv_bits(model_type: str, kv_bits: int) -> None:
     """Check a --kv-bits request before loading: valid bits, on a model whose cache can hold codes."""
     from .ops.kv_quant import KV_BITS
 

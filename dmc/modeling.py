@@ -31,7 +31,7 @@ from .ops.accumulate import accumulate
 from .ops.attention_bias import decode_merge_candidates, hard_decisions, no_merge_biases, relaxed_decisions
 from .ops.cache_step import cache_step
 from .ops.decode_attention import decode_attention, resolve_backend
-from .ops.quant_attention import CodedPool, decode_attention_quant_paged, decode_attention_quant_reference
+from .ops.quant_attention import decode_attention_quant_paged, decode_attention_quant_reference
 from .ops.train_attention import train_attention
 from .ops.triton_decode import cache_step_triton
 
@@ -169,8 +169,7 @@ class DMCLlamaAttention(LlamaAttention):
         if not layer.quantized:
             return decode_attention(backend, q, layer.k_pool, layer.v_pool, layer.block_table, layer.lens,
                                     self.scaling, owned=layer.owners())
-        k, v = (CodedPool(getattr(layer, f"{x}_pool"), getattr(layer, f"{x}_scale"), getattr(layer, f"{x}_min"),
-                          layer.kv_bits) for x in "kv")
+        k, v = layer.coded_pools()
         fn = decode_attention_quant_reference if backend == "reference" else decode_attention_quant_paged
         extra = {} if backend == "reference" else {"owned": layer.owners()}
         return fn(q, k, v, layer.block_table, layer.closed_lens(), layer.open_k, layer.open_v, layer.lens > 0,

@@ -33,10 +33,18 @@ from __future__ import annotations
 
 import torch
 
-from .ops.kv_quant import check_bits, code_width, dequantize, num_groups, quantize
+from .ops.kv_quant import CodedPool, check_bits, code_width, num_groups, quantize
 
 SCALE_POOLS = ("k_scale", "k_min", "v_scale", "v_min")  # beside the codes when kv_bits < 16
 SCALE_DTYPE = torch.float16
+
+
+def slot_bytes(head_dim: int, dtype: torch.dtype, kv_bits: int = 16, kv_group: int = 32) -> int:
+    """Bytes of one slot's key and value: ``dtype`` elements, or codes plus each group's scale and minimum."""
+    if kv_bits == 16:
+        return 2 * head_dim * torch.empty((), dtype=dtype).element_size()
+    scales = 2 * (head_dim // min(kv_group, head_dim)) * torch.empty((), dtype=SCALE_DTYPE).element_size()
+    return 2 * (code_width(head_dim, kv_bits) + scales)
 
 
 class PagedSlots:
@@ -169,8 +177,12 @@ class PagedSlots:
         block, offset = self.locate(b, h, slot)
         if not self.quantized:
             return self.k_pool[block, offset], self.v_pool[block, offset]
-        return tuple(dequantize(getattr(self, f"{x}_pool")[block, offset], getattr(self, f"{x}_scale")[block, offset],
-                                getattr(self, f"{x}_min")[block, offset], self.kv_bits, self.dtype) for x in "kv")
+        return tuple(pool.decode((block, offset), self.dtype) for pool in self.coded_pools())
+
+    def coded_pools(self) -> tuple[CodedPool, CodedPool]:
+        """The key and value pools of a quantised store, each with its scales and minima."""
+        return tuple(CodedPool(getattr(self, f"{x}_pool"), getattr(self, f"{x}_scale"), getattr(self, f"{x}_min"),
+                               self.kv_bits) for x in "kv")
 
     def select_sequences(self, index: torch.Tensor) -> None:
         """Keep/reorder/repeat sequences; blocks are copied, never shared, and the pool is compacted."""
@@ -235,10 +247,7 @@ class PagedSlots:
 
     def slot_bytes(self) -> int:
         """Bytes one slot's key and value take in this store."""
-        if not self.quantized:
-            return 2 * self.head_dim * torch.empty((), dtype=self.dtype).element_size()
-        scales = 2 * (self.head_dim // self.kv_group) * torch.empty((), dtype=SCALE_DTYPE).element_size()
-        return 2 * (code_width(self.head_dim, self.kv_bits) + scales)
+        return slot_bytes(self.head_dim, self.dtype, self.kv_bits, self.kv_group)
 
     def pool_bytes(self) -> int:
         """Bytes of the pools as reserved (blocks handed out or not)."""

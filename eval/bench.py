@@ -38,7 +38,7 @@ from dmc.eval.synthetic import impose_synthetic_cr
 from dmc.generate import ModelFolderError, load
 from dmc.hub import ModelSourceError, model_config
 from dmc.metrics import cache_realised_cr, head_dim, is_dmc
-from dmc.paged_slots import PagedSlots
+from dmc.paged_slots import slot_bytes
 
 
 @dataclass
@@ -140,12 +140,9 @@ def measure(model, ids: torch.Tensor, decode_steps: int) -> dict:
 
 def slot_shrink(model) -> float:
     """Bytes of one slot in the model's cache over one slot in its dtype (1 unless dmc_kv_bits < 16)."""
-    cfg = model.config
-    store = PagedSlots(1, head_dim(cfg), 1, getattr(cfg, "dmc_kv_bits", 16), getattr(cfg, "dmc_kv_group", 32))
-    store.dtype = model.dtype
-    plain = PagedSlots(1, head_dim(cfg), 1)
-    plain.dtype = model.dtype
-    return store.slot_bytes() / plain.slot_bytes()
+    cfg, D = model.config, head_dim(model.config)
+    coded = slot_bytes(D, model.dtype, getattr(cfg, "dmc_kv_bits", 16), getattr(cfg, "dmc_kv_group", 32))
+    return coded / slot_bytes(D, model.dtype)
 
 
 def weight_bytes(model) -> int:

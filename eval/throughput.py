@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
 from dmc.metrics import head_dim, is_dmc
+from dmc.paged_slots import slot_bytes
 
 from .bench import prompts, weight_bytes
 from .serving import Request, serve
@@ -63,7 +64,7 @@ def budget_bytes(config, seqs: float, context: int, block_size: int, dtype: torc
     """Bytes that hold ``seqs`` vanilla sequences of ``context`` tokens on the paged storage, each with the
     one spare block per pair that the loop reserves for a step."""
     blocks = math.ceil(context / block_size) + 1
-    per_block = 2 * block_size * head_dim(config) * torch.empty((), dtype=dtype).element_size()
+    per_block = block_size * slot_bytes(head_dim(config), dtype)
     return int(seqs * config.num_hidden_layers * config.num_key_value_heads * blocks * per_block)
 
 

@@ -7,8 +7,8 @@ import torch
 import dmc
 from dmc.cache import DMCLayer
 from dmc.ops.cache_step import cache_step
-from dmc.ops.kv_quant import error_bound, quantize
-from dmc.ops.quant_attention import CodedPool, decode_attention_quant_paged, decode_attention_quant_reference
+from dmc.ops.kv_quant import CodedPool, error_bound, quantize
+from dmc.ops.quant_attention import decode_attention_quant_paged, decode_attention_quant_reference
 from tests.helpers import mixed_dmc, one_line_exit, random_ids
 
 H_KV, D, BS = 3, 16, 4

@@ -13,6 +13,8 @@ own, when its pair appends the next one, and is never coded again. 4-bit codes a
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 KV_BITS = (16, 8, 4)  # 16: no codes, the pool keeps the model's dtype
@@ -61,6 +63,20 @@ def dequantize(codes: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor, 
     G = scale.shape[-1]
     x = codes.reshape(*lead, G, D // G).float() * scale.float()[..., None] + minimum.float()[..., None]
     return x.reshape(*lead, D).to(dtype)
+
+
+class CodedPool(NamedTuple):
+    """One coded pool (keys or values): codes (blocks, block_size, D * bits / 8), scale and minimum
+    (blocks, block_size, D / group)."""
+
+    codes: torch.Tensor
+    scale: torch.Tensor
+    minimum: torch.Tensor
+    bits: int
+
+    def decode(self, index=slice(None), dtype=torch.float32) -> torch.Tensor:
+        """The slots at ``index`` (anything that indexes the pool's leading dims), decoded to ``dtype``."""
+        return dequantize(self.codes[index], self.scale[index], self.minimum[index], self.bits, dtype)
 
 
 def error_bound(scale: torch.Tensor, minimum: torch.Tensor, group: int) -> torch.Tensor:

@@ -16,18 +16,7 @@ from typing import NamedTuple
 import torch
 
 from .decode_attention import _block_owners, decode_attention_reference
-from .kv_quant import dequantize
-
-
-class CodedPool(NamedTuple):
-    codes: torch.Tensor
-    scale: torch.Tensor
-    minimum: torch.Tensor
-    bits: int
-
-    def decode(self, start: int = 0, stop: int | None = None, dtype=torch.float32) -> torch.Tensor:
-        s = slice(start, stop)
-        return dequantize(self.codes[s], self.scale[s], self.minimum[s], self.bits, dtype)
+from .kv_quant import CodedPool
 
 
 def decode_attention_quant_reference(q, k: CodedPool, v: CodedPool, block_table, lens, open_k=None, open_v=None,
@@ -55,8 +44,7 @@ class _Softmax(NamedTuple):
     def fold(self, owner, scores, values) -> _Softmax:
         """Add keys with ``scores`` (N, g, S) and ``values`` (N, S, D), key group n belonging to pair owner[n]."""
         top = self.top.clone().scatter_reduce_(0, owner[:, None].expand_as(scores[..., 0]), scores.amax(-1), "amax")
-        keep = torch.exp(torch.where(torch.isinf(self.top), 0.0, self.top - top))  # rescale what was summed
-        keep = torch.where(torch.isinf(self.top), 0.0, keep)
+        keep = torch.where(torch.isinf(self.top), 0.0, torch.exp(self.top - top))  # rescale what was summed
         p = torch.exp(scores - top[owner][..., None].clamp(min=torch.finfo(scores.dtype).min))
         denom = self.denom * keep + torch.zeros_like(self.denom).index_add_(0, owner, p.sum(-1))
         num = self.num * keep[..., None] + torch.zeros_like(self.num).index_add_(0, owner, torch.bmm(p, values))
@@ -79,10 +67,10 @@ def decode_attention_quant_paged(q, k: CodedPool, v: CodedPool, block_table, len
                      torch.zeros(P + 1, g, D, dtype=work, device=q.device))
     for start in range(0, owner.shape[0], chunk):
         stop = min(start + chunk, owner.shape[0])
-        who = owner[start:stop]
-        scores = torch.bmm(q_rows[who], k.decode(start, stop, work).transpose(1, 2)) * scale  # (n, g, bs)
-        scores = scores.masked_fill(~live[start:stop, None, :], float("-inf"))
-        vals = torch.where(live[start:stop, :, None], v.decode(start, stop, work), 0)  # dead slots may hold anything
+        who, blocks = owner[start:stop], slice(start, stop)
+        scores = torch.bmm(q_rows[who], k.decode(blocks, work).transpose(1, 2)) * scale  # (n, g, bs)
+        scores = scores.masked_fill(~live[blocks, None, :], float("-inf"))
+        vals = torch.where(live[blocks, :, None], v.decode(blocks, work), 0)  # dead slots may hold anything
         state = state.fold(who, scores, vals)
     if open_k is not None:
         pairs = torch.arange(P, device=q.device)
