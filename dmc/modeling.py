@@ -32,6 +32,7 @@ from .ops.attention_bias import decode_merge_candidates, hard_decisions, no_merg
 from .ops.cache_step import cache_step
 from .ops.decode_attention import decode_attention, resolve_backend
 from .ops.quant_attention import decode_attention_quant_paged, decode_attention_quant_reference
+from .ops.quant_prefill import prefill_attention_quant
 from .ops.train_attention import train_attention
 from .ops.triton_decode import cache_step_triton
 
@@ -137,14 +138,20 @@ class DMCLlamaAttention(LlamaAttention):
                                   out_dtype=torch.promote_types(kv.dtype, torch.float32))
         k_bar, v_bar = kv_bar[..., :D].to(k0.dtype), kv_bar[..., D:].to(v.dtype)
         q_rot, k_rot = apply_rotary_pos_emb(q0, k_bar, *rope)
-        out = train_attention(cfg.dmc_train_attention, q_rot, k_rot, v_bar, dec.keep_log, dec.merge_log, self.scaling)
-        if cache is not None:  # DMC: one-pass prefill, then a segment reduction into slots
+        layer = cache.layer(self.layer_idx) if cache is not None else None
+        if layer is not None and layer.quantized:  # earlier states as their codes give them back, as decoding sees them
+            out = prefill_attention_quant(q_rot, k_rot, v_bar, layer.round_trip(k_rot), layer.round_trip(v_bar),
+                                          dec.keep_log, self.scaling)
+        else:
+            out = train_attention(cfg.dmc_train_attention, q_rot, k_rot, v_bar, dec.keep_log, dec.merge_log,
+                                  self.scaling)
+        if layer is not None:  # DMC: one-pass prefill, then a segment reduction into slots
             if self.training:
                 raise DMCCacheError("DMCCache needs hard decisions: call model.eval() before caching")
             if bool((valid[:, 1:].long() - valid[:, :-1].long() < 0).any()):
                 raise DMCCacheError("a DMC cache supports left padding only (pad tokens before the prompt)")
             acc = kv_bar[..., -1, :] * norm[..., -1, None]  # running sums of each open slot (B, H_kv, 2D)
-            cache.layer(self.layer_idx).prefill(
+            layer.prefill(
                 k_rot, v_bar, k0, v, omega, acc[..., :D], acc[..., D:], norm[..., -1], dec.alpha, valid
             )
         return out, dec.alpha_st, dec.merged

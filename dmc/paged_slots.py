@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import torch
 
-from .ops.kv_quant import CodedPool, check_bits, code_width, num_groups, quantize
+from .ops.kv_quant import CodedPool, check_bits, code_width, dequantize, num_groups, quantize
 
 SCALE_POOLS = ("k_scale", "k_min", "v_scale", "v_min")  # beside the codes when kv_bits < 16
 SCALE_DTYPE = torch.float16
@@ -171,6 +171,13 @@ class PagedSlots:
         for x, names in ((keys, ("k_pool", "k_scale", "k_min")), (values, ("v_pool", "v_scale", "v_min"))):
             for name, part in zip(names, quantize(x, self.kv_bits, self.kv_group, SCALE_DTYPE)):
                 getattr(self, name)[block, offset] = part
+
+    def round_trip(self, x: torch.Tensor) -> torch.Tensor:
+        """x (..., D) as a quantised store gives it back after ``write``: coded, then decoded (x itself if the
+        store keeps the model's dtype)."""
+        if not self.quantized:
+            return x
+        return dequantize(*quantize(x, self.kv_bits, self.kv_group, SCALE_DTYPE), self.kv_bits, x.dtype)
 
     def key_values(self, b, h, slot) -> tuple[torch.Tensor, torch.Tensor]:
         """The keys and values (N, D) stored at slot ``slot`` of pairs (b, h), decoded to the store's dtype."""

@@ -9,7 +9,7 @@ from dmc.cache import DMCLayer
 from dmc.ops.cache_step import cache_step
 from dmc.ops.kv_quant import CodedPool, error_bound, quantize
 from dmc.ops.quant_attention import decode_attention_quant_paged, decode_attention_quant_reference
-from tests.helpers import mixed_dmc, one_line_exit, random_ids
+from tests.helpers import left_padded_rows, mixed_dmc, one_line_exit, random_ids
 
 H_KV, D, BS = 3, 16, 4
 
@@ -149,7 +149,52 @@ def test_decoding_on_codes_stays_close_to_the_unquantised_cache(bits):
     torch.testing.assert_close(logits["paged"], logits["ref"], rtol=1e-9, atol=1e-9)
     err = (logits["paged"] - logits["fp"]).abs().max()
     assert 0 < err < (0.02 if bits == 8 else 0.3) * logits["fp"].abs().max()
-    torch.testing.assert_close(logits["paged"][:, :10], logits["fp"][:, :10], rtol=1e-9, atol=1e-9)  # prefill: fp
+    # the prompt's first token sees only its own (open, full-precision) slot
+    torch.testing.assert_close(logits["paged"][:, 0], logits["fp"][:, 0], rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("bits", [8, 4], ids=lambda b: f"int{b}")
+@pytest.mark.parametrize("window", [None, 12], ids=["unbounded", "window12"])
+@pytest.mark.parametrize("split", [1, 9, 24])
+def test_one_pass_prefill_on_codes_equals_decoding_on_codes(bits, window, split):
+    """The invariant behind every quantised quality figure: a prompt's one-pass logits are what token-by-token
+    decoding over the codes gives (closed slots coded, each token's own slot exact), left padding included."""
+    _, ids, mask, pos = left_padded_rows([24, 17, 6])
+    model = mixed_dmc("gqa", window, kv_bits=bits, kv_group=8)
+    with torch.no_grad():
+        stepped_cache = dmc.DMCCache(model.config)
+        steps = [model(ids[:, t : t + 1], attention_mask=mask[:, : t + 1], position_ids=pos[:, t : t + 1],
+                       past_key_values=stepped_cache).logits for t in range(24)]
+        cache = dmc.DMCCache(model.config)
+        outs = [model(ids[:, :split], attention_mask=mask[:, :split], position_ids=pos[:, :split],
+                      past_key_values=cache).logits]
+        outs += [model(ids[:, t : t + 1], attention_mask=mask[:, : t + 1], position_ids=pos[:, t : t + 1],
+                       past_key_values=cache).logits for t in range(split, 24)]
+        fp = model(ids, attention_mask=mask, position_ids=pos, use_cache=False).logits
+    real = mask.bool()
+    got, want = torch.cat(outs, 1)[real], torch.cat(steps, 1)[real]
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
+    assert (got - fp[real]).abs().max() > 1e-6  # the codes do show (a prefill in full precision would not)
+    for layer in range(model.config.num_hidden_layers):
+        assert torch.equal(cache.num_slots(layer), stepped_cache.num_slots(layer))
+
+
+def test_quantised_prefill_attention_is_the_reference_when_codes_are_exact():
+    """With the coded states equal to the exact ones, the two-set attention is train_attention's reference."""
+    from dmc.ops.quant_prefill import prefill_attention_quant
+    from dmc.ops.train_attention import MASKED, train_attention_reference
+
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 6, 11, D, generator=g, dtype=torch.float64)
+    k, v = torch.randn(2, 2, 3, 11, D, generator=g, dtype=torch.float64)
+    keep_log = torch.where(torch.rand(2, 3, 11, generator=g) < 0.4, MASKED, -torch.rand(2, 3, 11, generator=g))
+    keep_log = keep_log.double()
+    want = train_attention_reference(q, k, v, keep_log)
+    torch.testing.assert_close(prefill_attention_quant(q, k, v, k, v, keep_log), want, rtol=1e-12, atol=1e-12)
+    # coded states off the diagonal only: query 0 sees nothing but itself
+    noisy = prefill_attention_quant(q, k, v, k + 1, v + 1, keep_log)
+    torch.testing.assert_close(noisy[:, :, 0], want[:, :, 0], rtol=1e-12, atol=1e-12)
+    assert (noisy[:, :, 1:] - want[:, :, 1:]).abs().max() > 1e-3
 
 
 def test_bad_kv_bits_and_backends_without_a_quantised_path_are_one_line():
