@@ -2,7 +2,7 @@
 compression, on the same tasks, in one table and one quality-versus-CR (Pareto) plot per task.
 
     dmc compare VANILLA_DIR --control CONTROL_DIR --dmc DMC_DIR [...] --gqa GQA_DIR [...] --policies all \
-        --crs 2 4 8 --tasks ppl ppl_prose needle --out DIR
+        --crs 2 4 8 --tasks ppl ppl_prose needle --out DIR [--kv-bits 16 8 4 --policy-kv-bits 4]
 
 Every policy runs on the vanilla model and on each LM-only control: the control was fine-tuned on the same
 data as the DMC model, so "policy on the control" is the comparison that leaves fine-tuning out of the gap.
@@ -18,7 +18,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from .run import evaluate
+from .run import Variant, check_kv_bits, evaluate
 from .run import parser as eval_parser
 from .tasks import TaskError
 
@@ -35,6 +35,8 @@ def main(argv: list[str] | None = None) -> None:
                     "control, then dmc export): compared as models, and every policy runs on them too")
     ap.add_argument("--policies", nargs="+", default=["all"], help="policy names, or 'all'")
     ap.add_argument("--crs", type=float, nargs="+", default=[2, 4, 8], help="policy budgets as CRs")
+    ap.add_argument("--policy-kv-bits", type=int, nargs="+", default=None, help="cache precisions for the policies "
+                    "(default: --kv-bits, which sets them for every model)")
     ours, rest = ap.parse_known_args(argv)
     from .policies import POLICIES, Budget
 
@@ -47,10 +49,14 @@ def main(argv: list[str] | None = None) -> None:
             raise TaskError(f"unknown policy {unknown[0]!r}; choose from {', '.join(sorted(POLICIES))} or 'all'")
         if bad_cr:
             raise TaskError(f"--crs {bad_cr[0]:g}: every CR must be >= 1")
-        variants = [(ours.vanilla, None, "vanilla")] + [(c, None, "control") for c in ours.control]
-        variants += [(d, None, "dmc") for d in ours.dmc] + [(g, None, "gqa") for g in ours.gqa]
+        bits = check_kv_bits(opts.kv_bits)
+        policy_bits = check_kv_bits(ours.policy_kv_bits, "--policy-kv-bits") if ours.policy_kv_bits else bits
+        models = [(ours.vanilla, "vanilla")] + [(c, "control") for c in ours.control]
+        models += [(d, "dmc") for d in ours.dmc] + [(g, "gqa") for g in ours.gqa]
+        variants = [Variant(path, None, role, b) for path, role in models for b in bits]
         for base, role in [(ours.vanilla, "vanilla")] + [(c, "control") for c in ours.control]:
-            variants += [(base, POLICIES[n](Budget(cr=c)), role) for n in names for c in ours.crs]
+            variants += [Variant(base, POLICIES[n](Budget(cr=c)), role, b)
+                         for n in names for c in ours.crs for b in policy_bits]
         results = evaluate(opts, "dmc compare " + shlex.join(argv), variants)
     except TaskError as err:
         sys.exit(f"dmc compare: error: {err}")

@@ -15,7 +15,9 @@ import torch.nn.functional as F
 from dmc.cache import DMCCache
 from dmc.generate import generate, load
 from dmc.gqa import SOURCE_KV_HEADS, kv_compression
-from dmc.metrics import is_dmc
+from dmc.metrics import head_dim, is_dmc
+from dmc.ops.kv_quant import check_bits
+from dmc.paged_slots import slot_bytes
 from dmc.schedule import cr_from_merges
 
 from .fingerprint import model_fingerprint
@@ -55,7 +57,7 @@ class EvalModel:
     folders only). DMC models and policies are "compressed": every call goes through their cache."""
 
     def __init__(self, path: str | Path, dtype: str = "float32", device: str = "cpu", batch_size: int = 4,
-                 max_length: int | None = None, policy=None):
+                 max_length: int | None = None, policy=None, kv_bits: int = 16):
         self.path = str(path)
         self.name = Path(path).name
         self.model, self.tok = load(path, dtype, device)
@@ -63,6 +65,14 @@ class EvalModel:
         self.batch_size = batch_size
         self.max_length = max_length or getattr(self.model.config, "max_position_embeddings", 2048)
         self.is_dmc = is_dmc(self.model.config)
+        self.kv_bits = check_bits(kv_bits)
+        label = policy.label if policy is not None else None
+        if self.is_dmc:
+            self.model.config.dmc_kv_bits = kv_bits  # every DMCCache reads it
+        elif policy is None and kv_bits < 16:  # a vanilla model on coded storage: every token kept, as its own
+            from .policies import KeepAll
+
+            policy = KeepAll()
         self.policy = policy
         if policy is not None:
             if self.model.config.model_type != "llama":
@@ -70,11 +80,10 @@ class EvalModel:
             from .policies import apply_policy
 
             apply_policy(self.model)
-            self.name = f"{self.name}+{policy.label}"
+        self.name += (f"+{label}" if label else "") + (f"+int{kv_bits}" if kv_bits < 16 else "")
         self.compressed = self.is_dmc or policy is not None
         self.kv_cr = kv_compression(self.model.config)  # a GQA baseline's cache is smaller than its source's
-        self.fingerprint = model_fingerprint(path, self.model.config, dtype, device,
-                                             policy.label if policy is not None else None)
+        self.fingerprint = model_fingerprint(path, self.model.config, dtype, device, label, kv_bits)
 
     def cr_meter(self) -> CRMeter:
         return CRMeter(self.kv_cr)
@@ -87,15 +96,22 @@ class EvalModel:
         if self.policy is not None:
             from .policies import PolicyCache
 
-            # dense: the paged reference's slots and decisions with less per-token bookkeeping (eval/policies/dense.py)
-            return PolicyCache(self.model.config, self.policy, question_aware=question_aware, layout="dense")
+            # dense: the paged reference's slots and decisions with less per-token bookkeeping (eval/policies/dense.py);
+            # a policy that keeps everything stores a prompt in one pass, on the paged layout
+            layout = "dense" if self.policy.evicts else "paged"
+            return PolicyCache(self.model.config, self.policy, question_aware=question_aware, layout=layout,
+                               kv_bits=self.kv_bits)
         return None
 
     def describe(self) -> dict:
         cfg = self.model.config
         info = {"path": self.path, "fingerprint": self.fingerprint, "model_type": cfg.model_type, "dmc": self.is_dmc,
-                "policy": self.policy.label if self.policy is not None else None,
+                "policy": self.policy.label if self.policy is not None else None, "kv_bits": self.kv_bits,
                 "parameters": sum(p.numel() for p in self.model.parameters())}
+        # bytes of a slot on this cache over a 16-bit one (codes, scales and minima at 8/4 bits)
+        group = getattr(cfg, "dmc_kv_group", 32)
+        info["kv_slot_shrink"] = slot_bytes(head_dim(cfg), torch.float16, self.kv_bits, group) / slot_bytes(
+            head_dim(cfg), torch.float16)
         if self.kv_cr != 1.0:
             info["gqa"] = {"source_kv_heads": getattr(cfg, SOURCE_KV_HEADS), "kv_heads": cfg.num_key_value_heads}
         if self.is_dmc:

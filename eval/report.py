@@ -31,11 +31,15 @@ def markdown(results: dict) -> str:
         ci = f"{HEADLINE.get(task)}_ci95"
         shown = keys + ([f"{HEADLINE[task]} 95% CI"] if any(ci in r for _, r in rows) else [])
         lines.append(f"## {task}\n")
-        lines.append("| model | realised CR | " + " | ".join(shown) + " |")
-        lines.append("|---" * (len(shown) + 2) + "|")
+        lines.append("| model | realised CR | KV vs 16-bit | " + " | ".join(shown) + " |")
+        lines.append("|---" * (len(shown) + 3) + "|")
         for name, r in rows:
             cells = [_fmt(r.get(k)) for k in keys] + ([interval_text(r.get(ci))] if len(shown) > len(keys) else [])
-            lines.append(f"| {name} | {r.get('realised_cr', 1.0):.2f} | " + " | ".join(cells) + " |")
+            cr = r.get("realised_cr", 1.0)
+            kv = models[name].get("kv_slot_shrink", 1.0) / cr
+            lines.append(f"| {name} | {cr:.2f} | {kv:.3f} | " + " | ".join(cells) + " |")
+        lines.append("\nKV vs 16-bit: cache bytes per token over the vanilla model's at 16 bits, from the realised CR and "
+                     "the bytes of a slot (codes, scales and minima at 8/4 bits; DMC's one open slot per head not counted).")
         if len(shown) > len(keys):
             lines.append(f"\n95% CI: percentile bootstrap over {'cells' if task == 'needle' else 'blocks'} "
                          f"({results.get('settings', {}).get('ci_resamples')} resamples).")
@@ -69,11 +73,13 @@ def family(name: str, model: dict) -> str:
     """Legend group: the policy name (on the LM-only control: "NAME (control)"), "DMC" for DMC folders, "GQA" for
     pooled ones, "control" for the LM-only control, "vanilla" otherwise."""
     on_control = model.get("role") == "control"
-    if model.get("policy"):
-        return model["policy"].split("@")[0] + (" (control)" if on_control else "")
+    bits = model.get("kv_bits", 16)
+    coded = f" int{bits}" if bits < 16 else ""
+    if model.get("policy") and not model["policy"].startswith("keep_all"):
+        return model["policy"].split("@")[0] + coded + (" (control)" if on_control else "")
     if on_control:
-        return "control"
-    return "DMC" if model.get("dmc") else ("GQA" if model.get("gqa") else "vanilla")
+        return "control" + coded
+    return ("DMC" if model.get("dmc") else ("GQA" if model.get("gqa") else "vanilla")) + coded
 
 
 def plots(results: dict, out: Path) -> list[str]:
@@ -101,7 +107,7 @@ def plots(results: dict, out: Path) -> list[str]:
             if all(ci for *_, ci in xs):  # the bootstrap interval as an error bar (asymmetric)
                 err = [[y - ci[0] for (_, y, _, ci) in xs], [ci[1] - y for (_, y, _, ci) in xs]]
             ax.errorbar([x for x, *_ in xs], ys, yerr=err, marker="o", capsize=3, label=fam)
-            if fam in ("DMC", "GQA", "control"):
+            if fam.split(" int")[0] in ("DMC", "GQA", "control"):
                 for x, y, name, _ in xs:
                     ax.annotate(name, (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
         ax.set(xlabel="realised compression ratio", ylabel=key + (" (log, lower is better)" if key == "perplexity" else "")

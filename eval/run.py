@@ -15,8 +15,11 @@ import shlex
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
+
+from dmc.ops.kv_quant import KV_BITS
 
 from .report import markdown, plots, write_json
 from .tasks import TASKS, TaskError, task_module
@@ -35,6 +38,9 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--ci-resamples", type=int, default=1000, help="bootstrap resamples for the 95%% intervals of "
                     "ppl (over blocks) and needle (over cells); 0: no intervals")
+    ap.add_argument("--kv-bits", type=int, nargs="+", default=[16], help="cache precisions to run every model at: 16 "
+                    "(the model's dtype), 8 or 4 (closed slots as group-wise integer codes; a vanilla model keeps "
+                    "every token on the coded store)")
     g = ap.add_argument_group("baseline cache policies (vanilla Llama folders)")
     g.add_argument("--policy", default=None, help="run the models under a training-free cache policy: "
                    "streaming_llm, tova, h2o, scissorhands, snapkv")
@@ -64,9 +70,25 @@ def parser() -> argparse.ArgumentParser:
     return ap
 
 
-def evaluate(opts: argparse.Namespace, command: str, variants: list | None = None) -> dict:
-    """Run ``opts.tasks`` on every (model folder, policy or None[, role]) in ``variants`` (default: every
-    ``opts.models`` under ``--policy``, if any). A role ("control", ...) is recorded with the model's results."""
+class Variant(NamedTuple):
+    """One evaluated setting: a model folder, optionally under a cache policy, at a cache precision. A role
+    ("control", ...) is recorded with the model's results."""
+
+    path: str
+    policy: object = None
+    role: str | None = None
+    kv_bits: int = 16
+
+
+def check_kv_bits(bits: list[int], flag: str = "--kv-bits") -> tuple[int, ...]:
+    if any(b not in KV_BITS for b in bits):
+        raise TaskError(f"{flag} takes {', '.join(map(str, KV_BITS))} (got {' '.join(map(str, bits))})")
+    return tuple(dict.fromkeys(bits))
+
+
+def evaluate(opts: argparse.Namespace, command: str, variants: list[Variant] | None = None) -> dict:
+    """Run ``opts.tasks`` on every ``Variant`` (default: every ``opts.models`` under ``--policy``, if any, at each
+    ``--kv-bits``)."""
     from dmc.generate import ModelFolderError
 
     from .lm import EvalModel
@@ -83,9 +105,10 @@ def evaluate(opts: argparse.Namespace, command: str, variants: list | None = Non
     for flag, ok, want in checks:
         if not ok:
             raise TaskError(f"{flag}: use {want}")
+    bits = check_kv_bits(opts.kv_bits)
     if variants is None:
         policy = make_policy(opts)
-        variants = [(path, policy) for path in opts.models]
+        variants = [Variant(path, policy, kv_bits=b) for path in opts.models for b in bits]
     out = Path(opts.out)
     out.mkdir(parents=True, exist_ok=True)
     # results.json and report.md describe a finished run only: a run that dies must not leave the previous
@@ -100,15 +123,15 @@ def evaluate(opts: argparse.Namespace, command: str, variants: list | None = Non
                "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                             "python": platform.python_version()}, "device": opts.device, "dtype": dtype}
     began = time.perf_counter()
-    for k, (path, policy, *role) in enumerate(variants, 1):
+    for k, (path, policy, role, kv_bits) in enumerate(variants, 1):
         try:
-            model = EvalModel(path, dtype, opts.device, opts.batch_size, policy=policy)
+            model = EvalModel(path, dtype, opts.device, opts.batch_size, policy=policy, kv_bits=kv_bits)
         except (ModelFolderError, ValueError) as err:
             raise TaskError(str(err)) from err
         minutes = (time.perf_counter() - began) / 60
-        print(f"[{k}/{len(variants)}] {model.name}{f' ({role[0]})' if role else ''}, {minutes:.0f} min so far",
+        print(f"[{k}/{len(variants)}] {model.name}{f' ({role})' if role else ''}, {minutes:.0f} min so far",
               file=sys.stderr, flush=True)  # a long compare's place in its list; the task bars show the rest
-        entry = {**model.describe(), **({"role": role[0]} if role else {}), "tasks": {}, "seconds": {}}
+        entry = {**model.describe(), **({"role": role} if role else {}), "tasks": {}, "seconds": {}}
         if model.name in results["models"]:
             raise TaskError(f"two models are both named {model.name!r}; give their folders different names")
         results["models"][model.name] = entry

@@ -308,8 +308,9 @@ def test_needle_batches_each_context_length_apart(tmp_path, monkeypatch):
 
 
 # ---- the dense layout (eval's fast path) against the paged reference --------------------------------------------
-def _kept_and_logits(model, layout, policy, ids, mask, pos, question_aware, decode):
-    cache = PolicyCache(model.config, policy, block_size=4, question_aware=question_aware, layout=layout)
+def _kept_and_logits(model, layout, policy, ids, mask, pos, question_aware, decode, kv_bits=16):
+    cache = PolicyCache(model.config, policy, block_size=4, question_aware=question_aware, layout=layout,
+                        kv_bits=kv_bits, kv_group=8)
     T = ids.shape[1]
     logits = [model(ids, attention_mask=mask, position_ids=pos, past_key_values=cache).logits]
     nxt = ids[:, -1:]
@@ -322,13 +323,14 @@ def _kept_and_logits(model, layout, policy, ids, mask, pos, question_aware, deco
     return torch.cat(logits, 1), kept, [cache.num_slots(i) for i in range(len(cache.layers))], T
 
 
-def _assert_dense_equals_paged(policy, lengths, question_aware, decode):
+def _assert_dense_equals_paged(policy, lengths, question_aware, decode, kv_bits=16):
     """Same logits, same slots in the same order, on a ragged GQA batch with decoding after the prompt."""
     model = _model("gqa")
     _, ids, mask, pos = left_padded_rows(lengths)
+    args = (ids, mask, pos, question_aware, decode, kv_bits)
     with torch.no_grad():
-        want, want_kept, want_lens, _ = _kept_and_logits(model, "paged", policy, ids, mask, pos, question_aware, decode)
-        got, got_kept, got_lens, _ = _kept_and_logits(model, "dense", policy, ids, mask, pos, question_aware, decode)
+        want, want_kept, want_lens, _ = _kept_and_logits(model, "paged", policy, *args)
+        got, got_kept, got_lens, _ = _kept_and_logits(model, "dense", policy, *args)
     real = torch.cat([mask, torch.ones(mask.shape[0], decode, dtype=mask.dtype)], 1).bool()
     torch.testing.assert_close(got[real], want[real], rtol=1e-9, atol=1e-9)
     for g, w, gl, wl in zip(got_kept, want_kept, got_lens, want_lens):
@@ -350,6 +352,32 @@ def test_dense_question_aware_prefill_in_chunks_equals_the_paged_reference(name,
     _assert_dense_equals_paged(POLICIES[name](Budget(cr=3)), [45, 30, 3], question_aware=True, decode=3)
 
 
+@pytest.mark.parametrize("name", ["h2o", "tova", "streaming_llm"])
+@pytest.mark.parametrize("question_aware", [False, True], ids=["agnostic", "question_aware"])
+def test_policies_on_codes_dense_equals_the_paged_codes(name, question_aware):
+    """A quantised store: the paged layer holds real codes (decoded to attend, or the paged path over codes), the
+    dense one the numbers the codes give back; logits and kept slots agree, decisions taken on coded attention."""
+    _assert_dense_equals_paged(POLICIES[name](Budget(cr=3)), [23, 11, 2], question_aware, decode=4, kv_bits=4)
+
+
+def test_a_policy_on_codes_that_keeps_everything_is_keep_all_on_codes():
+    """H2O with room for every token (dense, streamed, observing coded attention) = KeepAll on codes (paged, one
+    causal pass over round-tripped states): each token sees itself exact and every earlier one from its codes."""
+    from dmc.eval.policies import KeepAll
+
+    model = _model("gqa")
+    _, ids, mask, pos = left_padded_rows([14, 8, 3])
+    with torch.no_grad():
+        h2o = _kept_and_logits(model, "dense", H2O(Budget(cr=1)), ids, mask, pos, False, 3, kv_bits=4)[0]
+        keep = _kept_and_logits(model, "paged", KeepAll(), ids, mask, pos, False, 3, kv_bits=4)[0]
+        exact = _kept_and_logits(model, "paged", KeepAll(), ids, mask, pos, False, 3)[0]
+    real = torch.cat([mask, torch.ones(3, 3, dtype=mask.dtype)], 1).bool()
+    torch.testing.assert_close(h2o[real], keep[real], rtol=1e-9, atol=1e-9)
+    assert (keep[real] - exact[real]).abs().max() > 1e-4  # the codes show
+    first = mask.bool() & (pos == 0)  # a sequence's first token sees only itself: exact
+    torch.testing.assert_close(keep[:, :14][first], exact[:, :14][first], rtol=1e-9, atol=1e-9)
+
+
 def test_dense_layout_counts_the_bytes_of_the_paged_one():
     model = _model()
     caches = {layout: PolicyCache(model.config, H2O(Budget(cr=4)), block_size=4, layout=layout)
@@ -358,13 +386,20 @@ def test_dense_layout_counts_the_bytes_of_the_paged_one():
         for cache in caches.values():
             model(random_ids(2, 37), past_key_values=cache)
     assert caches["dense"].allocated_bytes() == caches["paged"].allocated_bytes() > 0
+    coded = {layout: PolicyCache(model.config, H2O(Budget(cr=4)), block_size=4, layout=layout, kv_bits=4, kv_group=8)
+             for layout in ("paged", "dense")}
+    with torch.no_grad():
+        for cache in coded.values():
+            model(random_ids(2, 37), past_key_values=cache)
+    assert coded["dense"].allocated_bytes() == coded["paged"].allocated_bytes() < caches["paged"].allocated_bytes()
     with pytest.raises(ValueError, match="unknown cache layout 'ring'"):
         PolicyCache(model.config, H2O(Budget(cr=4)), layout="ring")
 
 
-def test_keep_all_stores_a_left_padded_prompt_in_one_pass_as_streaming_would():
+@pytest.mark.parametrize("kv_bits", [16, 4], ids=["fp", "int4"])
+def test_keep_all_stores_a_left_padded_prompt_in_one_pass_as_streaming_would(kv_bits):
     # KeepAll neither evicts nor observes, so its prompt is attended in one causal pass and stored at once
-    # (the serving loop's vanilla prefill); it must leave what streaming token by token leaves
+    # (the serving loop's vanilla prefill); it must leave what streaming token by token leaves, on codes too
     from dmc.eval.policies import KeepAll
 
     model = _model("gqa")
@@ -374,7 +409,7 @@ def test_keep_all_stores_a_left_padded_prompt_in_one_pass_as_streaming_would():
         for evicts in (False, True):  # True: the policy claims it may evict, so the prompt streams
             policy = KeepAll()
             object.__setattr__(policy, "evicts", evicts)
-            cache = PolicyCache(model.config, policy, block_size=4)
+            cache = PolicyCache(model.config, policy, block_size=4, kv_bits=kv_bits, kv_group=8)
             first = model(ids, attention_mask=mask, position_ids=pos, past_key_values=cache).logits
             nxt = first[:, -1:].argmax(-1)
             mask2 = torch.cat([mask, torch.ones_like(nxt)], 1)

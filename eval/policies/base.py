@@ -27,6 +27,9 @@ from transformers.models.llama.modeling_llama import LlamaAttention, apply_rotar
 
 from dmc.metrics import head_dim
 from dmc.ops.decode_attention import decode_attention_paged
+from dmc.ops.quant_attention import decode_attention_quant_paged
+from dmc.ops.quant_prefill import prefill_attention_quant
+from dmc.ops.train_attention import MASKED
 from dmc.slot_cache import SlotCache, SlotCacheLayer
 
 
@@ -93,16 +96,33 @@ class Policy:
         return torch.where(protected, float("inf"), priority)
 
 
+def attend_slots(q, keys, values, lens, scale) -> tuple[torch.Tensor, torch.Tensor]:
+    """q (B, H, D) over each pair's slots keys, values (B, H_kv, S, D), of which the first ``lens`` (B, H_kv) live:
+    (output (B, H, D), attention per slot (B, H_kv, S), group mean, 0 where dead; a pair without slots gives 0)."""
+    B, H, D = q.shape
+    H_kv, S = keys.shape[1], keys.shape[2]
+    work = torch.promote_types(q.dtype, torch.float32)
+    scores = (q.view(B, H_kv, H // H_kv, D) @ keys.transpose(-1, -2)).to(work) * scale
+    live = torch.arange(S, device=q.device) < lens[..., None]  # (B, H_kv, S)
+    p = scores.masked_fill(~live[:, :, None], float("-inf")).softmax(-1)
+    p = torch.where((lens > 0)[..., None, None], p, 0)  # no slots yet (left padding): 0, not NaN
+    return (p.to(q.dtype) @ values).reshape(B, H, D), p.mean(2)
+
+
 class PolicyLayer(SlotCacheLayer):
     update_hint = "PolicyCache is filled by PolicyLlamaAttention; run apply_policy(model) first"
     # per-slot position, score and attention history live beside the keys, block for block
     slot_pools = ("k_pool", "v_pool", "pos_pool", "score_pool", "hist_pool")
     row_state = ("seen",)
 
-    def __init__(self, num_kv_heads: int, head_dim: int, block_size: int, policy: Policy, question_aware: bool = False):
-        super().__init__(num_kv_heads, head_dim, block_size)
+    def __init__(self, num_kv_heads: int, head_dim: int, block_size: int, policy: Policy, question_aware: bool = False,
+                 kv_bits: int = 16, kv_group: int = 32):
+        super().__init__(num_kv_heads, head_dim, block_size, kv_bits, kv_group)
         self.policy, self.question_aware = policy, question_aware
         self.prompt_seen: torch.Tensor | None = None  # question-aware: real prompt tokens, set after prefill
+        # a quantised store codes each token as it is appended; the step that appended it still attends to it exactly
+        # (as DMC's open slot): (keys, values (B, H_kv, D), appended (B, H_kv)) of the last append
+        self.fresh: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     def _init_state(self, batch: int, dtype, device) -> None:
         self.init_pool(batch, dtype, device)
@@ -153,6 +173,20 @@ class PolicyLayer(SlotCacheLayer):
         self.hist_pool[blk, off] = -1  # not yet observed
         self.lens = self.lens + live.long()
         self.seen = self.seen + valid.long()
+        if self.quantized:
+            self.fresh = (keys, values, live)
+
+    def with_fresh(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """keys, values (B, H_kv, S, D) read back from a quantised store, with each pair's newest slot replaced by
+        its exact key/value where the last append wrote it (the step that appends a token sees it uncoded)."""
+        if self.fresh is None:
+            return keys, values
+        k_new, v_new, live = self.fresh
+        b, h = live.nonzero(as_tuple=True)
+        slot = self.lens[b, h] - 1
+        keys, values = keys.clone(), values.clone()
+        keys[b, h, slot], values[b, h, slot] = k_new[b, h].to(keys.dtype), v_new[b, h].to(values.dtype)
+        return keys, values
 
     def evict(self, over: torch.Tensor, slot: torch.Tensor) -> None:
         """Drop slot ``slot[b, h]`` of every pair where ``over``: the pair's last slot moves into its place
@@ -173,11 +207,31 @@ class PolicyLayer(SlotCacheLayer):
     def attend(self, q: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor | None]:
         """q (B, H, D): (output (B, H, D), this step's attention per pool slot (group mean), None for a policy
         that does not observe)."""
+        if self.quantized:
+            return self._attend_codes(q, scale)
         if not self.policy.observes:
             return decode_attention_paged(q, self.k_pool, self.v_pool, self.block_table, self.lens, scale,
                                           owned=self.owners()), None
         return decode_attention_paged(q, self.k_pool, self.v_pool, self.block_table, self.lens, scale,
                                       return_slot_probs=True, owned=self.owners())
+
+    def _attend_codes(self, q: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Attention over a quantised store: the newest token exact, every other slot from its codes. A policy
+        that does not observe takes the paged path over codes (the newest token as its open slot); one that
+        observes needs each slot's probability, so the pool is decoded whole (the reference, for quality runs)."""
+        k_new, v_new, live = self.fresh if self.fresh is not None else (None, None, None)
+        coded = self.lens - live.long() if live is not None else self.lens
+        k, v = self.coded_pools()
+        if not self.policy.observes:
+            return decode_attention_quant_paged(q, k, v, self.block_table, coded, k_new, v_new, live, scale,
+                                                owned=self.owners()), None
+        keys, values = self.with_fresh(self.pair_view(k.decode(dtype=q.dtype), 0), self.pair_view(v.decode(dtype=q.dtype), 0))
+        out, p = attend_slots(q, keys, values, self.lens, scale)
+        probs = torch.zeros_like(self.score_pool, dtype=p.dtype)
+        b, h, s = (torch.arange(p.shape[-1], device=q.device) < self.lens[..., None]).nonzero(as_tuple=True)
+        blk, off = self.locate(b, h, s)
+        probs[blk, off] = p[b, h, s]
+        return out, probs
 
     def allowed_slots(self) -> torch.Tensor:
         """(B,) slots a sequence may hold now: the budget of what it has seen, or (question-aware, after prefill)
@@ -210,8 +264,12 @@ class PolicyLayer(SlotCacheLayer):
         causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
         mask = (causal & valid[:, None, None, :]) | torch.eye(T, dtype=torch.bool, device=q.device)  # pads: self
         g = H // k.shape[1]
-        out = F.scaled_dot_product_attention(q, k.repeat_interleave(g, 1), v.repeat_interleave(g, 1),
-                                             attn_mask=mask, scale=scale)
+        if self.quantized:  # earlier tokens as their codes give them back, each token itself exact (as decoding)
+            keep_log = torch.where(valid, 0.0, MASKED).to(q.dtype)[:, None, :].expand(B, self.num_kv_heads, T)
+            out = prefill_attention_quant(q, k, v, self.round_trip(k), self.round_trip(v), keep_log, scale)
+        else:
+            out = F.scaled_dot_product_attention(q, k.repeat_interleave(g, 1), v.repeat_interleave(g, 1),
+                                                 attn_mask=mask, scale=scale)
         n = valid.sum(-1)  # (B,) real tokens: left padding only, so they are the last n
         self.allocate_runs((-(-n // self.block_size))[:, None].expand(B, self.num_kv_heads))
         b, t = valid.nonzero(as_tuple=True)
@@ -271,7 +329,7 @@ class PolicyCache(SlotCache):
     slots and decisions in per-pair buffers, several times less bookkeeping per token; for quality runs)."""
 
     def __init__(self, config, policy: Policy, block_size: int = 16, question_aware: bool = False,
-                 layout: str = "paged"):
+                 layout: str = "paged", kv_bits: int = 16, kv_group: int = 32):
         from .dense import DensePolicyLayer
 
         layers = {"paged": PolicyLayer, "dense": DensePolicyLayer}
@@ -279,7 +337,7 @@ class PolicyCache(SlotCache):
             raise ValueError(f"unknown cache layout {layout!r}; choose paged or dense")
         H_kv = config.num_key_value_heads
         D = head_dim(config)
-        super().__init__(layers=[layers[layout](H_kv, D, block_size, policy, question_aware)
+        super().__init__(layers=[layers[layout](H_kv, D, block_size, policy, question_aware, kv_bits, kv_group)
                                  for _ in range(config.num_hidden_layers)])
         self.policy, self.question_aware = policy, question_aware
 

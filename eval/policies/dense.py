@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import torch
 
-from .base import PolicyLayer
+from dmc.paged_slots import slot_bytes
+
+from .base import PolicyLayer, attend_slots
 
 
 class DensePolicyLayer(PolicyLayer):
@@ -64,7 +66,8 @@ class DensePolicyLayer(PolicyLayer):
             self._init_state(B, keys.dtype, keys.device)
         self._grow(int(self.lens.max()) + 1)
         slot = self.lens  # a padding row writes into its first dead slot and does not count it: harmless
-        new = [keys.to(self.dtype), values.to(self.dtype), self.seen[:, None].expand(B, H),
+        # a quantised store keeps what its codes would give back (the same numbers as the paged layer's codes)
+        new = [self.round_trip(keys).to(self.dtype), self.round_trip(values).to(self.dtype), self.seen[:, None].expand(B, H),
                torch.zeros(B, H, dtype=torch.float32, device=keys.device)]
         if self.policy.history:
             new.append(torch.full((B, H, self.policy.history), -1.0, device=keys.device))  # not yet observed
@@ -72,6 +75,8 @@ class DensePolicyLayer(PolicyLayer):
             pool.scatter_(2, self._at(pool, slot), value.unsqueeze(2))
         self.lens = self.lens + valid[:, None].long()
         self.seen = self.seen + valid.long()
+        if self.quantized:
+            self.fresh = (keys, values, valid[:, None].expand(B, H))
 
     def evict(self, over: torch.Tensor, slot: torch.Tensor) -> None:
         """As the paged layer: the pair's last slot moves into the evicted one (pairs not over move their last
@@ -84,17 +89,11 @@ class DensePolicyLayer(PolicyLayer):
 
     def attend(self, q: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
         """q (B, H, D): (output (B, H, D), attention per slot (B, H_kv, capacity), group mean, 0 where dead)."""
-        B, H, D = q.shape
-        H_kv = self.lens.shape[1]
         S = max(1, int(self.lens.max()))
-        work = torch.promote_types(q.dtype, torch.float32)
-        scores = (q.view(B, H_kv, H // H_kv, D) @ self.k_pool[:, :, :S].transpose(-1, -2)).to(work) * scale
-        live = torch.arange(S, device=q.device) < self.lens[..., None]  # (B, H_kv, S)
-        p = scores.masked_fill(~live[:, :, None], float("-inf")).softmax(-1)
-        p = torch.where((self.lens > 0)[..., None, None], p, 0)  # no slots yet (left padding): 0, not NaN
-        out = (p.to(q.dtype) @ self.v_pool[:, :, :S]).reshape(B, H, D)
-        probs = torch.zeros(*self.lens.shape, self.k_pool.shape[2], dtype=work, device=q.device)
-        probs[..., :S] = p.mean(2)
+        keys, values = self.with_fresh(self.k_pool[:, :, :S], self.v_pool[:, :, :S])
+        out, p = attend_slots(q, keys, values, self.lens, scale)
+        probs = p.new_zeros(*self.lens.shape, self.k_pool.shape[2])
+        probs[..., :S] = p
         return out, probs
 
     prefill_chunk = 128  # prompt queries per attention call: bounds the (queries x slots) scores held at once
@@ -103,6 +102,8 @@ class DensePolicyLayer(PolicyLayer):
         """The paged layer's token-by-token prefill in one causal attention over the prompt (queries in chunks
         of ``prefill_chunk``): slot s of a row is its s-th real token, and step t's observation is query t's attention,
         with the slots not yet appended at step t marked unobserved (-1) in the history, as appending does."""
+        if self.quantized:  # each token exact at its own step, coded after: the reference's one at a time
+            return self.stream(q, k, v, valid, scale, evict=False)
         B, H, T, D = q.shape
         H_kv = k.shape[1]
         if not self.is_initialized:
@@ -149,7 +150,7 @@ class DensePolicyLayer(PolicyLayer):
         if not self.is_initialized:
             return 0
         blocks = int((-(-self.lens // self.block_size)).sum())
-        return 2 * blocks * self.block_size * self.head_dim * self.k_pool.element_size()
+        return blocks * self.block_size * slot_bytes(self.head_dim, self.dtype, self.kv_bits, self.kv_group)
 
     def reserved_bytes(self) -> int:
         if not self.is_initialized:

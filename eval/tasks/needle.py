@@ -62,7 +62,7 @@ def run(model, opts, folder) -> dict:
     values = run_items(store, items, model.batch_size, scorer(False), f"{model.name} needle", _context)
     result = _summary(model, opts, cells, values)
     result |= {"contexts": list(opts.needle_contexts), "depths": list(opts.needle_depths)}
-    if model.policy is not None:
+    if model.policy is not None and model.policy.evicts:
         # The same cells in the question-aware setting (compress once after prefill, the question in the
         # policy's observation window). DMC is query-agnostic by construction, so this row has no DMC twin.
         qa_store = ItemStore(folder, model, "needle-question-aware", settings)
