@@ -34,7 +34,7 @@ from .ops.decode_attention import decode_attention, resolve_backend
 from .ops.quant_attention import decode_attention_quant_paged, decode_attention_quant_reference
 from .ops.quant_prefill import prefill_attention_quant
 from .ops.train_attention import train_attention
-from .ops.triton_decode import cache_step_triton
+from .ops.triton_decode import cache_step_triton, decode_attention_quant_triton
 
 
 @dataclass
@@ -163,7 +163,8 @@ class DMCLlamaAttention(LlamaAttention):
         can = decode_merge_candidates(valid, layer.started if layer.is_initialized else None)[:, None, :]
         q_rot, _ = apply_rotary_pos_emb(q0, q0[:, :1], cos, sin)
         backend = resolve_backend(self.config.dmc_decode_backend, q0.device, layer.block_size, layer.kv_bits)
-        step = cache_step_triton if backend == "triton" else cache_step  # the fused update goes with its kernel
+        # the fused update goes with its kernel; it writes full-precision slots, so a coded store updates in PyTorch
+        step = cache_step_triton if backend == "triton" and not layer.quantized else cache_step
         outs = []
         for t in range(q0.shape[2]):
             step(layer, k0[:, :, t], v[:, :, t], omega[..., t], logit[..., t] > 0, valid[:, t], cos[:, t], sin[:, t])
@@ -177,8 +178,9 @@ class DMCLlamaAttention(LlamaAttention):
             return decode_attention(backend, q, layer.k_pool, layer.v_pool, layer.block_table, layer.lens,
                                     self.scaling, owned=layer.owners())
         k, v = layer.coded_pools()
-        fn = decode_attention_quant_reference if backend == "reference" else decode_attention_quant_paged
-        extra = {} if backend == "reference" else {"owned": layer.owners()}
+        fn = {"reference": decode_attention_quant_reference, "triton": decode_attention_quant_triton}.get(
+            backend, decode_attention_quant_paged)
+        extra = {"owned": layer.owners()} if fn is decode_attention_quant_paged else {}
         return fn(q, k, v, layer.block_table, layer.closed_lens(), layer.open_k, layer.open_v, layer.lens > 0,
                   self.scaling, **extra)
 

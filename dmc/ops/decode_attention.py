@@ -175,15 +175,19 @@ DECODE_ATTENTION = {
 }
 
 
-QUANT_BACKENDS = ("auto", "paged", "reference")  # the decode backends with a path over integer codes
+QUANT_BACKENDS = ("auto", "paged", "reference", "triton")  # the decode backends with a path over integer codes
 
 
 def resolve_backend(backend: str, device: torch.device, block_size: int, kv_bits: int = 16) -> str:
-    if kv_bits < 16:  # codes: the portable paged path (decoding chunk by chunk) or the reference
+    if kv_bits < 16:  # codes: the Triton kernel, the portable paged path (decoding chunk by chunk) or the reference
         if backend not in QUANT_BACKENDS:
             raise ValueError(f"dmc_decode_backend={backend!r} has no path over a {kv_bits}-bit cache; use one of "
                              f"{', '.join(QUANT_BACKENDS)} (or dmc_kv_bits=16)")
-        return "reference" if backend == "reference" else "paged"
+        if backend == "auto":
+            return "triton" if device.type == "cuda" and triton_available() else "paged"
+        if backend == "triton" and not triton_available():
+            raise RuntimeError("dmc_decode_backend='triton' needs the triton package and CUDA (or TRITON_INTERPRET=1)")
+        return backend
     if backend != "auto":
         return backend
     if device.type == "cuda" and flash_available() and block_size % 256 == 0:
