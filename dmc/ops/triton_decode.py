@@ -39,10 +39,15 @@ def _kernels() -> dict:
         raise ImportError("dmc_decode_backend='triton' needs triton: pip install 'dmc[triton]'") from err
 
     @triton.jit
-    def _attend_kernel(Q, K, V, TABLE, LENS, OUT, scale,
+    def _attend_kernel(Q, K, KS, KM, V, VS, VM, TABLE, LENS, OPEN_K, OPEN_V, OPEN_LIVE, OUT, scale,
                        s_qb, s_qh, s_tb, s_th, s_lb, s_ob, s_oh,
                        H_KV: tl.constexpr, G: tl.constexpr, G_P: tl.constexpr, D: tl.constexpr,
-                       D_P: tl.constexpr, BS: tl.constexpr, BS_P: tl.constexpr):
+                       D_P: tl.constexpr, BS: tl.constexpr, BS_P: tl.constexpr, BITS: tl.constexpr,
+                       GROUP: tl.constexpr, HAS_OPEN: tl.constexpr):
+        # One (sequence, KV head) pair, block by block into a running softmax. BITS 16: the pools hold the
+        # slots; 8/4: group-wise codes (KS/KM their scales and minima), each block decoded in registers as
+        # code * scale + minimum, the 4-bit channel 2i in the low nibble of byte i. HAS_OPEN: DMC's open slot,
+        # exact, folded in last.
         pid = tl.program_id(0)
         b = pid // H_KV
         h = pid % H_KV
@@ -55,13 +60,30 @@ def _kernels() -> dict:
         m = tl.full([G_P], float("-inf"), tl.float32)
         l_sum = tl.zeros([G_P], tl.float32)
         acc = tl.zeros([G_P, D_P], tl.float32)
+        CW: tl.constexpr = D * BITS // 8  # code bytes per slot (BITS < 16)
+        NG: tl.constexpr = D // GROUP
+        byte = d * BITS // 8
+        shift = (d % 2) * 4  # 4-bit only
         for j in range(0, tl.cdiv(n, BS)):
             blk = tl.load(TABLE + b * s_tb + h * s_th + j)
             live = (s < BS) & (j * BS + s < n)
             sd = live[:, None] & (d[None, :] < D)
-            base = blk * BS * D + s[:, None] * D + d[None, :]
-            k = tl.load(K + base, mask=sd, other=0.0).to(tl.float32)
-            v = tl.load(V + base, mask=sd, other=0.0).to(tl.float32)
+            row = blk * BS + s[:, None]
+            if BITS == 16:
+                k = tl.load(K + row * D + d[None, :], mask=sd, other=0.0).to(tl.float32)
+                v = tl.load(V + row * D + d[None, :], mask=sd, other=0.0).to(tl.float32)
+            else:
+                at_code = row * CW + byte[None, :]
+                at_group = row * NG + d[None, :] // GROUP
+                kc = tl.load(K + at_code, mask=sd, other=0).to(tl.int32)
+                vc = tl.load(V + at_code, mask=sd, other=0).to(tl.int32)
+                if BITS == 4:
+                    kc = (kc >> shift[None, :]) & 15
+                    vc = (vc >> shift[None, :]) & 15
+                k = kc.to(tl.float32) * tl.load(KS + at_group, mask=sd, other=0.0).to(tl.float32) + tl.load(
+                    KM + at_group, mask=sd, other=0.0).to(tl.float32)
+                v = vc.to(tl.float32) * tl.load(VS + at_group, mask=sd, other=0.0).to(tl.float32) + tl.load(
+                    VM + at_group, mask=sd, other=0.0).to(tl.float32)
             scores = tl.sum(q[:, None, :] * k[None, :, :], axis=2) * scale  # (G_P, BS_P)
             scores = tl.where(live[None, :], scores, float("-inf"))
             m_new = tl.maximum(m, tl.max(scores, axis=1))
@@ -70,6 +92,16 @@ def _kernels() -> dict:
             l_sum = l_sum * corr + tl.sum(p, axis=1)
             acc = acc * corr[:, None] + tl.sum(p[:, :, None] * v[None, :, :], axis=1)
             m = m_new
+        if HAS_OPEN:
+            if tl.load(OPEN_LIVE + pid) != 0:
+                k = tl.load(OPEN_K + pid * D + d, mask=d < D, other=0.0).to(tl.float32)
+                v = tl.load(OPEN_V + pid * D + d, mask=d < D, other=0.0).to(tl.float32)
+                score = tl.sum(q * k[None, :], axis=1) * scale  # (G_P,)
+                m_new = tl.maximum(m, score)
+                p = tl.exp(score - m_new)
+                corr = tl.exp(m - m_new)
+                l_sum = l_sum * corr + p
+                acc = acc * corr[:, None] + p[:, None] * v[None, :]
         out = tl.where(l_sum[:, None] > 0, acc / tl.maximum(l_sum, 1e-30)[:, None], 0.0)
         tl.store(OUT + b * s_ob + (h * G + g)[:, None] * s_oh + d[None, :], out.to(OUT.dtype.element_ty), mask=gd)
 
@@ -133,68 +165,7 @@ def _kernels() -> dict:
             tl.store(KPOOL + dst, key_rot.to(KPOOL.dtype.element_ty), mask=dm)
             tl.store(VPOOL + dst, (v_sum / w_sum).to(VPOOL.dtype.element_ty), mask=dm)
 
-    @triton.jit
-    def _attend_codes_kernel(Q, KC, KS, KM, VC, VS, VM, TABLE, LENS, OPEN_K, OPEN_V, OPEN_LIVE, OUT, scale,
-                             s_qb, s_qh, s_tb, s_th, s_lb, s_ob, s_oh,
-                             H_KV: tl.constexpr, G: tl.constexpr, G_P: tl.constexpr, D: tl.constexpr,
-                             D_P: tl.constexpr, BS: tl.constexpr, BS_P: tl.constexpr, BITS: tl.constexpr,
-                             GROUP: tl.constexpr, HAS_OPEN: tl.constexpr):
-        # _attend_kernel over group-wise codes: each block is decoded in registers (code * scale + minimum, the
-        # 4-bit channel 2i in the low nibble of byte i), then the open slot, exact, is folded in last
-        pid = tl.program_id(0)
-        b = pid // H_KV
-        h = pid % H_KV
-        n = tl.load(LENS + b * s_lb + h)
-        g = tl.arange(0, G_P)
-        d = tl.arange(0, D_P)
-        s = tl.arange(0, BS_P)
-        gd = (g[:, None] < G) & (d[None, :] < D)
-        q = tl.load(Q + b * s_qb + (h * G + g)[:, None] * s_qh + d[None, :], mask=gd, other=0.0).to(tl.float32)
-        m = tl.full([G_P], float("-inf"), tl.float32)
-        l_sum = tl.zeros([G_P], tl.float32)
-        acc = tl.zeros([G_P, D_P], tl.float32)
-        CW: tl.constexpr = D * BITS // 8  # code bytes per slot
-        NG: tl.constexpr = D // GROUP
-        byte = d * BITS // 8
-        shift = (d % 2) * 4  # 4-bit only
-        for j in range(0, tl.cdiv(n, BS)):
-            blk = tl.load(TABLE + b * s_tb + h * s_th + j)
-            live = (s < BS) & (j * BS + s < n)
-            sd = live[:, None] & (d[None, :] < D)
-            row = blk * BS + s[:, None]
-            at_code = row * CW + byte[None, :]
-            at_group = row * NG + d[None, :] // GROUP
-            kc = tl.load(KC + at_code, mask=sd, other=0).to(tl.int32)
-            vc = tl.load(VC + at_code, mask=sd, other=0).to(tl.int32)
-            if BITS == 4:
-                kc = (kc >> shift[None, :]) & 15
-                vc = (vc >> shift[None, :]) & 15
-            k = kc.to(tl.float32) * tl.load(KS + at_group, mask=sd, other=0.0).to(tl.float32) + tl.load(
-                KM + at_group, mask=sd, other=0.0).to(tl.float32)
-            v = vc.to(tl.float32) * tl.load(VS + at_group, mask=sd, other=0.0).to(tl.float32) + tl.load(
-                VM + at_group, mask=sd, other=0.0).to(tl.float32)
-            scores = tl.sum(q[:, None, :] * k[None, :, :], axis=2) * scale  # (G_P, BS_P)
-            scores = tl.where(live[None, :], scores, float("-inf"))
-            m_new = tl.maximum(m, tl.max(scores, axis=1))
-            p = tl.exp(scores - m_new[:, None])
-            corr = tl.exp(m - m_new)
-            l_sum = l_sum * corr + tl.sum(p, axis=1)
-            acc = acc * corr[:, None] + tl.sum(p[:, :, None] * v[None, :, :], axis=1)
-            m = m_new
-        if HAS_OPEN:
-            if tl.load(OPEN_LIVE + pid) != 0:
-                k = tl.load(OPEN_K + pid * D + d, mask=d < D, other=0.0).to(tl.float32)
-                v = tl.load(OPEN_V + pid * D + d, mask=d < D, other=0.0).to(tl.float32)
-                score = tl.sum(q * k[None, :], axis=1) * scale  # (G_P,)
-                m_new = tl.maximum(m, score)
-                p = tl.exp(score - m_new)
-                corr = tl.exp(m - m_new)
-                l_sum = l_sum * corr + p
-                acc = acc * corr[:, None] + p[:, None] * v[None, :]
-        out = tl.where(l_sum[:, None] > 0, acc / tl.maximum(l_sum, 1e-30)[:, None], 0.0)
-        tl.store(OUT + b * s_ob + (h * G + g)[:, None] * s_oh + d[None, :], out.to(OUT.dtype.element_ty), mask=gd)
-
-    _KERNELS.update(attend=_attend_kernel, update=_update_kernel, attend_codes=_attend_codes_kernel)
+    _KERNELS.update(attend=_attend_kernel, update=_update_kernel)
     return _KERNELS
 
 
@@ -204,12 +175,22 @@ def decode_attention_triton(q, k_pool, v_pool, block_table, lens, scale=None):
     H_kv = lens.shape[1]
     G, BS = H // H_kv, k_pool.shape[1]
     scale = D**-0.5 if scale is None else scale
+    return _launch(q, (k_pool, q, q), (v_pool, q, q), block_table, lens, None, scale, bits=16, group=D, bs=BS, G=G)
+
+
+def _launch(q, k_parts, v_parts, block_table, lens, open_slot, scale, bits, group, bs, G):
+    """One program per (sequence, KV head); unused pointers (scales at 16 bits, no open slot) get ``q``."""
+    B, H, D = q.shape
+    H_kv = lens.shape[1]
     q, table, lens = q.contiguous(), block_table.contiguous(), lens.contiguous()
+    open_k, open_v, open_live = (t.contiguous() for t in open_slot) if open_slot is not None else (q, q, q)
     out = torch.empty_like(q)
+    parts = [t.contiguous() for t in (*k_parts, *v_parts)]
     _kernels()["attend"][(B * H_kv,)](
-        q, k_pool.contiguous(), v_pool.contiguous(), table, lens, out, scale,
+        q, *parts, table, lens, open_k, open_v, open_live, out, scale,
         q.stride(0), q.stride(1), table.stride(0), table.stride(1), lens.stride(0), out.stride(0), out.stride(1),
-        H_KV=H_kv, G=G, G_P=_pow2(G), D=D, D_P=_pow2(D), BS=BS, BS_P=_pow2(BS),
+        H_KV=H_kv, G=G, G_P=_pow2(G), D=D, D_P=_pow2(D), BS=bs, BS_P=_pow2(bs), BITS=bits, GROUP=group,
+        HAS_OPEN=open_slot is not None,
     )
     return out
 
@@ -222,22 +203,8 @@ def decode_attention_quant_triton(q, k, v, block_table, lens, open_k=None, open_
     G, BS = H // H_kv, k.codes.shape[1]
     group = D // k.scale.shape[-1]
     scale = D**-0.5 if scale is None else scale
-    q, table, lens = q.contiguous(), block_table.contiguous(), lens.contiguous()
-    has_open = open_k is not None
-    if has_open:
-        open_k, open_v = open_k.contiguous(), open_v.contiguous()
-        open_live = open_live.to(torch.int8).contiguous()
-    else:
-        open_k = open_v = open_live = q  # unused pointers
-    out = torch.empty_like(q)
-    parts = [t.contiguous() for pool in (k, v) for t in (pool.codes, pool.scale, pool.minimum)]
-    _kernels()["attend_codes"][(B * H_kv,)](
-        q, *parts, table, lens, open_k, open_v, open_live, out, scale,
-        q.stride(0), q.stride(1), table.stride(0), table.stride(1), lens.stride(0), out.stride(0), out.stride(1),
-        H_KV=H_kv, G=G, G_P=_pow2(G), D=D, D_P=_pow2(D), BS=BS, BS_P=_pow2(BS), BITS=k.bits, GROUP=group,
-        HAS_OPEN=has_open,
-    )
-    return out
+    open_slot = (open_k, open_v, open_live.to(torch.int8)) if open_k is not None else None
+    return _launch(q, k[:3], v[:3], block_table, lens, open_slot, scale, bits=k.bits, group=group, bs=BS, G=G)
 
 
 def cache_step_triton(layer, k_pre, v, omega, merge, valid, cos, sin) -> None:
