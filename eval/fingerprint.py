@@ -25,7 +25,8 @@ def _file_digest(path: Path) -> str:
     return h.hexdigest()
 
 
-def model_fingerprint(path: str | Path, config, dtype, device, policy: str | None, kv_bits: int = 16) -> str:
+def model_fingerprint(path: str | Path, config, dtype, device, policy: str | None, kv_bits: int = 16,
+                      kv_group: int | None = None) -> str:
     """A 16-hex-digit hash of the model's config, its weight files (a local folder) or Hub revision (an id),
     and how it runs: dtype, device type, cache policy, cache precision (the decode backend is part of the config)."""
     folder = Path(path)
@@ -35,5 +36,6 @@ def model_fingerprint(path: str | Path, config, dtype, device, policy: str | Non
         weights = {"revision": getattr(config, "_commit_hash", None) or str(path)}
     settings = {k: v for k, v in config.to_dict().items() if k not in ("transformers_version", "_commit_hash")}
     record = {"config": settings, "weights": weights, "dtype": str(dtype), "device": str(device).split(":")[0],
-              "policy": policy, **({"kv_bits": kv_bits} if kv_bits != 16 else {})}  # 16: the hashes stored before
+              "policy": policy, **({"kv_bits": kv_bits} if kv_bits != 16 else {}),  # 16: the hashes stored before
+              **({"kv_group": kv_group} if kv_group else {})}
     return hashlib.sha256(json.dumps(record, sort_keys=True, default=str).encode()).hexdigest()[:16]

@@ -57,7 +57,7 @@ class EvalModel:
     folders only). DMC models and policies are "compressed": every call goes through their cache."""
 
     def __init__(self, path: str | Path, dtype: str = "float32", device: str = "cpu", batch_size: int = 4,
-                 max_length: int | None = None, policy=None, kv_bits: int = 16):
+                 max_length: int | None = None, policy=None, kv_bits: int = 16, kv_group: int | None = None):
         self.path = str(path)
         self.name = Path(path).name
         self.model, self.tok = load(path, dtype, device)
@@ -66,9 +66,14 @@ class EvalModel:
         self.max_length = max_length or getattr(self.model.config, "max_position_embeddings", 2048)
         self.is_dmc = is_dmc(self.model.config)
         self.kv_bits = check_bits(kv_bits)
+        self.kv_group = kv_group or getattr(self.model.config, "dmc_kv_group", 32)
+        D = head_dim(self.model.config)
+        if kv_bits < 16 and (self.kv_group < 1 or D % min(self.kv_group, D)):
+            raise ValueError(f"--kv-group {self.kv_group} must divide the head dim {D} of {path} (e.g. 32 or 16)")
         label = policy.label if policy is not None else None
         if self.is_dmc:
-            self.model.config.dmc_kv_bits = kv_bits  # every DMCCache reads it
+            self.model.config.dmc_kv_bits = kv_bits  # every DMCCache reads them
+            self.model.config.dmc_kv_group = self.kv_group
         elif policy is None and kv_bits < 16:  # a vanilla model on coded storage: every token kept, as its own
             from .policies import KeepAll
 
@@ -80,10 +85,13 @@ class EvalModel:
             from .policies import apply_policy
 
             apply_policy(self.model)
-        self.name += (f"+{label}" if label else "") + (f"+int{kv_bits}" if kv_bits < 16 else "")
+        grouped = kv_bits < 16 and self.kv_group != 32  # 32: the default group, left out of names and hashes
+        self.name += (f"+{label}" if label else "") + (f"+int{kv_bits}" if kv_bits < 16 else "") + (
+            f"g{self.kv_group}" if grouped else "")
         self.compressed = self.is_dmc or policy is not None
         self.kv_cr = kv_compression(self.model.config)  # a GQA baseline's cache is smaller than its source's
-        self.fingerprint = model_fingerprint(path, self.model.config, dtype, device, label, kv_bits)
+        self.fingerprint = model_fingerprint(path, self.model.config, dtype, device, label, kv_bits,
+                                             self.kv_group if grouped else None)
 
     def cr_meter(self) -> CRMeter:
         return CRMeter(self.kv_cr)
@@ -100,17 +108,17 @@ class EvalModel:
             # a policy that keeps everything stores a prompt in one pass, on the paged layout
             layout = "dense" if self.policy.evicts else "paged"
             return PolicyCache(self.model.config, self.policy, question_aware=question_aware, layout=layout,
-                               kv_bits=self.kv_bits)
+                               kv_bits=self.kv_bits, kv_group=self.kv_group)
         return None
 
     def describe(self) -> dict:
         cfg = self.model.config
         info = {"path": self.path, "fingerprint": self.fingerprint, "model_type": cfg.model_type, "dmc": self.is_dmc,
                 "policy": self.policy.label if self.policy is not None else None, "kv_bits": self.kv_bits,
+                "kv_group": self.kv_group,
                 "parameters": sum(p.numel() for p in self.model.parameters())}
         # bytes of a slot on this cache over a 16-bit one (codes, scales and minima at 8/4 bits)
-        group = getattr(cfg, "dmc_kv_group", 32)
-        info["kv_slot_shrink"] = slot_bytes(head_dim(cfg), torch.float16, self.kv_bits, group) / slot_bytes(
+        info["kv_slot_shrink"] = slot_bytes(head_dim(cfg), torch.float16, self.kv_bits, self.kv_group) / slot_bytes(
             head_dim(cfg), torch.float16)
         if self.kv_cr != 1.0:
             info["gqa"] = {"source_kv_heads": getattr(cfg, SOURCE_KV_HEADS), "kv_heads": cfg.num_key_value_heads}

@@ -41,6 +41,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--kv-bits", type=int, nargs="+", default=[16], help="cache precisions to run every model at: 16 "
                     "(the model's dtype), 8 or 4 (closed slots as group-wise integer codes; a vanilla model keeps "
                     "every token on the coded store)")
+    ap.add_argument("--kv-group", type=int, default=None, help="channels per quantisation group at 8/4 bits "
+                    "(default: the DMC model's dmc_kv_group, else 32); a divisor of the head dim")
     g = ap.add_argument_group("baseline cache policies (vanilla Llama folders)")
     g.add_argument("--policy", default=None, help="run the models under a training-free cache policy: "
                    "streaming_llm, tova, h2o, scissorhands, snapkv")
@@ -125,7 +127,8 @@ def evaluate(opts: argparse.Namespace, command: str, variants: list[Variant] | N
     began = time.perf_counter()
     for k, (path, policy, role, kv_bits) in enumerate(variants, 1):
         try:
-            model = EvalModel(path, dtype, opts.device, opts.batch_size, policy=policy, kv_bits=kv_bits)
+            model = EvalModel(path, dtype, opts.device, opts.batch_size, policy=policy, kv_bits=kv_bits,
+                              kv_group=opts.kv_group)
         except (ModelFolderError, ValueError) as err:
             raise TaskError(str(err)) from err
         minutes = (time.perf_counter() - began) / 60

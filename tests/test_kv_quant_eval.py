@@ -50,3 +50,25 @@ def test_kv_bits_other_than_16_8_4_is_one_line(folders, tmp_path):
     assert "--kv-bits takes 16, 8, 4 (got 3)" in one_line_exit(evaluate, str(vanilla), "--kv-bits", "3", "--out", out)
     assert "--policy-kv-bits takes 16, 8, 4 (got 2)" in one_line_exit(compare, str(vanilla), "--policy-kv-bits", "2",
                                                                        "--out", out)
+
+
+def test_eval_takes_a_quantisation_group_and_counts_its_scales(folders, tmp_path, capsys):
+    from dmc.eval.run import main
+
+    vanilla, dmc_dir = folders
+    out = tmp_path / "grp"
+    common = ["--tasks", "ppl", "--ppl-blocks", "2", "--ppl-block", "40", "--out", str(out)]
+    main([str(vanilla), str(dmc_dir), "--kv-bits", "4", "--kv-group", "8", *common])
+    results = json.loads((out / "results.json").read_text())["models"]
+    assert list(results) == ["tiny-vanilla+int4g8", "tiny-dmc+int4g8"]
+    D = 16
+    shrink = (D // 2 + 2 * 2 * (D // 8)) / (2 * D)  # two groups: twice the scales of the default group
+    assert all(m["kv_slot_shrink"] == pytest.approx(shrink) and m["kv_group"] == 8 for m in results.values())
+    assert results["tiny-dmc+int4g8"]["dmc_config"]["dmc_kv_group"] == 8
+    main([str(dmc_dir), "--kv-bits", "4", *common])  # the default group: its own answers, not group 8's
+    default = json.loads((out / "results.json").read_text())["models"]["tiny-dmc+int4"]
+    assert default["fingerprint"] != results["tiny-dmc+int4g8"]["fingerprint"]
+    assert default["tasks"]["ppl"]["perplexity"] != results["tiny-dmc+int4g8"]["tasks"]["ppl"]["perplexity"]
+    capsys.readouterr()
+    assert "--kv-group 5 must divide the head dim 16" in one_line_exit(main, str(vanilla), "--kv-bits", "4",
+                                                                        "--kv-group", "5", *common)
