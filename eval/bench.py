@@ -33,8 +33,9 @@ from transformers import DynamicCache
 
 import dmc
 from dmc.cache import DMCCache
-from dmc.config import KV_BITS
+from dmc.eval.run import check_kv_bits
 from dmc.eval.synthetic import impose_synthetic_cr
+from dmc.eval.tasks import TaskError
 from dmc.generate import ModelFolderError, load
 from dmc.hub import ModelSourceError, model_config
 from dmc.metrics import cache_realised_cr, head_dim, is_dmc
@@ -287,9 +288,10 @@ def main(argv: list[str] | None = None) -> None:
     fail = lambda msg: sys.exit(f"dmc bench: error: {msg}")  # noqa: E731
     if any(c < 1 for c in ns.crs):
         fail("every --crs value must be >= 1")
-    if any(b not in KV_BITS for b in ns.kv_bits):
-        fail(f"--kv-bits takes {', '.join(map(str, KV_BITS))} (got {' '.join(map(str, ns.kv_bits))})")
-    ns.kv_bits = tuple(dict.fromkeys(ns.kv_bits))
+    try:
+        ns.kv_bits = check_kv_bits(ns.kv_bits)  # dmc eval's check: the same flag, the same message
+    except TaskError as err:
+        fail(err)
     if ns.device.startswith("cuda") and not torch.cuda.is_available():
         fail(f"--device {ns.device}: this machine has no CUDA device; use --device cpu")
     out = Path(ns.out or Path("bench/results") / Path(ns.model).name)

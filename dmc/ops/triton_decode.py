@@ -171,17 +171,24 @@ def _kernels() -> dict:
 
 def decode_attention_triton(q, k_pool, v_pool, block_table, lens, scale=None):
     """Same contract as ``decode_attention_reference``; one program per (sequence, KV head)."""
+    return _launch(q, (k_pool, q, q), (v_pool, q, q), block_table, lens, None, scale, bits=16, group=q.shape[-1])
+
+
+def decode_attention_quant_triton(q, k, v, block_table, lens, open_k=None, open_v=None, open_live=None, scale=None):
+    """Same contract as ``quant_attention.decode_attention_quant_reference`` (``k``, ``v``: ``CodedPool``); one
+    program per (sequence, KV head), decoding each block in place."""
+    open_slot = (open_k, open_v, open_live.to(torch.int8)) if open_k is not None else None
+    group = q.shape[-1] // k.scale.shape[-1]
+    return _launch(q, k[:3], v[:3], block_table, lens, open_slot, scale, bits=k.bits, group=group)
+
+
+def _launch(q, k_parts, v_parts, block_table, lens, open_slot, scale, bits, group):
+    """One program per (sequence, KV head) over pools (blocks, block_size, ...); unused pointers (scales at 16
+    bits, no open slot) get ``q``."""
     B, H, D = q.shape
     H_kv = lens.shape[1]
-    G, BS = H // H_kv, k_pool.shape[1]
+    G, BS = H // H_kv, k_parts[0].shape[1]
     scale = D**-0.5 if scale is None else scale
-    return _launch(q, (k_pool, q, q), (v_pool, q, q), block_table, lens, None, scale, bits=16, group=D, bs=BS, G=G)
-
-
-def _launch(q, k_parts, v_parts, block_table, lens, open_slot, scale, bits, group, bs, G):
-    """One program per (sequence, KV head); unused pointers (scales at 16 bits, no open slot) get ``q``."""
-    B, H, D = q.shape
-    H_kv = lens.shape[1]
     q, table, lens = q.contiguous(), block_table.contiguous(), lens.contiguous()
     open_k, open_v, open_live = (t.contiguous() for t in open_slot) if open_slot is not None else (q, q, q)
     out = torch.empty_like(q)
@@ -189,22 +196,10 @@ def _launch(q, k_parts, v_parts, block_table, lens, open_slot, scale, bits, grou
     _kernels()["attend"][(B * H_kv,)](
         q, *parts, table, lens, open_k, open_v, open_live, out, scale,
         q.stride(0), q.stride(1), table.stride(0), table.stride(1), lens.stride(0), out.stride(0), out.stride(1),
-        H_KV=H_kv, G=G, G_P=_pow2(G), D=D, D_P=_pow2(D), BS=bs, BS_P=_pow2(bs), BITS=bits, GROUP=group,
+        H_KV=H_kv, G=G, G_P=_pow2(G), D=D, D_P=_pow2(D), BS=BS, BS_P=_pow2(BS), BITS=bits, GROUP=group,
         HAS_OPEN=open_slot is not None,
     )
     return out
-
-
-def decode_attention_quant_triton(q, k, v, block_table, lens, open_k=None, open_v=None, open_live=None, scale=None):
-    """Same contract as ``quant_attention.decode_attention_quant_reference`` (``k``, ``v``: ``CodedPool``); one
-    program per (sequence, KV head), decoding each block in place."""
-    B, H, D = q.shape
-    H_kv = lens.shape[1]
-    G, BS = H // H_kv, k.codes.shape[1]
-    group = D // k.scale.shape[-1]
-    scale = D**-0.5 if scale is None else scale
-    open_slot = (open_k, open_v, open_live.to(torch.int8)) if open_k is not None else None
-    return _launch(q, k[:3], v[:3], block_table, lens, open_slot, scale, bits=k.bits, group=group, bs=BS, G=G)
 
 
 def cache_step_triton(layer, k_pre, v, omega, merge, valid, cos, sin) -> None:

@@ -261,13 +261,13 @@ class PolicyLayer(SlotCacheLayer):
         B, H, T, D = q.shape
         if not self.is_initialized:
             self._init_state(B, k.dtype, k.device)
-        causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
-        mask = (causal & valid[:, None, None, :]) | torch.eye(T, dtype=torch.bool, device=q.device)  # pads: self
-        g = H // k.shape[1]
         if self.quantized:  # earlier tokens as their codes give them back, each token itself exact (as decoding)
             keep_log = torch.where(valid, 0.0, MASKED).to(q.dtype)[:, None, :].expand(B, self.num_kv_heads, T)
             out = prefill_attention_quant(q, k, v, self.round_trip(k), self.round_trip(v), keep_log, scale)
         else:
+            causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
+            mask = (causal & valid[:, None, None, :]) | torch.eye(T, dtype=torch.bool, device=q.device)  # pads: self
+            g = H // k.shape[1]
             out = F.scaled_dot_product_attention(q, k.repeat_interleave(g, 1), v.repeat_interleave(g, 1),
                                                  attn_mask=mask, scale=scale)
         n = valid.sum(-1)  # (B,) real tokens: left padding only, so they are the last n
