@@ -19,7 +19,7 @@ class DMCLayer(SlotCacheLayer):
                    "updates. Use it with a dmc_llama model, or a DynamicCache with a vanilla Llama.")
 
     def __init__(self, num_kv_heads: int, head_dim: int, block_size: int, window: int | None, kv_bits: int = 16,
-                 kv_group: int = 32):
+                 kv_group: int | None = None):
         super().__init__(num_kv_heads, head_dim, block_size, kv_bits, kv_group)
         self.window = window
         # each sequence's open-slot state, selected, copied and emptied with its slots; a quantised store keeps
@@ -153,7 +153,7 @@ class DMCCache(SlotCache):
         D = head_dim(config)
         block_size = block_size or getattr(config, "dmc_block_size", 16)
         window = getattr(config, "dmc_window", None) or None
-        bits, group = getattr(config, "dmc_kv_bits", 16), getattr(config, "dmc_kv_group", 32)
+        bits, group = getattr(config, "dmc_kv_bits", 16), getattr(config, "dmc_kv_group", None)
         layers = [DMCLayer(H_kv, D, block_size, window, bits, group) for _ in range(config.num_hidden_layers)]
         super().__init__(layers=layers)
 

@@ -34,7 +34,8 @@ class DMCConfig:
     block_size: slots per cache block (the paged cache allocates blocks on demand).
     kv_bits: bits per cached key/value element: 16 keeps the model's dtype; 8 or 4 store closed slots as
         group-wise integer codes (the open slot, which merges still write, stays in full precision).
-    kv_group: channels per quantisation group (one scale and minimum each); a divisor of head_dim.
+    kv_group: channels per quantisation group (one scale and minimum each); a divisor of head_dim. None: the
+        width's default (32 at int8, 16 at int4: ``dmc/ops/kv_quant.py``'s DEFAULT_GROUP).
     """
 
     enabled: bool = True
@@ -49,7 +50,7 @@ class DMCConfig:
     decode_backend: str = "auto"
     block_size: int = 16
     kv_bits: int = 16
-    kv_group: int = 32
+    kv_group: int | None = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -76,8 +77,9 @@ class DMCConfig:
             raise bad("block_size", "use a positive number of slots per block (e.g. 16)")
         if self.kv_bits not in KV_BITS:
             raise bad("kv_bits", f"choose one of {', '.join(map(str, KV_BITS))} (16: not quantised)")
-        if not isinstance(self.kv_group, int) or self.kv_group < 1:
-            raise bad("kv_group", "use a positive number of channels per quantisation group (e.g. 32)")
+        if self.kv_group is not None and (not isinstance(self.kv_group, int) or self.kv_group < 1):
+            raise bad("kv_group", "use a positive number of channels per quantisation group (e.g. 16 or 32), or null for "
+                      "the width's default")
         if not isinstance(self.channel, int):
             raise bad("channel", "use a channel index such as -1 (the last channel)")
         if head_dim is not None:
@@ -88,7 +90,7 @@ class DMCConfig:
                 )
             if not -head_dim <= self.channel < head_dim:
                 raise bad("channel", f"must index a head channel in [-{head_dim}, {head_dim - 1}]")
-            if head_dim % min(self.kv_group, head_dim):
+            if self.kv_group is not None and head_dim % min(self.kv_group, head_dim):
                 raise bad("kv_group", f"must divide head_dim={head_dim} (e.g. 32 or {head_dim})")
 
     @property

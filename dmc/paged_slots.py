@@ -25,7 +25,7 @@ further per-slot pools (``slot_pools``, grown, copied and compacted with the key
 
 With ``kv_bits`` 8 or 4 the pools hold group-wise integer codes instead (``ops/kv_quant.py``): ``k_pool`` and
 ``v_pool`` are uint8 (blocks, block_size, D * bits / 8), beside them ``k_scale``, ``k_min``, ``v_scale``,
-``v_min`` (blocks, block_size, D / kv_group) in fp16; ``write`` codes what it stores, and every byte count
+``v_min`` (blocks, block_size, D / kv_group) in fp16 (``kv_group`` None: the width's default); ``write`` codes what it stores, and every byte count
 includes the scales.
 """
 
@@ -33,17 +33,19 @@ from __future__ import annotations
 
 import torch
 
-from .ops.kv_quant import CodedPool, check_bits, code_width, dequantize, num_groups, quantize
+from .ops.kv_quant import CodedPool, check_bits, code_width, dequantize, quantize, resolve_group
 
 SCALE_POOLS = ("k_scale", "k_min", "v_scale", "v_min")  # beside the codes when kv_bits < 16
 SCALE_DTYPE = torch.float16
 
 
-def slot_bytes(head_dim: int, dtype: torch.dtype, kv_bits: int = 16, kv_group: int = 32) -> int:
-    """Bytes of one slot's key and value: ``dtype`` elements, or codes plus each group's scale and minimum."""
+def slot_bytes(head_dim: int, dtype: torch.dtype, kv_bits: int = 16, kv_group: int | None = None) -> int:
+    """Bytes of one slot's key and value: ``dtype`` elements, or codes plus each group's scale and minimum
+    (``kv_group`` None: the width's default group)."""
     if kv_bits == 16:
         return 2 * head_dim * torch.empty((), dtype=dtype).element_size()
-    scales = 2 * (head_dim // min(kv_group, head_dim)) * torch.empty((), dtype=SCALE_DTYPE).element_size()
+    groups = head_dim // resolve_group(kv_bits, kv_group, head_dim)
+    scales = 2 * groups * torch.empty((), dtype=SCALE_DTYPE).element_size()
     return 2 * (code_width(head_dim, kv_bits) + scales)
 
 
@@ -51,12 +53,12 @@ class PagedSlots:
     slot_pools: tuple[str, ...] = ("k_pool", "v_pool")  # (blocks, block_size, ...) tensors, block for block
     row_state: tuple[str, ...] = ()  # (B, ...) per-sequence tensors beside the table
 
-    def __init__(self, num_kv_heads: int, head_dim: int, block_size: int, kv_bits: int = 16, kv_group: int = 32):
+    def __init__(self, num_kv_heads: int, head_dim: int, block_size: int, kv_bits: int = 16,
+                 kv_group: int | None = None):
         self.num_kv_heads, self.head_dim, self.block_size = num_kv_heads, head_dim, block_size
         self.kv_bits = check_bits(kv_bits)
-        self.kv_group = min(kv_group, head_dim)
-        if self.quantized:
-            num_groups(head_dim, self.kv_group)  # raises for a head dim the groups do not divide
+        # None: the width's default; raises for a group that does not divide the head dim
+        self.kv_group = resolve_group(kv_bits, kv_group, head_dim) if self.quantized else head_dim
 
     @property
     def quantized(self) -> bool:

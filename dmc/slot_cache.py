@@ -25,7 +25,7 @@ class SlotCacheLayer(PagedSlots, CacheLayerMixin):
     supports_early_init = False
     update_hint = ""
 
-    def __init__(self, num_kv_heads: int, head_dim: int, block_size: int, kv_bits: int = 16, kv_group: int = 32):
+    def __init__(self, num_kv_heads: int, head_dim: int, block_size: int, kv_bits: int = 16, kv_group: int | None = None):
         PagedSlots.__init__(self, num_kv_heads, head_dim, block_size, kv_bits, kv_group)
         CacheLayerMixin.__init__(self)
         self.seen_tokens = 0

@@ -142,7 +142,7 @@ def measure(model, ids: torch.Tensor, decode_steps: int) -> dict:
 def slot_shrink(model) -> float:
     """Bytes of one slot in the model's cache over one slot in its dtype (1 unless dmc_kv_bits < 16)."""
     cfg, D = model.config, head_dim(model.config)
-    coded = slot_bytes(D, model.dtype, getattr(cfg, "dmc_kv_bits", 16), getattr(cfg, "dmc_kv_group", 32))
+    coded = slot_bytes(D, model.dtype, getattr(cfg, "dmc_kv_bits", 16), getattr(cfg, "dmc_kv_group", None))
     return coded / slot_bytes(D, model.dtype)
 
 

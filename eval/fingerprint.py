@@ -37,5 +37,5 @@ def model_fingerprint(path: str | Path, config, dtype, device, policy: str | Non
     settings = {k: v for k, v in config.to_dict().items() if k not in ("transformers_version", "_commit_hash")}
     record = {"config": settings, "weights": weights, "dtype": str(dtype), "device": str(device).split(":")[0],
               "policy": policy, **({"kv_bits": kv_bits} if kv_bits != 16 else {}),  # 16: the hashes stored before
-              **({"kv_group": kv_group} if kv_group else {})}
+              **({"kv_group": kv_group} if kv_bits != 16 else {})}  # the group a coded cache ran with
     return hashlib.sha256(json.dumps(record, sort_keys=True, default=str).encode()).hexdigest()[:16]

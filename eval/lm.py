@@ -16,7 +16,7 @@ from dmc.cache import DMCCache
 from dmc.generate import generate, load
 from dmc.gqa import SOURCE_KV_HEADS, kv_compression
 from dmc.metrics import head_dim, is_dmc
-from dmc.ops.kv_quant import check_bits
+from dmc.ops.kv_quant import check_bits, resolve_group
 from dmc.paged_slots import slot_bytes
 from dmc.schedule import cr_from_merges
 
@@ -66,14 +66,16 @@ class EvalModel:
         self.max_length = max_length or getattr(self.model.config, "max_position_embeddings", 2048)
         self.is_dmc = is_dmc(self.model.config)
         self.kv_bits = check_bits(kv_bits)
-        self.kv_group = kv_group or getattr(self.model.config, "dmc_kv_group", 32)
         D = head_dim(self.model.config)
-        if kv_bits < 16 and (self.kv_group < 1 or D % min(self.kv_group, D)):
-            raise ValueError(f"--kv-group {self.kv_group} must divide the head dim {D} of {path} (e.g. 32 or 16)")
+        group = kv_group or getattr(self.model.config, "dmc_kv_group", None)  # None: the width's default
+        if kv_bits < 16 and group is not None and (group < 1 or D % min(group, D)):
+            raise ValueError(f"--kv-group {group} must divide the head dim {D} of {path} (e.g. 32 or 16)")
+        self.kv_group = resolve_group(kv_bits, group, D) if kv_bits < 16 else None
         label = policy.label if policy is not None else None
         if self.is_dmc:
             self.model.config.dmc_kv_bits = kv_bits  # every DMCCache reads them
-            self.model.config.dmc_kv_group = self.kv_group
+            if kv_bits < 16:
+                self.model.config.dmc_kv_group = self.kv_group
         elif policy is None and kv_bits < 16:  # a vanilla model on coded storage: every token kept, as its own
             from .policies import KeepAll
 
@@ -85,13 +87,12 @@ class EvalModel:
             from .policies import apply_policy
 
             apply_policy(self.model)
-        grouped = kv_bits < 16 and self.kv_group != 32  # 32: the default group, left out of names and hashes
+        grouped = kv_bits < 16 and self.kv_group != resolve_group(kv_bits, None, D)  # named only when not the default
         self.name += (f"+{label}" if label else "") + (f"+int{kv_bits}" if kv_bits < 16 else "") + (
             f"g{self.kv_group}" if grouped else "")
         self.compressed = self.is_dmc or policy is not None
         self.kv_cr = kv_compression(self.model.config)  # a GQA baseline's cache is smaller than its source's
-        self.fingerprint = model_fingerprint(path, self.model.config, dtype, device, label, kv_bits,
-                                             self.kv_group if grouped else None)
+        self.fingerprint = model_fingerprint(path, self.model.config, dtype, device, label, kv_bits, self.kv_group)
 
     def cr_meter(self) -> CRMeter:
         return CRMeter(self.kv_cr)

@@ -42,7 +42,7 @@ def parser() -> argparse.ArgumentParser:
                     "(the model's dtype), 8 or 4 (closed slots as group-wise integer codes; a vanilla model keeps "
                     "every token on the coded store)")
     ap.add_argument("--kv-group", type=int, default=None, help="channels per quantisation group at 8/4 bits "
-                    "(default: the DMC model's dmc_kv_group, else 32); a divisor of the head dim")
+                    "(default: the DMC model's dmc_kv_group, else 32 at int8 and 16 at int4); a divisor of the head dim")
     g = ap.add_argument_group("baseline cache policies (vanilla Llama folders)")
     g.add_argument("--policy", default=None, help="run the models under a training-free cache policy: "
                    "streaming_llm, tova, h2o, scissorhands, snapkv")

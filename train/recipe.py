@@ -37,7 +37,8 @@ class ModelSection:
         block_size: Slots per block of the exported model's paged cache (training does not use it).
         kv_bits: The exported model's cache precision: 16 (the model's dtype), 8 or 4 (integer codes of closed
             slots; training does not use it).
-        kv_group: Channels per quantisation group of the cache (one fp16 scale and minimum each).
+        kv_group: Channels per quantisation group of the cache (one fp16 scale and minimum each); null:
+            the width's default (32 at int8, 16 at int4).
         gradient_checkpointing: Recompute each layer's activations in the backward pass (memory for time).
     """
 
@@ -56,7 +57,7 @@ class ModelSection:
     decode_backend: Literal["auto", "paged", "sdpa", "reference", "flash", "triton"] = DMCConfig.decode_backend
     block_size: int = DMCConfig.block_size
     kv_bits: Literal[16, 8, 4] = DMCConfig.kv_bits
-    kv_group: int = DMCConfig.kv_group
+    kv_group: int | None = DMCConfig.kv_group
     gradient_checkpointing: bool = False
 
     def dmc_config(self, target_cr: float) -> DMCConfig:

@@ -116,7 +116,7 @@ class PolicyLayer(SlotCacheLayer):
     row_state = ("seen",)
 
     def __init__(self, num_kv_heads: int, head_dim: int, block_size: int, policy: Policy, question_aware: bool = False,
-                 kv_bits: int = 16, kv_group: int = 32):
+                 kv_bits: int = 16, kv_group: int | None = None):
         super().__init__(num_kv_heads, head_dim, block_size, kv_bits, kv_group)
         self.policy, self.question_aware = policy, question_aware
         self.prompt_seen: torch.Tensor | None = None  # question-aware: real prompt tokens, set after prefill
@@ -329,7 +329,7 @@ class PolicyCache(SlotCache):
     slots and decisions in per-pair buffers, several times less bookkeeping per token; for quality runs)."""
 
     def __init__(self, config, policy: Policy, block_size: int = 16, question_aware: bool = False,
-                 layout: str = "paged", kv_bits: int = 16, kv_group: int = 32):
+                 layout: str = "paged", kv_bits: int = 16, kv_group: int | None = None):
         from .dense import DensePolicyLayer
 
         layers = {"paged": PolicyLayer, "dense": DensePolicyLayer}
