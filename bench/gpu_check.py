@@ -35,16 +35,22 @@ TINY = dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, interm
             max_position_embeddings=512)
 
 
-def run_tests(dry_run: bool) -> dict:
-    """The kernel tests in a fresh process; on a GPU the CUDA-marked ones run, on the CPU they skip."""
+def run_tests(dry_run: bool, log: Path) -> dict:
+    """The kernel tests in a fresh process; on a GPU the CUDA-marked ones run, on the CPU they skip.
+
+    pytest's whole output goes to ``log`` (failures with their tracebacks, skips with reasons): a GPU is lent
+    for minutes, and the summary line alone would not say what to fix."""
     env = dict(os.environ, HF_HUB_OFFLINE="1")
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *TESTS]
+    cmd = [sys.executable, "-m", "pytest", "-q", "-rfEs", "-p", "no:cacheprovider", *TESTS]
     if dry_run:  # the suite runs these tests on the CPU already; here: that they collect, as the GPU run will
         cmd.append("--collect-only")
     t0 = time.perf_counter()
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    log.parent.mkdir(parents=True, exist_ok=True)
+    log.write_text(done.stdout + done.stderr)
     summary = done.stdout.strip().splitlines()[-1] if done.stdout.strip() else done.stderr[-500:]
-    return {"returncode": done.returncode, "summary": summary, "seconds": round(time.perf_counter() - t0, 1)}
+    return {"returncode": done.returncode, "summary": summary, "seconds": round(time.perf_counter() - t0, 1),
+            "log": str(log)}
 
 
 def random_model(shape: dict, layers: int, dtype, device):
@@ -96,16 +102,18 @@ def prefill_s(model, ids) -> float:
     return _timed(lambda: model(ids, use_cache=True, logits_to_keep=1), ids.device)
 
 
-def synthetic_dmc(vanilla, cr: float, calibration):
+def synthetic_dmc(vanilla, cr: float, calibration, backend: str = "auto"):
     import dmc
     from dmc.eval.synthetic import impose_synthetic_cr
 
     model = dmc.retrofit(copy.deepcopy(vanilla), dmc.DMCConfig(target_cr=cr)).eval()
+    model.config.dmc_decode_backend = backend
     realised = impose_synthetic_cr(model, cr, calibration)
     return model, realised
 
 
-def bench(ns, device, dtype) -> dict:
+def bench(ns, device, dtype, results: dict) -> None:
+    """Fills ``results`` as it goes, so that a failure part-way still leaves the figures measured before it."""
     from dmc.eval.bench import measure
     from dmc.eval.serving import Request, serve
     from dmc.eval.throughput import budget_bytes
@@ -116,9 +124,9 @@ def bench(ns, device, dtype) -> dict:
     g = torch.Generator().manual_seed(0)
     ids = lambda b, t: torch.randint(3, shape["vocab_size"], (b, t), generator=g).to(device)  # noqa: E731
     calibration = ids(1, min(T, 1024))
-    results: dict = {"shape": {**shape, "num_hidden_layers": ns.layers}, "context": T, "batch": B,
-                     "dtype": str(dtype), "rows": []}
-    dmc2, results["train_prefill_cr"] = synthetic_dmc(vanilla, 2.0, calibration)
+    results.update(shape={**shape, "num_hidden_layers": ns.layers}, context=T, batch=B, dtype=str(dtype), rows=[])
+    dmc2, results["train_prefill_cr"] = synthetic_dmc(vanilla, 2.0, calibration, ns.decode_backend)
+    results["decode_backend"] = ns.decode_backend
     x = ids(1, T)
     results["train_step_s"] = {"vanilla": train_step_s(vanilla, x), "dmc": train_step_s(dmc2, x)}
     results["prefill_s"] = {"vanilla": prefill_s(vanilla, x), "dmc": prefill_s(dmc2, x)}
@@ -128,7 +136,7 @@ def bench(ns, device, dtype) -> dict:
                 for i in range(ns.requests)]
     budget = budget_bytes(vanilla.config, ns.budget_seqs, T, 16, dtype)
     for label, cr in [("vanilla", 1.0)] + [(f"dmc synthetic {c:g}x", c) for c in ns.crs]:
-        model, realised = (vanilla, 1.0) if cr == 1 else synthetic_dmc(vanilla, cr, calibration)
+        model, realised = (vanilla, 1.0) if cr == 1 else synthetic_dmc(vanilla, cr, calibration, ns.decode_backend)
         row = {"model": label, "realised_cr": realised, **measure(model, prompts, ns.decode_steps)}
         st = serve(model, requests, budget).stats
         row.update(budget_bytes=budget, in_flight_mean=st.mean_in_flight, in_flight_max=st.max_in_flight,
@@ -138,7 +146,6 @@ def bench(ns, device, dtype) -> dict:
         print(json.dumps(row), flush=True)
         if model is not vanilla:
             del model
-    return results
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -154,6 +161,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--requests", type=int, default=None)
     ap.add_argument("--new-tokens", type=int, default=None)
     ap.add_argument("--skip-tests", action="store_true")
+    ap.add_argument("--decode-backend", default="auto", choices=["auto", "triton", "paged", "sdpa", "reference"],
+                    help="the DMC models' decode path (auto: Triton on CUDA, the paged path on the CPU)")
     ns = ap.parse_args(argv)
     dry = ns.dry_run
     defaults = dict(layers=(2, 8), context=(64, 4096), decode_steps=(3, 32), budget_seqs=(2, 8), requests=(6, 64),
@@ -165,18 +174,24 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit("gpu_check: error: no CUDA device here; run it on a GPU machine, or pass --dry-run")
     device = torch.device("cpu" if dry else "cuda")
     dtype = torch.float32 if dry else torch.bfloat16
+    out = Path(ns.out)
     report = {"dry_run": dry, "torch": torch.__version__,
               "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu"}
     if not ns.skip_tests:
-        report["tests"] = run_tests(dry)
+        report["tests"] = run_tests(dry, out.with_suffix(".tests.txt"))
         print(f"tests: {report['tests']['summary']}", flush=True)
-    report["bench"] = bench(ns, device, dtype)
-    out = Path(ns.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(report, indent=2))
-    tmp.replace(out)  # atomic: never a half-written report
-    print(f"wrote {out}")
+    report["bench"] = {}
+    try:
+        bench(ns, device, dtype, report["bench"])
+    except Exception as exc:  # keep what was measured; the error is part of the report
+        report["bench"]["error"] = f"{type(exc).__name__}: {exc}"
+        raise
+    finally:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_suffix(".tmp")
+        tmp.write_text(json.dumps(report, indent=2))
+        tmp.replace(out)  # atomic: never a half-written report
+        print(f"wrote {out}")
     if report.get("tests", {}).get("returncode", 0) != 0:
         sys.exit("gpu_check: error: kernel tests failed (see the summary in the report)")
 

@@ -23,4 +23,4 @@ def is_dmc(config) -> bool:
 def cache_realised_cr(cache, tokens: torch.Tensor) -> list[float]:
     """Per sequence, the tokens it fed ``cache`` over its mean live slots (all layers and KV heads)."""
     slots = torch.stack([cache.num_slots(i).float() for i in range(len(cache.layers))])  # (L, B, H_kv)
-    return (tokens.float() / slots.mean(dim=(0, 2)).clamp(min=1)).tolist()
+    return (tokens.float().to(slots.device) / slots.mean(dim=(0, 2)).clamp(min=1)).tolist()

@@ -36,7 +36,7 @@ def test_bench_run_writes_consistent_rows(tmp_path, capsys):
     assert vanilla["model"] == "vanilla" and synthetic["model"] == "dmc synthetic 2x"
     config = json.loads((folder / "config.json").read_text())
     head_dim = config["hidden_size"] // config["num_attention_heads"]
-    tokens = 64 + 3  # prompt + decoded tokens in the cache
+    tokens = 64 + 1 + 3  # prompt, the untimed warm-up step and the timed steps: all in the cache
     expected = 2 * config["num_hidden_layers"] * 2 * config["num_key_value_heads"] * tokens * head_dim * 4
     assert vanilla["kv_bytes"] == expected  # fp32 keys and values of every layer
     assert synthetic["realised_cr"] > 1.5 and synthetic["kv_ratio"] < 0.8

@@ -56,8 +56,8 @@ def test_attention_kernel_equals_reference(B, H, H_kv, D, bs, lens):
 def test_decoding_with_triton_equals_the_reference_backend(kind, window):
     """Forced mixed decisions, a ragged left-padded batch, a 1-token prompt: same logits and slot counts."""
     torch.manual_seed(0)
-    ref = mixed_dmc(kind, window=window, dtype=torch.float32, block_size=4).eval()
-    ids = random_ids(2, 9, seed=3)
+    ref = mixed_dmc(kind, window=window, dtype=torch.float32, block_size=4).eval().to(DEVICE)
+    ids = random_ids(2, 9, seed=3).to(DEVICE)
     mask = torch.ones_like(ids)
     mask[1, :4] = 0  # left padding
 
@@ -126,8 +126,8 @@ def test_attention_kernel_over_codes_equals_decoding_everything(bits, B, H, H_kv
 @pytest.mark.parametrize("bits", [8, 4], ids=lambda b: f"int{b}")
 def test_decoding_on_codes_with_triton_equals_the_reference_backend(bits):
     torch.manual_seed(0)
-    model = mixed_dmc("gqa", window=12, dtype=torch.float32, block_size=4, kv_bits=bits, kv_group=8).eval()
-    ids = random_ids(2, 12, seed=3)
+    model = mixed_dmc("gqa", window=12, dtype=torch.float32, block_size=4, kv_bits=bits, kv_group=8).eval().to(DEVICE)
+    ids = random_ids(2, 12, seed=3).to(DEVICE)
 
     def run(backend):
         model.config.dmc_decode_backend = backend
@@ -138,3 +138,27 @@ def test_decoding_on_codes_with_triton_equals_the_reference_backend(bits):
         return torch.cat(logits, 1)
 
     torch.testing.assert_close(run("triton"), run("reference"), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("budget_blocks", [60, 400])  # tight: rows released, blocks freed and reused; roomy: all in
+def test_serving_on_the_triton_backend_equals_the_reference_backend(budget_blocks):
+    """The continuous-batching loop (rows inserted, released and refilled, blocks reused) drives the fused
+    update and attention kernels as no single generate() does: same tokens and logits as the reference."""
+    from dmc.eval.serving import Request, serve
+
+    model = mixed_dmc("gqa", window=12, dtype=torch.float32, block_size=4).eval().to(DEVICE)
+    lengths = [(9, 6), (23, 3), (4, 11), (17, 8), (30, 5), (12, 9), (6, 4)]
+    requests = [Request(random_ids(1, n, seed=i)[0].to(DEVICE), new) for i, (n, new) in enumerate(lengths)]
+    block = 2 * 4 * model.config.dmc_head_dim * 4  # one block of 4 float32 slots, keys and values
+
+    def run(backend):
+        model.config.dmc_decode_backend = backend
+        return serve(model, requests, budget_blocks * block, block_size=4, record_logits=True)
+
+    want, got = run("reference"), run("triton")
+    assert got.outputs == want.outputs
+    for a, b in zip(got.logits, want.logits):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    assert got.stats.final_bytes == 0
+    if budget_blocks == 60:
+        assert want.stats.max_in_flight < len(requests)  # the budget limited the batch: rows were refilled
