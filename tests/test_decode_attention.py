@@ -121,3 +121,18 @@ def test_paged_slot_probabilities_equal_the_reference(B, H, H_kv, D, lens, bs):
         for h in range(H_kv):
             blocks = table[b, h][table[b, h] >= 0]
             assert float(got[blocks].sum()) == pytest.approx(1.0 if lens_t[b, h] else 0.0)
+
+
+@pytest.mark.parametrize("kv_bits", [16, 4])
+def test_triton_on_cpu_tensors_of_a_cuda_machine_is_one_line(monkeypatch, kv_bits):
+    """Found on the GPU: a model left on the CPU of a CUDA machine with dmc_decode_backend='triton' reached the
+    kernel launch and failed deep inside Triton ('Pointer argument cannot be accessed'); it must be refused
+    with the fix named before anything runs."""
+    from dmc.ops.decode_attention import resolve_backend
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(RuntimeError, match="on cpu.*move the model to the GPU") as err:
+        resolve_backend("triton", torch.device("cpu"), 16, kv_bits)
+    assert "\n" not in str(err.value)
+    assert resolve_backend("auto", torch.device("cpu"), 16, kv_bits) == "paged"  # auto picks what runs there

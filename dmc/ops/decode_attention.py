@@ -7,6 +7,8 @@ Returns (B, H, D). Query head h reads KV head h // g.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 
@@ -178,6 +180,16 @@ DECODE_ATTENTION = {
 QUANT_BACKENDS = ("auto", "paged", "reference", "triton")  # the decode backends with a path over integer codes
 
 
+def _check_triton_runs_on(device: torch.device) -> None:
+    """Triton kernels take CUDA tensors (or any, in its CPU interpreter): refuse other tensors in one line
+    before a launch would fail deep inside Triton."""
+    if not triton_available():
+        raise RuntimeError("dmc_decode_backend='triton' needs the triton package and CUDA (or TRITON_INTERPRET=1)")
+    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise RuntimeError(f"dmc_decode_backend='triton' runs on CUDA tensors, but the cache is on {device.type}: "
+                           "move the model to the GPU (model.to('cuda')) or use dmc_decode_backend='auto'")
+
+
 def resolve_backend(backend: str, device: torch.device, block_size: int, kv_bits: int = 16) -> str:
     if kv_bits < 16:  # codes: the Triton kernel, the portable paged path (decoding chunk by chunk) or the reference
         if backend not in QUANT_BACKENDS:
@@ -185,9 +197,11 @@ def resolve_backend(backend: str, device: torch.device, block_size: int, kv_bits
                              f"{', '.join(QUANT_BACKENDS)} (or dmc_kv_bits=16)")
         if backend == "auto":
             return "triton" if device.type == "cuda" and triton_available() else "paged"
-        if backend == "triton" and not triton_available():
-            raise RuntimeError("dmc_decode_backend='triton' needs the triton package and CUDA (or TRITON_INTERPRET=1)")
+        if backend == "triton":
+            _check_triton_runs_on(device)
         return backend
+    if backend == "triton":
+        _check_triton_runs_on(device)
     if backend != "auto":
         return backend
     if device.type == "cuda" and flash_available() and block_size % 256 == 0:
