@@ -162,3 +162,22 @@ def test_serving_on_the_triton_backend_equals_the_reference_backend(budget_block
     assert got.stats.final_bytes == 0
     if budget_blocks == 60:
         assert want.stats.max_in_flight < len(requests)  # the budget limited the batch: rows were refilled
+
+
+def test_the_launch_check_passes_a_sound_cache_and_names_a_block_outside_the_pool(monkeypatch):
+    """DMC_CHECK_TRITON=1, the aid for finding a GPU fault: silent on real decoding, one line on a table
+    entry that points past the pool (what would make the fused update write out of bounds)."""
+    monkeypatch.setenv("DMC_CHECK_TRITON", "1")
+    model = mixed_dmc("gqa", window=12, dtype=torch.float32, block_size=4).eval().to(DEVICE)
+    model.config.dmc_decode_backend = "triton"
+    ids = random_ids(2, 10, seed=3).to(DEVICE)
+    cache = DMCCache(model.config)
+    with torch.no_grad():
+        model(ids[:, :6], past_key_values=cache)
+        for t in range(6, 9):
+            model(ids[:, t:t + 1], past_key_values=cache)  # checked launches of a sound cache: no error
+        for layer in cache.layers:  # every pair's current block now points past the pool
+            cols = ((layer.lens - 1) // layer.block_size)[..., None]
+            layer.block_table.scatter_(2, cols, layer.k_pool.shape[0] + 5)
+        with pytest.raises(RuntimeError, match=r"triton update check: pair \(0, 0\) writes slot \d+ into block"):
+            model(ids[:, 9:10], past_key_values=cache)

@@ -6,6 +6,8 @@ under ``TRITON_INTERPRET=1``. Both mirror PyTorch references, ``cache_step.cache
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from .cache_step import step_masks
@@ -16,7 +18,6 @@ triton = tl = None  # bound by _kernels()
 
 def triton_available() -> bool:
     import importlib.util
-    import os
 
     has = importlib.util.find_spec("triton") is not None
     return has and (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1")
@@ -202,6 +203,33 @@ def _launch(q, k_parts, v_parts, block_table, lens, open_slot, scale, bits, grou
     return out
 
 
+def check_update_launch(layer, live: torch.Tensor, merge: torch.Tensor, table: torch.Tensor, cos: torch.Tensor) -> None:
+    """Debugging aid (``DMC_CHECK_TRITON=1``): every address the fused update will touch, checked against
+    its tensor before the launch, so that a fault on the GPU says whether the kernel's inputs were already
+    wrong (a slot outside its blocks, a block outside the pool, state of the wrong shape) or the kernel
+    itself is. It reads the device's tensors back, so it costs a sync per layer and step."""
+    B, H = live.shape
+    want = {"lens": (B, H), "k_sum": (B, H, layer.head_dim), "v_sum": (B, H, layer.head_dim), "w_sum": (B, H)}
+    if layer.window:
+        want.update(ring_k=(B, H, layer.window, layer.head_dim), ring_w=(B, H, layer.window), seg_len=(B, H))
+    for name, shape in want.items():
+        if tuple(getattr(layer, name).shape) != shape:
+            raise RuntimeError(f"triton update check: {name} is {tuple(getattr(layer, name).shape)}, not {shape}")
+    if cos.numel() not in (layer.head_dim, B * layer.head_dim):
+        raise RuntimeError(f"triton update check: cos has {cos.numel()} values for {B} rows of {layer.head_dim}")
+    slot = torch.where(merge, layer.lens - 1, layer.lens)[live]
+    col = slot // layer.block_size
+    if bool((slot < 0).any()) or bool((col >= table.shape[-1]).any()):
+        raise RuntimeError("triton update check: a live pair's slot lies outside its block table")
+    b, h = live.nonzero(as_tuple=True)
+    blk = table[b, h, col]
+    bad = (blk < 0) | (blk >= layer.k_pool.shape[0])
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0, 0])
+        raise RuntimeError(f"triton update check: pair ({int(b[i])}, {int(h[i])}) writes slot {int(slot[i])} "
+                           f"into block {int(blk[i])} of a pool of {layer.k_pool.shape[0]}")
+
+
 def cache_step_triton(layer, k_pre, v, omega, merge, valid, cos, sin) -> None:
     """``cache_step`` with the per-pair update fused into one kernel; block allocation stays in PyTorch."""
     B, H, D = k_pre.shape
@@ -212,6 +240,8 @@ def cache_step_triton(layer, k_pre, v, omega, merge, valid, cos, sin) -> None:
         setattr(layer, name, getattr(layer, name).contiguous())  # the kernel updates them in place, densely
     dummy = layer.w_sum  # ring pointers are unused without a window
     table = layer.block_table.contiguous()
+    if os.environ.get("DMC_CHECK_TRITON") == "1":
+        check_update_launch(layer, live, merge, table, cos)
     _kernels()["update"][(B * H,)](
         k_pre.contiguous(), v.contiguous(), omega.contiguous(), merge.contiguous(), live.contiguous(),
         cos.expand(B, D).contiguous(), sin.expand(B, D).contiguous(), layer.k_sum, layer.v_sum, layer.w_sum,
