@@ -145,10 +145,10 @@ def test_serving_on_the_triton_backend_equals_the_reference_backend(budget_block
     """The continuous-batching loop (rows inserted, released and refilled, blocks reused) drives the fused
     update and attention kernels as no single generate() does: same tokens and logits as the reference."""
     from dmc.eval.serving import Request, serve
+    from tests.test_serving import LENGTHS
 
     model = mixed_dmc("gqa", window=12, dtype=torch.float32, block_size=4).eval().to(DEVICE)
-    lengths = [(9, 6), (23, 3), (4, 11), (17, 8), (30, 5), (12, 9), (6, 4)]
-    requests = [Request(random_ids(1, n, seed=i)[0].to(DEVICE), new) for i, (n, new) in enumerate(lengths)]
+    requests = [Request(random_ids(1, n, seed=i)[0].to(DEVICE), new) for i, (n, new) in enumerate(LENGTHS)]
     block = 2 * 4 * model.config.dmc_head_dim * 4  # one block of 4 float32 slots, keys and values
 
     def run(backend):

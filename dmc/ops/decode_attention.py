@@ -7,12 +7,10 @@ Returns (B, H, D). Query head h reads KV head h // g.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as F
 
-from .triton_decode import decode_attention_triton, triton_available
+from .triton_decode import decode_attention_triton, triton_available, triton_interpreting
 
 
 def gather_slots(pool: torch.Tensor, block_table: torch.Tensor, n_blocks: int) -> torch.Tensor:
@@ -185,23 +183,21 @@ def _check_triton_runs_on(device: torch.device) -> None:
     before a launch would fail deep inside Triton."""
     if not triton_available():
         raise RuntimeError("dmc_decode_backend='triton' needs the triton package and CUDA (or TRITON_INTERPRET=1)")
-    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+    if device.type != "cuda" and not triton_interpreting():
         raise RuntimeError(f"dmc_decode_backend='triton' runs on CUDA tensors, but the cache is on {device.type}: "
                            "move the model to the GPU (model.to('cuda')) or use dmc_decode_backend='auto'")
 
 
 def resolve_backend(backend: str, device: torch.device, block_size: int, kv_bits: int = 16) -> str:
+    if backend == "triton":
+        _check_triton_runs_on(device)
     if kv_bits < 16:  # codes: the Triton kernel, the portable paged path (decoding chunk by chunk) or the reference
         if backend not in QUANT_BACKENDS:
             raise ValueError(f"dmc_decode_backend={backend!r} has no path over a {kv_bits}-bit cache; use one of "
                              f"{', '.join(QUANT_BACKENDS)} (or dmc_kv_bits=16)")
         if backend == "auto":
             return "triton" if device.type == "cuda" and triton_available() else "paged"
-        if backend == "triton":
-            _check_triton_runs_on(device)
         return backend
-    if backend == "triton":
-        _check_triton_runs_on(device)
     if backend != "auto":
         return backend
     if device.type == "cuda" and flash_available() and block_size % 256 == 0:
@@ -218,8 +214,6 @@ def decode_attention(backend: str, q, k_pool, v_pool, block_table, lens, scale=N
     backend = resolve_backend(backend, q.device, k_pool.shape[1])
     if backend == "flash" and not flash_available():
         raise RuntimeError("dmc_decode_backend='flash' needs CUDA and the flash-attn package; use 'sdpa'")
-    if backend == "triton" and not triton_available():
-        raise RuntimeError("dmc_decode_backend='triton' needs the triton package and CUDA (or TRITON_INTERPRET=1)")
     if backend == "paged":
         return decode_attention_paged(q, k_pool, v_pool, block_table, lens, scale, owned=owned)
     return DECODE_ATTENTION[backend](q, k_pool, v_pool, block_table, lens, scale)

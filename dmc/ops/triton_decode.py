@@ -16,11 +16,16 @@ _KERNELS: dict = {}
 triton = tl = None  # bound by _kernels()
 
 
+def triton_interpreting() -> bool:
+    """Whether Triton runs in its CPU interpreter (then its kernels take CPU tensors)."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
 def triton_available() -> bool:
     import importlib.util
 
     has = importlib.util.find_spec("triton") is not None
-    return has and (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1")
+    return has and (torch.cuda.is_available() or triton_interpreting())
 
 
 def _pow2(n: int) -> int:
