@@ -19,7 +19,7 @@ from typing import NamedTuple
 import torch
 
 KV_BITS = (16, 8, 4)  # 16: no codes, the pool keeps the model's dtype
-# Channels per group when none is set, per width: measured on the demo model (README "Quality and bytes on codes"):
+# Channels per group when none is set, per width: measured on the demo model (docs/quantised_slots.md):
 # at int8, 32-channel groups are indistinguishable from 16 bits; at int4, 16-channel groups cost half the
 # perplexity of 32-channel ones (+1.7% against +3.5%) for 4 more bytes per key.
 DEFAULT_GROUP = {8: 32, 4: 16}
