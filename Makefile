@@ -2,7 +2,8 @@
 # make demo  - create/refresh .venv, fetch + convert SmolLM2-135M, retrofit it to ~2x on CPU, print the table
 # make bench - the core speed benchmark (training step and prefill versus vanilla)
 # make compare - the README's comparison: vanilla, LM-only control, DMC 2x and 4x, GQA, every policy at 2/4/8x on
-#                the vanilla model and the control (trains what is missing first; CPU, several hours, resumable)
+#                the vanilla model and the control (trains what is missing into the run cache; CPU, hours, resumable
+#                across interruptions; committed items are reused, so a complete store only reassembles the report)
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -62,34 +63,12 @@ demo: venv model
 bench: venv model
 	$(PY) bench/core_speed.py --model $(MODEL)
 
-DMC_HF := checkpoints/smollm2-135m-dmc2x-hf
-DMC4_HF := checkpoints/smollm2-135m-dmc4x-hf
-CONTROL_HF := checkpoints/smollm2-135m-control-hf
-GQA_HF := checkpoints/smollm2-135m-gqa3x-hf
-
-$(DMC_HF)/config.json: | venv model
-	test -e checkpoints/smollm2-135m-dmc2x/ckpt/latest || $(PY) -m dmc.cli demo
-	$(PY) -m dmc.cli export checkpoints/smollm2-135m-dmc2x --out $(DMC_HF) --dtype float32 --overwrite
-
-$(DMC4_HF)/config.json: | venv model
-	$(PY) -m dmc.cli train --config configs/smollm2-135m-4x-cpu.yaml
-	$(PY) -m dmc.cli export checkpoints/smollm2-135m-dmc4x --out $(DMC4_HF) --dtype float32 --overwrite
-
-$(CONTROL_HF)/config.json: | venv model
-	$(PY) -m dmc.cli train --config configs/smollm2-135m-control-cpu.yaml
-	$(PY) -m dmc.cli export checkpoints/smollm2-135m-control --out $(CONTROL_HF) --dtype float32 --overwrite
-
-$(GQA_HF)/config.json: | venv model
-	$(PY) -m dmc.cli train --config configs/smollm2-135m-gqa-cpu.yaml
-	$(PY) -m dmc.cli export checkpoints/smollm2-135m-gqa3x --out $(GQA_HF) --dtype float32 --overwrite
-
-# Every policy at 2/4/8x on the untuned model and on the LM-only control; 32 blocks x 512 tokens of held-out
-# code and of English prose, 24 needle cells in both policy settings; bootstrap 95% intervals. Resumable.
-compare: venv model $(DMC_HF)/config.json $(DMC4_HF)/config.json $(CONTROL_HF)/config.json $(GQA_HF)/config.json
-	$(PY) -m dmc.cli compare $(MODEL) --control $(CONTROL_HF) --dmc $(DMC_HF) $(DMC4_HF) --gqa $(GQA_HF) \
-		--policies all --crs 2 4 8 --tasks ppl ppl_prose needle --ppl-blocks 32 --ppl-block 512 \
-		--needle-contexts 256 512 1024 --needle-depths 0.1 0.2 0.3 0.4 0.5 0.6 0.7 0.8 \
-		--batch-size 32 --threads 2 --out eval/results/compare-135m
+# The README's comparison as a resumable chain of units (eval/protocol.py: compare-135m): the trainings it needs
+# go to the run cache ($$DMC_RUN_CACHE, default ~/.cache/dmc/runs) and continue there after an interruption; every
+# finished evaluation item goes to eval/results/compare-135m/items (committed); the report is assembled from the
+# items alone. With every item present it prints "nothing to run" and rebuilds the same report.
+compare: venv model
+	$(PY) -m dmc.cli compare --protocol compare-135m --threads 2
 
 clean:
 	rm -rf $(VENV) .cache .pytest_cache

@@ -9,6 +9,13 @@ data as the DMC model, so "policy on the control" is the comparison that leaves 
 
 Every other option is ``dmc eval``'s (task sizes, batch size, device...). Finished items are cached
 under DIR/items, so rerunning continues an interrupted comparison.
+
+    dmc compare --protocol compare-135m [--assemble] [--out DIR]
+
+runs a whole protocol (``eval/protocol.py``; ``make compare``) as a resumable chain of units: the trainings it
+needs (in the run cache, ``$DMC_RUN_CACHE``), each evaluated variant, and a report with paired statistics
+assembled from the committed items alone. ``--assemble``: only rebuild the report from the items, saying which
+units are missing.
 """
 
 from __future__ import annotations
@@ -27,7 +34,13 @@ def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     ap = argparse.ArgumentParser(prog="dmc compare", description=__doc__, add_help=True,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("vanilla", help="the vanilla Llama folder (also the base of every policy)")
+    ap.add_argument("vanilla", nargs="?", help="the vanilla Llama folder (also the base of every policy)")
+    ap.add_argument("--protocol", default=None, help="run a whole protocol instead (compare-135m, or a JSON file): "
+                    "trains what is missing into the run cache, evaluates what is missing, assembles the report")
+    ap.add_argument("--assemble", action="store_true", help="with --protocol: only assemble the report from its "
+                    "items (no model needed)")
+    ap.add_argument("--out", default=None, help="output folder (rerun the same command to resume); with --protocol, "
+                    "default: the protocol's own")
     ap.add_argument("--dmc", nargs="*", default=[], help="exported DMC folders")
     ap.add_argument("--gqa", nargs="*", default=[], help="GQA baseline folders (dmc gqa-convert, then dmc train "
                     "with model.method: gqa and dmc export)")
@@ -38,6 +51,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--policy-kv-bits", type=int, nargs="+", default=None, help="cache precisions for the policies "
                     "(default: --kv-bits, which sets them for every model)")
     ours, rest = ap.parse_known_args(argv)
+    rest += ["--out", ours.out] if ours.out else []
+    if ours.protocol:
+        return run_protocol(ours, rest)
+    if ours.vanilla is None:
+        sys.exit("dmc compare: error: give the vanilla model's folder (and --dmc/--control/--gqa folders), or "
+                 "--protocol NAME")
     from .policies import POLICIES, Budget
 
     names = sorted(POLICIES) if ours.policies == ["all"] else ours.policies
@@ -62,3 +81,21 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"dmc compare: error: {err}")
     print((Path(opts.out) / "report.md").read_text())
     print(f"wrote {Path(opts.out) / 'results.json'}, report.md and {len(results['plots'])} plots")
+
+
+def run_protocol(ours: argparse.Namespace, rest: list[str]) -> None:
+    from . import protocol
+
+    try:
+        spec = protocol.load_protocol(ours.protocol)
+        out = ours.out or spec.out
+        if not out:
+            raise TaskError(f"--protocol {ours.protocol}: give --out DIR (the protocol names none)")
+        extra = rest[:-2] if ours.out else rest  # --out is the protocol run's own
+        results = protocol.run(spec, out, extra, assemble_only=ours.assemble)
+    except TaskError as err:
+        sys.exit(f"dmc compare: error: {err}")
+    print((Path(out) / "report.md").read_text())
+    missing = len(results["missing"])
+    print(f"wrote {Path(out) / 'results.json'}, report.md and {len(results['plots'])} plots"
+          + (f"; {missing} unit(s) not complete" if missing else ""))

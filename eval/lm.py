@@ -20,7 +20,7 @@ from dmc.ops.kv_quant import check_bits, resolve_group
 from dmc.paged_slots import slot_bytes
 from dmc.schedule import cr_from_merges
 
-from .fingerprint import model_fingerprint
+from .fingerprint import folder_digest, model_fingerprint
 
 
 def cache_counts(cache: DMCCache, tokens: torch.Tensor) -> list[dict]:
@@ -114,9 +114,9 @@ class EvalModel:
 
     def describe(self) -> dict:
         cfg = self.model.config
-        info = {"path": self.path, "fingerprint": self.fingerprint, "model_type": cfg.model_type, "dmc": self.is_dmc,
+        info = {"path": self.path, "fingerprint": self.fingerprint, "folder": folder_digest(self.path), "model_type": cfg.model_type, "dmc": self.is_dmc,
                 "policy": self.policy.label if self.policy is not None else None, "kv_bits": self.kv_bits,
-                "kv_group": self.kv_group,
+                "kv_group": self.kv_group, "kv_cr": self.kv_cr,
                 "parameters": sum(p.numel() for p in self.model.parameters())}
         # bytes of a slot on this cache over a 16-bit one (codes, scales and minima at 8/4 bits)
         info["kv_slot_shrink"] = slot_bytes(head_dim(cfg), torch.float16, self.kv_bits, self.kv_group) / slot_bytes(

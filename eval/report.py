@@ -82,7 +82,9 @@ def family(name: str, model: dict) -> str:
     return ("DMC" if model.get("dmc") else ("GQA" if model.get("gqa") else "vanilla")) + coded
 
 
-def plots(results: dict, out: Path) -> list[str]:
+def plots(results: dict, out: Path, per_model=None) -> list[str]:
+    """The quality-vs-CR plot of each task, and per model (those ``per_model(name, entry)`` accepts, default
+    all) its CR per layer and needle heat map."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -123,7 +125,8 @@ def plots(results: dict, out: Path) -> list[str]:
         fig.savefig(out / f"{task}_vs_cr.png", dpi=120)
         plt.close(fig)
         written.append(f"{task}_vs_cr.png")
-    for name, m in models.items():
+    chosen = {n: m for n, m in models.items() if per_model is None or per_model(n, m)}
+    for name, m in chosen.items():
         per_layer = next((r["cr_per_layer"] for r in m["tasks"].values() if isinstance(r, dict) and "cr_per_layer" in r), None)
         if per_layer:
             fig, ax = plt.subplots(figsize=(7, 3))
@@ -133,7 +136,7 @@ def plots(results: dict, out: Path) -> list[str]:
             fig.savefig(out / f"cr_per_layer_{name}.png", dpi=120)
             plt.close(fig)
             written.append(f"cr_per_layer_{name}.png")
-    for name, m in models.items():
+    for name, m in chosen.items():
         needle = m["tasks"].get("needle")
         if needle:
             import numpy as np

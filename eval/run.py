@@ -80,6 +80,7 @@ class Variant(NamedTuple):
     policy: object = None
     role: str | None = None
     kv_bits: int = 16
+    unit: str | None = None  # the protocol unit it belongs to (``eval/protocol.py``), recorded with its items
 
 
 def check_kv_bits(bits: list[int], flag: str = "--kv-bits") -> tuple[int, ...]:
@@ -91,10 +92,6 @@ def check_kv_bits(bits: list[int], flag: str = "--kv-bits") -> tuple[int, ...]:
 def evaluate(opts: argparse.Namespace, command: str, variants: list[Variant] | None = None) -> dict:
     """Run ``opts.tasks`` on every ``Variant`` (default: every ``opts.models`` under ``--policy``, if any, at each
     ``--kv-bits``)."""
-    from dmc.generate import ModelFolderError
-
-    from .lm import EvalModel
-
     for task in opts.tasks:
         task_module(task)  # unknown names fail before any model is loaded
     checks = [("--humaneval-samples", opts.humaneval_samples >= 1, "at least 1"),
@@ -125,30 +122,49 @@ def evaluate(opts: argparse.Namespace, command: str, variants: list[Variant] | N
                "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                             "python": platform.python_version()}, "device": opts.device, "dtype": dtype}
     began = time.perf_counter()
-    for k, (path, policy, role, kv_bits) in enumerate(variants, 1):
-        try:
-            model = EvalModel(path, dtype, opts.device, opts.batch_size, policy=policy, kv_bits=kv_bits,
-                              kv_group=opts.kv_group)
-        except (ModelFolderError, ValueError) as err:
-            raise TaskError(str(err)) from err
+    for k, variant in enumerate(variants, 1):
         minutes = (time.perf_counter() - began) / 60
-        print(f"[{k}/{len(variants)}] {model.name}{f' ({role})' if role else ''}, {minutes:.0f} min so far",
-              file=sys.stderr, flush=True)  # a long compare's place in its list; the task bars show the rest
-        entry = {**model.describe(), **({"role": role} if role else {}), "tasks": {}, "seconds": {}}
-        if model.name in results["models"]:
-            raise TaskError(f"two models are both named {model.name!r}; give their folders different names")
-        results["models"][model.name] = entry
-        for task in opts.tasks:
-            start = time.perf_counter()
-            entry["tasks"][task] = task_module(task).run(model, opts, out)
-            entry["seconds"][task] = round(time.perf_counter() - start, 1)
-            write_json(partial, results)  # what is done so far, readable while it runs and after a crash
-        del model
+        entry = evaluate_variant(opts, variant, out, dtype, f"[{k}/{len(variants)}]", f", {minutes:.0f} min so far",
+                                 taken=results["models"], after_task=lambda name, e: write_json(
+                                     partial, results | {"models": {**results["models"], name: e}}))
+        results["models"][entry.pop("name")] = entry
     results["plots"] = plots(results, out)
     write_json(out / "results.json", results)
     (out / "report.md").write_text(markdown(results))
     partial.unlink(missing_ok=True)
     return results
+
+
+def evaluate_variant(opts: argparse.Namespace, variant: Variant, out: Path, dtype: str, place: str = "", note: str = "",
+                     taken=(), before_tasks=None, after_task=None) -> dict:
+    """Every task of ``opts.tasks`` on one variant (finished items come from the store under ``out``): its
+    results entry, with its ``name``. ``taken``: names already in the results (refused before any task runs);
+    ``before_tasks(model)`` is called once the model is loaded, ``after_task(name, entry)`` as each task finishes."""
+    from dmc.generate import ModelFolderError
+
+    from .lm import EvalModel
+
+    try:
+        model = EvalModel(variant.path, dtype, opts.device, opts.batch_size, policy=variant.policy,
+                          kv_bits=variant.kv_bits, kv_group=opts.kv_group)
+    except (ModelFolderError, ValueError) as err:
+        raise TaskError(str(err)) from err
+    if model.name in taken:
+        raise TaskError(f"two models are both named {model.name!r}; give their folders different names")
+    model.unit = variant.unit
+    if before_tasks is not None:
+        before_tasks(model)
+    role = variant.role
+    print(f"{place} {model.name}{f' ({role})' if role else ''}{note}".strip(), file=sys.stderr,
+          flush=True)  # a long compare's place in its list; the task bars show the rest
+    entry = {**model.describe(), **({"role": role} if role else {}), "tasks": {}, "seconds": {}}
+    for task in opts.tasks:
+        start = time.perf_counter()
+        entry["tasks"][task] = task_module(task).run(model, opts, out)
+        entry["seconds"][task] = round(time.perf_counter() - start, 1)
+        if after_task is not None:
+            after_task(model.name, entry)
+    return {"name": model.name, **entry}
 
 
 def make_policy(opts):

@@ -1,6 +1,10 @@
 """Session-wide test settings that must precede every import."""
 
 import os
+import tempfile
+
+# Tests never touch the real run cache (~/.cache/dmc/runs): every test and every command it starts gets its own.
+os.environ["DMC_RUN_CACHE"] = tempfile.mkdtemp(prefix="dmc-test-runs-")
 
 # Under pytest-xdist each worker gets its share of the cores, for itself and for the commands its tests start:
 # two workers each running torch with every core's worth of OpenMP threads spin against each other.

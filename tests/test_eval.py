@@ -111,8 +111,10 @@ def test_an_interrupted_run_keeps_its_finished_items(folders, tmp_path, monkeypa
     monkeypatch.setattr(lm, "choose", dies_on_second_batch)
     with pytest.raises(KeyboardInterrupt):
         mmlu.run(lm, opts, tmp_path)
-    done = next((tmp_path / "items").glob("*.mmlu.*.jsonl")).read_text().splitlines()
-    assert len(done) == 2
+    from dmc.eval.store import read_items
+
+    header, done = read_items(next((tmp_path / "items").glob("*.mmlu.*.jsonl")))
+    assert len(done) == 2 and header["task"] == "mmlu" and header["fingerprint"] == lm.fingerprint
     monkeypatch.setattr(lm, "choose", real)
     assert mmlu.run(lm, opts, tmp_path)["questions"] == 7
 
@@ -269,6 +271,8 @@ def test_humaneval_with_samples_runs_each_in_the_sandbox(folders, tmp_path):
     assert out["problems"] == 1 and out["samples_per_problem"] == 2
     assert out["realised_cr"] > 1.0 and "pass@10" not in out
     (item,) = (tmp_path / "items").glob("*.humaneval.*.jsonl")
-    stored = json.loads(item.read_text().splitlines()[0])["value"]
+    from dmc.eval.store import read_items
+
+    (stored,) = read_items(item)[1].values()
     assert len(stored["completions"]) == len(stored["status"]) == len(stored["counts"]) == 2
     assert out["pass@1"] == [s == "passed" for s in stored["status"]].count(True) / 2  # pass@1 of n=2: c / n

@@ -93,3 +93,60 @@ def test_eval_refuses_an_interval_on_one_sample(tiny, tmp_path):
     assert "at least 2 cells" in message and "--ci-resamples 0" in message
     message = one_line_exit(eval_main, tiny, "--ppl-blocks", "1", "--ppl-block", "32", "--out", str(tmp_path / "p"))
     assert "at least 2 blocks" in message and "--ppl-blocks 2" in message
+
+
+def test_paired_perplexity_ratio_equals_a_hand_computation():
+    """Both methods resampled on the same blocks: exp(mean log-ppl of A - that of B) per resample, percentiles."""
+    from dmc.eval.intervals import paired_ppl_ratio
+
+    a = {"block0": {"nll": 2.0, "tokens": 2}, "block1": {"nll": 6.0, "tokens": 3}, "block2": {"nll": 1.0, "tokens": 1}}
+    b = {"block0": {"nll": 3.0, "tokens": 2}, "block1": {"nll": 6.0, "tokens": 3}, "block2": {"nll": 2.0, "tokens": 1},
+         "block9": {"nll": 99.0, "tokens": 1}}  # only in B: not part of the comparison
+    indices = [[0, 0, 0], [0, 1, 2], [2, 2, 1], [1, 1, 1]]
+    by_hand = sorted([2 / 2 - 3 / 2, 9 / 6 - 11 / 6, 8 / 5 - 10 / 5, 18 / 9 - 18 / 9])
+    got = paired_ppl_ratio(a, b, indices=indices)
+    assert got["ratio"] == pytest.approx(math.exp(9 / 6 - 11 / 6), rel=1e-12) and got["items"] == 3
+    lo, hi = (_quantile_by_hand(by_hand, q) for q in (0.025, 0.975))
+    assert got["ci95"] == pytest.approx([math.exp(lo), math.exp(hi)], rel=1e-12)
+
+
+def test_paired_accuracy_difference_equals_a_hand_computation():
+    from dmc.eval.intervals import paired_accuracy_difference
+
+    a = {"256/0.1": {"correct": True}, "256/0.5": {"correct": False}, "512/0.1": {"correct": True}}
+    b = {"256/0.1": {"correct": False}, "256/0.5": {"correct": False}, "512/0.1": {"correct": True}}
+    # shared ids in natural order: 256/0.1, 256/0.5, 512/0.1 -> differences 1, 0, 0
+    indices = [[0, 0, 0], [1, 2, 1], [0, 1, 2], [2, 0, 0]]
+    by_hand = sorted([1.0, 0.0, 1 / 3, 2 / 3])
+    got = paired_accuracy_difference(a, b, indices=indices)
+    assert got["difference"] == pytest.approx(1 / 3)
+    assert got["ci95"] == pytest.approx([_quantile_by_hand(by_hand, 0.025), _quantile_by_hand(by_hand, 0.975)])
+
+
+def test_a_paired_interval_can_exclude_zero_where_separate_ones_overlap():
+    """The reason for pairing: blocks differ far more than the methods do, so the methods' own intervals
+    overlap, yet B is better on every block and the paired interval says so."""
+    from dmc.eval.intervals import paired_ppl_ratio, verdict
+
+    rng = np.random.default_rng(0)
+    base = rng.uniform(1.0, 3.0, 32)  # nats per token, block by block
+    a = {f"block{i}": {"nll": 100 * x, "tokens": 100} for i, x in enumerate(base)}
+    b = {f"block{i}": {"nll": 100 * (x - 0.02), "tokens": 100} for i, x in enumerate(base)}
+    ci_a = perplexity_interval([v["nll"] for v in a.values()], [100] * 32)
+    ci_b = perplexity_interval([v["nll"] for v in b.values()], [100] * 32)
+    assert ci_a[0] < ci_b[1]  # separate intervals overlap
+    paired = paired_ppl_ratio(a, b)
+    assert paired["ci95"][0] > 1 and verdict(paired["ci95"], 1.0, lower_is_better=True) == "worse"
+    assert verdict(paired_ppl_ratio(b, a)["ci95"], 1.0, lower_is_better=True) == "better"
+    assert verdict([0.9, 1.1], 1.0, lower_is_better=True) == "no difference shown"
+
+
+def test_a_paired_comparison_of_methods_scored_on_different_blocks_is_one_line():
+    from dmc.eval.intervals import paired_ppl_ratio
+
+    a = {f"block{i}": {"nll": 1.0, "tokens": 1, "data": f"d{i}"} for i in range(3)}
+    b = {f"block{i}": {"nll": 1.0, "tokens": 1, "data": "other" if i == 1 else f"d{i}"} for i in range(3)}
+    with pytest.raises(TaskError, match="vanilla and dmc were scored on different blocks .block1 differs.: evaluate"):
+        paired_ppl_ratio(a, b, names=("vanilla", "dmc"))
+    with pytest.raises(TaskError, match="at least 2 shared blocks"):
+        paired_ppl_ratio({"block0": a["block0"]}, {"block0": a["block0"], "block2": b["block2"]})

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import random
 
-from ..store import ItemStore
+from ..store import ItemStore, digest
 from . import TaskError, run_items
 
 SETTINGS = ("needle_contexts", "needle_depths")
@@ -48,26 +48,46 @@ def run(model, opts, folder) -> dict:
         except TaskError as err:
             raise TaskError(f"needle: {err}") from None
     items = [(f"{c}/{d}", build(model.tok, c, d, opts.seed)) for c, d in cells]
-    settings = {k: getattr(opts, k) for k in SETTINGS} | {"seed": opts.seed}
+    settings = store_settings(opts)
     store = ItemStore(folder, model, "needle", settings)
 
     def scorer(question_aware: bool):
         def compute(payloads):
             texts, counts = model.generate([p for p, _ in payloads], 8, question_aware=question_aware)
-            return [{"answer": t, "correct": t.strip().startswith(n), "counts": c}
-                    for (_, n), t, c in zip(payloads, texts, counts)]
+            return [{"answer": t, "correct": t.strip().startswith(n), "counts": c, "data": digest(p)}
+                    for (p, n), t, c in zip(payloads, texts, counts)]
 
         return compute
 
     values = run_items(store, items, model.batch_size, scorer(False), f"{model.name} needle", _context)
-    result = _summary(model, opts, cells, values)
-    result |= {"contexts": list(opts.needle_contexts), "depths": list(opts.needle_depths)}
+    qa = None
     if model.policy is not None and model.policy.evicts:
         # The same cells in the question-aware setting (compress once after prefill, the question in the
         # policy's observation window). DMC is query-agnostic by construction, so this row has no DMC twin.
-        qa_store = ItemStore(folder, model, "needle-question-aware", settings)
-        qa = _summary(model, opts, cells, run_items(qa_store, items, model.batch_size, scorer(True),
-                                                    f"{model.name} needle, question-aware", _context))
+        qa_store = ItemStore(folder, model, QUESTION_AWARE, settings)
+        qa = run_items(qa_store, items, model.batch_size, scorer(True), f"{model.name} needle, question-aware", _context)
+    return summarize(values, opts, model.kv_cr, qa)
+
+
+QUESTION_AWARE = "needle-question-aware"  # the store's task name for the question-aware setting's items
+
+
+def store_settings(opts) -> dict:
+    """The settings an item store of this task is keyed by."""
+    return {k: getattr(opts, k) for k in SETTINGS} | {"seed": opts.seed}
+
+
+def item_ids(opts) -> list[str]:
+    return [f"{c}/{d}" for c in opts.needle_contexts for d in opts.needle_depths]
+
+
+def summarize(values: dict[str, dict], opts, fixed_cr: float = 1.0, question_aware: dict | None = None) -> dict:
+    """The task's result from its items alone (``question_aware``: that setting's items, for a policy)."""
+    cells = [(c, d) for c in opts.needle_contexts for d in opts.needle_depths]
+    result = _summary(fixed_cr, opts, cells, values)
+    result |= {"contexts": list(opts.needle_contexts), "depths": list(opts.needle_depths)}
+    if question_aware is not None:
+        qa = _summary(fixed_cr, opts, cells, question_aware)
         result |= {f"question_aware_{k}": qa[k] for k in ("accuracy", "accuracy_ci95", "grid", "realised_cr") if k in qa}
     return result
 
@@ -77,8 +97,10 @@ def _context(item_id: str) -> str:
     return item_id.split("/")[0]
 
 
-def _summary(model, opts, cells, values) -> dict:
-    meter = model.cr_meter()
+def _summary(fixed_cr, opts, cells, values) -> dict:
+    from ..lm import CRMeter
+
+    meter = CRMeter(fixed_cr)
     for v in values.values():
         meter.add(v["counts"])
     grid = {f"{c}/{d}": float(values[f"{c}/{d}"]["correct"]) for c, d in cells}

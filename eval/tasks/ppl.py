@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 from itertools import islice
 
-from ..store import ItemStore
+from ..store import ItemStore, digest
 from . import TaskError, run_items
 
 SETTINGS = ("ppl_source", "ppl_block", "ppl_blocks")
@@ -54,21 +54,36 @@ def run(model, opts, folder, source: str | None = None, task: str = "ppl") -> di
                             "--ppl-blocks 2 or more")
         except TaskError as err:
             raise TaskError(f"{task}: {err}") from None
-    settings = {k: getattr(opts, k) for k in SETTINGS} | {"ppl_source": source}
-    store = ItemStore(folder, model, task, settings)
+    store = ItemStore(folder, model, task, store_settings(opts, source))
 
     def compute(blocks):
         scores, counts = model.block_nll(blocks)
-        return [{"nll": nll, "tokens": n, "counts": c} for (nll, n), c in zip(scores, counts)]
+        return [{"nll": nll, "tokens": n, "counts": c, "data": digest(b)}
+                for (nll, n), c, b in zip(scores, counts, blocks)]
 
     values = run_items(store, items, model.batch_size, compute, f"{model.name} {task}")
-    meter = model.cr_meter()
+    return summarize(values, opts, model.kv_cr) | {"source": source}
+
+
+def store_settings(opts, source: str) -> dict:
+    """The settings an item store of this task is keyed by."""
+    return {k: getattr(opts, k) for k in SETTINGS} | {"ppl_source": source}
+
+
+def item_ids(opts) -> list[str]:
+    return [f"block{i}" for i in range(opts.ppl_blocks)]
+
+
+def summarize(values: dict[str, dict], opts, fixed_cr: float = 1.0) -> dict:
+    """The task's result from its items alone (a finished run, or committed items with no model present)."""
+    from ..lm import CRMeter
+
+    meter = CRMeter(fixed_cr)
     for v in values.values():
         meter.add(v["counts"])
     nll = [v["nll"] for v in values.values()]
     tokens = [v["tokens"] for v in values.values()]
-    result = {"perplexity": math.exp(sum(nll) / sum(tokens)), "tokens": sum(tokens), "blocks": len(values),
-              "source": source}
+    result = {"perplexity": math.exp(sum(nll) / sum(tokens)), "tokens": sum(tokens), "blocks": len(values)}
     if opts.ci_resamples:
         from ..intervals import perplexity_interval
 

@@ -1,0 +1,169 @@
+"""The comparison as a resumable chain of units (issue 34): answers keyed by what a model is, never by where
+it lies; paired statistics over shared items; a report assembled from committed items alone."""
+
+import shutil
+
+from dmc.eval.lm import EvalModel
+
+
+def test_a_models_fingerprint_does_not_depend_on_its_folders_place(folders, tmp_path):
+    """Committed answers are reused on any machine, whose run cache lies elsewhere: a copy of a folder at another
+    path (absolute or relative) answers to the same fingerprint; other weights do not."""
+    copy = shutil.copytree(folders[1], tmp_path / "elsewhere" / folders[1].name)
+    here = EvalModel(folders[1]).fingerprint
+    assert EvalModel(copy).fingerprint == here
+    assert EvalModel(folders[0]).fingerprint != here
+
+
+# ---- a whole protocol on tiny models ---------------------------------------------------------------------------
+
+import json  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+from dmc.eval.compare import main as compare  # noqa: E402
+from tests.helpers import ROOT, one_line_exit, write_tiny_checkpoint  # noqa: E402
+
+EVAL = ["--tasks", "ppl", "ppl_prose", "needle", "--ppl-blocks", "3", "--ppl-block", "32", "--needle-contexts", "64",
+        "--needle-depths", "0.2", "0.8", "--batch-size", "4", "--device", "cpu", "--dtype", "float32", "--ci-resamples",
+        "200"]
+
+
+@pytest.fixture(scope="module")
+def protocol_file(tmp_path_factory):
+    """A protocol in miniature: a tiny base, its LM-only control and a DMC retrofit (the tiny recipe), two
+    policies at 2x on the base and on the control."""
+    root = tmp_path_factory.mktemp("protocol")
+    base = write_tiny_checkpoint(root / "tiny-llama")
+    recipe = (ROOT / "configs" / "tiny.yaml").read_text()
+    (root / "tiny-dmc.yaml").write_text(recipe)
+    control = recipe.replace("  window: 12\n", "  method: control\n")
+    (root / "tiny-control.yaml").write_text(control.replace("  decision_lr: 5.0e-2\n", "").replace("  target_cr: 2.0\n", ""))
+    spec = {"name": "tiny-protocol", "base": str(base), "policies": ["h2o", "streaming_llm"], "crs": [2],
+            "policy_bases": ["vanilla", "control"], "eval_args": EVAL,
+            "trainings": [{"key": "control", "recipe": str(root / "tiny-control.yaml"), "export": "tiny-control-hf",
+                           "role": "control"},
+                          {"key": "dmc", "recipe": str(root / "tiny-dmc.yaml"), "export": "tiny-dmc-hf", "role": "dmc",
+                           "cr": 2}]}
+    path = root / "protocol.json"
+    path.write_text(json.dumps(spec))
+    return path
+
+
+def _run(protocol_file, out, *extra, capsys=None):
+    compare(["--protocol", str(protocol_file), "--out", str(out), *extra])
+    return (out / "report.md").read_bytes(), json.loads((out / "results.json").read_text())
+
+
+@pytest.mark.slow
+def test_a_protocol_trains_evaluates_and_reassembles_from_its_items_alone(protocol_file, tmp_path, monkeypatch,
+                                                                          capsys):
+    """The run trains its units into the run cache, evaluates every variant and writes a report with paired rows.
+    Then, with every trained model gone (a fresh machine with the committed items), the same command has nothing
+    to run and rebuilds the same report and results byte for byte; so does --assemble."""
+    import os
+    import shutil
+
+    cache = tmp_path / "runs"
+    monkeypatch.setenv("DMC_RUN_CACHE", str(cache))
+    out = tmp_path / "out"
+    report, results = _run(protocol_file, out)
+    names = ["tiny-llama", "tiny-control-hf", "tiny-dmc-hf", "tiny-llama+h2o@2x", "tiny-llama+streaming_llm@2x",
+             "tiny-control-hf+h2o@2x", "tiny-control-hf+streaming_llm@2x"]
+    assert list(results["models"]) == names and not results["missing"]
+    assert "cr_per_layer" in results["models"]["tiny-dmc-hf"]["tasks"]["ppl"]  # measured on its cache
+    pairs = {(p["a"], p["b"], p["task"]) for p in results["paired"]}
+    assert ("tiny-dmc-hf", "tiny-control-hf", "ppl_prose") in pairs and ("tiny-dmc-hf", "tiny-llama", "ppl") in pairs
+    assert ("tiny-dmc-hf", "tiny-control-hf+h2o@2x", "needle-question-aware") in pairs
+    assert ("tiny-llama+h2o@2x", "tiny-control-hf", "ppl") in pairs
+    assert "## At a glance" in report.decode() and "tiny-dmc-hf" in report.decode()
+    capsys.readouterr()
+
+    shutil.rmtree(cache)
+    os.utime(out / "report.md", (0, 0))
+    again, results_again = _run(protocol_file, out)
+    assert "nothing to run" in capsys.readouterr().out
+    assert again == report and results_again == results and not cache.exists()
+    assert (out / "results.json").read_bytes() == json.dumps(results, indent=2).encode()
+    assert _run(protocol_file, out, "--assemble")[0] == report
+
+
+@pytest.mark.slow
+def test_a_unit_whose_model_changed_is_evaluated_again_not_reused(protocol_file, tmp_path, monkeypatch, capsys):
+    """A retrain that did not reproduce (here: other weights in the run cache's export) has another fingerprint: its
+    variants are evaluated afresh and their old items removed; every other unit's items stay."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from dmc.eval.protocol import Training, load_protocol, training_folders
+
+    monkeypatch.setenv("DMC_RUN_CACHE", str(tmp_path / "runs"))
+    out = tmp_path / "out"
+    _, before = _run(protocol_file, out)
+    files_before = {p.name: p.read_bytes() for p in (out / "items").iterdir()}
+    spec = load_protocol(str(protocol_file))
+    export = training_folders(spec, next(t for t in spec.trainings if t.key == "dmc"))[1]
+    assert isinstance(spec.trainings[0], Training)
+    model = AutoModelForCausalLM.from_pretrained(export, trust_remote_code=True)
+    with torch.no_grad():
+        model.model.norm.weight.mul_(1.5)
+    model.save_pretrained(export)
+    capsys.readouterr()
+    _, after = _run(protocol_file, out)
+    log = capsys.readouterr()
+    assert "tiny-dmc-hf: its model changed" in log.out
+    dmc_before, dmc_after = before["models"]["tiny-dmc-hf"], after["models"]["tiny-dmc-hf"]
+    assert dmc_after["fingerprint"] != dmc_before["fingerprint"]
+    assert dmc_after["tasks"]["ppl"]["perplexity"] != dmc_before["tasks"]["ppl"]["perplexity"]
+    files_after = {p.name: p.read_bytes() for p in (out / "items").iterdir()}
+    kept = {n for n in files_before if not n.startswith("tiny-dmc-hf.")}
+    assert all(files_after[n] == files_before[n] for n in kept)
+    assert not any(n in files_after for n in files_before if n.startswith("tiny-dmc-hf."))
+    for name in before["models"]:
+        if name != "tiny-dmc-hf":
+            assert after["models"][name] == before["models"][name]
+
+
+def test_assembly_refuses_items_of_two_fingerprints_for_one_unit(protocol_file, tmp_path):
+    """Answers of a retrained model beside those of the old one: which are the unit's is not for assembly to
+    guess. One line, and nothing written."""
+    from dmc.eval.protocol import load_protocol
+
+    spec = load_protocol(str(protocol_file))
+    items = tmp_path / "out" / "items"
+    items.mkdir(parents=True)
+    header = {"name": "tiny-llama", "task": "ppl", "fingerprint": "aaaa", "unit": "vanilla", "model": {},
+              "settings": {"ppl_block": 32, "ppl_blocks": 3, "ppl_source": "stdlib"}}
+    (items / "tiny-llama.ppl.111.jsonl").write_text(json.dumps({"header": header}) + "\n")
+    (items / "tiny-llama.ppl.222.jsonl").write_text(json.dumps({"header": {**header, "fingerprint": "bbbb"}}) + "\n")
+    message = one_line_exit(compare, "--protocol", str(protocol_file), "--out", str(tmp_path / "out"), "--assemble")
+    assert "tiny-llama ppl items of 2 fingerprints (aaaa, bbbb): delete the stale file" in message
+    assert not (tmp_path / "out" / "report.md").exists() and spec.name == "tiny-protocol"
+
+
+def test_assembly_without_items_names_every_missing_unit(protocol_file, tmp_path, capsys):
+    report, results = _run(protocol_file, tmp_path / "out", "--assemble")
+    assert [m["name"] for m in results["missing"]][:3] == ["tiny-llama", "tiny-control-hf", "tiny-dmc-hf"]
+    assert "**Not complete (7 units):**" in report.decode()
+
+
+def test_a_run_cache_that_cannot_be_written_is_one_line(protocol_file, tmp_path, monkeypatch):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    monkeypatch.setenv("DMC_RUN_CACHE", str(blocker / "runs"))
+    message = one_line_exit(compare, "--protocol", str(protocol_file), "--out", str(tmp_path / "out"))
+    assert f"the run cache {blocker / 'runs'} is not writable" in message and "set DMC_RUN_CACHE" in message
+    assert not (tmp_path / "out" / "report.md").exists()
+
+
+def test_the_run_cache_is_one_documented_place(monkeypatch, tmp_path):
+    from dmc.run_cache import run_cache
+
+    monkeypatch.setenv("DMC_RUN_CACHE", str(tmp_path / "x"))
+    assert run_cache() == tmp_path / "x"
+    monkeypatch.delenv("DMC_RUN_CACHE")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert run_cache() == tmp_path / "xdg" / "dmc" / "runs"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    assert run_cache() == Path.home() / ".cache" / "dmc" / "runs"
