@@ -7,6 +7,7 @@ slots after each call feed the realised-CR meter, so every task reports the CR i
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import torch
@@ -59,7 +60,7 @@ class EvalModel:
     def __init__(self, path: str | Path, dtype: str = "float32", device: str = "cpu", batch_size: int = 4,
                  max_length: int | None = None, policy=None, kv_bits: int = 16, kv_group: int | None = None):
         self.path = str(path)
-        self.name = Path(path).name
+        self.dtype = dtype
         self.model, self.tok = load(path, dtype, device)
         self.device = torch.device(device)
         self.batch_size = batch_size
@@ -87,28 +88,44 @@ class EvalModel:
             from .policies import apply_policy
 
             apply_policy(self.model)
-        grouped = kv_bits < 16 and self.kv_group != resolve_group(kv_bits, None, D)  # named only when not the default
-        self.name += (f"+{label}" if label else "") + (f"+int{kv_bits}" if kv_bits < 16 else "") + (
-            f"g{self.kv_group}" if grouped else "")
         self.compressed = self.is_dmc or policy is not None
         self.kv_cr = kv_compression(self.model.config)  # a GQA baseline's cache is smaller than its source's
-        self.fingerprint = model_fingerprint(path, self.model.config, dtype, device, label, kv_bits, self.kv_group)
+        self.name, self.fingerprint = self._identity(label)
+
+    def _identity(self, label: str | None) -> tuple[str, str]:
+        """(name, fingerprint) of this model under the policy labelled ``label`` (None: none)."""
+        bits, D = self.kv_bits, head_dim(self.model.config)
+        grouped = bits < 16 and self.kv_group != resolve_group(bits, None, D)  # named only when not the default
+        name = Path(self.path).name + (f"+{label}" if label else "") + (f"+int{bits}" if bits < 16 else "") + (
+            f"g{self.kv_group}" if grouped else "")
+        return name, model_fingerprint(self.path, self.model.config, self.dtype, self.device, label, bits, self.kv_group)
+
+    def under(self, policy) -> EvalModel:
+        """The same loaded model as the variant under ``policy`` (the same kind of policy at another budget): its
+        name, fingerprint and description, for storing that variant's answers (``eval/sweep.py``)."""
+        view = copy.copy(self)
+        view.policy = policy
+        view.name, view.fingerprint = self._identity(policy.label)
+        return view
 
     def cr_meter(self) -> CRMeter:
         return CRMeter(self.kv_cr)
 
-    def new_cache(self, question_aware: bool = False):
+    def new_cache(self, question_aware: bool = False, crs: list[float] | None = None):
         """A fresh compressed cache (DMC or the policy's; ``question_aware``: the policy compresses the prompt once,
-        after prefill), or None for the vanilla model."""
+        after prefill; ``crs``: one budget per batch row, the policy's kind at each CR), or None for the vanilla model."""
         if self.is_dmc:
             return DMCCache(self.model.config)
         if self.policy is not None:
-            from .policies import PolicyCache
+            from dataclasses import replace
 
+            from .policies import PolicyCache, RowBudgets
+
+            policy = self.policy if crs is None else replace(self.policy, budget=RowBudgets(tuple(crs)))
             # dense: the paged reference's slots and decisions with less per-token bookkeeping (eval/policies/dense.py);
             # a policy that keeps everything stores a prompt in one pass, on the paged layout
-            layout = "dense" if self.policy.evicts else "paged"
-            return PolicyCache(self.model.config, self.policy, question_aware=question_aware, layout=layout,
+            layout = "dense" if policy.evicts else "paged"
+            return PolicyCache(self.model.config, policy, question_aware=question_aware, layout=layout,
                                kv_bits=self.kv_bits, kv_group=self.kv_group)
         return None
 
@@ -139,15 +156,15 @@ class EvalModel:
         return ctx, whole[len(ctx):]
 
     @torch.no_grad()
-    def forward_batch(self, seqs: list[list[int]], keep: int):
-        """Left-padded forward of token lists through the cache: (logits of the last ``keep`` positions,
-        per-sequence cache counts or Nones for a vanilla model)."""
+    def forward_batch(self, seqs: list[list[int]], keep: int, crs: list[float] | None = None):
+        """Left-padded forward of token lists through the cache (``crs``: each row's policy CR): (logits of the
+        last ``keep`` positions, per-sequence cache counts or Nones for a vanilla model)."""
         T = max(len(s) for s in seqs)
         pad = self.tok.pad_token_id
         ids = torch.tensor([[pad] * (T - len(s)) + s for s in seqs], device=self.device)
         mask = torch.tensor([[0] * (T - len(s)) + [1] * len(s) for s in seqs], device=self.device)
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
-        cache = self.new_cache()
+        cache = self.new_cache(crs=crs)
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
                          use_cache=self.compressed, logits_to_keep=keep)
         counts = cache_counts(cache, mask.sum(-1)) if self.compressed else [None] * len(seqs)
@@ -197,12 +214,15 @@ class EvalModel:
             counts += batch_counts
         return scores, counts
 
-    def block_nll(self, blocks: list[list[int]]) -> tuple[list[tuple[float, int]], list[dict | None]]:
-        """Per token block: (summed negative log-likelihood of tokens 1.., their number) and cache counts."""
+    def block_nll(self, blocks: list[list[int]], crs: list[float] | None = None) -> tuple[list[tuple[float, int]],
+                                                                                            list[dict | None]]:
+        """Per token block: (summed negative log-likelihood of tokens 1.., their number) and cache counts (``crs``:
+        each block's policy CR)."""
         out, counts = [], []
         for start in range(0, len(blocks), self.batch_size):
             chunk = blocks[start : start + self.batch_size]
-            logits, batch_counts = self.forward_batch(chunk, max(len(b) for b in chunk))
+            logits, batch_counts = self.forward_batch(chunk, max(len(b) for b in chunk),
+                                                      crs[start : start + self.batch_size] if crs else None)
             for row, block in enumerate(chunk):
                 lg = logits[row, logits.shape[1] - len(block) : -1]
                 target = torch.tensor(block[1:], device=lg.device)
@@ -212,13 +232,15 @@ class EvalModel:
 
     # ---- generation ------------------------------------------------------------------------------------
     def generate(self, prompts: list[str], max_new_tokens: int, stop: list[str] | None = None,
-                 temperature: float = 0.0, seed: int = 0,
-                 question_aware: bool = False) -> tuple[list[str], list[dict | None]]:
+                 temperature: float = 0.0, seed: int = 0, question_aware: bool = False,
+                 crs: list[float] | None = None) -> tuple[list[str], list[dict | None]]:
+        """``crs``: each prompt's policy CR (one batch may hold several)."""
         texts, counts = [], []
         for start in range(0, len(prompts), self.batch_size):
             chunk = prompts[start : start + self.batch_size]
+            cache = self.new_cache(question_aware, crs[start : start + self.batch_size] if crs else None)
             gen = generate(self.model, self.tok, chunk, max_new_tokens, temperature=temperature, seed=seed + start,
-                           stop=stop, cache=self.new_cache(question_aware))
+                           stop=stop, cache=cache)
             texts += gen.texts
             counts += cache_counts(gen.cache, gen.tokens_seen) if gen.cache is not None else [None] * len(chunk)
         return texts, counts

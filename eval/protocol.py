@@ -248,17 +248,25 @@ def _call(command: list[str], what: str) -> None:
 
 
 def _evaluate(protocol: Protocol, todo: list[Unit], opts, out: Path, log=print) -> None:
+    """Evaluate the units in ``todo``; the CRs of one policy on one model run together (``evaluate_variants``)."""
     from .assemble import remove_stale
     from .policies import POLICIES, Budget
-    from .run import Variant, evaluate_variant
+    from .run import Variant, evaluate_variants, sweepable
 
+    groups: dict[tuple, list[Unit]] = {}
+    for unit in todo:  # one group per model and policy (each plain model alone)
+        key = (unit.model, unit.policy) if unit.policy and sweepable(opts.tasks) else (unit,)
+        groups.setdefault(key, []).append(unit)
     dtype = opts.dtype or "float32"
-    began = time.perf_counter()
-    for k, unit in enumerate(todo, 1):
-        policy = POLICIES[unit.policy](Budget(cr=unit.cr)) if unit.policy else None
-        variant = Variant(str(model_folder(protocol, unit)), policy, unit.role(protocol), 16, unit_key(protocol, unit))
+    began, done = time.perf_counter(), 0
+    for group in groups.values():
+        variants = [Variant(str(model_folder(protocol, u)), POLICIES[u.policy](Budget(cr=u.cr)) if u.policy else None,
+                            u.role(protocol), 16, unit_key(protocol, u)) for u in group]
+        by_name = {u.name(protocol): u for u in group}
         minutes = (time.perf_counter() - began) / 60
-        entry = evaluate_variant(opts, variant, out, dtype, f"[{k}/{len(todo)}]", f", {minutes:.0f} min so far",
-                                 before_tasks=lambda model, unit=unit: remove_stale(
-                                     protocol, unit, opts, out, model.fingerprint, log))
-        log(f"done {entry['name']}")
+        entries = evaluate_variants(
+            opts, variants, out, dtype, f"[{done + 1}-{done + len(group)}/{len(todo)}]", f", {minutes:.0f} min so far",
+            before_tasks=lambda view, by_name=by_name: remove_stale(protocol, by_name[view.name], opts, out,
+                                                                    view.fingerprint, log))
+        done += len(group)
+        log("done " + ", ".join(e["name"] for e in entries))

@@ -140,31 +140,59 @@ def evaluate_variant(opts: argparse.Namespace, variant: Variant, out: Path, dtyp
     """Every task of ``opts.tasks`` on one variant (finished items come from the store under ``out``): its
     results entry, with its ``name``. ``taken``: names already in the results (refused before any task runs);
     ``before_tasks(model)`` is called once the model is loaded, ``after_task(name, entry)`` as each task finishes."""
+    return evaluate_variants(opts, [variant], out, dtype, place, note, taken, before_tasks, after_task)[0]
+
+
+def sweepable(tasks: list[str]) -> bool:
+    """Whether every task can run several CRs of one policy in one batch (``run_sweep``)."""
+    return all(hasattr(task_module(t), "run_sweep") for t in tasks)
+
+
+def evaluate_variants(opts: argparse.Namespace, variants: list[Variant], out: Path, dtype: str, place: str = "",
+                      note: str = "", taken=(), before_tasks=None, after_task=None) -> list[dict]:
+    """``evaluate_variant`` for variants of one model folder under one kind of policy at several budgets, in one
+    pass: the model is loaded once and each batch holds every budget's rows (``RowBudgets``), each variant's
+    answers stored under its own name and fingerprint, as if it had run alone (``sweepable`` tasks only)."""
     from dmc.generate import ModelFolderError
 
     from .lm import EvalModel
 
+    first = variants[0]
+    if len(variants) > 1 and not (sweepable(opts.tasks) and all(
+            v.policy is not None and v.policy.budget.cr is not None and type(v.policy) is type(first.policy) and
+            (v.path, v.kv_bits, v.role) ==
+            (first.path, first.kv_bits, first.role) for v in variants)):
+        raise ValueError("a sweep runs one model folder under one kind of policy at several budgets")
     try:
-        model = EvalModel(variant.path, dtype, opts.device, opts.batch_size, policy=variant.policy,
-                          kv_bits=variant.kv_bits, kv_group=opts.kv_group)
+        model = EvalModel(first.path, dtype, opts.device, opts.batch_size, policy=first.policy,
+                          kv_bits=first.kv_bits, kv_group=opts.kv_group)
     except (ModelFolderError, ValueError) as err:
         raise TaskError(str(err)) from err
-    if model.name in taken:
-        raise TaskError(f"two models are both named {model.name!r}; give their folders different names")
-    model.unit = variant.unit
-    if before_tasks is not None:
-        before_tasks(model)
-    role = variant.role
-    print(f"{place} {model.name}{f' ({role})' if role else ''}{note}".strip(), file=sys.stderr,
+    views = [model] if len(variants) == 1 else [model.under(v.policy) for v in variants]
+    for view, variant in zip(views, variants):
+        if view.name in taken:
+            raise TaskError(f"two models are both named {view.name!r}; give their folders different names")
+        view.unit = variant.unit
+        if before_tasks is not None:
+            before_tasks(view)
+    role = first.role
+    names = ", ".join(v.name for v in views)
+    print(f"{place} {names}{f' ({role})' if role else ''}{note}".strip(), file=sys.stderr,
           flush=True)  # a long compare's place in its list; the task bars show the rest
-    entry = {**model.describe(), **({"role": role} if role else {}), "tasks": {}, "seconds": {}}
+    entries = [{**view.describe(), **({"role": role} if role else {}), "tasks": {}, "seconds": {}} for view in views]
+    crs = [v.policy.budget.cr if len(views) > 1 else None for v in variants]
     for task in opts.tasks:
         start = time.perf_counter()
-        entry["tasks"][task] = task_module(task).run(model, opts, out)
-        entry["seconds"][task] = round(time.perf_counter() - start, 1)
-        if after_task is not None:
-            after_task(model.name, entry)
-    return {"name": model.name, **entry}
+        if len(views) == 1:
+            results = [task_module(task).run(model, opts, out)]
+        else:
+            results = task_module(task).run_sweep(model, list(zip(views, crs)), opts, out)
+        for view, entry, result in zip(views, entries, results):
+            entry["tasks"][task] = result
+            entry["seconds"][task] = round((time.perf_counter() - start) / len(views), 1)
+            if after_task is not None:
+                after_task(view.name, entry)
+    return [{"name": view.name, **entry} for view, entry in zip(views, entries)]
 
 
 def make_policy(opts):

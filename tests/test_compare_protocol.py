@@ -167,3 +167,39 @@ def test_the_run_cache_is_one_documented_place(monkeypatch, tmp_path):
     assert run_cache() == tmp_path / "xdg" / "dmc" / "runs"
     monkeypatch.delenv("XDG_CACHE_HOME")
     assert run_cache() == Path.home() / ".cache" / "dmc" / "runs"
+
+
+# ---- the policy sweep: every CR of a policy in one batch ---------------------------------------------------
+
+@pytest.mark.parametrize("policy", ["h2o", "scissorhands", "snapkv", "streaming_llm", "tova"])
+def test_a_sweep_of_crs_in_one_batch_equals_each_cr_alone(folders, tmp_path, policy):
+    """The sweep's rows carry their own budgets (RowBudgets): every variant's stored answers, perplexity blocks and
+    needle cells in both settings, equal those of the variant evaluated alone (the path before the sweep), and its
+    cache held the same slots."""
+    from dmc.eval.policies import POLICIES, Budget
+    from dmc.eval.run import Variant, evaluate_variant, evaluate_variants, parser
+    from dmc.eval.store import read_items
+
+    opts = parser().parse_args([str(folders[0]), "--out", str(tmp_path), *EVAL[:-2], "--needle-contexts", "64", "96",
+                                "--ci-resamples", "0"])
+    crs = [2, 3, 8]
+    variants = [Variant(str(folders[0]), POLICIES[policy](Budget(cr=c))) for c in crs]
+    alone = [evaluate_variant(opts, v, tmp_path / f"alone{k}", "float32") for k, v in enumerate(variants)]
+    swept = evaluate_variants(opts, variants, tmp_path / "sweep", "float32")
+    assert [e["name"] for e in swept] == [e["name"] for e in alone]
+    for one, many in zip(alone, swept):
+        assert many["fingerprint"] == one["fingerprint"] and many["tasks"].keys() == one["tasks"].keys()
+    stored = {}
+    for folder in [tmp_path / f"alone{k}" for k in range(3)] + [tmp_path / "sweep"]:
+        for path in (folder / "items").glob("*.jsonl"):
+            stored.setdefault(path.name, []).append(read_items(path)[1])
+    assert len(stored) == 3 * 4 and all(len(v) == 2 for v in stored.values())  # ppl, prose, needle x 2 settings
+    for name, (one, many) in stored.items():
+        assert one.keys() == many.keys(), name
+        for item in one:
+            a, b = one[item], many[item]
+            assert a["counts"] == b["counts"] and a["data"] == b["data"], (name, item)
+            if "nll" in a:
+                assert b["nll"] == pytest.approx(a["nll"], rel=1e-6, abs=1e-5), (name, item)
+            else:
+                assert a["answer"] == b["answer"], (name, item)

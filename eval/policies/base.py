@@ -51,6 +51,18 @@ class Budget:
         return seen.clamp(max=self.tokens)
 
 
+@dataclass(frozen=True)
+class RowBudgets:
+    """One CR per batch row (B,): row b keeps ceil(seen / crs[b]) slots, as ``Budget(cr=crs[b])`` would. A sweep
+    (``eval/sweep.py``) runs several CRs of one policy in one batch this way."""
+
+    crs: tuple[float, ...]
+
+    def slots(self, seen: torch.Tensor) -> torch.Tensor:
+        crs = torch.tensor(self.crs, dtype=torch.float64, device=seen.device)
+        return torch.ceil(seen.double() / crs - 1e-9).long().clamp(min=1)
+
+
 @dataclass
 class Policy:
     """Decides which slot to drop (kvpress's scorer presses, as dataclasses citing their paper). ``observe``

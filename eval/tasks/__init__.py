@@ -28,14 +28,26 @@ def run_items(store: ItemStore, items: list[tuple[str, object]], batch: int, com
     finishes; return every item's value. ``group(item_id)``: items of different groups never share a batch
     (prompts of one length together, so no row is padded to another's length). Progress bar with ETA;
     cached items are counted as done."""
-    todo = [(i, p) for i, p in items if i not in store]
+    return run_rows([store], [None], items, batch, lambda payloads, _: compute(payloads), desc, group)[0]
+
+
+def run_rows(stores: list[ItemStore], crs: list, items: list[tuple[str, object]], batch: int, compute, desc: str,
+             group=None) -> list[dict[str, dict]]:
+    """``run_items`` for several variants of one model at once (a policy at several CRs, ``eval/sweep.py``): each
+    item missing from a variant's store is a row, rows of one item together, ``batch`` rows per call of
+    ``compute(payloads, crs)`` (``crs``: each row's CR, or None when every variant has None); every variant's
+    values, in ``stores`` order."""
+    todo = [(i, p, k) for i, p in items for k, store in enumerate(stores) if i not in store]
     groups: dict = {}
-    for item in todo:
-        groups.setdefault(group(item[0]) if group else None, []).append(item)
+    for row in todo:
+        groups.setdefault(group(row[0]) if group else None, []).append(row)
     chunks = [g[s : s + batch] for g in groups.values() for s in range(0, len(g), batch)]
-    with tqdm(total=len(items), initial=len(items) - len(todo), desc=desc, unit="item", dynamic_ncols=True) as bar:
+    total = len(items) * len(stores)
+    with tqdm(total=total, initial=total - len(todo), desc=desc, unit="item", dynamic_ncols=True) as bar:
         for chunk in chunks:
-            for (item_id, _), value in zip(chunk, compute([p for _, p in chunk])):
-                store.put(item_id, value)
+            row_crs = [crs[k] for *_, k in chunk]
+            values = compute([p for _, p, _ in chunk], None if all(c is None for c in row_crs) else row_crs)
+            for (item_id, _, k), value in zip(chunk, values):
+                stores[k].put(item_id, value)
             bar.update(len(chunk))
-    return {i: store.get(i) for i, _ in items}
+    return [{i: store.get(i) for i, _ in items} for store in stores]

@@ -9,7 +9,7 @@ from __future__ import annotations
 import random
 
 from ..store import ItemStore, digest
-from . import TaskError, run_items
+from . import TaskError, run_rows
 
 SETTINGS = ("needle_contexts", "needle_depths")
 NEEDLE = "# Remember this: the secret number of the archive is {n}.\n"
@@ -39,6 +39,12 @@ def build(tok, context: int, depth: float, seed: int) -> tuple[str, str]:
 
 
 def run(model, opts, folder) -> dict:
+    return run_sweep(model, [(model, None)], opts, folder)[0]
+
+
+def run_sweep(model, variants: list, opts, folder) -> list[dict]:
+    """The task for several variants of one loaded model at once: ``variants`` are (the variant's EvalModel view,
+    its policy CR or None); one result per variant."""
     cells = [(c, d) for c in opts.needle_contexts for d in opts.needle_depths]
     if opts.ci_resamples:  # before any model runs
         from ..intervals import require_samples
@@ -48,25 +54,27 @@ def run(model, opts, folder) -> dict:
         except TaskError as err:
             raise TaskError(f"needle: {err}") from None
     items = [(f"{c}/{d}", build(model.tok, c, d, opts.seed)) for c, d in cells]
-    settings = store_settings(opts)
-    store = ItemStore(folder, model, "needle", settings)
+    settings, crs = store_settings(opts), [cr for _, cr in variants]
+    name = variants[0][0].name + (f" (+{len(variants) - 1} CRs)" if len(variants) > 1 else "")
 
     def scorer(question_aware: bool):
-        def compute(payloads):
-            texts, counts = model.generate([p for p, _ in payloads], 8, question_aware=question_aware)
+        def compute(payloads, row_crs):
+            texts, counts = model.generate([p for p, _ in payloads], 8, question_aware=question_aware, crs=row_crs)
             return [{"answer": t, "correct": t.strip().startswith(n), "counts": c, "data": digest(p)}
                     for (p, n), t, c in zip(payloads, texts, counts)]
 
         return compute
 
-    values = run_items(store, items, model.batch_size, scorer(False), f"{model.name} needle", _context)
-    qa = None
+    stores = [ItemStore(folder, view, "needle", settings) for view, _ in variants]
+    values = run_rows(stores, crs, items, model.batch_size, scorer(False), f"{name} needle", _context)
+    qa = [None] * len(variants)
     if model.policy is not None and model.policy.evicts:
         # The same cells in the question-aware setting (compress once after prefill, the question in the
         # policy's observation window). DMC is query-agnostic by construction, so this row has no DMC twin.
-        qa_store = ItemStore(folder, model, QUESTION_AWARE, settings)
-        qa = run_items(qa_store, items, model.batch_size, scorer(True), f"{model.name} needle, question-aware", _context)
-    return summarize(values, opts, model.kv_cr, qa)
+        qa_stores = [ItemStore(folder, view, QUESTION_AWARE, settings) for view, _ in variants]
+        qa = run_rows(qa_stores, crs, items, model.batch_size, scorer(True), f"{name} needle, question-aware",
+                      _context)
+    return [summarize(v, opts, model.kv_cr, q) for v, q in zip(values, qa)]
 
 
 QUESTION_AWARE = "needle-question-aware"  # the store's task name for the question-aware setting's items

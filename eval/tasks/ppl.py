@@ -9,7 +9,7 @@ import math
 from itertools import islice
 
 from ..store import ItemStore, digest
-from . import TaskError, run_items
+from . import TaskError, run_rows
 
 SETTINGS = ("ppl_source", "ppl_block", "ppl_blocks")
 
@@ -36,9 +36,34 @@ def source_spec(text: str):
 
 
 def run(model, opts, folder, source: str | None = None, task: str = "ppl") -> dict:
+    return run_sweep(model, [(model, None)], opts, folder, source, task)[0]
+
+
+def run_sweep(model, variants: list, opts, folder, source: str | None = None, task: str = "ppl") -> list[dict]:
+    """The task for several variants of one loaded model at once: ``variants`` are (the variant's EvalModel view,
+    its policy CR or None); one result per variant."""
+    source = source or opts.ppl_source
+    items = build_items(model, opts, source, task)
+    stores = [ItemStore(folder, view, task, store_settings(opts, source)) for view, _ in variants]
+
+    def compute(blocks, crs):
+        scores, counts = model.block_nll(blocks, crs)
+        return [{"nll": nll, "tokens": n, "counts": c, "data": digest(b)}
+                for (nll, n), c, b in zip(scores, counts, blocks)]
+
+    values = run_rows(stores, [cr for _, cr in variants], items, model.batch_size, compute,
+                      f"{_names(variants)} {task}")
+    return [summarize(v, opts, model.kv_cr) | {"source": source} for v in values]
+
+
+def _names(variants: list) -> str:
+    return variants[0][0].name + (f" (+{len(variants) - 1} CRs)" if len(variants) > 1 else "")
+
+
+def build_items(model, opts, source: str, task: str) -> list[tuple[str, list[int]]]:
+    """(item id, block token ids) of the task's blocks; refused in one line where the source gives too few."""
     from dmc.data import DataError, PackedBlocks
 
-    source = source or opts.ppl_source
     try:
         blocks = PackedBlocks(source_documents(source), model.tok, opts.ppl_block, cycle=False)
         items = [(f"block{i}", b.tolist()) for i, (b, _) in enumerate(islice(blocks, opts.ppl_blocks))]
@@ -54,15 +79,7 @@ def run(model, opts, folder, source: str | None = None, task: str = "ppl") -> di
                             "--ppl-blocks 2 or more")
         except TaskError as err:
             raise TaskError(f"{task}: {err}") from None
-    store = ItemStore(folder, model, task, store_settings(opts, source))
-
-    def compute(blocks):
-        scores, counts = model.block_nll(blocks)
-        return [{"nll": nll, "tokens": n, "counts": c, "data": digest(b)}
-                for (nll, n), c, b in zip(scores, counts, blocks)]
-
-    values = run_items(store, items, model.batch_size, compute, f"{model.name} {task}")
-    return summarize(values, opts, model.kv_cr) | {"source": source}
+    return items
 
 
 def store_settings(opts, source: str) -> dict:

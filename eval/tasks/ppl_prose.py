@@ -10,3 +10,7 @@ SETTINGS = ppl.SETTINGS
 
 def run(model, opts, folder) -> dict:
     return ppl.run(model, opts, folder, source="prose", task="ppl_prose")
+
+
+def run_sweep(model, variants: list, opts, folder) -> list[dict]:
+    return ppl.run_sweep(model, variants, opts, folder, source="prose", task="ppl_prose")
