@@ -58,9 +58,12 @@ class RowBudgets:
 
     crs: tuple[float, ...]
 
+    def __post_init__(self):
+        # the budget is asked for every token of every layer: the tensor is made once
+        object.__setattr__(self, "_crs", torch.tensor(self.crs, dtype=torch.float64))
+
     def slots(self, seen: torch.Tensor) -> torch.Tensor:
-        crs = torch.tensor(self.crs, dtype=torch.float64, device=seen.device)
-        return torch.ceil(seen.double() / crs - 1e-9).long().clamp(min=1)
+        return torch.ceil(seen.double() / self._crs.to(seen.device) - 1e-9).long().clamp(min=1)
 
 
 @dataclass
@@ -96,7 +99,10 @@ class Policy:
     def choose(self, layer: PolicyLayer, over: torch.Tensor) -> torch.Tensor:
         """The slot each pair drops next: the lowest priority, or the oldest slot when all are protected."""
         priority = self.priority(layer)
-        return torch.where(torch.isinf(priority).all(-1), layer.oldest_slot(), priority.argmin(-1))
+        protected = torch.isinf(priority).all(-1)
+        if not bool(protected.any()):  # the fallback is rare: not computed for every token
+            return priority.argmin(-1)
+        return torch.where(protected, layer.oldest_slot(), priority.argmin(-1))
 
     @staticmethod
     def protect_recent(layer: PolicyLayer, priority: torch.Tensor, recent) -> torch.Tensor:
@@ -315,7 +321,11 @@ class PolicyLayer(SlotCacheLayer):
         group = torch.where(live, torch.isinf(priority).long(), 2)  # scored, protected, dead
         order = torch.where(group == 0, priority, pos.double()).argsort(dim=-1, stable=True)  # protected: oldest first
         order = order.gather(-1, group.gather(-1, order).argsort(dim=-1, stable=True))
-        doomed = pos.gather(-1, order)  # positions in the order they go
+        self.drop_in_order(drop, pos.gather(-1, order))
+
+    def drop_in_order(self, drop: torch.Tensor, doomed: torch.Tensor) -> None:
+        """Evict, one at a time, the first ``drop`` (B, H_kv) of each pair's slots holding the positions ``doomed``
+        (B, H_kv, S) lists in the order they go."""
         for k in range(int(drop.max())):
             slot = (self.pair_view(self.pos_pool, -1) == doomed[..., k : k + 1]).long().argmax(-1)
             self.evict(drop > k, slot)

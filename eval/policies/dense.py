@@ -87,6 +87,30 @@ class DensePolicyLayer(PolicyLayer):
             pool.scatter_(2, self._at(pool, dst), pool.gather(2, self._at(pool, last)))
         self.lens = self.lens - over.long()
 
+    def drop_in_order(self, drop: torch.Tensor, doomed: torch.Tensor) -> None:
+        """As the paged layer's one-at-a-time evictions (each moving the pair's last slot into the freed one), played
+        on the slots' positions alone, then every pool gathered once into the order they leave: a prompt compressed
+        by hundreds of slots costs hundreds of small steps on one tensor, not on five pools."""
+        S = max(1, int(self.lens.max()))
+        pos = self.pair_view(self.pos_pool, -1).clone()  # (B, H_kv, S); -1: dead
+        where = torch.arange(S, device=pos.device).expand_as(pos).clone()  # the slot now at each place
+        lens = self.lens.clone()
+        for k in range(int(drop.max())):
+            go = drop > k
+            slot = (pos == doomed[..., k : k + 1]).long().argmax(-1)
+            last = (lens - 1).clamp(min=0)
+            dst = torch.where(go, slot, last)[..., None]
+            last = last[..., None]
+            for t in (pos, where):
+                t.scatter_(-1, dst, t.gather(-1, last))
+            pos.scatter_(-1, last, torch.where(go[..., None], -1, pos.gather(-1, last)))  # the freed place is dead
+            lens = lens - go.long()
+        for name in ("k_pool", "v_pool", "pos_pool", "score_pool", "hist_pool"):
+            pool = getattr(self, name)
+            index = where.view(*where.shape, *[1] * (pool.dim() - 3)).expand(*where.shape, *pool.shape[3:])
+            pool[:, :, :S] = pool[:, :, :S].gather(2, index)
+        self.lens = lens
+
     def attend(self, q: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
         """q (B, H, D): (output (B, H, D), attention per slot (B, H_kv, capacity), group mean, 0 where dead)."""
         S = max(1, int(self.lens.max()))
