@@ -231,6 +231,62 @@ class EvalModel:
         return out, counts
 
     # ---- generation ------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def greedy(self, prompts: list[str], max_new_tokens: int, question_aware: bool = False,
+               crs: list[float] | None = None) -> tuple[list[str], list[dict | None]]:
+        """Greedy decoding of exactly ``max_new_tokens`` tokens per prompt, as ``generate()`` decodes (left padding,
+        the same positions; a row that ends is fed padding) except that no batch stops early: every row's cache
+        sees its prompt and ``max_new_tokens - 1`` more positions whatever its batch-mates do, so an item's answer
+        and counts do not depend on which items share its batch. ``crs``: each prompt's policy CR; question-aware,
+        equal prompts in a batch share one prefill (``PolicyCache.branch``)."""
+        texts, counts = [], []
+        for start in range(0, len(prompts), self.batch_size):
+            chunk = prompts[start : start + self.batch_size]
+            chunk_crs = crs[start : start + self.batch_size] if crs else None
+            t, c = self._greedy_batch(chunk, max_new_tokens, question_aware, chunk_crs)
+            texts += t
+            counts += c
+        return texts, counts
+
+    def _greedy_batch(self, prompts: list[str], n: int, question_aware: bool, crs: list[float] | None):
+        from transformers import DynamicCache
+
+        share = question_aware and crs is not None and self.kv_bits == 16 and self.policy is not None
+        unique = list(dict.fromkeys(prompts)) if share else prompts
+        batch = self.tok(unique, return_tensors="pt", padding=True).to(self.device)
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        pos = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 1)  # as generate() numbers a left-padded prompt
+        cache = self.new_cache(question_aware, None if share else crs)
+        if share:
+            cache.defer_compression()
+        cache = cache if cache is not None else DynamicCache()
+        logits = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
+                            use_cache=True, logits_to_keep=1).logits
+        nxt = logits[:, -1].argmax(-1)
+        if share:  # one prefill per distinct prompt, then one row per (prompt, CR), compressed to its budget
+            rows = [unique.index(p) for p in prompts]
+            cache.branch(rows, crs)
+            index = torch.tensor(rows, device=self.device)
+            mask, pos, nxt = mask[index], pos[index], nxt[index]
+        eos = self.model.generation_config.eos_token_id
+        eos = torch.tensor(eos if isinstance(eos, list) else [] if eos is None else [eos], device=self.device)
+        done = torch.isin(nxt, eos)
+        new = [nxt]
+        for _ in range(n - 1):
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+            pos = pos[:, -1:] + 1
+            logits = self.model(input_ids=nxt[:, None], attention_mask=mask, position_ids=pos, past_key_values=cache,
+                                use_cache=True).logits
+            nxt = torch.where(done, self.tok.pad_token_id, logits[:, -1].argmax(-1))
+            done |= torch.isin(nxt, eos)
+            new.append(nxt)
+        new = torch.stack(new, 1)
+        texts = self.tok.batch_decode(new, skip_special_tokens=True)
+        if not self.compressed:
+            return texts, [None] * len(prompts)
+        seen = mask.sum(1)  # every prompt token and generated position but the last, as generate() counts
+        return texts, cache_counts(cache, seen)
+
     def generate(self, prompts: list[str], max_new_tokens: int, stop: list[str] | None = None,
                  temperature: float = 0.0, seed: int = 0, question_aware: bool = False,
                  crs: list[float] | None = None) -> tuple[list[str], list[dict | None]]:

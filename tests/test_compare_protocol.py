@@ -203,3 +203,42 @@ def test_a_sweep_of_crs_in_one_batch_equals_each_cr_alone(folders, tmp_path, pol
                 assert b["nll"] == pytest.approx(a["nll"], rel=1e-6, abs=1e-5), (name, item)
             else:
                 assert a["answer"] == b["answer"], (name, item)
+
+
+def _needle_prompts(lm):
+    from dmc.eval.tasks.needle import build
+
+    return [build(lm.tok, c, d, 0)[0] for c, d in ((64, 0.2), (64, 0.8), (96, 0.5))]
+
+
+@pytest.mark.parametrize("which", ["vanilla", "dmc", "h2o", "snapkv-question-aware"])
+def test_fixed_length_greedy_decoding_equals_generate(folders, which):
+    """EvalModel.greedy (the needle's decoder) gives generate()'s answers and cache counts where no row stops early."""
+    from dmc.eval.lm import EvalModel
+    from dmc.eval.policies import POLICIES, Budget
+
+    name = which.split("-")[0]
+    policy = POLICIES[name](Budget(cr=3)) if name in POLICIES else None
+    lm = EvalModel(folders[1] if name == "dmc" else folders[0], batch_size=3, policy=policy)
+    lm.model.generation_config.eos_token_id = None  # no row ends: generate() runs all 6 steps too
+    prompts, qa = _needle_prompts(lm), which.endswith("question-aware")
+    assert lm.greedy(prompts, 6, question_aware=qa) == lm.generate(prompts, 6, question_aware=qa)
+
+
+@pytest.mark.parametrize("name", ["h2o", "scissorhands", "snapkv", "streaming_llm", "tova"])
+def test_question_aware_crs_share_one_prefill_and_equal_each_alone(folders, name):
+    """One prefill per prompt, branched into one compressed row per CR (PolicyCache.branch), equals each CR's own
+    prefill and compression: answers and cache counts."""
+    from dmc.eval.lm import EvalModel
+    from dmc.eval.policies import POLICIES, Budget
+
+    lm = EvalModel(folders[0], batch_size=9, policy=POLICIES[name](Budget(cr=2)))
+    prompts = _needle_prompts(lm)
+    rows = [p for p in prompts for _ in range(3)]
+    crs = [2, 4, 8] * len(prompts)
+    shared = lm.greedy(rows, 5, question_aware=True, crs=crs)
+    for cr in (2, 4, 8):
+        alone = EvalModel(folders[0], batch_size=3, policy=POLICIES[name](Budget(cr=cr)))
+        texts, counts = alone.greedy(prompts, 5, question_aware=True)
+        k = [2, 4, 8].index(cr)
+        assert shared[0][k::3] == texts and shared[1][k::3] == counts

@@ -294,13 +294,13 @@ def test_needle_batches_each_context_length_apart(tmp_path, monkeypatch):
 
     if not (SMOLLM2 / "config.json").exists():
         pytest.skip("run `make model` first")
-    calls, generate = [], EvalModel.generate
+    calls, greedy = [], EvalModel.greedy
 
     def spy(self, prompts, *args, **kwargs):
         calls.append([len(self.tok(p)["input_ids"]) for p in prompts])
-        return generate(self, prompts, *args, **kwargs)
+        return greedy(self, prompts, *args, **kwargs)
 
-    monkeypatch.setattr(EvalModel, "generate", spy)
+    monkeypatch.setattr(EvalModel, "greedy", spy)
     tiny = write_tiny_checkpoint(tmp_path / "tiny")
     main([str(tiny), "--tasks", "needle", "--needle-contexts", "96", "192", "--needle-depths", "0.3", "0.6",
           "--batch-size", "8", "--out", str(tmp_path / "o")])

@@ -137,6 +137,7 @@ class PolicyLayer(SlotCacheLayer):
                  kv_bits: int = 16, kv_group: int | None = None):
         super().__init__(num_kv_heads, head_dim, block_size, kv_bits, kv_group)
         self.policy, self.question_aware = policy, question_aware
+        self.compress_after_prefill = True  # question-aware: False while PolicyCache.branch is to do it
         self.prompt_seen: torch.Tensor | None = None  # question-aware: real prompt tokens, set after prefill
         # a quantised store codes each token as it is appended; the step that appended it still attends to it exactly
         # (as DMC's open slot): (keys, values (B, H_kv, D), appended (B, H_kv)) of the last append
@@ -363,6 +364,29 @@ class PolicyCache(SlotCache):
                                  for _ in range(config.num_hidden_layers)])
         self.policy, self.question_aware = policy, question_aware
 
+    def defer_compression(self) -> None:
+        """Question-aware: the prompt's prefill leaves it whole, for ``branch`` to compress once per budget."""
+        if not self.question_aware or any(layer.seen_tokens for layer in self.layers):
+            raise ValueError("defer_compression is for a question-aware cache before its prompt")
+        for layer in self.layers:
+            layer.compress_after_prefill = False
+
+    def branch(self, rows: list[int], crs: list[float]) -> None:
+        """After a deferred prefill: row i of the cache becomes the prompt ``rows[i]`` compressed to the budget of
+        ``crs[i]`` (the same prompt under several CRs, each from one prefill; the prompt's scoring does not depend
+        on the budget, so each row equals a prefill of its own)."""
+        from dataclasses import replace
+
+        policy = replace(self.policy, budget=RowBudgets(tuple(crs)))
+        index = torch.tensor(rows, dtype=torch.long)
+        if not all(hasattr(layer, "branch") for layer in self.layers):
+            raise ValueError("branch needs the dense layout")
+        for layer in self.layers:
+            if layer.compress_after_prefill or not layer.seen_tokens:
+                raise ValueError("branch follows a prefill with defer_compression()")
+            layer.branch(index.to(layer.lens.device), policy)
+        self.policy = policy
+
 
 def _valid_tokens(attention_mask, B: int, T: int, past: int, device) -> torch.Tensor:
     """(B, T) real-token flags from the mask the Llama model hands its layers (None, 4D bool or additive)."""
@@ -395,7 +419,8 @@ class PolicyLlamaAttention(LlamaAttention):
         valid = _valid_tokens(attention_mask, B, T, layer.seen_tokens, q.device)
         if layer.question_aware and layer.seen_tokens == 0:  # the prompt: cached whole, compressed after
             out = layer.prefill_prompt(q, k, v, valid, self.scaling)
-            layer.end_prefill()
+            if layer.compress_after_prefill:  # else PolicyCache.branch compresses it, once per budget
+                layer.end_prefill()
         elif not (layer.policy.evicts or layer.policy.observes) and layer.seen_tokens == 0 and _left_padded(valid):
             out = layer.store_prompt(q, k, v, valid, self.scaling)  # nothing to decide token by token
         else:

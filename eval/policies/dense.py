@@ -87,6 +87,16 @@ class DensePolicyLayer(PolicyLayer):
             pool.scatter_(2, self._at(pool, dst), pool.gather(2, self._at(pool, last)))
         self.lens = self.lens - over.long()
 
+    def branch(self, index: torch.Tensor, policy) -> None:
+        """After a whole prompt's prefill (``PolicyCache.branch``): row i becomes row ``index[i]`` (rows repeated or
+        dropped, every per-row state alike), under ``policy``, compressed to its budget."""
+        if self.quantized:
+            raise ValueError("branching keeps full-precision slots only")
+        for name in ("k_pool", "v_pool", "pos_pool", "score_pool", "hist_pool", "lens", "seen"):
+            setattr(self, name, getattr(self, name).index_select(0, index))
+        self.policy = policy
+        self.end_prefill()
+
     def drop_in_order(self, drop: torch.Tensor, doomed: torch.Tensor) -> None:
         """As the paged layer's one-at-a-time evictions (each moving the pair's last slot into the freed one), played
         on the slots' positions alone, then every pool gathered once into the order they leave: a prompt compressed

@@ -59,7 +59,7 @@ def run_sweep(model, variants: list, opts, folder) -> list[dict]:
 
     def scorer(question_aware: bool):
         def compute(payloads, row_crs):
-            texts, counts = model.generate([p for p, _ in payloads], 8, question_aware=question_aware, crs=row_crs)
+            texts, counts = model.greedy([p for p, _ in payloads], 8, question_aware=question_aware, crs=row_crs)
             return [{"answer": t, "correct": t.strip().startswith(n), "counts": c, "data": digest(p)}
                     for (p, n), t, c in zip(payloads, texts, counts)]
 
