@@ -52,5 +52,6 @@ def folder_digest(path: str | Path) -> str | None:
     if not (folder / "config.json").is_file():
         return None
     files = {p.name: _file_digest(p) for p in sorted(folder.iterdir()) if p.name.endswith(WEIGHT_SUFFIXES)}
-    files["config.json"] = hashlib.sha256((folder / "config.json").read_bytes()).hexdigest()
+    config = {k: v for k, v in json.loads((folder / "config.json").read_text()).items() if k not in PLACE_FIELDS}
+    files["config.json"] = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
     return hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()[:16]

@@ -242,3 +242,15 @@ def test_question_aware_crs_share_one_prefill_and_equal_each_alone(folders, name
         texts, counts = alone.greedy(prompts, 5, question_aware=True)
         k = [2, 4, 8].index(cr)
         assert shared[0][k::3] == texts and shared[1][k::3] == counts
+
+
+def test_a_folders_digest_ignores_the_library_that_wrote_it(folders, tmp_path):
+    """A model folder exported by another transformers release (its config names the version) is the same model:
+    the protocol keeps its committed answers; other weights are another model."""
+    from dmc.eval.fingerprint import folder_digest
+
+    copy = shutil.copytree(folders[0], tmp_path / "copy")
+    config = json.loads((copy / "config.json").read_text())
+    (copy / "config.json").write_text(json.dumps({**config, "transformers_version": "9.9.9"}, indent=4))
+    assert folder_digest(copy) == folder_digest(folders[0]) != folder_digest(folders[1])
+    assert folder_digest(tmp_path / "absent") is None
