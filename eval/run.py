@@ -121,13 +121,16 @@ def evaluate(opts: argparse.Namespace, command: str, variants: list[Variant] | N
     results = {"command": command, "tasks": opts.tasks, "models": {}, "settings": {k: v for k, v in vars(opts).items()},
                "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                             "python": platform.python_version()}, "device": opts.device, "dtype": dtype}
-    began = time.perf_counter()
-    for k, variant in enumerate(variants, 1):
+    began, done = time.perf_counter(), 0
+    for group in sweeps(variants, opts.tasks):
         minutes = (time.perf_counter() - began) / 60
-        entry = evaluate_variant(opts, variant, out, dtype, f"[{k}/{len(variants)}]", f", {minutes:.0f} min so far",
-                                 taken=results["models"], after_task=lambda name, e: write_json(
-                                     partial, results | {"models": {**results["models"], name: e}}))
-        results["models"][entry.pop("name")] = entry
+        place = f"[{done + 1}{f'-{done + len(group)}' if len(group) > 1 else ''}/{len(variants)}]"
+        entries = evaluate_variants(opts, group, out, dtype, place, f", {minutes:.0f} min so far",
+                                    taken=results["models"], after_task=lambda name, e: write_json(
+                                        partial, results | {"models": {**results["models"], name: e}}))
+        for entry in entries:
+            results["models"][entry.pop("name")] = entry
+        done += len(group)
     results["plots"] = plots(results, out)
     write_json(out / "results.json", results)
     (out / "report.md").write_text(markdown(results))
@@ -141,6 +144,23 @@ def evaluate_variant(opts: argparse.Namespace, variant: Variant, out: Path, dtyp
     results entry, with its ``name``. ``taken``: names already in the results (refused before any task runs);
     ``before_tasks(model)`` is called once the model is loaded, ``after_task(name, entry)`` as each task finishes."""
     return evaluate_variants(opts, [variant], out, dtype, place, note, taken, before_tasks, after_task)[0]
+
+
+def sweeps(variants: list[Variant], tasks: list[str]) -> list[list[Variant]]:
+    """Consecutive variants that are one model under one kind of policy at several CRs, grouped to run as one
+    sweep (``evaluate_variants``); every other variant alone. The order is kept."""
+    def key(v: Variant):
+        if v.policy is None or v.policy.budget.cr is None or not sweepable(tasks):
+            return None
+        return (v.path, type(v.policy), v.kv_bits, v.role)
+
+    groups: list[list[Variant]] = []
+    for v in variants:
+        if groups and key(v) is not None and key(groups[-1][-1]) == key(v):
+            groups[-1].append(v)
+        else:
+            groups.append([v])
+    return groups
 
 
 def sweepable(tasks: list[str]) -> bool:
