@@ -423,3 +423,30 @@ def test_keep_all_stores_a_left_padded_prompt_in_one_pass_as_streaming_would(kv_
         for pool in ("k_pool", "v_pool", "pos_pool"):
             torch.testing.assert_close(one.pair_view(getattr(one, pool), 0), streamed.pair_view(getattr(streamed, pool), 0),
                                        rtol=0, atol=0)
+
+
+def test_a_positional_policy_attends_a_prompt_in_one_pass_equal_to_streaming(monkeypatch):
+    """StreamingLLM decides by positions alone: the dense layer replays its choices on positions and attends a
+    prompt in one pass (no token-by-token attention), with the paged reference's logits and slots in their order;
+    per-row budgets (a sweep's rows) too."""
+    from dmc.eval.policies import RowBudgets
+    from dmc.eval.policies.dense import DensePolicyLayer
+
+    calls = []
+    attend = DensePolicyLayer.attend
+    monkeypatch.setattr(DensePolicyLayer, "attend", lambda self, *a: calls.append(1) or attend(self, *a))
+    _assert_dense_equals_paged(StreamingLLM(Budget(cr=2.5)), [40, 17, 5], question_aware=False, decode=3)
+    layers = _model("gqa").config.num_hidden_layers
+    assert len(calls) == 3 * layers  # the decoded tokens only
+    model = _model("gqa")
+    _, ids, mask, pos = left_padded_rows([30, 30, 30])
+    rows = StreamingLLM(RowBudgets((2.0, 4.0, 8.0)))
+    with torch.no_grad():
+        got, got_kept, _, _ = _kept_and_logits(model, "dense", rows, ids, mask, pos, False, 2)
+        for b, cr in enumerate((2.0, 4.0, 8.0)):
+            want, want_kept, _, _ = _kept_and_logits(model, "paged", StreamingLLM(Budget(cr=cr)), ids[b:b + 1],
+                                                     mask[b:b + 1], pos[b:b + 1], False, 2)
+            torch.testing.assert_close(got[b:b + 1], want, rtol=1e-9, atol=1e-9)
+            for g, w in zip(got_kept, want_kept):  # the batch's rows are as wide as its fullest: -1 beyond
+                width = w.shape[-1]
+                assert torch.equal(g[b:b + 1, ..., :width], w) and bool((g[b:b + 1, ..., width:] == -1).all())

@@ -63,7 +63,9 @@ class RowBudgets:
         object.__setattr__(self, "_crs", torch.tensor(self.crs, dtype=torch.float64))
 
     def slots(self, seen: torch.Tensor) -> torch.Tensor:
-        return torch.ceil(seen.double() / self._crs.to(seen.device) - 1e-9).long().clamp(min=1)
+        """``seen``: (B,) or (B, steps)."""
+        crs = self._crs.to(seen.device).view(-1, *[1] * (seen.dim() - 1))
+        return torch.ceil(seen.double() / crs - 1e-9).long().clamp(min=1)
 
 
 @dataclass
@@ -77,6 +79,13 @@ class Policy:
     history: ClassVar[int] = 0  # > 0: each slot's attention over the last ``history`` steps (``hist_pool``; -1 unseen)
     observes: ClassVar[bool] = True  # False: never looks at attention (the layer skips computing it)
     evicts: ClassVar[bool] = True  # False: keeps every token (a prompt is then stored in one pass)
+
+    def replay(self, n: int, allowed: list[int]) -> tuple[list[list[int]], list[int]] | None:
+        """For a policy whose choices depend on positions alone: the positions each of a prompt's ``n`` tokens
+        attends to (itself included) and the slots left after it, in slot order, as the token-by-token path would
+        leave them (``allowed[s]``: slots allowed after ``s`` tokens), so the prompt can attend in one pass. None:
+        the policy reads attention, so the prompt streams."""
+        return None
 
     @property
     def label(self) -> str:

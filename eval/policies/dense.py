@@ -13,10 +13,11 @@ layout would hand out for the same slots.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from dmc.paged_slots import slot_bytes
 
-from .base import PolicyLayer, attend_slots
+from .base import PolicyLayer, _left_padded, attend_slots
 
 
 class DensePolicyLayer(PolicyLayer):
@@ -96,6 +97,52 @@ class DensePolicyLayer(PolicyLayer):
             setattr(self, name, getattr(self, name).index_select(0, index))
         self.policy = policy
         self.end_prefill()
+
+    def stream(self, q, k, v, valid, scale, evict: bool = True) -> torch.Tensor:
+        """A fresh, left-padded prompt under a policy that decides by positions alone (``Policy.replay``) attends in
+        one pass over exactly what each token would see streaming, and leaves the same slots in the same order;
+        anything else streams token by token."""
+        B, H, T, D = q.shape
+        fresh = not self.is_initialized or not bool(self.seen.any())
+        if not (evict and fresh and T > 1 and not self.quantized and _left_padded(valid)):
+            return super().stream(q, k, v, valid, scale, evict)
+        n = valid.sum(-1)
+        allowed = self.policy.budget.slots(n.new_zeros(B)[:, None] + torch.arange(T + 1, device=n.device)[None])
+        plays: dict = {}
+        for b in range(B):
+            key = (int(n[b]), tuple(allowed[b, : int(n[b]) + 1].tolist()))
+            if key not in plays:
+                plays[key] = self.policy.replay(key[0], list(key[1]))
+            if plays[key] is None:
+                return super().stream(q, k, v, valid, scale, evict)
+        if not self.is_initialized:
+            self._init_state(B, k.dtype, k.device)
+        mask = torch.eye(T, dtype=torch.bool, device=q.device).repeat(B, 1, 1)  # padding queries: themselves
+        kept = []
+        for b in range(B):
+            m = int(n[b])
+            seen_by, slots = plays[(m, tuple(allowed[b, : m + 1].tolist()))]
+            pad = T - m
+            rows = torch.tensor([pad + t for t, cols in enumerate(seen_by) for _ in cols], dtype=torch.long)
+            cols = torch.tensor([pad + c for cols in seen_by for c in cols], dtype=torch.long)
+            mask[b, rows, cols] = True
+            kept.append((pad, slots))
+        g = H // k.shape[1]
+        out = F.scaled_dot_product_attention(q, k.repeat_interleave(g, 1), v.repeat_interleave(g, 1),
+                                             attn_mask=mask[:, None], scale=scale)
+        self._grow(max(1, max(len(slots) for _, slots in kept)))
+        for b, (pad, slots) in enumerate(kept):
+            index = torch.tensor([pad + p for p in slots], dtype=torch.long, device=q.device)
+            S = len(slots)
+            self.k_pool[b, :, :S] = k[b, :, index].to(self.dtype)
+            self.v_pool[b, :, :S] = v[b, :, index].to(self.dtype)
+            self.pos_pool[b, :, :S] = torch.tensor(slots, dtype=torch.long, device=q.device)
+            self.score_pool[b, :, :S] = 0
+            self.hist_pool[b, :, :S] = -1
+            self.lens[b] = S
+        self.seen = self.seen + n
+        self.steps += T  # every step of the stream is observed once
+        return out.transpose(1, 2)
 
     def drop_in_order(self, drop: torch.Tensor, doomed: torch.Tensor) -> None:
         """As the paged layer's one-at-a-time evictions (each moving the pair's last slot into the freed one), played

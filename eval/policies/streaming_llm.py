@@ -22,3 +22,23 @@ class StreamingLLM(Policy):
         allowed = self.budget.slots(layer.seen)[:, None, None]
         sinks = torch.minimum(torch.full_like(allowed, self.sinks), allowed - 1)  # always keep the newest token
         return torch.where(pos >= sinks, pos.double(), float("inf"))  # the oldest non-sink goes first
+
+    def replay(self, n: int, allowed: list[int]) -> tuple[list[list[int]], list[int]]:
+        """``priority`` and the layer's one-at-a-time eviction (the last slot moves into the freed one), played on
+        positions: what each token sees, and the slots left in their order."""
+        import bisect
+
+        slots, kept, seen_by = [], [], []  # slot order; the same positions sorted
+        for t in range(n):
+            slots.append(t)
+            kept.append(t)
+            seen_by.append(list(kept))
+            budget = allowed[t + 1]
+            while len(slots) > budget:
+                sinks = min(self.sinks, budget - 1)
+                j = bisect.bisect_left(kept, sinks)  # the oldest non-sink; if every slot is a sink, the oldest
+                gone = kept.pop(j if j < len(kept) else 0)
+                i = slots.index(gone)
+                slots[i] = slots[-1]
+                slots.pop()
+        return seen_by, slots
