@@ -50,10 +50,17 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--crs", type=float, nargs="+", default=[2, 4, 8], help="policy budgets as CRs")
     ap.add_argument("--policy-kv-bits", type=int, nargs="+", default=None, help="cache precisions for the policies "
                     "(default: --kv-bits, which sets them for every model)")
+    if any(a == "--protocol" or a.startswith("--protocol=") for a in argv):
+        # no model folders: everything that is not ours is dmc eval's (an optional positional would swallow the
+        # value of `--threads 2`)
+        protocol_ap = argparse.ArgumentParser(prog="dmc compare")
+        for flag in ("--protocol", "--out"):
+            protocol_ap.add_argument(flag, default=None)
+        protocol_ap.add_argument("--assemble", action="store_true")
+        ours, rest = protocol_ap.parse_known_args(argv)
+        return run_protocol(ours, rest)
     ours, rest = ap.parse_known_args(argv)
     rest += ["--out", ours.out] if ours.out else []
-    if ours.protocol:
-        return run_protocol(ours, rest)
     if ours.vanilla is None:
         sys.exit("dmc compare: error: give the vanilla model's folder (and --dmc/--control/--gqa folders), or "
                  "--protocol NAME")
@@ -91,8 +98,7 @@ def run_protocol(ours: argparse.Namespace, rest: list[str]) -> None:
         out = ours.out or spec.out
         if not out:
             raise TaskError(f"--protocol {ours.protocol}: give --out DIR (the protocol names none)")
-        extra = rest[:-2] if ours.out else rest  # --out is the protocol run's own
-        results = protocol.run(spec, out, extra, assemble_only=ours.assemble)
+        results = protocol.run(spec, out, rest, assemble_only=ours.assemble)
     except TaskError as err:
         sys.exit(f"dmc compare: error: {err}")
     print((Path(out) / "report.md").read_text())

@@ -143,7 +143,8 @@ def test_assembly_refuses_items_of_two_fingerprints_for_one_unit(protocol_file, 
 
 
 def test_assembly_without_items_names_every_missing_unit(protocol_file, tmp_path, capsys):
-    report, results = _run(protocol_file, tmp_path / "out", "--assemble")
+    """Also: dmc eval's options after --protocol reach the run, as `make compare` passes --threads 2."""
+    report, results = _run(protocol_file, tmp_path / "out", "--assemble", "--threads", "1")
     assert [m["name"] for m in results["missing"]][:3] == ["tiny-llama", "tiny-control-hf", "tiny-dmc-hf"]
     assert "**Not complete (7 units):**" in report.decode()
 
