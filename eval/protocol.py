@@ -271,8 +271,9 @@ def _evaluate(protocol: Protocol, todo: list[Unit], opts, out: Path, log=print) 
                             u.role(protocol), 16, unit_key(protocol, u)) for u in group]
         by_name = {u.name(protocol): u for u in group}
         minutes = (time.perf_counter() - began) / 60
+        span = f"{done + 1}" + (f"-{done + len(group)}" if len(group) > 1 else "")
         entries = evaluate_variants(
-            opts, variants, out, dtype, f"[{done + 1}-{done + len(group)}/{len(todo)}]", f", {minutes:.0f} min so far",
+            opts, variants, out, dtype, f"[{span}/{len(todo)}]", f", {minutes:.0f} min so far",
             before_tasks=lambda view, by_name=by_name: remove_stale(protocol, by_name[view.name], opts, out,
                                                                     view.fingerprint, log))
         done += len(group)
