@@ -99,8 +99,9 @@ def remove_stale(protocol: Protocol, unit: Unit, opts, out: Path, fingerprint: s
     for store_task, settings, _ in stores(unit, opts):
         for path, header, _ in _files(name, store_task, settings, out):
             if header["fingerprint"] != fingerprint or header.get("unit") != key:
-                log(f"{name}: its model changed ({header['fingerprint']} -> {fingerprint}); "
-                    f"re-running its {store_task} items, {path.name} removed")
+                what = (f"its model changed ({header['fingerprint']} -> {fingerprint})" if header["fingerprint"] !=
+                        fingerprint else f"its recipe changed ({header.get('unit')} -> {key})")
+                log(f"{name}: {what}; re-running its {store_task} items, {path.name} removed")
                 path.unlink()
 
 
@@ -110,8 +111,9 @@ def _summary(task: str, unit: Unit, found: dict, opts, kv_cr: float) -> dict:
     return needle.summarize(found["needle"], opts, kv_cr, found.get(needle.QUESTION_AWARE))
 
 
-SETTINGS = ("tasks", "ppl_block", "ppl_blocks", "needle_contexts", "needle_depths", "ci_resamples", "seed",
-            "batch_size", "device", "dtype")
+# what the items' answers depend on (not the batch size a run happened to use)
+SETTINGS = ("tasks", "ppl_block", "ppl_blocks", "needle_contexts", "needle_depths", "ci_resamples", "seed", "device",
+            "dtype")
 
 
 def assemble(protocol: Protocol, opts, out: Path) -> dict:
