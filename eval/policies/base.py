@@ -169,13 +169,17 @@ class PolicyLayer(SlotCacheLayer):
             self.hist_pool[..., self.steps % self.policy.history] = probs
         self.steps += 1
 
-    def pair_view(self, pool: torch.Tensor, fill) -> torch.Tensor:
-        """(B, H_kv, max slots, *extra) view of a per-slot pool (blocks, block_size, *extra); dead slots hold
-        ``fill``."""
+    def slot_view(self, pool: torch.Tensor) -> torch.Tensor:
+        """(B, H_kv, max slots, *extra) of a per-slot pool (blocks, block_size, *extra), dead slots holding whatever
+        their place holds (finite): for a score whose dead slots the policy masks afterwards anyway."""
         S = max(1, int(self.lens.max()))
-        n_blocks = -(-S // self.block_size)
-        table = self.block_table[..., :n_blocks].clamp(min=0)
-        view = pool[table].flatten(2, 3)[:, :, :S]
+        table = self.block_table[..., : -(-S // self.block_size)].clamp(min=0)
+        return pool[table].flatten(2, 3)[:, :, :S]
+
+    def pair_view(self, pool: torch.Tensor, fill) -> torch.Tensor:
+        """``slot_view`` with the dead slots holding ``fill``."""
+        view = self.slot_view(pool)
+        S = view.shape[2]
         live = torch.arange(S, device=pool.device) < self.lens[..., None]
         live = live.view(*live.shape, *[1] * (pool.dim() - 2))
         return torch.where(live, view, torch.as_tensor(fill, dtype=pool.dtype, device=pool.device))

@@ -54,9 +54,12 @@ class DensePolicyLayer(PolicyLayer):
         """Index (B, H_kv, 1, *extra) for slot ``slot`` (B, H_kv) of every pair, for gather/scatter on dim 2."""
         return slot.view(*slot.shape, 1, *[1] * (pool.dim() - 3)).expand(*slot.shape, 1, *pool.shape[3:])
 
+    def slot_view(self, pool: torch.Tensor) -> torch.Tensor:
+        return pool[:, :, : max(1, int(self.lens.max()))]  # append and prefill grow the pools first: capacity >= S
+
     def pair_view(self, pool: torch.Tensor, fill) -> torch.Tensor:
-        S = max(1, int(self.lens.max()))  # append and prefill grow the pools first: capacity >= S
-        view = pool[:, :, :S]
+        view = self.slot_view(pool)
+        S = view.shape[2]
         live = torch.arange(S, device=pool.device) < self.lens[..., None]
         live = live.view(*live.shape, *[1] * (pool.dim() - 3))
         return torch.where(live, view, torch.as_tensor(fill, dtype=pool.dtype, device=pool.device))

@@ -26,7 +26,9 @@ class Scissorhands(Policy):
 
     def priority(self, layer):
         threshold = 1.0 / self.budget.slots(layer.seen).to(torch.float32)[:, None, None, None]  # uniform share
-        hist = layer.pair_view(layer.hist_pool, -1.0)  # (B, H_kv, S, history); -1 = step not observed
+        # (B, H_kv, S, history); -1 = step not observed; dead slots are protected below, so left unmasked here (the
+        # history is the largest pool: masking it cost more than the rest of the choice)
+        hist = layer.slot_view(layer.hist_pool)
         count = ((hist >= 0) & (hist < threshold)).sum(-1).float()
         pos = layer.pair_view(layer.pos_pool, -1)
         key = count + 0.5 * (1 - pos.float() / (layer.seen[:, None, None].float() + 1))  # older first among equals

@@ -30,7 +30,8 @@ class SnapKV(Policy):
         return self.window
 
     def priority(self, layer):
-        score = layer.pair_view(layer.hist_pool.clamp(min=0).sum(-1), float("nan"))  # (B, H_kv, S)
+        score = layer.slot_view(layer.hist_pool).clamp(min=0).sum(-1)  # (B, H_kv, S): the live slots' only
+        score = torch.where(layer.pair_view(layer.pos_pool, -1) >= 0, score, float("nan"))
         pos = layer.pair_view(layer.pos_pool, torch.iinfo(torch.long).max)
         order = pos.argsort(-1)  # pooling runs over neighbouring positions, not slot order
         ordered = score.gather(-1, order)
