@@ -80,11 +80,11 @@ class Policy:
     observes: ClassVar[bool] = True  # False: never looks at attention (the layer skips computing it)
     evicts: ClassVar[bool] = True  # False: keeps every token (a prompt is then stored in one pass)
 
-    def replay(self, n: int, allowed: list[int]) -> tuple[list[list[int]], list[int]] | None:
-        """For a policy whose choices depend on positions alone: the positions each of a prompt's ``n`` tokens
-        attends to (itself included) and the slots left after it, in slot order, as the token-by-token path would
-        leave them (``allowed[s]``: slots allowed after ``s`` tokens), so the prompt can attend in one pass. None:
-        the policy reads attention, so the prompt streams."""
+    def replay(self, n: int, allowed: list[int]) -> tuple[torch.Tensor, list[int]] | None:
+        """For a policy whose choices depend on positions alone: which positions each of a prompt's ``n`` tokens
+        attends to ((n, n) bool, itself included) and the slots left after it, in slot order, as the token-by-token
+        path would leave them (``allowed[s]``: slots allowed after ``s`` tokens), so the prompt can attend in one
+        pass. None: the policy reads attention, so the prompt streams."""
         return None
 
     @property

@@ -124,11 +124,9 @@ class DensePolicyLayer(PolicyLayer):
         kept = []
         for b in range(B):
             m = int(n[b])
-            seen_by, slots = plays[(m, tuple(allowed[b, : m + 1].tolist()))]
+            seen, slots = plays[(m, tuple(allowed[b, : m + 1].tolist()))]
             pad = T - m
-            rows = torch.tensor([pad + t for t, cols in enumerate(seen_by) for _ in cols], dtype=torch.long)
-            cols = torch.tensor([pad + c for cols in seen_by for c in cols], dtype=torch.long)
-            mask[b, rows, cols] = True
+            mask[b, pad:, pad:] = seen.to(q.device)
             kept.append((pad, slots))
         g = H // k.shape[1]
         out = F.scaled_dot_product_attention(q, k.repeat_interleave(g, 1), v.repeat_interleave(g, 1),
