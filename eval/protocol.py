@@ -209,9 +209,8 @@ def run(protocol: Protocol, out: str | Path, extra: list[str] = (), assemble_onl
     for training, group in steps:
         if training is not None:
             ensure_trained(protocol, training, opts, log)
-        if group:
-            _evaluate(protocol, group, opts, out, log)
-            write(assemble(protocol, opts, out), opts, out)  # a report of what is done so far, missing units named
+        if group:  # after each model or sweep, a report of what is done so far (the missing units named)
+            _evaluate(protocol, group, opts, out, log, after=lambda: write(assemble(protocol, opts, out), opts, out))
     results = assemble(protocol, opts, out)
     write(results, opts, out)
     return results
@@ -254,8 +253,9 @@ def _call(command: list[str], what: str) -> None:
                         "continue from its last checkpoint")
 
 
-def _evaluate(protocol: Protocol, todo: list[Unit], opts, out: Path, log=print) -> None:
-    """Evaluate the units in ``todo``; the CRs of one policy on one model run together (``evaluate_variants``)."""
+def _evaluate(protocol: Protocol, todo: list[Unit], opts, out: Path, log=print, after=None) -> None:
+    """Evaluate the units in ``todo``; the CRs of one policy on one model run together (``evaluate_variants``);
+    ``after()`` follows each model or sweep."""
     from .assemble import remove_stale
     from .policies import POLICIES, Budget
     from .run import Variant, evaluate_variants, sweepable
@@ -278,3 +278,5 @@ def _evaluate(protocol: Protocol, todo: list[Unit], opts, out: Path, log=print) 
                                                                     view.fingerprint, log))
         done += len(group)
         log("done " + ", ".join(e["name"] for e in entries))
+        if after is not None:
+            after()
