@@ -82,16 +82,6 @@ def variant_items(protocol: Protocol, unit: Unit, opts, out: Path) -> tuple[str,
     return status, header, found
 
 
-def variant_status(protocol: Protocol, unit: Unit, opts, out: Path) -> str:
-    return variant_items(protocol, unit, opts, out)[0]
-
-
-def recorded_folder(protocol: Protocol, unit: Unit, opts, out: Path) -> str | None:
-    """The on-disk digest of the model folder the variant's items were computed with."""
-    header = variant_items(protocol, unit, opts, out)[1]
-    return header["model"].get("folder") if header else None
-
-
 def remove_stale(protocol: Protocol, unit: Unit, opts, out: Path, fingerprint: str, log=print) -> None:
     """Before a variant is evaluated: its item files of another fingerprint (the model changed) or of another
     recipe go; they describe a model that no longer exists (git history keeps them)."""

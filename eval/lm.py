@@ -91,6 +91,7 @@ class EvalModel:
         self.compressed = self.is_dmc or policy is not None
         self.kv_cr = kv_compression(self.model.config)  # a GQA baseline's cache is smaller than its source's
         self.name, self.fingerprint = self._identity(label)
+        self.folder = folder_digest(path)  # what lies on disk; every item store's header records it
 
     def _identity(self, label: str | None) -> tuple[str, str]:
         """(name, fingerprint) of this model under the policy labelled ``label`` (None: none)."""
@@ -102,7 +103,7 @@ class EvalModel:
 
     def under(self, policy) -> EvalModel:
         """The same loaded model as the variant under ``policy`` (the same kind of policy at another budget): its
-        name, fingerprint and description, for storing that variant's answers (``eval/sweep.py``)."""
+        name, fingerprint and description, for storing that variant's answers (``run.evaluate_variants``)."""
         view = copy.copy(self)
         view.policy = policy
         view.name, view.fingerprint = self._identity(policy.label)
@@ -131,7 +132,7 @@ class EvalModel:
 
     def describe(self) -> dict:
         cfg = self.model.config
-        info = {"path": self.path, "fingerprint": self.fingerprint, "folder": folder_digest(self.path), "model_type": cfg.model_type, "dmc": self.is_dmc,
+        info = {"path": self.path, "fingerprint": self.fingerprint, "folder": self.folder, "model_type": cfg.model_type, "dmc": self.is_dmc,
                 "policy": self.policy.label if self.policy is not None else None, "kv_bits": self.kv_bits,
                 "kv_group": self.kv_group, "kv_cr": self.kv_cr,
                 "parameters": sum(p.numel() for p in self.model.parameters())}
@@ -288,15 +289,13 @@ class EvalModel:
         return texts, cache_counts(cache, seen)
 
     def generate(self, prompts: list[str], max_new_tokens: int, stop: list[str] | None = None,
-                 temperature: float = 0.0, seed: int = 0, question_aware: bool = False,
-                 crs: list[float] | None = None) -> tuple[list[str], list[dict | None]]:
-        """``crs``: each prompt's policy CR (one batch may hold several)."""
+                 temperature: float = 0.0, seed: int = 0,
+                 question_aware: bool = False) -> tuple[list[str], list[dict | None]]:
         texts, counts = [], []
         for start in range(0, len(prompts), self.batch_size):
             chunk = prompts[start : start + self.batch_size]
-            cache = self.new_cache(question_aware, crs[start : start + self.batch_size] if crs else None)
             gen = generate(self.model, self.tok, chunk, max_new_tokens, temperature=temperature, seed=seed + start,
-                           stop=stop, cache=cache)
+                           stop=stop, cache=self.new_cache(question_aware))
             texts += gen.texts
             counts += cache_counts(gen.cache, gen.tokens_seen) if gen.cache is not None else [None] * len(chunk)
         return texts, counts

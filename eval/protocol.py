@@ -171,7 +171,8 @@ def eval_options(protocol: Protocol, out: str | Path, extra: list[str] = ()):
 def run(protocol: Protocol, out: str | Path, extra: list[str] = (), assemble_only: bool = False,
         log=print) -> dict:
     """Train, evaluate and assemble what is missing; returns the assembled results."""
-    from .assemble import assemble, variant_status, write
+    from .assemble import assemble, variant_items, write
+    from .fingerprint import folder_digest
 
     out = Path(out)
     opts = eval_options(protocol, out, extra)
@@ -181,9 +182,10 @@ def run(protocol: Protocol, out: str | Path, extra: list[str] = (), assemble_onl
         torch.set_num_threads(opts.threads)
     todo = []
     for unit in units(protocol):
-        status = variant_status(protocol, unit, opts, out)  # refuses items of two fingerprints in one line
-        folder = model_folder(protocol, unit)
-        if status == "complete" and _folder_unchanged(protocol, unit, opts, out, folder):
+        status, header, _ = variant_items(protocol, unit, opts, out)  # refuses items of two fingerprints in one line
+        on_disk = folder_digest(model_folder(protocol, unit))
+        # done: complete, and its model folder absent (the committed items stand) or the one the items recorded
+        if status == "complete" and on_disk in (None, header["model"].get("folder")):
             continue
         todo.append(unit)
     if assemble_only or not todo:
@@ -206,23 +208,18 @@ def run(protocol: Protocol, out: str | Path, extra: list[str] = (), assemble_onl
     # what can run now runs first, then each training and its variants: an interruption leaves the most items done
     ready = [u for u in todo if (model_folder(protocol, u) / "config.json").is_file()]
     steps = [(None, ready)] + [(t, [u for u in todo if u.model == t.key]) for t in to_train]
-    for training, group in steps:
+    latest: dict = {}
+
+    def report() -> None:  # after each model or sweep: what is done so far, the missing units named
+        latest["results"] = assemble(protocol, opts, out)
+        write(latest["results"], opts, out)
+
+    for training, group in steps:  # every step has units, so the last report is the finished run's
         if training is not None:
             ensure_trained(protocol, training, opts, log)
-        if group:  # after each model or sweep, a report of what is done so far (the missing units named)
-            _evaluate(protocol, group, opts, out, log, after=lambda: write(assemble(protocol, opts, out), opts, out))
-    results = assemble(protocol, opts, out)
-    write(results, opts, out)
-    return results
-
-
-def _folder_unchanged(protocol, unit, opts, out, folder: Path) -> bool:
-    """The variant's folder is absent (its committed items stand) or the one its items recorded."""
-    from .assemble import recorded_folder
-    from .fingerprint import folder_digest
-
-    now = folder_digest(folder)
-    return now is None or now == recorded_folder(protocol, unit, opts, out)
+        if group:
+            _evaluate(protocol, group, opts, out, log, after=report)
+    return latest["results"]
 
 
 def ensure_trained(protocol: Protocol, training: Training, opts, log=print) -> Path:
@@ -258,7 +255,7 @@ def _evaluate(protocol: Protocol, todo: list[Unit], opts, out: Path, log=print, 
     ``after()`` follows each model or sweep."""
     from .assemble import remove_stale
     from .policies import POLICIES, Budget
-    from .run import Variant, evaluate_variants, sweepable
+    from .run import Variant, evaluate_variants, progress_place, sweepable
 
     groups: dict[tuple, list[Unit]] = {}
     for unit in todo:  # one group per model and policy (each plain model alone)
@@ -271,9 +268,8 @@ def _evaluate(protocol: Protocol, todo: list[Unit], opts, out: Path, log=print, 
                             u.role(protocol), 16, unit_key(protocol, u)) for u in group]
         by_name = {u.name(protocol): u for u in group}
         minutes = (time.perf_counter() - began) / 60
-        span = f"{done + 1}" + (f"-{done + len(group)}" if len(group) > 1 else "")
         entries = evaluate_variants(
-            opts, variants, out, dtype, f"[{span}/{len(todo)}]", f", {minutes:.0f} min so far",
+            opts, variants, out, dtype, progress_place(done, len(group), len(todo)), f", {minutes:.0f} min so far",
             before_tasks=lambda view, by_name=by_name: remove_stale(protocol, by_name[view.name], opts, out,
                                                                     view.fingerprint, log))
         done += len(group)

@@ -124,10 +124,14 @@ def evaluate(opts: argparse.Namespace, command: str, variants: list[Variant] | N
     began, done = time.perf_counter(), 0
     for group in sweeps(variants, opts.tasks):
         minutes = (time.perf_counter() - began) / 60
-        place = f"[{done + 1}{f'-{done + len(group)}' if len(group) > 1 else ''}/{len(variants)}]"
-        entries = evaluate_variants(opts, group, out, dtype, place, f", {minutes:.0f} min so far",
-                                    taken=results["models"], after_task=lambda name, e: write_json(
-                                        partial, results | {"models": {**results["models"], name: e}}))
+        running: dict = {}  # a sweep's variants in progress, each as far as its tasks have gone
+
+        def progress(name: str, entry: dict, running=running) -> None:
+            running[name] = entry
+            write_json(partial, results | {"models": {**results["models"], **running}})
+
+        entries = evaluate_variants(opts, group, out, dtype, progress_place(done, len(group), len(variants)),
+                                    f", {minutes:.0f} min so far", taken=results["models"], after_task=progress)
         for entry in entries:
             results["models"][entry.pop("name")] = entry
         done += len(group)
@@ -144,6 +148,11 @@ def evaluate_variant(opts: argparse.Namespace, variant: Variant, out: Path, dtyp
     results entry, with its ``name``. ``taken``: names already in the results (refused before any task runs);
     ``before_tasks(model)`` is called once the model is loaded, ``after_task(name, entry)`` as each task finishes."""
     return evaluate_variants(opts, [variant], out, dtype, place, note, taken, before_tasks, after_task)[0]
+
+
+def progress_place(done: int, size: int, total: int) -> str:
+    """A long run's place in its list: [4/11] for one variant, [4-6/11] for a sweep."""
+    return f"[{done + 1}{f'-{done + size}' if size > 1 else ''}/{total}]"
 
 
 def sweeps(variants: list[Variant], tasks: list[str]) -> list[list[Variant]]:

@@ -54,7 +54,7 @@ class Budget:
 @dataclass(frozen=True)
 class RowBudgets:
     """One CR per batch row (B,): row b keeps ceil(seen / crs[b]) slots, as ``Budget(cr=crs[b])`` would. A sweep
-    (``eval/sweep.py``) runs several CRs of one policy in one batch this way."""
+    (``run.evaluate_variants``) runs several CRs of one policy in one batch this way."""
 
     crs: tuple[float, ...]
 

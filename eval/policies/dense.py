@@ -111,21 +111,17 @@ class DensePolicyLayer(PolicyLayer):
             return super().stream(q, k, v, valid, scale, evict)
         n = valid.sum(-1)
         allowed = self.policy.budget.slots(n.new_zeros(B)[:, None] + torch.arange(T + 1, device=n.device)[None])
-        plays: dict = {}
-        for b in range(B):
-            key = (int(n[b]), tuple(allowed[b, : int(n[b]) + 1].tolist()))
-            if key not in plays:
-                plays[key] = self.policy.replay(key[0], list(key[1]))
-            if plays[key] is None:
-                return super().stream(q, k, v, valid, scale, evict)
+        keys = [(int(m), tuple(allowed[b, : int(m) + 1].tolist())) for b, m in enumerate(n)]  # rows alike share one
+        plays = {key: self.policy.replay(key[0], list(key[1])) for key in dict.fromkeys(keys)}
+        if any(play is None for play in plays.values()):
+            return super().stream(q, k, v, valid, scale, evict)
         if not self.is_initialized:
             self._init_state(B, k.dtype, k.device)
         mask = torch.eye(T, dtype=torch.bool, device=q.device).repeat(B, 1, 1)  # padding queries: themselves
         kept = []
-        for b in range(B):
-            m = int(n[b])
-            seen, slots = plays[(m, tuple(allowed[b, : m + 1].tolist()))]
-            pad = T - m
+        for b, key in enumerate(keys):
+            seen, slots = plays[key]
+            pad = T - key[0]
             mask[b, pad:, pad:] = seen.to(q.device)
             kept.append((pad, slots))
         g = H // k.shape[1]

@@ -31,9 +31,14 @@ def run_items(store: ItemStore, items: list[tuple[str, object]], batch: int, com
     return run_rows([store], [None], items, batch, lambda payloads, _: compute(payloads), desc, group)[0]
 
 
+def sweep_name(variants: list) -> str:
+    """A sweep's progress-bar name: its first variant's, and how many CRs ride along."""
+    return variants[0][0].name + (f" (+{len(variants) - 1} CRs)" if len(variants) > 1 else "")
+
+
 def run_rows(stores: list[ItemStore], crs: list, items: list[tuple[str, object]], batch: int, compute, desc: str,
              group=None) -> list[dict[str, dict]]:
-    """``run_items`` for several variants of one model at once (a policy at several CRs, ``eval/sweep.py``): each
+    """``run_items`` for several variants of one model at once (a policy at several CRs, ``run.evaluate_variants``): each
     item missing from a variant's store is a row, rows of one item together, ``batch`` rows per call of
     ``compute(payloads, crs)`` (``crs``: each row's CR, or None when every variant has None); every variant's
     values, in ``stores`` order."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 import random
 
 from ..store import ItemStore, digest
-from . import TaskError, run_rows
+from . import TaskError, run_rows, sweep_name
 
 SETTINGS = ("needle_contexts", "needle_depths")
 NEEDLE = "# Remember this: the secret number of the archive is {n}.\n"
@@ -45,7 +45,7 @@ def run(model, opts, folder) -> dict:
 def run_sweep(model, variants: list, opts, folder) -> list[dict]:
     """The task for several variants of one loaded model at once: ``variants`` are (the variant's EvalModel view,
     its policy CR or None); one result per variant."""
-    cells = [(c, d) for c in opts.needle_contexts for d in opts.needle_depths]
+    cells = _cells(opts)
     if opts.ci_resamples:  # before any model runs
         from ..intervals import require_samples
 
@@ -55,7 +55,7 @@ def run_sweep(model, variants: list, opts, folder) -> list[dict]:
             raise TaskError(f"needle: {err}") from None
     items = [(f"{c}/{d}", build(model.tok, c, d, opts.seed)) for c, d in cells]
     settings, crs = store_settings(opts), [cr for _, cr in variants]
-    name = variants[0][0].name + (f" (+{len(variants) - 1} CRs)" if len(variants) > 1 else "")
+    name = sweep_name(variants)
 
     def scorer(question_aware: bool):
         def compute(payloads, row_crs):
@@ -85,13 +85,17 @@ def store_settings(opts) -> dict:
     return {k: getattr(opts, k) for k in SETTINGS} | {"seed": opts.seed}
 
 
+def _cells(opts) -> list[tuple[int, float]]:
+    return [(c, d) for c in opts.needle_contexts for d in opts.needle_depths]
+
+
 def item_ids(opts) -> list[str]:
-    return [f"{c}/{d}" for c in opts.needle_contexts for d in opts.needle_depths]
+    return [f"{c}/{d}" for c, d in _cells(opts)]
 
 
 def summarize(values: dict[str, dict], opts, fixed_cr: float = 1.0, question_aware: dict | None = None) -> dict:
     """The task's result from its items alone (``question_aware``: that setting's items, for a policy)."""
-    cells = [(c, d) for c in opts.needle_contexts for d in opts.needle_depths]
+    cells = _cells(opts)
     result = _summary(fixed_cr, opts, cells, values)
     result |= {"contexts": list(opts.needle_contexts), "depths": list(opts.needle_depths)}
     if question_aware is not None:

@@ -9,7 +9,7 @@ import math
 from itertools import islice
 
 from ..store import ItemStore, digest
-from . import TaskError, run_rows
+from . import TaskError, run_rows, sweep_name
 
 SETTINGS = ("ppl_source", "ppl_block", "ppl_blocks")
 
@@ -52,12 +52,8 @@ def run_sweep(model, variants: list, opts, folder, source: str | None = None, ta
                 for (nll, n), c, b in zip(scores, counts, blocks)]
 
     values = run_rows(stores, [cr for _, cr in variants], items, model.batch_size, compute,
-                      f"{_names(variants)} {task}")
+                      f"{sweep_name(variants)} {task}")
     return [summarize(v, opts, model.kv_cr) | {"source": source} for v in values]
-
-
-def _names(variants: list) -> str:
-    return variants[0][0].name + (f" (+{len(variants) - 1} CRs)" if len(variants) > 1 else "")
 
 
 def build_items(model, opts, source: str, task: str) -> list[tuple[str, list[int]]]:
