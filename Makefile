@@ -68,7 +68,7 @@ bench: venv model
 # finished evaluation item goes to eval/results/compare-135m/items (committed); the report is assembled from the
 # items alone. With every item present it prints "nothing to run" and rebuilds the same report.
 compare: venv model
-	$(PY) -m dmc.cli compare --protocol compare-135m --threads 2
+	$(PY) -m dmc.cli compare --protocol compare-135m --threads 2 --jobs 2
 
 clean:
 	rm -rf $(VENV) .cache .pytest_cache

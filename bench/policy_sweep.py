@@ -1,24 +1,28 @@
-"""The policy sweep of ``make compare``: minutes before (each policy variant alone, one model load and one pass per
-CR) and after (every CR of a policy in one batch, ``evaluate_variants``), on the protocol's own settings, and
-whether the two paths store the same answers.
+"""The policy sweep of ``make compare``: minutes before (each policy variant alone in one process, one model load
+and one pass per CR) and after (every CR of a policy in one batch, ``evaluate_variants``, the sweeps ``--jobs`` at a
+time in worker processes, as ``make compare`` runs them), on the protocol's own settings, and whether the two paths
+store the same answers.
 
-    .venv/bin/python bench/policy_sweep.py checkpoints/smollm2-135m --policies all --crs 2 4 8
-    .venv/bin/python bench/policy_sweep.py checkpoints/smollm2-135m --policies h2o --sample   # a quick look
+    .venv/bin/python bench/policy_sweep.py checkpoints/smollm2-135m CONTROL_DIR --jobs 2 --paths after  # the protocol's
+    .venv/bin/python bench/policy_sweep.py checkpoints/smollm2-135m --policies h2o --sample             # a quick look
 
-The protocol runs the sweep on two base models (vanilla and the LM-only control) of the same shape, so its
-sweep costs twice what this measures on one. Items go to temporary folders (nothing is reused between paths or
-runs). ``--sample``: 4 blocks per perplexity task and 4 needle cells, for the equality check in a few minutes.
-Answers are compared item by item: the same cache counts and needle answers, block NLLs within 1e-6 relative
-(batch composition changes float summation order).
+Give the protocol's two bases (vanilla and the LM-only control: ``make compare`` leaves the control's export in the
+run cache, ``~/.cache/dmc/runs/compare-135m/smollm2-135m-control-cpu-*/smollm2-135m-control-hf``) to time the
+whole sweep; one base times half of it (the two have the same shape). Items go to temporary folders (nothing is
+reused between paths or runs). ``--sample``: 4 blocks per perplexity task and 4 needle cells, for the equality
+check in a few minutes. Answers are compared item by item: the same cache counts and needle answers, block NLLs
+within 1e-6 relative (batch composition and thread count change float summation order).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import sys
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import torch
@@ -50,55 +54,72 @@ def compare_items(before: dict, after: dict) -> dict:
     return {"items": items, "mismatches": mismatches, "max_relative_nll_difference": worst}
 
 
+def run_sweep(model: str, name: str, crs: list[float], path: str, sample: bool, out: Path, threads: int) -> float:
+    """One policy's CRs on one base by ``path`` (in this process or a worker); its seconds."""
+    torch.set_num_threads(threads)
+    variants = [Variant(model, POLICIES[name](Budget(cr=c))) for c in crs]
+    opts = eval_options(COMPARE_135M, out, SAMPLE if sample else [])
+    opts.models = [model]
+    start = time.perf_counter()
+    if path == "before":
+        for v in variants:
+            evaluate_variant(opts, v, out, "float32")
+    else:
+        evaluate_variants(opts, variants, out, "float32")
+    return round(time.perf_counter() - start, 1)
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("model", help="the vanilla base folder (checkpoints/smollm2-135m)")
+    ap.add_argument("models", nargs="+", help="the base folders: vanilla (checkpoints/smollm2-135m), and the control")
     ap.add_argument("--policies", nargs="+", default=["all"])
     ap.add_argument("--crs", type=float, nargs="+", default=list(COMPARE_135M.crs))
     ap.add_argument("--paths", nargs="+", default=["before", "after"], choices=["before", "after"])
     ap.add_argument("--sample", action="store_true", help="a small fixed sample instead of the protocol's sizes")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--out", default="bench/results/policy_sweep.json")
+    ap.add_argument("--jobs", type=int, default=2, help="after: sweeps at once, each a process with threads / jobs")
+    ap.add_argument("--out", default=None, help="default: bench/results/policy_sweep[-sample].json")
     ns = ap.parse_args(argv)
-    torch.set_num_threads(ns.threads)
     names = sorted(POLICIES) if ns.policies == ["all"] else ns.policies
-    rows, work = [], Path(tempfile.mkdtemp(prefix="policy-sweep-"))
-    for name in names:
-        variants = [Variant(ns.model, POLICIES[name](Budget(cr=c))) for c in ns.crs]
-        row = {"policy": name, "crs": ns.crs}
-        for path in ns.paths:
-            out = work / f"{name}-{path}"
-            opts = eval_options(COMPARE_135M, out, SAMPLE if ns.sample else [])
-            opts.models = [ns.model]
-            start = time.perf_counter()
-            if path == "before":
-                for v in variants:
-                    evaluate_variant(opts, v, out, "float32")
-            else:
-                evaluate_variants(opts, variants, out, "float32")
-            row[f"{path}_s"] = round(time.perf_counter() - start, 1)
-        if len(ns.paths) == 2:
-            row["ratio"] = round(row["before_s"] / row["after_s"], 2)
-            row["agreement"] = compare_items(stored(work / f"{name}-before"), stored(work / f"{name}-after"))
-        rows.append(row)
-        print(json.dumps(row), file=sys.stderr, flush=True)
-    totals = {p: round(sum(r[f"{p}_s"] for r in rows) / 60, 1) for p in ns.paths}
+    work = Path(tempfile.mkdtemp(prefix="policy-sweep-"))
+    sweeps = [(m, n) for m in ns.models for n in names]
+    folder = {(m, n): f"{k}-{n}" for k, (m, n) in enumerate(sweeps)}
+    seconds: dict[str, dict] = {p: {} for p in ns.paths}
+    wall: dict[str, float] = {}
+    for path in ns.paths:
+        start = time.perf_counter()
+        if path == "after" and ns.jobs > 1:
+            # spawn: a forked child of a process that ran OpenMP threads can hang in its first matmul
+            with ProcessPoolExecutor(ns.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+                futures = {s: pool.submit(run_sweep, *s, ns.crs, path, ns.sample, work / f"{folder[s]}-{path}",
+                                          max(1, ns.threads // ns.jobs)) for s in sweeps}
+                seconds[path] = {folder[s]: f.result() for s, f in futures.items()}
+        else:
+            for s in sweeps:
+                seconds[path][folder[s]] = run_sweep(*s, ns.crs, path, ns.sample, work / f"{folder[s]}-{path}",
+                                                     ns.threads)
+                print(json.dumps({"path": path, "sweep": folder[s], "seconds": seconds[path][folder[s]]}),
+                      file=sys.stderr, flush=True)
+        wall[path] = round((time.perf_counter() - start) / 60, 1)
+        print(json.dumps({"path": path, "minutes": wall[path]}), file=sys.stderr, flush=True)
+    agreement = None
+    if len(ns.paths) == 2:
+        both = [{f"{folder[s]}/{k}": v for s in sweeps for k, v in stored(work / f"{folder[s]}-{p}").items()}
+                for p in ("before", "after")]
+        agreement = compare_items(*both)
     result = {"command": "bench/policy_sweep.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-              "sample": ns.sample, "threads": ns.threads, "rows": rows, "minutes_one_base": totals,
-              "minutes_protocol_two_bases": {p: round(2 * m, 1) for p, m in totals.items()}}
-    Path(ns.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(ns.out).write_text(json.dumps(result, indent=2))
-    print("| policy | " + " | ".join(f"{p} (s)" for p in ns.paths) + (" | before / after | items equal |"
-                                                                         if len(ns.paths) == 2 else " |"))
-    print("|---" * (len(ns.paths) + 1 + 2 * (len(ns.paths) == 2)) + "|")
-    for r in rows:
-        cells = [str(r[f"{p}_s"]) for p in ns.paths]
-        if "ratio" in r:
-            a = r["agreement"]
-            cells += [f"{r['ratio']:.2f}", f"{a['items'] - len(a['mismatches'])}/{a['items']} "
-                      f"(NLL within {a['max_relative_nll_difference']:.1e})"]
-        print(f"| {r['policy']} | " + " | ".join(cells) + " |")
-    print(f"one base: {totals} minutes; the protocol's two bases: {result['minutes_protocol_two_bases']}")
+              "sample": ns.sample, "threads": ns.threads, "jobs": ns.jobs, "bases": len(ns.models),
+              "minutes": wall, "sweep_seconds": seconds, "agreement": agreement}
+    out = Path(ns.out or f"bench/results/policy_sweep{'-sample' if ns.sample else ''}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"{len(sweeps)} sweeps ({len(names)} policies x {len(ns.models)} base(s), CRs {ns.crs}): " +
+          ", ".join(f"{p} {m} min" for p, m in wall.items()))
+    if agreement is not None:
+        a = agreement
+        print(f"items equal: {a['items'] - len(a['mismatches'])}/{a['items']} "
+              f"(NLL within {a['max_relative_nll_difference']:.1e} relative)")
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

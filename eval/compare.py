@@ -10,12 +10,12 @@ data as the DMC model, so "policy on the control" is the comparison that leaves 
 Every other option is ``dmc eval``'s (task sizes, batch size, device...). Finished items are cached
 under DIR/items, so rerunning continues an interrupted comparison.
 
-    dmc compare --protocol compare-135m [--assemble] [--out DIR]
+    dmc compare --protocol compare-135m [--assemble] [--out DIR] [--jobs N]
 
 runs a whole protocol (``eval/protocol.py``; ``make compare``) as a resumable chain of units: the trainings it
 needs (in the run cache, ``$DMC_RUN_CACHE``), each evaluated variant, and a report with paired statistics
 assembled from the committed items alone. ``--assemble``: only rebuild the report from the items, saying which
-units are missing.
+units are missing. ``--jobs N``: N evaluations at once, each a process with its share of ``--threads``.
 """
 
 from __future__ import annotations
@@ -41,6 +41,8 @@ def main(argv: list[str] | None = None) -> None:
                     "items (no model needed)")
     ap.add_argument("--out", default=None, help="output folder (rerun the same command to resume); with --protocol, "
                     "default: the protocol's own")
+    ap.add_argument("--jobs", type=int, default=1, help="with --protocol: evaluations at once, each a process with "
+                    "its share of --threads")
     ap.add_argument("--dmc", nargs="*", default=[], help="exported DMC folders")
     ap.add_argument("--gqa", nargs="*", default=[], help="GQA baseline folders (dmc gqa-convert, then dmc train "
                     "with model.method: gqa and dmc export)")
@@ -57,10 +59,13 @@ def main(argv: list[str] | None = None) -> None:
         for flag in ("--protocol", "--out"):
             protocol_ap.add_argument(flag, default=None)
         protocol_ap.add_argument("--assemble", action="store_true")
+        protocol_ap.add_argument("--jobs", type=int, default=1)
         ours, rest = protocol_ap.parse_known_args(argv)
         return run_protocol(ours, rest)
     ours, rest = ap.parse_known_args(argv)
     rest += ["--out", ours.out] if ours.out else []
+    if ours.jobs != 1:
+        sys.exit("dmc compare: error: --jobs runs a protocol's evaluations at once; use it with --protocol NAME")
     if ours.vanilla is None:
         sys.exit("dmc compare: error: give the vanilla model's folder (and --dmc/--control/--gqa folders), or "
                  "--protocol NAME")
@@ -98,7 +103,9 @@ def run_protocol(ours: argparse.Namespace, rest: list[str]) -> None:
         out = ours.out or spec.out
         if not out:
             raise TaskError(f"--protocol {ours.protocol}: give --out DIR (the protocol names none)")
-        results = protocol.run(spec, out, rest, assemble_only=ours.assemble)
+        if ours.jobs < 1:
+            raise TaskError(f"--jobs {ours.jobs}: give 1 or more (evaluations run at once, each with its share of --threads)")
+        results = protocol.run(spec, out, rest, assemble_only=ours.assemble, jobs=ours.jobs)
     except TaskError as err:
         sys.exit(f"dmc compare: error: {err}")
     print((Path(out) / "report.md").read_text())

@@ -169,8 +169,9 @@ def eval_options(protocol: Protocol, out: str | Path, extra: list[str] = ()):
 
 
 def run(protocol: Protocol, out: str | Path, extra: list[str] = (), assemble_only: bool = False,
-        log=print) -> dict:
-    """Train, evaluate and assemble what is missing; returns the assembled results."""
+        log=print, jobs: int = 1) -> dict:
+    """Train, evaluate and assemble what is missing; returns the assembled results. ``jobs``: evaluation groups
+    run at once (``_evaluate``)."""
     from .assemble import assemble, variant_items, write
     from .fingerprint import folder_digest
 
@@ -218,7 +219,7 @@ def run(protocol: Protocol, out: str | Path, extra: list[str] = (), assemble_onl
         if training is not None:
             ensure_trained(protocol, training, opts, log)
         if group:
-            _evaluate(protocol, group, opts, out, log, after=report)
+            _evaluate(protocol, group, opts, out, log, after=report, jobs=jobs)
     return latest["results"]
 
 
@@ -250,29 +251,68 @@ def _call(command: list[str], what: str) -> None:
                         "continue from its last checkpoint")
 
 
-def _evaluate(protocol: Protocol, todo: list[Unit], opts, out: Path, log=print, after=None) -> None:
+def _evaluate(protocol: Protocol, todo: list[Unit], opts, out: Path, log=print, after=None, jobs: int = 1) -> None:
     """Evaluate the units in ``todo``; the CRs of one policy on one model run together (``evaluate_variants``);
-    ``after()`` follows each model or sweep."""
-    from .assemble import remove_stale
-    from .policies import POLICIES, Budget
-    from .run import Variant, evaluate_variants, progress_place, sweepable
+    ``after()`` follows each model or sweep. ``jobs`` > 1: that many groups at once, each in its own process with
+    its share of ``opts.threads``. A policy's step is dozens of small tensor ops per layer and token that one
+    thread runs about as fast as two, so two single-threaded processes get through a sweep faster than one with
+    two threads (measured in docs/baselines.md). Each writes only its own variants' item files."""
+    from .run import progress_place, sweepable
 
     groups: dict[tuple, list[Unit]] = {}
     for unit in todo:  # one group per model and policy (each plain model alone)
         key = (unit.model, unit.policy) if unit.policy and sweepable(opts.tasks) else (unit,)
         groups.setdefault(key, []).append(unit)
-    dtype = opts.dtype or "float32"
-    began, done = time.perf_counter(), 0
+    places, done = [], 0
     for group in groups.values():
-        variants = [Variant(str(model_folder(protocol, u)), POLICIES[u.policy](Budget(cr=u.cr)) if u.policy else None,
-                            u.role(protocol), 16, unit_key(protocol, u)) for u in group]
-        by_name = {u.name(protocol): u for u in group}
-        minutes = (time.perf_counter() - began) / 60
-        entries = evaluate_variants(
-            opts, variants, out, dtype, progress_place(done, len(group), len(todo)), f", {minutes:.0f} min so far",
-            before_tasks=lambda view, by_name=by_name: remove_stale(protocol, by_name[view.name], opts, out,
-                                                                    view.fingerprint, log))
+        places.append(progress_place(done, len(group), len(todo)))
         done += len(group)
-        log("done " + ", ".join(e["name"] for e in entries))
+    began = time.perf_counter()
+
+    def finished(entries: list[dict]) -> None:
+        log(f"done {', '.join(e['name'] for e in entries)} ({(time.perf_counter() - began) / 60:.0f} min so far)")
         if after is not None:
             after()
+
+    if jobs <= 1 or len(groups) == 1:
+        for group, place in zip(groups.values(), places):
+            finished(_evaluate_group(protocol, group, opts, out, place, log))
+        return
+    import multiprocessing
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+
+    threads = max(1, (opts.threads or 2) // jobs)
+    # spawn, not fork: a forked child of a process that already ran OpenMP threads can hang in its first matmul
+    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"), initializer=_worker_init,
+                             initargs=(threads,)) as pool:
+        pending = {pool.submit(_evaluate_group, protocol, group, opts, out, place)
+                   for group, place in zip(groups.values(), places)}
+        try:
+            while pending:
+                ready, pending = wait(pending, return_when=FIRST_COMPLETED)
+                for future in ready:
+                    finished(future.result())  # a worker's TaskError is raised here, in one line
+        except BaseException:
+            for future in pending:  # what has not started does not start; what runs keeps its stored items
+                future.cancel()
+            raise
+
+
+def _worker_init(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+def _evaluate_group(protocol: Protocol, group: list[Unit], opts, out: Path, place: str, log=print) -> list[dict]:
+    """One model, or one policy's CRs on one model, evaluated into the item store (in this process or a worker)."""
+    from .assemble import remove_stale
+    from .policies import POLICIES, Budget
+    from .run import Variant, evaluate_variants
+
+    variants = [Variant(str(model_folder(protocol, u)), POLICIES[u.policy](Budget(cr=u.cr)) if u.policy else None,
+                        u.role(protocol), 16, unit_key(protocol, u)) for u in group]
+    by_name = {u.name(protocol): u for u in group}
+    return evaluate_variants(
+        opts, variants, out, opts.dtype or "float32", place,
+        before_tasks=lambda view: remove_stale(protocol, by_name[view.name], opts, out, view.fingerprint, log))

@@ -125,6 +125,34 @@ def test_a_unit_whose_model_changed_is_evaluated_again_not_reused(protocol_file,
             assert after["models"][name] == before["models"][name]
 
 
+@pytest.mark.slow
+def test_evaluations_in_parallel_processes_store_what_one_process_stores(protocol_file, tmp_path, monkeypatch):
+    """--jobs 2: the sweeps run two at a time in worker processes, one thread each; every item file equals the one
+    a single process writes (headers exactly, losses within float summation order), and the report lists the same
+    units, none missing."""
+    from dmc.eval.store import read_items
+
+    monkeypatch.setenv("DMC_RUN_CACHE", str(tmp_path / "runs"))
+    _, one = _run(protocol_file, tmp_path / "one", "--threads", "2")
+    _, two = _run(protocol_file, tmp_path / "two", "--threads", "2", "--jobs", "2")  # the trainings are reused
+    assert list(two["models"]) == list(one["models"]) and not two["missing"]
+    files = sorted(p.name for p in (tmp_path / "one" / "items").iterdir())
+    assert files == sorted(p.name for p in (tmp_path / "two" / "items").iterdir()) and len(files) == 7 * 3 + 4
+    for name in files:
+        (h1, a), (h2, b) = (read_items(tmp_path / run / "items" / name) for run in ("one", "two"))
+        assert h1 == h2 and a.keys() == b.keys(), name
+        for item in a:
+            assert a[item]["counts"] == b[item]["counts"] and a[item].get("answer") == b[item].get("answer")
+            if "nll" in a[item]:
+                assert b[item]["nll"] == pytest.approx(a[item]["nll"], rel=1e-6), (name, item)
+
+
+def test_jobs_is_refused_without_a_protocol_and_below_one(protocol_file, tmp_path, capsys):
+    assert "use it with --protocol" in one_line_exit(compare, "somewhere", "--jobs", "2", "--out", str(tmp_path))
+    assert "give 1 or more" in one_line_exit(compare, "--protocol", str(protocol_file), "--jobs", "0", "--out",
+                                             str(tmp_path))
+
+
 def test_assembly_refuses_items_of_two_fingerprints_for_one_unit(protocol_file, tmp_path):
     """Answers of a retrained model beside those of the old one: which are the unit's is not for assembly to
     guess. One line, and nothing written."""

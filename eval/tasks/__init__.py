@@ -39,10 +39,12 @@ def sweep_name(variants: list) -> str:
 def run_rows(stores: list[ItemStore], crs: list, items: list[tuple[str, object]], batch: int, compute, desc: str,
              group=None) -> list[dict[str, dict]]:
     """``run_items`` for several variants of one model at once (a policy at several CRs, ``run.evaluate_variants``): each
-    item missing from a variant's store is a row, rows of one item together, ``batch`` rows per call of
+    item missing from a variant's store is a row, one variant's rows after another's, ``batch`` rows per call of
     ``compute(payloads, crs)`` (``crs``: each row's CR, or None when every variant has None); every variant's
     values, in ``stores`` order."""
-    todo = [(i, p, k) for i, p in items for k, store in enumerate(stores) if i not in store]
+    # variant-major: a batch holds as few budgets as it can, so its rows evict on the same steps and its widest
+    # pair (which every row's attention is padded to) is not a CR-2 row's among CR-8 rows
+    todo = [(i, p, k) for k, store in enumerate(stores) for i, p in items if i not in store]
     groups: dict = {}
     for row in todo:
         groups.setdefault(group(row[0]) if group else None, []).append(row)
