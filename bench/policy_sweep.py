@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> None:
     wall: dict[str, float] = {}
     for path in ns.paths:
         start = time.perf_counter()
-        if path == "after" and ns.jobs > 1:
+        if path == "after" and ns.jobs > 1 and len(sweeps) > 1:
             # spawn: a forked child of a process that ran OpenMP threads can hang in its first matmul
             with ProcessPoolExecutor(ns.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
                 futures = {s: pool.submit(run_sweep, *s, ns.crs, path, ns.sample, work / f"{folder[s]}-{path}",

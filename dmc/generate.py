@@ -18,6 +18,7 @@ class ModelFolderError(ValueError):
 def load(path: str | Path, dtype: str = "float32", device: str = "cpu", kv_bits: int | None = None):
     """(model, tokenizer) of a vanilla Llama or ``dmc_llama`` model (a HF folder or a Hub id), in eval mode.
     ``kv_bits`` (DMC models): the cache's precision, 16, 8 or 4 (``dmc_kv_bits``; None: the folder's own)."""
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .hub import ModelSourceError, model_config
@@ -34,7 +35,11 @@ def load(path: str | Path, dtype: str = "float32", device: str = "cpu", kv_bits:
     if kv_bits is not None:
         check_kv_bits(model_type, kv_bits)
     path = str(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).to(device).eval()
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).to(device).eval()
+    except (OSError, SafetensorError) as err:  # a torn or foreign weights file: the folder, not the code, is at fault
+        raise ModelFolderError(f"{path}: its weights cannot be read ({str(err).splitlines()[0]}); export or "
+                               "download the folder again") from None
     if kv_bits is not None:
         model.config.dmc_kv_bits = kv_bits
     tok = AutoTokenizer.from_pretrained(path)

@@ -46,7 +46,10 @@ def _files(name: str, store_task: str, settings: dict, out: Path) -> list[tuple[
     """(file, header, items) of each store file of this variant, task and settings."""
     found = []
     for path in sorted((out / "items").glob(f"{name}.{store_task}.*.jsonl")):
-        header, items = read_items(path)
+        try:
+            header, items = read_items(path)
+        except FileNotFoundError:  # removed as stale by a `--jobs` worker between the listing and the read
+            continue
         if header and header["name"] == name and header["task"] == store_task and _same(header["settings"], settings):
             found.append((path, header, items))
     return found

@@ -74,7 +74,7 @@ COMPARE_135M = Protocol(
     policies=("h2o", "scissorhands", "snapkv", "streaming_llm", "tova"),
     crs=(2, 4, 8),
     policy_bases=("vanilla", "control"),
-    # batches of 24 rows: a policy's three CRs of 8 items (measured fastest for the sweep, 16-24 rows; 48: 1.2x slower)
+    # batches of 24 rows: measured fastest for the sweep (16-24 rows; 48: 1.2x slower); a needle length's 8 cells x 3 CRs
     eval_args=("--tasks", "ppl", "ppl_prose", "needle", "--ppl-blocks", "32", "--ppl-block", "512",
                "--needle-contexts", "256", "512", "1024", "--needle-depths", "0.1", "0.2", "0.3", "0.4", "0.5", "0.6",
                "0.7", "0.8", "--batch-size", "24", "--device", "cpu", "--dtype", "float32"),
@@ -256,7 +256,7 @@ def _evaluate(protocol: Protocol, todo: list[Unit], opts, out: Path, log=print, 
     ``after()`` follows each model or sweep. ``jobs`` > 1: that many groups at once, each in its own process with
     its share of ``opts.threads``. A policy's step is dozens of small tensor ops per layer and token that one
     thread runs about as fast as two, so two single-threaded processes get through a sweep faster than one with
-    two threads (measured in docs/baselines.md). Each writes only its own variants' item files."""
+    two threads (docs/baselines.md). Each writes only its own variants' item files."""
     from .run import progress_place, sweepable
 
     groups: dict[tuple, list[Unit]] = {}
@@ -279,29 +279,39 @@ def _evaluate(protocol: Protocol, todo: list[Unit], opts, out: Path, log=print, 
             finished(_evaluate_group(protocol, group, opts, out, place, log))
         return
     import multiprocessing
-    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
-    threads = max(1, (opts.threads or 2) // jobs)
-    # spawn, not fork: a forked child of a process that already ran OpenMP threads can hang in its first matmul
-    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"), initializer=_worker_init,
-                             initargs=(threads,)) as pool:
-        pending = {pool.submit(_evaluate_group, protocol, group, opts, out, place)
-                   for group, place in zip(groups.values(), places)}
-        try:
-            while pending:
-                ready, pending = wait(pending, return_when=FIRST_COMPLETED)
-                for future in ready:
-                    finished(future.result())  # a worker's TaskError is raised here, in one line
-        except BaseException:
-            for future in pending:  # what has not started does not start; what runs keeps its stored items
-                future.cancel()
-            raise
-
-
-def _worker_init(threads: int) -> None:
     import torch
 
+    context = multiprocessing.get_context("spawn")  # a forked child of a process that ran OpenMP can hang in a matmul
+    threads = max(1, (opts.threads or torch.get_num_threads()) // jobs)
+    pool = context.Pool(jobs, _worker_init, (threads, context.Value("i", 0)))
+    try:  # each worker takes the next group when it finishes one; results come back as they finish
+        work = [(protocol, group, opts, out, place) for group, place in zip(groups.values(), places)]
+        for entries in pool.imap_unordered(_evaluate_group_star, work):
+            finished(entries)  # a worker's TaskError is raised here, in one line
+    finally:  # an error or Ctrl-C: the running groups stop at once (their stored items stay), the rest never start
+        pool.terminate()
+        pool.join()
+
+
+def _worker_init(threads: int, counter) -> None:
+    """A worker process: its thread share, its own line for progress bars, and Ctrl-C left to the parent (which
+    stops the pool)."""
+    import signal
+
+    import torch
+
+    from .tasks import set_bar_position
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     torch.set_num_threads(threads)
+    with counter.get_lock():
+        counter.value += 1
+        set_bar_position(counter.value - 1)
+
+
+def _evaluate_group_star(args: tuple) -> list[dict]:
+    return _evaluate_group(*args)
 
 
 def _evaluate_group(protocol: Protocol, group: list[Unit], opts, out: Path, place: str, log=print) -> list[dict]:

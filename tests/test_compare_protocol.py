@@ -147,6 +147,23 @@ def test_evaluations_in_parallel_processes_store_what_one_process_stores(protoco
                 assert b[item]["nll"] == pytest.approx(a[item]["nll"], rel=1e-6), (name, item)
 
 
+@pytest.mark.parametrize("jobs", ["1", "2"])
+def test_a_workers_error_is_one_line_and_stops_the_pool(tmp_path, monkeypatch, jobs):
+    """A base whose weights cannot be read: one line naming the folder, in one process or (--jobs 2) from a worker,
+    and the run ends (no worker left running)."""
+    import multiprocessing
+
+    base = write_tiny_checkpoint(tmp_path / "tiny-llama")
+    (base / "model.safetensors").write_bytes(b"not weights")
+    spec = {"name": "broken", "base": str(base), "policies": ["h2o", "streaming_llm", "tova"], "crs": [2],
+            "eval_args": EVAL}
+    (tmp_path / "p.json").write_text(json.dumps(spec))
+    monkeypatch.setenv("DMC_RUN_CACHE", str(tmp_path / "runs"))
+    message = one_line_exit(compare, "--protocol", str(tmp_path / "p.json"), "--out", str(tmp_path / "out"),
+                            "--jobs", jobs, "--threads", "2")
+    assert "tiny-llama: its weights cannot be read" in message and not multiprocessing.active_children()
+
+
 def test_jobs_is_refused_without_a_protocol_and_below_one(protocol_file, tmp_path, capsys):
     assert "use it with --protocol" in one_line_exit(compare, "somewhere", "--jobs", "2", "--out", str(tmp_path))
     assert "give 1 or more" in one_line_exit(compare, "--protocol", str(protocol_file), "--jobs", "0", "--out",

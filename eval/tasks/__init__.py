@@ -12,6 +12,14 @@ from ..store import ItemStore
 TASKS = ("ppl", "ppl_prose", "mmlu", "humaneval", "needle", "speed")
 
 
+_BAR = {"position": None}  # this process's progress-bar line: a worker of `dmc compare --jobs` draws on its own
+
+
+def set_bar_position(line: int | None) -> None:
+    """The terminal line (0: the first) this process's task progress bars draw on; None: tqdm's default."""
+    _BAR["position"] = line
+
+
 class TaskError(ValueError):
     """Bad task input (a missing dataset, an unknown task); the message says how to fix it."""
 
@@ -50,7 +58,8 @@ def run_rows(stores: list[ItemStore], crs: list, items: list[tuple[str, object]]
         groups.setdefault(group(row[0]) if group else None, []).append(row)
     chunks = [g[s : s + batch] for g in groups.values() for s in range(0, len(g), batch)]
     total = len(items) * len(stores)
-    with tqdm(total=total, initial=total - len(todo), desc=desc, unit="item", dynamic_ncols=True) as bar:
+    with tqdm(total=total, initial=total - len(todo), desc=desc, unit="item", dynamic_ncols=True,
+              position=_BAR["position"]) as bar:
         for chunk in chunks:
             row_crs = [crs[k] for *_, k in chunk]
             values = compute([p for _, p, _ in chunk], None if all(c is None for c in row_crs) else row_crs)
