@@ -66,7 +66,8 @@ bench: venv model
 # The README's comparison as a resumable chain of units (eval/protocol.py: compare-135m): the trainings it needs
 # go to the run cache ($$DMC_RUN_CACHE, default ~/.cache/dmc/runs) and continue there after an interruption; every
 # finished evaluation item goes to eval/results/compare-135m/items (committed); the report is assembled from the
-# items alone. With every item present it prints "nothing to run" and rebuilds the same report.
+# items alone. With every item present it prints "nothing to run" and rebuilds the same report. --jobs 2: two
+# evaluations at a time, each a process with one thread (docs/baselines.md measures why).
 compare: venv model
 	$(PY) -m dmc.cli compare --protocol compare-135m --threads 2 --jobs 2
 
