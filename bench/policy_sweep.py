@@ -19,11 +19,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing
 import sys
 import tempfile
 import time
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import torch
@@ -32,6 +30,7 @@ from dmc.eval.policies import POLICIES, Budget
 from dmc.eval.protocol import COMPARE_135M, eval_options
 from dmc.eval.run import Variant, evaluate_variant, evaluate_variants
 from dmc.eval.store import read_items
+from dmc.eval.workers import in_processes
 
 SAMPLE = ["--ppl-blocks", "4", "--needle-contexts", "256", "1024", "--needle-depths", "0.2", "0.7"]
 
@@ -55,9 +54,11 @@ def compare_items(before: dict, after: dict) -> dict:
     return {"items": items, "mismatches": mismatches, "max_relative_nll_difference": worst}
 
 
-def run_sweep(model: str, name: str, crs: list[float], path: str, sample: bool, out: Path, threads: int) -> float:
-    """One policy's CRs on one base by ``path`` (in this process or a worker); its seconds."""
-    torch.set_num_threads(threads)
+def run_sweep(model: str, name: str, crs: list[float], path: str, sample: bool, out: Path,
+              threads: int | None) -> float:
+    """One policy's CRs on one base by ``path`` (``threads``: None in a worker, whose pool set them); its seconds."""
+    if threads:
+        torch.set_num_threads(threads)
     variants = [Variant(model, POLICIES[name](Budget(cr=c))) for c in crs]
     opts = eval_options(COMPARE_135M, out, SAMPLE if sample else [])
     opts.models = [model]
@@ -68,6 +69,11 @@ def run_sweep(model: str, name: str, crs: list[float], path: str, sample: bool, 
     else:
         evaluate_variants(opts, variants, out, "float32")
     return round(time.perf_counter() - start, 1)
+
+
+def timed_sweep(key: str, *args) -> tuple[str, float]:
+    """``run_sweep(*args)`` in a worker: (``key``, its seconds)."""
+    return key, run_sweep(*args)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -90,11 +96,8 @@ def main(argv: list[str] | None = None) -> None:
     for path in ns.paths:
         start = time.perf_counter()
         if path == "after" and ns.jobs > 1 and len(sweeps) > 1:
-            # spawn: a forked child of a process that ran OpenMP threads can hang in its first matmul
-            with ProcessPoolExecutor(ns.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-                futures = {s: pool.submit(run_sweep, *s, ns.crs, path, ns.sample, work / f"{folder[s]}-{path}",
-                                          max(1, ns.threads // ns.jobs)) for s in sweeps}
-                seconds[path] = {folder[s]: f.result() for s, f in futures.items()}
+            runs = [(folder[s], *s, ns.crs, path, ns.sample, work / f"{folder[s]}-{path}", None) for s in sweeps]
+            seconds[path] = dict(in_processes(timed_sweep, runs, ns.jobs, max(1, ns.threads // ns.jobs)))
         else:
             for s in sweeps:
                 seconds[path][folder[s]] = run_sweep(*s, ns.crs, path, ns.sample, work / f"{folder[s]}-{path}",

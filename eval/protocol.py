@@ -254,9 +254,7 @@ def _call(command: list[str], what: str) -> None:
 def _evaluate(protocol: Protocol, todo: list[Unit], opts, out: Path, log=print, after=None, jobs: int = 1) -> None:
     """Evaluate the units in ``todo``; the CRs of one policy on one model run together (``evaluate_variants``);
     ``after()`` follows each model or sweep. ``jobs`` > 1: that many groups at once, each in its own process with
-    its share of ``opts.threads``. A policy's step is dozens of small tensor ops per layer and token that one
-    thread runs about as fast as two, so two single-threaded processes get through a sweep faster than one with
-    two threads (docs/baselines.md). Each writes only its own variants' item files."""
+    its share of ``opts.threads`` (``workers.in_processes``); each writes only its own variants' item files."""
     from .run import progress_place, sweepable
 
     groups: dict[tuple, list[Unit]] = {}
@@ -278,40 +276,14 @@ def _evaluate(protocol: Protocol, todo: list[Unit], opts, out: Path, log=print, 
         for group, place in zip(groups.values(), places):
             finished(_evaluate_group(protocol, group, opts, out, place, log))
         return
-    import multiprocessing
-
     import torch
 
-    context = multiprocessing.get_context("spawn")  # a forked child of a process that ran OpenMP can hang in a matmul
+    from .workers import in_processes
+
     threads = max(1, (opts.threads or torch.get_num_threads()) // jobs)
-    pool = context.Pool(jobs, _worker_init, (threads, context.Value("i", 0)))
-    try:  # each worker takes the next group when it finishes one; results come back as they finish
-        work = [(protocol, group, opts, out, place) for group, place in zip(groups.values(), places)]
-        for entries in pool.imap_unordered(_evaluate_group_star, work):
-            finished(entries)  # a worker's TaskError is raised here, in one line
-    finally:  # an error or Ctrl-C: the running groups stop at once (their stored items stay), the rest never start
-        pool.terminate()
-        pool.join()
-
-
-def _worker_init(threads: int, counter) -> None:
-    """A worker process: its thread share, its own line for progress bars, and Ctrl-C left to the parent (which
-    stops the pool)."""
-    import signal
-
-    import torch
-
-    from .tasks import set_bar_position
-
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    torch.set_num_threads(threads)
-    with counter.get_lock():
-        counter.value += 1
-        set_bar_position(counter.value - 1)
-
-
-def _evaluate_group_star(args: tuple) -> list[dict]:
-    return _evaluate_group(*args)
+    work = [(protocol, group, opts, out, place) for group, place in zip(groups.values(), places)]
+    for entries in in_processes(_evaluate_group, work, jobs, threads):
+        finished(entries)  # a worker's TaskError is raised here, in one line
 
 
 def _evaluate_group(protocol: Protocol, group: list[Unit], opts, out: Path, place: str, log=print) -> list[dict]:
