@@ -109,21 +109,6 @@ class DMCLayer(SlotCacheLayer):
         self.seen_tokens += T
 
     # ---- transformers Cache API (beyond SlotCacheLayer) ----------------------------------------------
-    def select_rows(self, index: torch.Tensor) -> None:
-        """Keep/reorder/repeat sequences (beam search, num_return_sequences); blocks are copied, never shared."""
-        if self.is_initialized:
-            self.select_sequences(index.to(self.device))
-
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        self.select_rows(beam_idx)
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        if self.is_initialized:
-            self.select_rows(torch.arange(self.lens.shape[0], device=self.device).repeat_interleave(repeats))
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        self.select_rows(indices)
-
     def crop(self, tokens_to_remove: int) -> None:
         raise DMCCacheError("a DMC cache cannot be cropped (merged slots cannot be un-merged); regenerate instead")
 
@@ -159,11 +144,3 @@ class DMCCache(SlotCache):
 
     def layer(self, layer_idx: int) -> DMCLayer:
         return self.layers[layer_idx]
-
-    def batch_repeat_interleave(self, repeats: int):
-        for layer in self.layers:
-            layer.batch_repeat_interleave(repeats)
-
-    def batch_select_indices(self, indices: torch.Tensor):
-        for layer in self.layers:
-            layer.batch_select_indices(indices)

@@ -12,17 +12,33 @@ from __future__ import annotations
 import ast
 import json
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 PACKAGE = Path(__file__).resolve().parent
-CONFIG_MODULES = ["config.py"]
-MODELING_ENTRY = "modeling.py"  # the bundle is it and every module it reaches by relative imports
-AUTO_MAP = {
-    "AutoConfig": "configuration_dmc_llama.DMCLlamaConfig",
-    "AutoModel": "modeling_dmc_llama.DMCLlamaModel",
-    "AutoModelForCausalLM": "modeling_dmc_llama.DMCLlamaForCausalLM",
+
+
+@dataclass(frozen=True)
+class Bundle:
+    """What an exported folder of one method carries: its config module (bundled alone), its modeling entry (the
+    bundle is it and every module it reaches by relative imports) and the class names the auto_map points to."""
+
+    config_module: str
+    modeling_entry: str
+    title: str
+    prefix: str  # "DMC", "DMS": the classes are {prefix}LlamaConfig, {prefix}LlamaModel, {prefix}LlamaForCausalLM
+
+    def auto_map(self, model_type: str) -> dict[str, str]:
+        return {"AutoConfig": f"configuration_{model_type}.{self.prefix}LlamaConfig",
+                "AutoModel": f"modeling_{model_type}.{self.prefix}LlamaModel",
+                "AutoModelForCausalLM": f"modeling_{model_type}.{self.prefix}LlamaForCausalLM"}
+
+
+BUNDLES = {
+    "dmc_llama": Bundle("config.py", "modeling.py", "DMC Llama", "DMC"),
+    "dms_llama": Bundle("dms_config.py", "dms_modeling.py", "DMS Llama", "DMS"),
 }
 
 
@@ -87,13 +103,14 @@ def _relative_imports(rel: str) -> list[str]:
     return found
 
 
-def modeling_modules() -> list[str]:
+def modeling_modules(model_type: str = "dmc_llama") -> list[str]:
     """The modeling bundle's modules in dependency order (each after everything it imports), derived from the
-    imports of ``modeling.py``; the configuration modules go into their own file."""
+    imports of the method's modeling entry; configuration modules go into their own file."""
     order: list[str] = []
+    configs = {b.config_module for b in BUNDLES.values()}
 
     def visit(rel: str, path: tuple[str, ...]) -> None:
-        if rel in order or rel in CONFIG_MODULES:
+        if rel in order or rel in configs:
             return
         if rel in path:
             raise ExportError(f"cannot bundle the modeling code: an import cycle {' -> '.join((*path, rel))}")
@@ -101,7 +118,7 @@ def modeling_modules() -> list[str]:
             visit(dep, (*path, rel))
         order.append(rel)
 
-    visit(MODELING_ENTRY, ())
+    visit(BUNDLES[model_type].modeling_entry, ())
     return order
 
 
@@ -115,16 +132,18 @@ def _top_level_names(node: ast.stmt) -> list[str]:
     return []
 
 
-def code_files() -> dict[str, str]:
-    """The two remote-code files of an exported folder, built from this package's own sources."""
+def code_files(model_type: str = "dmc_llama") -> dict[str, str]:
+    """The two remote-code files of an exported folder of ``model_type``, built from this package's own sources."""
     from . import __version__
 
+    b = BUNDLES[model_type]
     note = f"Bundled from the dmc package {__version__} by `dmc export`; edit the package, not this file."
-    config = bundle(CONFIG_MODULES, f"DMC Llama configuration. {note}")
-    modeling = bundle(modeling_modules(), f"DMC Llama modeling code. {note}")
+    config = bundle([b.config_module], f"{b.title} configuration. {note}")
+    modeling = bundle(modeling_modules(model_type), f"{b.title} modeling code. {note}")
+    imports = f"from .configuration_{model_type} import {b.prefix}LlamaConfig\n"
     modeling = modeling.replace("from __future__ import annotations\n",
-                                "from __future__ import annotations\n\nfrom .configuration_dmc_llama import DMCLlamaConfig\n", 1)
-    return {"configuration_dmc_llama.py": config, "modeling_dmc_llama.py": modeling}
+                                f"from __future__ import annotations\n\n{imports}", 1)
+    return {f"configuration_{model_type}.py": config, f"modeling_{model_type}.py": modeling}
 
 
 def _prepare_out(out: Path, overwrite: bool) -> Path:
@@ -173,10 +192,13 @@ def write_folder(model, out: str | Path, tokenizer_source: str | Path | None = N
 
 def save_folder(model, out: str | Path, tokenizer_source: str | Path | None = None, *, dtype: str = "bfloat16",
                 overwrite: bool = False, card: dict | None = None) -> Path:
-    """Write ``model`` (a ``DMCLlamaForCausalLM``) as a self-contained HF folder at ``out`` (atomically)."""
-    if getattr(model.config, "model_type", None) != "dmc_llama":
-        raise ExportError(f"save_folder needs a DMC model (model_type 'dmc_llama'); got {model.config.model_type!r}")
-    model.fold_decision_adapters()  # same function, no extra parameters in the folder
+    """Write ``model`` (a ``DMCLlamaForCausalLM`` or ``DMSLlamaForCausalLM``) as a self-contained HF folder at ``out``
+    (atomically)."""
+    if getattr(model.config, "model_type", None) not in BUNDLES:
+        raise ExportError(f"save_folder needs a DMC or DMS model (model_type 'dmc_llama' or 'dms_llama'); got "
+                          f"{model.config.model_type!r}")
+    if hasattr(model, "fold_decision_adapters"):
+        model.fold_decision_adapters()  # same function, no extra parameters in the folder
 
     def finish(tmp: Path) -> None:  # model.save_pretrained has bundled the code; the run's card replaces its own
         (tmp / "README.md").write_text(model_card(model.config, card or {}))
@@ -185,14 +207,15 @@ def save_folder(model, out: str | Path, tokenizer_source: str | Path | None = No
 
 
 def add_remote_code(folder: str | Path, config) -> None:
-    """Make a saved DMC folder load with only transformers installed: the bundled code files, ``auto_map`` and
-    the architecture in ``config.json``, and a model card when the folder has none."""
+    """Make a saved DMC or DMS folder load with only transformers installed: the bundled code files, ``auto_map``
+    and the architecture in ``config.json``, and a model card when the folder has none."""
     folder = Path(folder)
     data = json.loads((folder / "config.json").read_text())
-    data["auto_map"] = AUTO_MAP
-    data["architectures"] = ["DMCLlamaForCausalLM"]
+    model_type = data["model_type"]
+    data["auto_map"] = BUNDLES[model_type].auto_map(model_type)
+    data["architectures"] = [f"{BUNDLES[model_type].prefix}LlamaForCausalLM"]
     (folder / "config.json").write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    for name, text in code_files().items():
+    for name, text in code_files(model_type).items():
         (folder / name).write_text(text)
     if not (folder / "README.md").exists():
         (folder / "README.md").write_text(model_card(config, {}))
@@ -227,25 +250,37 @@ def hub_card(lines: list[str], tags: list[str], base_model) -> str:
 
 
 def model_card(config, info: dict) -> str:
-    """A DMC model's card: base model, recipe, tokens seen, realised CR per layer, evaluation results if known."""
+    """A DMC or DMS model's card: base model, recipe, tokens seen, realised CR per layer, evaluation results if
+    known."""
     base = info.get("base_model", "unknown")
+    if config.model_type == "dms_llama":
+        title, target, tags = "DMS Llama", config.dms_target_cr, ["dms", "dynamic-memory-sparsification"]
+        what = (f"A Llama retrofitted with Dynamic Memory Sparsification (DMS) at a target compression ratio of "
+                f"{target:g}x: per layer, token and KV head a gate decides whether the previous token leaves the "
+                f"cache once {config.dms_window} more tokens have passed (delayed eviction).")
+        setting = f"| eviction delay (window) | {config.dms_window} |"
+    else:
+        title, target, tags = "DMC Llama", config.dmc_target_cr, ["dmc", "dynamic-memory-compression"]
+        what = (f"A Llama retrofitted with Dynamic Memory Compression (DMC) at a target compression ratio of "
+                f"{target:g}x: per layer, token and KV head the model decides whether to append its key/value "
+                "to the cache or merge it into the last slot, so the KV cache grows by about 1/CR per token.")
+        setting = f"| merge window | {config.dmc_window or 'unbounded'} |"
     lines = [
-        f"# {info.get('name', 'DMC Llama')}",
+        f"# {info.get('name', title)}",
         "",
-        f"A Llama retrofitted with Dynamic Memory Compression (DMC) at a target compression ratio of "
-        f"{config.dmc_target_cr:g}x: per layer, token and KV head the model decides whether to append its key/value "
-        "to the cache or merge it into the last slot, so the KV cache grows by about 1/CR per token.",
+        what,
         "",
         "```python",
         "from transformers import AutoModelForCausalLM, AutoTokenizer",
-        "model = AutoModelForCausalLM.from_pretrained(PATH, trust_remote_code=True)  # or `import dmc.modeling` first",
+        "model = AutoModelForCausalLM.from_pretrained(PATH, trust_remote_code=True)  "
+        f"# or `import dmc.{BUNDLES[config.model_type].modeling_entry.removesuffix('.py')}` first",
         "```",
         "",
         "| field | value |",
         "|---|---|",
         f"| base model | {base} |",
-        f"| target CR | {config.dmc_target_cr:g} |",
-        f"| merge window | {config.dmc_window or 'unbounded'} |",
+        f"| target CR | {target:g} |",
+        setting,
         f"| training step | {info.get('step', 'unknown')} |",
         f"| tokens seen | {info.get('tokens_seen', 'unknown'):,} |" if isinstance(info.get("tokens_seen"), int)
         else "| tokens seen | unknown |",
@@ -259,4 +294,4 @@ def model_card(config, info: dict) -> str:
     lines += eval_table(info)
     if info.get("recipe"):
         lines += ["", "## Recipe", "", "```json", json.dumps(info["recipe"], indent=2), "```"]
-    return hub_card(lines, ["dmc", "dynamic-memory-compression", "kv-cache-compression", "llama"], base)
+    return hub_card(lines, [*tags, "kv-cache-compression", "llama"], base)

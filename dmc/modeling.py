@@ -15,14 +15,8 @@ from typing import NamedTuple
 
 import torch
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
-from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
-from transformers.models.llama.modeling_llama import (
-    LlamaAttention,
-    LlamaDecoderLayer,
-    LlamaForCausalLM,
-    LlamaModel,
-    apply_rotary_pos_emb,
-)
+from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.models.llama.modeling_llama import LlamaAttention, LlamaDecoderLayer, apply_rotary_pos_emb
 
 from .cache import DMCCache, DMCCacheError
 from .config import DMCLlamaConfig
@@ -35,6 +29,7 @@ from .ops.quant_attention import decode_attention_quant_paged, decode_attention_
 from .ops.quant_prefill import prefill_attention_quant
 from .ops.train_attention import train_attention
 from .ops.triton_decode import cache_step_triton, decode_attention_quant_triton
+from .slot_model import SlotLlamaForCausalLM, SlotLlamaModel
 
 
 @dataclass
@@ -65,8 +60,8 @@ class DMCLlamaAttention(LlamaAttention):
     it is exactly ``LlamaAttention``.
 
     Extra keyword arguments (``DMCLlamaModel`` passes them to every layer):
-      ``dmc_valid`` (B, T) bool, False for left padding (None: every token is real);
-      ``dmc_stats`` dict, receives this layer's ``LayerDecisions`` under its ``layer_idx``.
+      ``slot_valid`` (B, T) bool, False for left padding (None: every token is real);
+      ``slot_stats`` dict, receives this layer's ``LayerDecisions`` under its ``layer_idx``.
     ``forward`` runs one of three paths: stage 1 (``stage1_multiplier`` set: vanilla attention, channel c fading
     out, nothing merges), decode (the cache already holds this layer's tokens: one token at a time into the
     paged cache) or parallel (training, evaluation, and the one-pass prefill of an empty cache).
@@ -84,7 +79,7 @@ class DMCLlamaAttention(LlamaAttention):
             return super().forward(hidden_states, position_embeddings, attention_mask, past_key_values, **kwargs)
         B, T, _ = hidden_states.shape
         q, k, v = self._project(hidden_states)  # (B, H, T, D), (B, H_kv, T, D) x 2
-        valid = kwargs.get("dmc_valid")
+        valid = kwargs.get("slot_valid")
         valid = torch.ones(B, T, dtype=torch.bool, device=q.device) if valid is None else valid
         # DMC: decisions and importances come from channel c of the pre-RoPE k and q.
         logit, omega, q0, k0 = read_decision_channel(
@@ -97,7 +92,7 @@ class DMCLlamaAttention(LlamaAttention):
             out, alpha_st, merged = self._decode(cache, q0, k0, v, logit, omega, valid, rope)
         else:
             out, alpha_st, merged = self._parallel(cache, q0, k0, v, logit, omega, valid, rope)
-        self._record(kwargs.get("dmc_stats"), alpha_st, merged, valid, omega)
+        self._record(kwargs.get("slot_stats"), alpha_st, merged, valid, omega)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1)), None
 
     def _project(self, hidden_states):
@@ -197,8 +192,12 @@ class DMCLlamaDecoderLayer(LlamaDecoderLayer):
         self.self_attn = DMCLlamaAttention(config, layer_idx)  # DMC: merge-aware attention
 
 
-class DMCLlamaModel(LlamaModel):
+class DMCLlamaModel(SlotLlamaModel):
     config_class = DMCLlamaConfig
+    cache_class = DMCCache
+    method = "DMC"
+    attentions_hint = ("output_attentions has no per-token meaning on a DMC model (queries attend to merged slots, "
+                       "not tokens); set model.config.dmc_enabled = False for the vanilla attentions")
 
     def __init__(self, config: DMCLlamaConfig):
         super().__init__(config)
@@ -207,115 +206,20 @@ class DMCLlamaModel(LlamaModel):
         )
         self.post_init()
 
-    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
-                inputs_embeds=None, use_cache=None, **kwargs) -> BaseModelOutputWithPast:
-        if not self.config.dmc_enabled:
-            return super().forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                                   past_key_values=past_key_values, inputs_embeds=inputs_embeds,
-                                   use_cache=use_cache, **kwargs)
-        want_hidden = self._check_outputs(input_ids, inputs_embeds, kwargs)
-        if inputs_embeds is None:
-            inputs_embeds = self.embed_tokens(input_ids)
-        B, T = inputs_embeds.shape[:2]
-        cache = self._cache_for(past_key_values, use_cache)
-        past = cache.get_seq_length() if cache is not None else 0
-        valid = _valid_tokens(attention_mask, T)  # DMC: padding flags reach the layers, not a 4D mask
-        if position_ids is None:
-            position_ids = (torch.arange(T, device=inputs_embeds.device) + past)[None]
-        position_embeddings = self.rotary_emb(inputs_embeds, position_ids=position_ids)
-        hidden = inputs_embeds
-        states = [hidden] if want_hidden else None  # as Llama: the embeddings, each layer's output, the last normed
-        for layer in self.layers:
-            hidden = layer(hidden, position_embeddings=position_embeddings, position_ids=position_ids,
-                           past_key_values=cache, dmc_valid=valid, **kwargs)
-            if states is not None:
-                states.append(hidden)
-        if cache is not None:
-            cache.seen_tokens = past + T
-        last = self.norm(hidden)
-        if states is not None:
-            states[-1] = last
-        return BaseModelOutputWithPast(last_hidden_state=last, past_key_values=cache,
-                                       hidden_states=tuple(states) if states is not None else None)
-
-    def _check_outputs(self, input_ids, inputs_embeds, kwargs: dict) -> bool:
-        """Refuse what a DMC forward cannot give; pops the output flags and returns whether hidden states are
-        wanted."""
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("pass exactly one of input_ids or inputs_embeds")
-        if kwargs.pop("output_attentions", None) or self.config.output_attentions:
-            raise ValueError("output_attentions has no per-token meaning on a DMC model (queries attend to merged "
-                             "slots, not tokens); set model.config.dmc_enabled = False for the vanilla attentions")
-        want_hidden = kwargs.pop("output_hidden_states", None)
-        return self.config.output_hidden_states if want_hidden is None else want_hidden
-
-    def _cache_for(self, past_key_values, use_cache) -> DMCCache | None:
-        """The caller's DMCCache, a new one (evaluation with ``use_cache``), or None; anything else is refused."""
-        use_cache = self.config.use_cache if use_cache is None else use_cache
-        if past_key_values is None and use_cache and not self.training:
-            past_key_values = DMCCache(self.config)
-        if past_key_values is not None and not isinstance(past_key_values, DMCCache):
-            raise DMCCacheError(
-                f"a dmc_llama model needs a DMCCache, got {type(past_key_values).__name__}; pass "
-                "past_key_values=DMCCache(model.config), or let generate() create it"
-            )
-        if past_key_values is not None and self.training:
-            raise DMCCacheError("DMCCache needs hard decisions: call model.eval() before caching (or use_cache=False)")
-        return past_key_values
+    def method_enabled(self) -> bool:
+        return bool(self.config.dmc_enabled)
 
 
-def _valid_tokens(attention_mask, T: int) -> torch.Tensor | None:
-    """(B, T) real-token flags of this forward's tokens from a 2D (B, past + T) mask; None: all real."""
-    if attention_mask is None:
-        return None
-    if attention_mask.dim() != 2:
-        raise ValueError("dmc_llama takes a 2D attention_mask (B, past + T) of 0/1 padding flags")
-    return attention_mask[:, -T:].bool()
-
-
-class DMCLlamaForCausalLM(LlamaForCausalLM):
+class DMCLlamaForCausalLM(SlotLlamaForCausalLM):
     config_class = DMCLlamaConfig
+    output_class = DMCCausalLMOutput
 
     def __init__(self, config: DMCLlamaConfig):
         super().__init__(config)
         self.model = DMCLlamaModel(config)  # DMC
         self.post_init()
 
-    def save_pretrained(self, save_directory, *args, **kwargs):
-        """HF's save_pretrained, plus what makes the folder load without our package: the modeling code bundled
-        into it and an ``auto_map`` (the folder ``dmc export`` writes, less the run's model card)."""
-        super().save_pretrained(save_directory, *args, **kwargs)
-        if not kwargs.get("is_main_process", True):
-            return
-        try:  # absolute and in a try: transformers' scan of the bundled copy skips it (no relative import)
-            from dmc.export import add_remote_code
-        except ImportError:  # the bundled remote code without our package: transformers copies the code files
-            return
-        add_remote_code(save_directory, self.config)
-
-    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
-                inputs_embeds=None, labels=None, use_cache=None, logits_to_keep=0, **kwargs):
-        if not self.config.dmc_enabled:
-            return super().forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                                   past_key_values=past_key_values, inputs_embeds=inputs_embeds, labels=labels,
-                                   use_cache=use_cache, logits_to_keep=logits_to_keep, **kwargs)
-        stats: dict = {}
-        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                         past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
-                         dmc_stats=stats, **kwargs)
-        hidden = out.last_hidden_state
-        rows = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-        logits = self.lm_head(hidden[:, rows, :])
-        loss = None
-        if labels is not None:
-            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size)
-        return DMCCausalLMOutput(loss=loss, logits=logits, past_key_values=out.past_key_values,
-                                 hidden_states=out.hidden_states, **self._summarise(stats))
-
-    @staticmethod
-    def _summarise(stats: dict) -> dict:
-        if not stats:
-            return {}
+    def summarise(self, stats: dict) -> dict:
         layers = [stats[i] for i in sorted(stats)]
         alphas = torch.stack([d.alpha_st for d in layers])  # (L, B, H_kv, T)
         valid = layers[0].valid  # (B, T)
@@ -325,14 +229,6 @@ class DMCLlamaForCausalLM(LlamaForCausalLM):
         alpha = (alphas * weight).sum(dim=(0, 2, 3)) / (tokens.clamp(min=1) * alphas.shape[0] * alphas.shape[2])
         omega = torch.stack([d.omega_mean for d in layers])
         return {"dmc_alpha": alpha, "dmc_merges": merges, "dmc_tokens": tokens, "dmc_omega": omega}
-
-    # DMC: generate() gets a DMCCache unless the caller passes a cache.
-    def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
-        if (self.config.dmc_enabled and model_kwargs.get("past_key_values") is None
-                and generation_config.use_cache is not False):
-            model_kwargs["past_key_values"] = DMCCache(self.config)
-            return
-        return super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
 
     # ---- stage 1 of the recipe -----------------------------------------------------------------------
     def set_stage1_multiplier(self, multiplier: float | None) -> None:

@@ -1,4 +1,5 @@
-"""One builder from any HF Llama-architecture causal LM to a ``dmc_llama`` model (same weights)."""
+"""One builder from any HF Llama-architecture causal LM to a compressed-cache model (same weights): ``dmc_llama``
+for a ``DMCConfig``, ``dms_llama`` for a ``DMSConfig``."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ import torch
 from transformers import PreTrainedModel
 
 from .config import DMCConfig, DMCLlamaConfig
+from .dms_config import DMSConfig, DMSLlamaConfig
+from .dms_modeling import DMSGate, DMSLlamaForCausalLM
 from .metrics import LLAMA_TYPES
 from .modeling import DMCLlamaForCausalLM
 
@@ -27,28 +30,40 @@ def _check_llama(model) -> None:
         raise NotLlamaError(f"dmc.retrofit needs a causal LM with an lm_head; got {type(model).__name__}")
 
 
-def dmc_config_from(llama_config, dmc: DMCConfig) -> DMCLlamaConfig:
+def dmc_config_from(llama_config, dmc: DMCConfig | DMSConfig) -> DMCLlamaConfig | DMSLlamaConfig:
+    """The method's config class over the Llama fields of ``llama_config`` (any method's own fields dropped)."""
     fields = llama_config.to_dict()
     for key in ("model_type", "architectures", "transformers_version", "auto_map"):
         fields.pop(key, None)
-    fields = {k: v for k, v in fields.items() if not k.startswith("dmc_")}
-    config = DMCLlamaConfig(**fields, **dmc.to_prefixed())
-    config.architectures = ["DMCLlamaForCausalLM"]
+    fields = {k: v for k, v in fields.items() if not k.startswith(("dmc_", "dms_"))}
+    dms = isinstance(dmc, DMSConfig)
+    config = (DMSLlamaConfig if dms else DMCLlamaConfig)(**fields, **dmc.to_prefixed())
+    config.architectures = ["DMSLlamaForCausalLM" if dms else "DMCLlamaForCausalLM"]
     config._attn_implementation = getattr(llama_config, "_attn_implementation", None) or "sdpa"
     return config
 
 
-def retrofit(model, dmc: DMCConfig | None = None) -> DMCLlamaForCausalLM:
-    """Return a ``DMCLlamaForCausalLM`` holding ``model``'s weights (MHA or GQA, tied or untied embeddings).
+def retrofit(model, dmc: DMCConfig | DMSConfig | None = None) -> DMCLlamaForCausalLM | DMSLlamaForCausalLM:
+    """Return a ``DMCLlamaForCausalLM`` (a ``DMCConfig``, the default) or a ``DMSLlamaForCausalLM`` (a
+    ``DMSConfig``: fresh gates that evict nothing) holding ``model``'s weights (MHA or GQA, tied or untied
+    embeddings).
 
-    The weights are moved, not copied: ``model`` must not be used afterwards. With ``dmc.enabled=False``
-    the result computes exactly the original model.
+    The weights are moved, not copied: ``model`` must not be used afterwards. With ``enabled=False`` the result
+    computes exactly the original model.
     """
     _check_llama(model)
     dmc = dmc or DMCConfig()
     config = dmc_config_from(model.config, dmc)
     param = next(model.parameters())
-    new, missing, unexpected = assemble(config, model.state_dict(), device=param.device)
+    dms = isinstance(dmc, DMSConfig)
+    new, missing, unexpected = assemble(config, model.state_dict(), device=param.device,
+                                        model_cls=DMSLlamaForCausalLM if dms else DMCLlamaForCausalLM)
+    if dms:  # the gates are new: built for real, evicting nothing
+        missing = [k for k in missing if ".dms_gate." not in k]
+        for layer in new.model.layers:
+            with torch.device(param.device):
+                layer.dms_gate = DMSGate(config)
+            layer.dms_gate.reset()
     if missing or unexpected:
         raise NotLlamaError(f"weights do not fit a Llama layout: missing {missing}, unexpected {unexpected}")
     new.to(param.dtype)

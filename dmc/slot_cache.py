@@ -49,6 +49,21 @@ class SlotCacheLayer(PagedSlots, CacheLayerMixin):
         self.is_initialized = False
         self.seen_tokens = 0
 
+    def select_rows(self, index: torch.Tensor) -> None:
+        """Keep/reorder/repeat sequences (beam search, num_return_sequences); blocks are copied, never shared."""
+        if self.is_initialized:
+            self.select_sequences(index.to(self.device))
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self.select_rows(beam_idx)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.is_initialized:
+            self.select_rows(torch.arange(self.lens.shape[0], device=self.device).repeat_interleave(repeats))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self.select_rows(indices)
+
 
 class SlotCache(Cache):
     """A ``Cache`` of ``SlotCacheLayer``s: ``num_slots(layer_idx)`` -> (B, H_kv) live slots;
@@ -56,6 +71,14 @@ class SlotCache(Cache):
 
     def layer(self, layer_idx: int) -> SlotCacheLayer:
         return self.layers[layer_idx]
+
+    def batch_repeat_interleave(self, repeats: int):
+        for layer in self.layers:
+            layer.batch_repeat_interleave(repeats)
+
+    def batch_select_indices(self, indices: torch.Tensor):
+        for layer in self.layers:
+            layer.batch_select_indices(indices)
 
     def num_slots(self, layer_idx: int) -> torch.Tensor:
         layer = self.layers[layer_idx]

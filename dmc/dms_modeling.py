@@ -1,0 +1,248 @@
+"""The ``dms_llama`` model: Llama whose KV cache evicts tokens after a delay (Dynamic Memory Sparsification).
+
+Per token, layer and KV head a gate on the layer's input decides whether the *previous* token leaves the cache
+once ``dms_window`` more tokens have passed (``ops/eviction_attention.py``); deviations from the upstream Llama
+classes are marked ``# DMS:``. With ``dms_enabled=False`` every class defers to its Llama parent, so the model
+computes exactly the vanilla Llama; with the gates at initialisation (zero) nothing is evicted.
+
+Bundled into exported folders like ``modeling.py`` (dmc/export.py): module-level relative imports only, top-level
+names unique across the bundled modules.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.models.llama.modeling_llama import (
+    LlamaAttention,
+    LlamaDecoderLayer,
+    LlamaRMSNorm,
+    apply_rotary_pos_emb,
+)
+
+from .dms_cache import DMSCache
+from .dms_config import DMSLlamaConfig
+from .ops.decode_attention import decode_attention, resolve_backend
+from .ops.eviction_attention import eviction_attention, hard_evictions, relaxed_evictions
+from .ops.train_attention import MASKED
+from .slot_cache import DMCCacheError
+from .slot_model import SlotLlamaForCausalLM, SlotLlamaModel
+
+
+@dataclass
+class DMSCausalLMOutput(CausalLMOutputWithPast):
+    """Adds the decisions of this forward: ``dms_alpha`` (B,) the fraction of each sequence's real tokens evicted
+    by its last token (window counted: only tokens more than ``dms_window`` behind it can be gone), averaged over
+    layers and KV heads, hard with a straight-through gradient, for the CR loss; ``dms_evicted`` (L, B, H_kv)
+    tokens gone by the last token and ``dms_tokens`` (B,) real tokens, so that the realised CR of a (layer,
+    sequence, head) is ``tokens / (tokens - evicted)``."""
+
+    dms_alpha: torch.Tensor | None = None
+    dms_evicted: torch.Tensor | None = None
+    dms_tokens: torch.Tensor | None = None
+
+
+class EvictionRecord(NamedTuple):
+    """What one attention layer decided in a forward (``slot_stats[layer_idx]``), per key (B, H_kv, T)."""
+
+    alpha_st: torch.Tensor  # straight-through hard flag of each key
+    flagged: torch.Tensor  # bool
+    valid: torch.Tensor  # (B, T) real tokens
+
+
+class DMSGate(nn.Module):
+    """The released recipe's decision adapter: its own RMSNorm and a linear map to one logit per KV head, on the
+    layer's input (the residual stream before ``input_layernorm``); logit = scale * proj(norm(x)) - offset."""
+
+    def __init__(self, config: DMSLlamaConfig):
+        super().__init__()
+        self.norm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.proj = nn.Linear(config.hidden_size, config.num_key_value_heads, bias=False)
+        self.proj.dms_zero_init = True  # _init_weights zeroes it, whichever order HF visits the modules in
+        self.scale, self.offset = config.dms_gate_scale, config.dms_gate_offset
+
+    def reset(self) -> None:
+        """Zero projection, unit norm: logit -offset everywhere, so nothing is evicted."""
+        with torch.no_grad():
+            self.proj.weight.zero_()
+            self.norm.weight.fill_(1.0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (B, T, hidden) -> logits (B, H_kv, T) in fp32 (a decision is a threshold: no low-precision flips)."""
+        return (self.proj(self.norm(x)).float() * self.scale - self.offset).transpose(1, 2)
+
+
+class DMSLlamaAttention(LlamaAttention):
+    """Llama attention over a delayed-eviction cache; with ``config.dms_enabled=False`` exactly ``LlamaAttention``.
+
+    Extra keyword arguments: ``dms_logit`` (B, H_kv, T) the gate's logits (the decoder layer computes them),
+    ``slot_valid`` and ``slot_stats`` (``slot_model.py``). ``forward`` runs one of three paths: parallel (training,
+    evaluation, the one-pass prefill of an empty cache), decode (one token per sequence into a filled cache) and
+    chunk (several tokens into a filled cache: a multi-turn prompt after generation, or chunked prefill).
+    """
+
+    def __init__(self, config: DMSLlamaConfig, layer_idx: int):
+        super().__init__(config, layer_idx)
+        self.logistic_noise = True  # DMS: training draws noise; off only to compare with the eval form
+
+    def forward(self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None, **kwargs):
+        cfg = self.config
+        if not cfg.dms_enabled:
+            kwargs.pop("dms_logit", None)
+            return super().forward(hidden_states, position_embeddings, attention_mask, past_key_values, **kwargs)
+        B, T, _ = hidden_states.shape
+        logit = kwargs["dms_logit"]
+        valid = kwargs.get("slot_valid")
+        valid = torch.ones(B, T, dtype=torch.bool, device=hidden_states.device) if valid is None else valid
+        shape = (B, T, -1, self.head_dim)
+        q = self.q_proj(hidden_states).view(shape).transpose(1, 2)
+        k = self.k_proj(hidden_states).view(shape).transpose(1, 2)
+        v = self.v_proj(hidden_states).view(shape).transpose(1, 2)
+        q, k = apply_rotary_pos_emb(q, k, *position_embeddings)  # DMS: keys are cached rotated, as Llama's
+        layer = past_key_values.layer(self.layer_idx) if past_key_values is not None else None
+        if layer is not None and bool((valid[:, 1:].long() < valid[:, :-1].long()).any()):
+            raise DMCCacheError("a DMS cache supports left padding only (pad tokens before the prompt)")
+        if layer is None or layer.seen_tokens == 0:
+            out, record = self._parallel(layer, q, k, v, logit, valid)
+        elif T == 1:
+            out, record = self._decode(layer, q, k, v, logit, valid)
+        else:
+            out, record = self._chunk(layer, q, k, v, logit, valid)
+        stats = kwargs.get("slot_stats")
+        if stats is not None:  # keyed by layer: a gradient-checkpointing recompute overwrites, never doubles
+            stats[self.layer_idx] = record
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1)), None
+
+    def _parallel(self, layer, q, k, v, logit, valid):
+        """All tokens at once; with an (empty) cache, then store the prompt's tokens that are still held."""
+        cfg = self.config
+        if self.training:
+            dec = relaxed_evictions(logit, valid, cfg.dms_tau, noise=self.logistic_noise)
+        else:
+            dec = hard_evictions(logit, valid)
+        out = eviction_attention(cfg.dms_train_attention, q, k, v, dec.key_log, dec.flag_log, cfg.dms_window,
+                                 self.scaling)
+        if layer is not None:
+            layer.add(k, v, logit > 0, valid)
+        return out, EvictionRecord(dec.alpha_st, dec.flagged, valid)
+
+    def _decode(self, layer, q, k, v, logit, valid):
+        """One token per sequence: flag its predecessor, free the slot whose delay is over (the new token takes it),
+        then attend over every held slot."""
+        decide = logit > 0
+        layer.flag_previous(decide, valid)
+        layer.add(k, v, decide, valid)
+        backend = resolve_backend(self.config.dms_decode_backend, q.device, layer.block_size)
+        out = decode_attention(backend, q[:, :, 0], layer.k_pool, layer.v_pool, layer.block_table, layer.lens,
+                               self.scaling, owned=layer.owners())
+        return out[:, :, None], self._cached_record(logit, valid)
+
+    def _chunk(self, layer, q, k, v, logit, valid):
+        """Several tokens into a filled cache in one pass: the chunk attends over the held slots (a flagged one while
+        within its delay of the query) and over itself with the window rule; then its tokens are stored."""
+        cfg = self.config
+        decide = logit > 0
+        layer.flag_previous(decide, valid)
+        keys, values, kpos, live, flagged = layer.slot_view()
+        dec = hard_evictions(logit, valid)  # within the chunk; its first token's decision is already in the cache
+        qpos = layer.chunk_positions(valid)
+        B, H = keys.shape[:2]
+        backend = "sdpa" if cfg.dms_train_attention in ("auto", "flex") else cfg.dms_train_attention
+        out = eviction_attention(
+            backend, q, torch.cat([keys, k], 2), torch.cat([values, v], 2),
+            torch.cat([torch.where(live, 0.0, MASKED), dec.key_log], -1),
+            torch.cat([torch.where(flagged, MASKED, 0.0), dec.flag_log], -1), cfg.dms_window, self.scaling,
+            qpos=qpos, kpos=torch.cat([kpos, qpos[:, None, :].expand(B, H, -1)], -1))
+        layer.add(k, v, decide, valid)
+        return out, EvictionRecord(dec.alpha_st, dec.flagged, valid)
+
+    @staticmethod
+    def _cached_record(logit, valid) -> EvictionRecord:
+        dec = hard_evictions(logit, valid)
+        return EvictionRecord(dec.alpha_st, dec.flagged, valid)
+
+
+class DMSLlamaDecoderLayer(LlamaDecoderLayer):
+    def __init__(self, config: DMSLlamaConfig, layer_idx: int):
+        super().__init__(config, layer_idx)
+        self.self_attn = DMSLlamaAttention(config, layer_idx)  # DMS: eviction-aware attention
+        self.dms_gate = DMSGate(config)  # DMS: the decision adapter
+
+    def forward(self, hidden_states, *args, **kwargs):
+        if self.self_attn.config.dms_enabled:  # DMS: the gate reads the layer's input, before input_layernorm
+            kwargs["dms_logit"] = self.dms_gate(hidden_states)
+        return super().forward(hidden_states, *args, **kwargs)
+
+
+def dms_init_weights(module, llama_init) -> None:
+    """HF's initialisation, except that a fresh gate evicts nothing (zero projection, unit norm)."""
+    if isinstance(module, DMSGate):
+        module.reset()
+    elif getattr(module, "dms_zero_init", False):
+        with torch.no_grad():
+            module.weight.zero_()
+    else:
+        llama_init(module)
+
+
+class DMSLlamaModel(SlotLlamaModel):
+    config_class = DMSLlamaConfig
+    cache_class = DMSCache
+    method = "DMS"
+    attentions_hint = ("output_attentions is not available on a DMS model; set model.config.dms_enabled = False for "
+                       "the vanilla attentions")
+
+    def __init__(self, config: DMSLlamaConfig):
+        super().__init__(config)
+        self.layers = nn.ModuleList([DMSLlamaDecoderLayer(config, i) for i in range(config.num_hidden_layers)])
+        self.post_init()
+
+    def method_enabled(self) -> bool:
+        return bool(self.config.dms_enabled)
+
+    def _init_weights(self, module):
+        dms_init_weights(module, super()._init_weights)
+
+
+class DMSLlamaForCausalLM(SlotLlamaForCausalLM):
+    config_class = DMSLlamaConfig
+    output_class = DMSCausalLMOutput
+
+    def __init__(self, config: DMSLlamaConfig):
+        super().__init__(config)
+        self.model = DMSLlamaModel(config)  # DMS
+        self.post_init()
+
+    def _init_weights(self, module):
+        dms_init_weights(module, super()._init_weights)
+
+    def gate_parameters(self) -> list[nn.Parameter]:
+        """The decision adapters' parameters: what the released recipe trains (the base stays frozen)."""
+        return [p for layer in self.model.layers for p in layer.dms_gate.parameters()]
+
+    def set_logistic_noise(self, enabled: bool) -> None:
+        """Training-mode decisions with (default) or without noise; without it and with a small ``dms_tau`` the
+        training forward computes the eval forward's hard decisions."""
+        for layer in self.model.layers:
+            layer.self_attn.logistic_noise = enabled
+
+    def summarise(self, stats: dict) -> dict:
+        layers = [stats[i] for i in sorted(stats)]
+        valid = layers[0].valid  # (B, T), left padding: the last real token is column T - 1
+        T, W = valid.shape[1], self.config.dms_window
+        gone = (torch.arange(T, device=valid.device) <= T - 1 - W - 1) & valid  # out of the last token's window
+        alphas = torch.stack([r.alpha_st for r in layers]) * gone[None, :, None, :]  # (L, B, H_kv, T)
+        evicted = torch.stack([(r.flagged & gone[:, None, :]).sum(-1) for r in layers])  # (L, B, H_kv)
+        tokens = valid.sum(-1)
+        alpha = alphas.sum(dim=(0, 2, 3)) / (tokens.clamp(min=1) * alphas.shape[0] * alphas.shape[2])
+        return {"dms_alpha": alpha, "dms_evicted": evicted, "dms_tokens": tokens}
+
+
+AutoConfig.register("dms_llama", DMSLlamaConfig, exist_ok=True)
+AutoModel.register(DMSLlamaConfig, DMSLlamaModel, exist_ok=True)
+AutoModelForCausalLM.register(DMSLlamaConfig, DMSLlamaForCausalLM, exist_ok=True)
