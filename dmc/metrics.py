@@ -20,6 +20,16 @@ def is_dmc(config) -> bool:
     return getattr(config, "model_type", None) == "dmc_llama" and bool(getattr(config, "dmc_enabled", False))
 
 
+def freed_slots(out) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(freed (L, B, H_kv), tokens (B,)) of a compressed model's forward: slots a (layer, sequence, KV head) does
+    not hold of its real tokens (DMC's merges, DMS's evictions by the last token), so that it holds
+    ``tokens - freed``; None for a model that holds every token."""
+    for freed, tokens in (("dmc_merges", "dmc_tokens"), ("dms_evicted", "dms_tokens")):
+        if getattr(out, freed, None) is not None:
+            return getattr(out, freed), getattr(out, tokens)
+    return None
+
+
 def cache_realised_cr(cache, tokens: torch.Tensor) -> list[float]:
     """Per sequence, the tokens it fed ``cache`` over its mean live slots (all layers and KV heads)."""
     slots = torch.stack([cache.num_slots(i).float() for i in range(len(cache.layers))])  # (L, B, H_kv)

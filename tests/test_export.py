@@ -249,7 +249,7 @@ def test_a_checkpoint_that_would_run_code_is_refused_unless_trusted(run, tmp_pat
 def test_a_failure_mid_export_leaves_no_folder(run, tmp_path, monkeypatch):
     import dmc.export as export_module
 
-    def broken():
+    def broken(*args):
         raise OSError("disk full")
 
     monkeypatch.setattr(export_module, "code_files", broken)
@@ -261,7 +261,7 @@ def test_a_failure_mid_export_leaves_no_folder(run, tmp_path, monkeypatch):
 def test_save_folder_refuses_a_vanilla_model(tmp_path):
     from tests.helpers import tiny_llama
 
-    with pytest.raises(ExportError, match="needs a DMC model"):
+    with pytest.raises(ExportError, match="needs a DMC or DMS model"):
         save_folder(tiny_llama(), tmp_path / "x")
 
 

@@ -129,6 +129,22 @@ def build_model(state: dict[str, torch.Tensor], info: dict):
     return model.float().eval()
 
 
+def build_dms_model(state: dict[str, torch.Tensor], info: dict):
+    """A ``DMSLlamaForCausalLM`` from a consolidated state dict (base weights and gates)."""
+    from dmc import DMSLlamaConfig, DMSLlamaForCausalLM
+    from dmc.retrofitting import assemble
+
+    config = recorded_config(info, DMSLlamaConfig)
+    model, missing, unexpected = assemble(config, state, model_cls=DMSLlamaForCausalLM)
+    if missing or unexpected:
+        raise ExportError(f"the checkpoint does not match its recorded model config (missing {missing[:3]}, "
+                          f"unexpected {unexpected[:3]}); it may be corrupt or from another model")
+    return model.float().eval()
+
+
+BUILDERS = {"dmc": build_model, "dms": build_dms_model, "gqa": build_vanilla_model, "control": build_vanilla_model}
+
+
 def _card(info: dict, checkpoint: Path) -> dict:
     card = {k: info.get(k) for k in ("base_model", "step", "tokens_seen", "cr_per_layer", "recipe")}
     summary = checkpoint.parent.parent / "summary.json"  # RUN/ckpt/step-N.ckpt -> RUN/summary.json
@@ -136,7 +152,9 @@ def _card(info: dict, checkpoint: Path) -> dict:
         validation = json.loads(summary.read_text()).get("validation")
         if validation:
             card["eval"] = {f"validation {k}": v for k, v in validation.items() if isinstance(v, (int, float))}
-    card["name"] = f"DMC {Path(str(info.get('base_model', 'Llama'))).name} ({info['config'].get('dmc_target_cr', '?')}x)"
+    method = info.get("method", "dmc")
+    target = info["config"].get(f"{method}_target_cr", "?")
+    card["name"] = f"{method.upper()} {Path(str(info.get('base_model', 'Llama'))).name} ({target}x)"
     return card
 
 
@@ -174,7 +192,9 @@ def export(checkpoint: str | Path, out: str | Path, dtype: str = "bfloat16", ove
     state, info = load_checkpoint(path, trust_checkpoint)
     method = info.get("method", "dmc")
     stage(f"building the {method} model ({sum(t.numel() for t in state.values()) / 1e6:,.0f}M parameters)")
-    model = build_model(state, info) if method == "dmc" else build_vanilla_model(state, info)
+    if method not in BUILDERS:
+        raise ExportError(f"the checkpoint's method {method!r} is not one dmc exports ({', '.join(BUILDERS)})")
+    model = BUILDERS[method](state, info)
     tok = tokenizer or info.get("base_model")
     if tok is None:
         raise ExportError("the checkpoint does not name its base model; pass --tokenizer PATH_OR_HUB_ID")

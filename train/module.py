@@ -1,5 +1,9 @@
 """The LightningModule: LM loss + one-sided CR loss (+ distillation), the three stages by step, AdamW, LR schedule.
 
+With ``model.method: dms`` the same loss trains delayed eviction: no stage 1 (the gates start evicting nothing), the
+CR loss on the fraction of each block evicted by its last token, and with ``model.trainable: gates`` the base frozen
+and the teacher the base itself (the method switched off).
+
 With ``model.method: gqa`` the same module up-trains the GQA baseline: KV heads mean-pooled at load, no CR loss,
 the same optimiser, LR schedule and number of steps (so the same token budget) as a DMC run. With
 ``model.method: control`` it trains the vanilla model the same way: the LM-only control."""
@@ -54,6 +58,8 @@ def load_for_training(recipe: Recipe, zero3: bool = False):
         return load_gqa_for_training(recipe, config, zero3)
     if m.method == "control":
         return load_control_for_training(recipe, config)
+    if m.method == "dms":
+        return load_dms_for_training(recipe, config)
     if config.model_type not in LLAMA_TYPES:
         raise ValueError(f"model.path={m.path!r} is a {config.model_type!r} model; DMC retrofits Llama-architecture "
                          "checkpoints (model_type 'llama'), e.g. checkpoints/smollm2-135m")
@@ -66,6 +72,29 @@ def load_for_training(recipe: Recipe, zero3: bool = False):
         model = dmc.DMCLlamaForCausalLM.from_pretrained(m.path, config=config, dtype=getattr(torch, m.dtype))
     else:
         model = AutoModelForCausalLM.from_pretrained(m.path, dtype=getattr(torch, m.dtype))
+    if m.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    return model
+
+
+def load_dms_for_training(recipe: Recipe, config):
+    """A Llama with fresh DMS gates (they evict nothing), or a dms_llama folder to continue; with
+    ``model.trainable: gates`` every other weight is frozen."""
+    m = recipe.model
+    if config.model_type == "llama":  # the Llama weights load straight into the DMS classes; the gates are new
+        from dmc.retrofitting import dmc_config_from
+
+        config = dmc_config_from(config, m.dms_config(recipe.schedule.target_cr))
+        model = dmc.DMSLlamaForCausalLM.from_pretrained(m.path, config=config, dtype=getattr(torch, m.dtype))
+    elif config.model_type == "dms_llama":
+        model = AutoModelForCausalLM.from_pretrained(m.path, dtype=getattr(torch, m.dtype))
+    else:
+        raise ValueError(f"model.method=dms retrofits a vanilla Llama (or continues a dms_llama folder); "
+                         f"model.path={m.path!r} is a {config.model_type!r} model")
+    if m.trainable == "gates":
+        model.requires_grad_(False)
+        for p in model.gate_parameters():
+            p.requires_grad_(True)
     if m.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     return model
@@ -142,10 +171,26 @@ class DMCTrainingModule(L.LightningModule):
             super().__setattr__(name, value)
 
     def on_fit_start(self) -> None:
-        if self.recipe.distill.enabled and self.teacher is None:
+        if self.recipe.distill.enabled and self.teacher is None and not self._base_teaches():
             from .teacher import load_teacher
 
             self.teacher = load_teacher(self.recipe, self.device)
+
+    def _base_teaches(self) -> bool:
+        """DMS with the base frozen: the teacher is the student's own base, the method switched off (exactly the
+        vanilla Llama), so no second copy of the model is loaded."""
+        return self.method == "dms" and self.recipe.model.trainable == "gates"
+
+    @torch.no_grad()
+    def _teacher_logits(self, ids: torch.Tensor) -> torch.Tensor:
+        if not self._base_teaches():
+            return self.teacher(input_ids=ids, use_cache=False).logits
+        config = self.model.config
+        config.dms_enabled = False
+        try:
+            return self.model(input_ids=ids, use_cache=False).logits
+        finally:
+            config.dms_enabled = True
 
     # ---- one step ----------------------------------------------------------------------------------
     def _enter_stage(self, step: int, micro: int) -> None:
@@ -184,20 +229,20 @@ class DMCTrainingModule(L.LightningModule):
         d = self.recipe.distill
         loss, logs = d.lm_weight * out.loss, {"train/lm_loss": out.loss.detach()}
         if d.enabled:
-            with torch.no_grad():
-                teacher_logits = self.teacher(input_ids=ids, use_cache=False).logits
-            kl = dmc.distillation_kl(out.logits, teacher_logits, d.direction, d.temperature)
+            kl = dmc.distillation_kl(out.logits, self._teacher_logits(ids), d.direction, d.temperature)
             loss = loss + d.weight * kl
             logs["train/kl_loss"] = kl.detach()
         if self.method == "dmc":
             loss = loss + self._dmc_terms(out, step, logs)
+        elif self.method == "dms":
+            loss = loss + self._dms_terms(out, step, logs)
         else:
             from dmc.gqa import kv_compression
 
             logs["train/realised_cr"] = kv_compression(self.model.config)
         logs["train/loss"] = loss.detach()
         self.log_dict(logs, prog_bar=False, on_step=True, sync_dist=False)
-        if self.method == "dmc":
+        if self.method in ("dmc", "dms"):
             self.log("cr", logs["train/realised_cr"], prog_bar=True, on_step=True)
         self.log("loss", out.loss.detach(), prog_bar=True, on_step=True)
         return loss
@@ -210,6 +255,15 @@ class DMCTrainingModule(L.LightningModule):
         logs.update({"train/cr_loss": cr_term.detach(), "train/target_cr": cr_t,
                      "train/realised_cr": dmc.cr_from_merges(**self.last_stats)["cr"],
                      "train/stage": float(stage_of(step, self.recipe)), "train/omega": out.dmc_omega.mean()})
+        return self.recipe.schedule.cr_loss_weight * cr_term
+
+    def _dms_terms(self, out, step: int, logs: dict) -> torch.Tensor:
+        """The weighted CR loss on the fraction evicted by each block's end, with DMS's telemetry added to ``logs``."""
+        cr_t = target_cr_at(step, self.recipe)
+        cr_term = dmc.cr_loss(out.dms_alpha, cr_t)
+        self.last_stats = {"merges": out.dms_evicted.float().sum(1).cpu(), "tokens": float(out.dms_tokens.sum())}
+        logs.update({"train/cr_loss": cr_term.detach(), "train/target_cr": cr_t,
+                     "train/realised_cr": dmc.cr_from_merges(**self.last_stats)["cr"]})
         return self.recipe.schedule.cr_loss_weight * cr_term
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
@@ -236,8 +290,9 @@ class DMCTrainingModule(L.LightningModule):
         ids = {id(p) for p in adapters}
         # ZeRO-3 partitions parameters into flat stubs: their real shape is ds_shape.
         ndim = lambda p: len(getattr(p, "ds_shape", p.shape))  # noqa: E731
-        decay = [p for p in self.model.parameters() if id(p) not in ids and ndim(p) >= 2]
-        no_decay = [p for p in self.model.parameters() if id(p) not in ids and ndim(p) < 2]
+        trained = [p for p in self.model.parameters() if p.requires_grad and id(p) not in ids]  # DMS gates: a few
+        decay = [p for p in trained if ndim(p) >= 2]
+        no_decay = [p for p in trained if ndim(p) < 2]
         groups = [{"params": decay, "weight_decay": o.weight_decay, "lr": o.lr},
                   {"params": no_decay, "weight_decay": 0.0, "lr": o.lr}]
         groups = [g for g in groups if g["params"]]  # DeepSpeed drops empty groups, the scheduler must agree

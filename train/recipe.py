@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Literal
 
 from dmc.config import DMCConfig
+from dmc.dms_config import DMSConfig
 
 STRATEGIES = ("auto", "ddp", "deepspeed_stage_2", "deepspeed_stage_3")
 DMC_FIELDS = ("window", "tau", "logit_offset", "weight_offset", "train_attention", "weight_eps", "channel",
@@ -19,7 +20,7 @@ class ModelSection:
 
     Args:
         path: A HF Llama folder or Hub id (or a dmc_llama folder, to continue a run's export).
-        method: dmc (learned merging); gqa (the baseline: KV heads mean-pooled to kv_heads, then the same
+        method: dmc (learned merging); dms (learned delayed eviction: the settings under model.dms); gqa (the baseline: KV heads mean-pooled to kv_heads, then the same
             continued pretraining without the CR loss); control (the LM-only control: the vanilla model trained
             on the same data, steps, optimiser, schedule and distillation, so that DMC's cost is told apart from
             fine-tuning on the domain).
@@ -40,11 +41,15 @@ class ModelSection:
         kv_group: Channels per quantisation group of the cache (one fp16 scale and minimum each); null:
             the width's default (32 at int8, 16 at int4).
         gradient_checkpointing: Recompute each layer's activations in the backward pass (memory for time).
+        dms: dms only: the DMS settings (window, tau, gate, gate_scale, gate_offset, train_attention,
+            decode_backend, block_size); its target_cr comes from schedule.target_cr.
+        trainable: dms only: gates (the decision adapters alone, the base frozen, as released; the teacher is then
+            the base itself) or all (every weight).
     """
 
     # The DMC fields take DMCConfig's defaults (dmc/config.py holds them once); dmc_config() builds it.
     path: str = "checkpoints/smollm2-135m"
-    method: Literal["dmc", "gqa", "control"] = "dmc"
+    method: Literal["dmc", "dms", "gqa", "control"] = "dmc"
     kv_heads: int | None = None
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     window: int | None = DMCConfig.window
@@ -59,6 +64,21 @@ class ModelSection:
     kv_bits: Literal[16, 8, 4] = DMCConfig.kv_bits
     kv_group: int | None = DMCConfig.kv_group
     gradient_checkpointing: bool = False
+    dms: DMSConfig = field(default_factory=DMSConfig)
+    trainable: Literal["all", "gates"] = "all"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.dms, dict):  # from YAML or the command line: the nested section as a mapping
+            try:
+                self.dms = DMSConfig(**self.dms)
+            except ValueError as err:  # DMSConfigError names the field as dms_<name>
+                raise ValueError(str(err).replace("dms_", "model.dms.")) from None
+            except TypeError as err:
+                raise ValueError(f"model.dms: {err}") from None
+
+    def dms_config(self, target_cr: float) -> DMSConfig:
+        """The model's DMSConfig at ``target_cr`` (validated by DMSConfig)."""
+        return DMSConfig(**{**asdict(self.dms), "target_cr": target_cr, "enabled": True})
 
     def dmc_config(self, target_cr: float) -> DMCConfig:
         """The model's DMCConfig: every DMC field of this section, at ``target_cr`` (validated by DMCConfig)."""
@@ -233,13 +253,18 @@ class Recipe:
 
     def validate(self) -> None:
         m, s, d, o, r, k = self.model, self.schedule, self.data, self.optim, self.run, self.distill
+        if m.method == "dms" and s.target_cr >= 1:
+            try:
+                m.dms_config(s.target_cr)
+            except ValueError as err:
+                raise ValueError(str(err).replace("dms_", "model.dms.")) from None
         if m.method == "dmc" and s.target_cr >= 1:
             try:
                 m.dmc_config(s.target_cr)
             except ValueError as err:  # DMCConfigError names the field as dmc_<name>
                 raise ValueError(str(err).replace("dmc_target_cr", "schedule.target_cr").replace("dmc_", "model.")) \
                     from None
-        checks = self._control_checks() + [
+        checks = self._control_checks() + self._dms_checks() + [
             (s.target_cr >= 1, f"schedule.target_cr={s.target_cr} must be >= 1 (e.g. 2, 4, 8)"),
             (min(s.stage1_steps, s.ramp_steps, s.finetune_steps) >= 0, "schedule.*_steps must be >= 0"),
             (self.total_steps > 0, "the schedule has no steps: set schedule.ramp_steps or finetune_steps"),
@@ -277,6 +302,20 @@ class Recipe:
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
+
+    def _dms_checks(self) -> list[tuple[bool, str]]:
+        m, k = self.model, self.distill
+        if m.method != "dms":
+            return [(m.trainable == "all", f"model.trainable={m.trainable} is for model.method: dms (its gates); "
+                     "remove it")]
+        return [
+            (self.schedule.stage1_steps == 0, f"schedule.stage1_steps={self.schedule.stage1_steps}: stage 1 fades "
+             "out DMC's decision channel; DMS gates start evicting nothing, so set schedule.stage1_steps: 0"),
+            (self.optim.decision_lr is None, "optim.decision_lr is DMC's; DMS trains its gates at optim.lr: remove it"),
+            (m.trainable != "gates" or k.teacher in (None, m.path),
+             f"distill.teacher={k.teacher!r} with model.trainable: gates: the base is frozen, so the teacher is the "
+             "base itself (the method switched off); remove distill.teacher, or set model.trainable: all"),
+        ]
 
     def _control_checks(self) -> list[tuple[bool, str]]:
         """model.method=control trains without DMC: options that only DMC (or GQA) reads are refused."""

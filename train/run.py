@@ -85,8 +85,8 @@ def parse(argv: list[str]) -> tuple[Recipe, str, int | None, bool]:
     except Exception as err:  # jsonargparse's ArgumentError: type errors, unknown --keys
         raise RecipeError(str(err).strip().splitlines()[0]) from err
     d = cfg.as_dict()
-    recipe = Recipe(**{f.name: f.default_factory(**d[f.name]) for f in dataclasses.fields(Recipe)})
     try:
+        recipe = Recipe(**{f.name: f.default_factory(**d[f.name]) for f in dataclasses.fields(Recipe)})
         recipe.validate()
     except ValueError as err:
         raise RecipeError(str(err)) from err

@@ -7,6 +7,7 @@ import math
 import torch
 
 from dmc.gqa import kv_compression
+from dmc.metrics import freed_slots
 from dmc.schedule import cr_from_merges
 
 
@@ -14,8 +15,8 @@ from dmc.schedule import cr_from_merges
 def score_sums(model, blocks: torch.Tensor, batch_size: int = 4, batches: int | None = None,
                filler: torch.Tensor | None = None) -> dict:
     """Sums over ``blocks`` (N, T) for perplexity and realised CR: ``nll`` and ``count`` (predicted tokens),
-    and for DMC models ``merges`` (L, H_kv) and ``tokens``. The DMC model runs its eval-mode parallel form,
-    which equals compressed decoding.
+    and for DMC and DMS models ``merges`` (L, H_kv: the slots freed) and ``tokens``. The model runs its eval-mode
+    parallel form, which equals compressed decoding.
 
     ``batches``: run exactly this many forwards, the ones past the last block on ``filler`` (1, T) with weight
     0, so that every rank of a sharded model (DeepSpeed ZeRO-3) calls forward as often as the others.
@@ -33,11 +34,11 @@ def score_sums(model, blocks: torch.Tensor, batch_size: int = 4, batches: int | 
         n = ids.shape[0] * (ids.shape[1] - 1) * weight
         nll += out.loss.float().item() * n
         count += n
-        m = getattr(out, "dmc_merges", None)
-        if m is not None:
-            m = m.sum(1).double().cpu() * weight  # (L, H_kv)
+        freed = freed_slots(out)
+        if freed is not None:
+            m = freed[0].sum(1).double().cpu() * weight  # (L, H_kv)
             merges = m if merges is None else merges + m
-            tokens += int(out.dmc_tokens.sum()) * weight
+            tokens += int(freed[1].sum()) * weight
     model.train(was_training)
     return {"nll": nll, "count": count, "merges": merges, "tokens": tokens}
 

@@ -1,0 +1,119 @@
+"""DMS through the user's commands on a tiny model: `dmc train --config tiny-dms` (gates only, the base frozen and
+teaching), `dmc export` to a folder that loads and generates in a fresh process without the dmc package, and one-line
+errors for bad DMS input."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("lightning")
+
+import dmc  # noqa: E402
+from dmc.train.export import export  # noqa: E402
+from dmc.train.run import main as train_main  # noqa: E402
+from tests.helpers import SMOLLM2, logged, one_line_exit, write_tiny_checkpoint  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.skipif(not (SMOLLM2 / "config.json").exists(), reason="run `make model` first")
+TRAIN = ["--config", str(ROOT / "configs/tiny-dms.yaml"), "--model.dms.gate_offset", "0.5"]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("dms")
+    tiny = str(write_tiny_checkpoint(root / "llama"))
+    train_main([*TRAIN, "--model.path", tiny, "--run.out_dir", str(root / "run")])
+    return root
+
+
+def _trained(run: Path):
+    """The trained model rebuilt by hand from the Lightning checkpoint (not through train/export.py)."""
+    from transformers import AutoModelForCausalLM
+
+    ckpt = torch.load(sorted((run / "run/ckpt").glob("step-*.ckpt"))[-1], map_location="cpu", weights_only=False)
+    model = dmc.retrofit(AutoModelForCausalLM.from_pretrained(run / "llama"),
+                         dmc.DMSConfig(target_cr=2.0, window=4, gate_offset=0.5))
+    model.load_state_dict({k.removeprefix("model."): v for k, v in ckpt["state_dict"].items()})
+    return model.eval(), ckpt
+
+
+def test_gates_only_training_follows_the_schedule_and_leaves_the_base(run):
+    rows = logged(run / "run", "train/target_cr", "train/kl_loss", "train/realised_cr")
+    assert sorted(rows) == list(range(6))
+    assert [rows[s][0] for s in range(6)] == pytest.approx([dmc.cr_schedule(s, 2.0, 4) for s in range(6)])
+    assert all(rows[s][1] >= 0 for s in rows)
+    model, ckpt = _trained(run)
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(run / "llama").state_dict()
+    for name, value in model.state_dict().items():
+        if ".dms_gate." in name:
+            continue
+        assert torch.equal(value, base[name]), name  # frozen: bit for bit the source
+    gates = [v for k, v in model.state_dict().items() if k.endswith("dms_gate.proj.weight")]
+    assert gates and all(float(g.abs().sum()) > 0 for g in gates)  # they learned
+    assert ckpt["dmc"]["method"] == "dms"
+
+
+FRESH = r"""
+import sys, json, torch
+for name in ("dmc", "train", "data", "eval"):
+    sys.modules[name] = None  # `import dmc` now fails: the folder must stand on its own
+from transformers import AutoModelForCausalLM, AutoTokenizer
+folder, out = sys.argv[1], sys.argv[2]
+model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, dtype=torch.float32).eval()
+tok = AutoTokenizer.from_pretrained(folder)
+tok.padding_side = "left"
+tok.pad_token = tok.pad_token or tok.eos_token
+batch = tok(json.loads(sys.argv[3]), return_tensors="pt", padding=True)
+with torch.no_grad():
+    logits = model(**batch, use_cache=False).logits
+    res = model.generate(**batch, max_new_tokens=12, do_sample=False, pad_token_id=tok.pad_token_id,
+                         return_dict_in_generate=True)
+torch.save({"logits": logits, "gen": res.sequences, "module": type(model).__module__,
+            "cache": type(res.past_key_values).__name__}, out)
+"""
+PROMPTS = ["def fibonacci(n):\n    if n < 2:\n        return n\n", "import os\n"]
+
+
+def test_export_round_trips_in_a_fresh_process_without_dmc(run, tmp_path):
+    from transformers import AutoTokenizer
+
+    folder = export(run / "run", tmp_path / "hf", dtype="float32")
+    config = json.loads((folder / "config.json").read_text())
+    assert config["model_type"] == "dms_llama" and config["dms_window"] == 4
+    assert {"modeling_dms_llama.py", "configuration_dms_llama.py", "README.md"} <= {p.name for p in folder.iterdir()}
+    model, _ = _trained(run)
+    tok = AutoTokenizer.from_pretrained(folder)
+    tok.padding_side, tok.pad_token = "left", tok.pad_token or tok.eos_token
+    batch = tok(PROMPTS, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        logits = model(**batch, use_cache=False).logits
+        gen = model.generate(**batch, max_new_tokens=12, do_sample=False, pad_token_id=tok.pad_token_id)
+    env = dict(os.environ, HF_HOME=str(tmp_path / "hf_home"), PYTHONPATH="")
+    result = subprocess.run([sys.executable, "-c", FRESH, str(folder), str(tmp_path / "out.pt"), json.dumps(PROMPTS)],
+                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    fresh = torch.load(tmp_path / "out.pt")
+    assert fresh["module"].startswith("transformers_modules") and fresh["cache"] == "DMSCache"
+    torch.testing.assert_close(fresh["logits"], logits, rtol=0, atol=0)
+    assert torch.equal(fresh["gen"], gen)
+
+
+@pytest.mark.parametrize("extra, words", [
+    (["--model.dms.window", "0"], "model.dms.window=0 is invalid"),
+    (["--schedule.target_cr", "0.5"], "schedule.target_cr=0.5 must be >= 1"),
+    (["--distill.teacher", "someone/else"], "remove distill.teacher, or set model.trainable: all"),
+    (["--schedule.stage1_steps", "5"], "set schedule.stage1_steps: 0"),
+    (["--model.method", "dmc"], "model.trainable=gates is for model.method: dms"),
+])
+def test_bad_dms_input_is_one_line(tmp_path, extra, words):
+    msg = one_line_exit(train_main, *TRAIN, "--model.path", str(tmp_path / "nowhere"),
+                        "--run.out_dir", str(tmp_path / "run"), *extra)
+    assert words in msg, msg
+    assert not (tmp_path / "run").exists()
