@@ -7,8 +7,8 @@ from pathlib import Path
 
 import torch
 
-from .cache import DMCCache
-from .metrics import LLAMA_TYPES, cache_realised_cr, is_dmc
+from .methods import is_compressed, method_of, new_cache
+from .metrics import LLAMA_TYPES, cache_realised_cr
 
 
 class ModelFolderError(ValueError):
@@ -16,7 +16,7 @@ class ModelFolderError(ValueError):
 
 
 def load(path: str | Path, dtype: str = "float32", device: str = "cpu", kv_bits: int | None = None):
-    """(model, tokenizer) of a vanilla Llama or ``dmc_llama`` model (a HF folder or a Hub id), in eval mode.
+    """(model, tokenizer) of a vanilla Llama, ``dmc_llama`` or ``dms_llama`` model (a HF folder or a Hub id), in eval mode.
     ``kv_bits`` (DMC models): the cache's precision, 16, 8 or 4 (``dmc_kv_bits``; None: the folder's own)."""
     from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -56,8 +56,9 @@ def check_kv_bits(model_type: str, kv_bits: int) -> None:
     if kv_bits not in KV_BITS:
         raise ModelFolderError(f"--kv-bits {kv_bits}: choose one of {', '.join(map(str, KV_BITS))}")
     if model_type != "dmc_llama" and kv_bits != 16:
-        raise ModelFolderError(f"--kv-bits {kv_bits} needs a DMC folder: a vanilla Llama keeps HF's own cache, "
-                               "which this option does not quantise; drop --kv-bits")
+        held = "a DMS cache holds 16-bit slots" if model_type == "dms_llama" else \
+            "a vanilla Llama keeps HF's own cache, which this option does not quantise"
+        raise ModelFolderError(f"--kv-bits {kv_bits} needs a DMC folder: {held}; drop --kv-bits")
 
 
 @dataclass
@@ -66,7 +67,7 @@ class Generation:
     new_tokens: torch.Tensor  # (B, max_new_tokens), pad after EOS
     realised_cr: list[float] | None  # per sequence, over prompt + generated tokens (DMC models only)
     kv_bytes: int | None
-    cache: DMCCache | None = None  # DMC models: the cache as generation left it
+    cache: object | None = None  # compressed models: the cache as generation left it
     tokens_seen: torch.Tensor | None = None  # (B,) tokens each sequence put through the cache
 
 
@@ -80,10 +81,11 @@ def cut_at_stop(text: str, stop: list[str] | None) -> str:
 def generate(model, tok, prompts: list[str], max_new_tokens: int = 64, temperature: float = 0.0,
              top_p: float = 1.0, seed: int = 0, stop: list[str] | None = None, cache=None) -> Generation:
     """Batched generation (ragged prompts left-padded); ``stop`` strings end a sequence and are cut off.
-    DMC models get a fresh ``DMCCache``; ``cache`` passes another compressed cache (with ``num_slots``)."""
+    DMC and DMS models get a fresh cache of their own; ``cache`` passes another compressed cache (with
+    ``num_slots``)."""
     batch = tok(prompts, return_tensors="pt", padding=True).to(model.device)
-    if cache is None and is_dmc(model.config):
-        cache = DMCCache(model.config)
+    if cache is None and is_compressed(model.config):
+        cache = new_cache(model.config)
     dmc = cache is not None
     torch.manual_seed(seed)
     sample = temperature > 0
@@ -127,4 +129,4 @@ def main(argv: list[str] | None = None) -> None:
     if result.kv_bytes is not None:
         bits = getattr(model.config, "dmc_kv_bits", 16)
         kv = result.kv_bytes
-        print(f"--- DMC cache: {kv / 2**20:.2f} MiB allocated ({kv:,} bytes, {bits}-bit slots)")
+        print(f"--- {method_of(model.config).label} cache: {kv / 2**20:.2f} MiB allocated ({kv:,} bytes, {bits}-bit slots)")

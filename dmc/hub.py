@@ -34,7 +34,7 @@ def model_config(source: str | Path, what: str = "model"):
     """The ``AutoConfig`` of a local folder or Hub id, or a :class:`ModelSourceError`."""
     from transformers import AutoConfig
 
-    from . import modeling  # noqa: F401  (registers dmc_llama with the Auto classes)
+    from . import dms_modeling, modeling  # noqa: F401  (register dmc_llama and dms_llama with the Auto classes)
 
     try:
         return AutoConfig.from_pretrained(str(source))

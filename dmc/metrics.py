@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-LLAMA_TYPES = ("llama", "dmc_llama")  # the model types dmc runs: vanilla Llama and its DMC retrofit
+LLAMA_TYPES = ("llama", "dmc_llama", "dms_llama")  # the model types dmc runs: vanilla Llama, its DMC and DMS retrofits
 
 
 def head_dim(config) -> int:

@@ -32,13 +32,13 @@ from tqdm.auto import tqdm
 from transformers import DynamicCache
 
 import dmc
-from dmc.cache import DMCCache
 from dmc.eval.run import check_kv_bits
 from dmc.eval.synthetic import impose_synthetic_cr
 from dmc.eval.tasks import TaskError
 from dmc.generate import ModelFolderError, load
 from dmc.hub import ModelSourceError, model_config
-from dmc.metrics import cache_realised_cr, head_dim, is_dmc
+from dmc.methods import METHODS, is_compressed, method_of, new_cache
+from dmc.metrics import cache_realised_cr, head_dim
 from dmc.paged_slots import slot_bytes
 
 
@@ -115,8 +115,8 @@ def dynamic_cache_bytes(cache: DynamicCache) -> int:
 def measure(model, ids: torch.Tensor, decode_steps: int) -> dict:
     """Prefill ``ids`` (B, T) in one call, then decode ``decode_steps`` greedy tokens one by one."""
     device = ids.device
-    compressed = is_dmc(model.config)
-    cache = DMCCache(model.config) if compressed else DynamicCache(config=model.config)
+    compressed = is_compressed(model.config)
+    cache = new_cache(model.config) if compressed else DynamicCache(config=model.config)
     gc.collect()
     with PeakMemory(device) as peak:
         _sync(device)
@@ -176,12 +176,13 @@ def variants(path: str, crs: list[float], calibration: torch.Tensor, dtype: str,
              kv_bits: tuple[int, ...] = (16,)):
     """Yield (label, model): the vanilla model first, then the DMC ones, each at every ``kv_bits``."""
     model, tok = load(path, dtype, device)
-    if model.config.model_type == "dmc_llama":
+    method = method_of(model.config)
+    if method is not None:  # a trained folder: its vanilla twin (the method switched off), then itself
         vanilla = copy.deepcopy(model)
-        vanilla.config.dmc_enabled = False
+        setattr(vanilla.config, method.switch, False)
         yield "vanilla", vanilla
         del vanilla
-        yield from with_kv_bits("dmc", model, kv_bits)
+        yield from with_kv_bits(method.name, model, kv_bits)
         return
     yield "vanilla", model
     for cr in crs:
@@ -205,7 +206,7 @@ def run(path: str, contexts: list[int], batches: list[int], crs: list[float], de
     rows: list[Row] = []
     vanilla: dict[tuple[int, int], Row] = {}
     w_bytes = None
-    dmc_folder = model_config(path).model_type == "dmc_llama"  # vanilla + itself, else vanilla + one per CR
+    dmc_folder = model_config(path).model_type in METHODS  # vanilla + itself, else vanilla + one per CR
     n_dmc = (1 if dmc_folder else len(crs)) * len(kv_bits)
     bar = tqdm(total=len(all_ids) * (1 + n_dmc), desc="dmc bench", unit="run", file=sys.stderr)
     for label, model in variants(path, crs, calibration, dtype, device, kv_bits):
@@ -302,7 +303,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         if ns.budget_seqs or ns.kv_budget:
             return _throughput_main(ns, dtype, out, fail)
-        synthetic = model_config(ns.model).model_type != "dmc_llama"
+        synthetic = model_config(ns.model).model_type not in METHODS
         rows = run(ns.model, ns.contexts, ns.batches, ns.crs, ns.decode_steps, dtype, ns.device, ns.threads,
                    ns.kv_bits)
     except (ModelFolderError, ModelSourceError) as err:
@@ -332,7 +333,7 @@ def _throughput_main(ns, dtype: str, out: Path, fail) -> None:
         fail(f"--context {ns.context} is longer than the model's {limit} positions; use --context <= {limit}")
     one = throughput.budget_bytes(config, 1, ns.context, ns.block_size, getattr(torch, dtype))
     budgets = list(ns.budget_seqs or []) + [g * 2**30 / one for g in ns.kv_budget or []]
-    synthetic = config.model_type != "dmc_llama"
+    synthetic = config.model_type not in METHODS
     most = max(ns.crs) if synthetic else 4.0
     n_requests = ns.requests or math.ceil(2 * max(budgets) * most)
     if ns.threads:

@@ -1,7 +1,8 @@
-"""``dmc compare``: the vanilla model, DMC checkpoints and every training-free policy at matched
+"""``dmc compare``: the vanilla model, DMC and DMS checkpoints and every training-free policy at matched
 compression, on the same tasks, in one table and one quality-versus-CR (Pareto) plot per task.
 
-    dmc compare VANILLA_DIR --control CONTROL_DIR --dmc DMC_DIR [...] --gqa GQA_DIR [...] --policies all \
+    dmc compare VANILLA_DIR --control CONTROL_DIR --dmc DMC_DIR [...] --dms DMS_DIR [...] --gqa GQA_DIR [...] \
+        --policies all \
         --crs 2 4 8 --tasks ppl ppl_prose needle --out DIR [--kv-bits 16 8 4 --policy-kv-bits 4]
 
 Every policy runs on the vanilla model and on each LM-only control: the control was fine-tuned on the same
@@ -44,6 +45,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--jobs", type=int, default=1, help="with --protocol: evaluations at once, each a process with "
                     "its share of --threads")
     ap.add_argument("--dmc", nargs="*", default=[], help="exported DMC folders")
+    ap.add_argument("--dms", nargs="*", default=[], help="exported DMS folders (dmc train with model.method: dms, "
+                    "then dmc export)")
     ap.add_argument("--gqa", nargs="*", default=[], help="GQA baseline folders (dmc gqa-convert, then dmc train "
                     "with model.method: gqa and dmc export)")
     ap.add_argument("--control", nargs="*", default=[], help="LM-only control folders (dmc train with model.method: "
@@ -74,8 +77,9 @@ def main(argv: list[str] | None = None) -> None:
     names = sorted(POLICIES) if ours.policies == ["all"] else ours.policies
     unknown = [n for n in names if n not in POLICIES]
     bad_cr = [c for c in ours.crs if c < 1]
-    opts = eval_parser().parse_args([ours.vanilla, *ours.control, *ours.dmc, *ours.gqa, *rest])
+    opts = eval_parser().parse_args([ours.vanilla, *ours.control, *ours.dmc, *ours.dms, *ours.gqa, *rest])
     try:
+        check_roles(ours)
         if unknown:
             raise TaskError(f"unknown policy {unknown[0]!r}; choose from {', '.join(sorted(POLICIES))} or 'all'")
         if bad_cr:
@@ -83,7 +87,7 @@ def main(argv: list[str] | None = None) -> None:
         bits = check_kv_bits(opts.kv_bits)
         policy_bits = check_kv_bits(ours.policy_kv_bits, "--policy-kv-bits") if ours.policy_kv_bits else bits
         models = [(ours.vanilla, "vanilla")] + [(c, "control") for c in ours.control]
-        models += [(d, "dmc") for d in ours.dmc] + [(g, "gqa") for g in ours.gqa]
+        models += [(d, "dmc") for d in ours.dmc] + [(d, "dms") for d in ours.dms] + [(g, "gqa") for g in ours.gqa]
         variants = [Variant(path, None, role, b) for path, role in models for b in bits]
         for base, role in [(ours.vanilla, "vanilla")] + [(c, "control") for c in ours.control]:
             variants += [Variant(base, POLICIES[n](Budget(cr=c)), role, b)
@@ -93,6 +97,28 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"dmc compare: error: {err}")
     print((Path(opts.out) / "report.md").read_text())
     print(f"wrote {Path(opts.out) / 'results.json'}, report.md and {len(results['plots'])} plots")
+
+
+# what each folder option holds: its model type, and the option for each other type
+ROLE_TYPES = {"vanilla": "llama", "control": "llama", "gqa": "llama", "dmc": "dmc_llama", "dms": "dms_llama"}
+TYPE_OPTION = {"dmc_llama": "--dmc", "dms_llama": "--dms", "llama": "--control or --gqa (or the vanilla position)"}
+
+
+def check_roles(ours: argparse.Namespace) -> None:
+    """Each folder under the option that names its kind: a DMS folder given to --dmc (and so on) is one line."""
+    from dmc.hub import ModelSourceError, model_config
+
+    for role, want in ROLE_TYPES.items():
+        paths = [ours.vanilla] if role == "vanilla" else getattr(ours, role)
+        for path in paths:
+            try:
+                got = model_config(path).model_type
+            except ModelSourceError:
+                continue  # dmc eval names a missing folder itself
+            if got != want:
+                where = "the vanilla model" if role == "vanilla" else f"--{role}"
+                raise TaskError(f"{path} is a {got!r} model, given as {where}, which takes {want!r} folders; pass it "
+                                f"with {TYPE_OPTION.get(got, 'the option for its kind')}")
 
 
 def run_protocol(ours: argparse.Namespace, rest: list[str]) -> None:

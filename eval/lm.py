@@ -1,7 +1,7 @@
-"""One evaluation interface for a vanilla Llama folder and a DMC folder.
+"""One evaluation interface for a vanilla Llama folder and a DMC or DMS folder.
 
-DMC models always run real compressed inference: every forward fills a ``DMCCache`` (one-pass prefill,
-which equals token-by-token decoding on that cache) and generation decodes on it. The cache's live
+DMC and DMS models always run real compressed inference: every forward fills the method's cache (one-pass
+prefill, which equals token-by-token decoding on that cache) and generation decodes on it. The cache's live
 slots after each call feed the realised-CR meter, so every task reports the CR it actually ran at.
 """
 
@@ -13,10 +13,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from dmc.cache import DMCCache
 from dmc.generate import generate, load
 from dmc.gqa import SOURCE_KV_HEADS, kv_compression
-from dmc.metrics import head_dim, is_dmc
+from dmc.methods import method_of, new_cache
+from dmc.metrics import head_dim
 from dmc.ops.kv_quant import check_bits, resolve_group
 from dmc.paged_slots import slot_bytes
 from dmc.schedule import cr_from_merges
@@ -24,7 +24,7 @@ from dmc.schedule import cr_from_merges
 from .fingerprint import folder_digest, model_fingerprint
 
 
-def cache_counts(cache: DMCCache, tokens: torch.Tensor) -> list[dict]:
+def cache_counts(cache, tokens: torch.Tensor) -> list[dict]:
     """Per sequence: merges (L x H_kv: tokens minus live slots) and tokens, as storable lists."""
     slots = torch.stack([cache.num_slots(i) for i in range(len(cache.layers))]).cpu()  # (L, B, H_kv)
     tokens = tokens.cpu()
@@ -65,8 +65,12 @@ class EvalModel:
         self.device = torch.device(device)
         self.batch_size = batch_size
         self.max_length = max_length or getattr(self.model.config, "max_position_embeddings", 2048)
-        self.is_dmc = is_dmc(self.model.config)
+        self.method = method_of(self.model.config)  # DMC, DMS, or None (a vanilla model)
+        self.is_dmc = self.method is not None and self.method.name == "dmc"
         self.kv_bits = check_bits(kv_bits)
+        if self.method is not None and self.method.name == "dms" and kv_bits != 16:
+            raise ValueError(f"--kv-bits {kv_bits}: {path} is a DMS model, whose cache holds 16-bit slots; drop "
+                             "--kv-bits")
         D = head_dim(self.model.config)
         group = kv_group or getattr(self.model.config, "dmc_kv_group", None)  # None: the width's default
         if kv_bits < 16 and group is not None and (group < 1 or D % min(group, D)):
@@ -88,7 +92,7 @@ class EvalModel:
             from .policies import apply_policy
 
             apply_policy(self.model)
-        self.compressed = self.is_dmc or policy is not None
+        self.compressed = self.method is not None or policy is not None
         self.kv_cr = kv_compression(self.model.config)  # a GQA baseline's cache is smaller than its source's
         self.name, self.fingerprint = self._identity(label)
         self.folder = folder_digest(path)  # what lies on disk; every item store's header records it
@@ -115,8 +119,8 @@ class EvalModel:
     def new_cache(self, question_aware: bool = False, crs: list[float] | None = None):
         """A fresh compressed cache (DMC or the policy's; ``question_aware``: the policy compresses the prompt once,
         after prefill; ``crs``: one budget per batch row, the policy's kind at each CR), or None for the vanilla model."""
-        if self.is_dmc:
-            return DMCCache(self.model.config)
+        if self.method is not None:
+            return new_cache(self.model.config)
         if self.policy is not None:
             from dataclasses import replace
 
@@ -141,8 +145,9 @@ class EvalModel:
             head_dim(cfg), torch.float16)
         if self.kv_cr != 1.0:
             info["gqa"] = {"source_kv_heads": getattr(cfg, SOURCE_KV_HEADS), "kv_heads": cfg.num_key_value_heads}
-        if self.is_dmc:
-            info["dmc_config"] = {k: v for k, v in cfg.to_dict().items() if k.startswith("dmc_")}
+        if self.method is not None:
+            prefix = f"{self.method.name}_"
+            info[f"{prefix}config"] = {k: v for k, v in cfg.to_dict().items() if k.startswith(prefix)}
         return info
 
     # ---- scoring ---------------------------------------------------------------------------------------

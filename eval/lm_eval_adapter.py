@@ -19,7 +19,8 @@ from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM  # importing lm_eval.models registers the harness's own models
 
 from dmc.gqa import kv_compression
-from dmc.metrics import is_dmc
+from dmc.methods import is_compressed
+from dmc.metrics import freed_slots
 
 from .lm import CRMeter, cache_counts
 
@@ -29,7 +30,8 @@ log = logging.getLogger(__name__)
 @register_model("dmc")
 class DMCLM(HFLM):
     def __init__(self, pretrained, device: str | None = None, dtype: str | None = None, **kwargs):
-        import dmc.modeling  # noqa: F401  (registers dmc_llama, so HFLM's AutoModelForCausalLM loads our class)
+        import dmc.dms_modeling  # noqa: F401  (registers dms_llama, so HFLM's AutoModelForCausalLM loads our class)
+        import dmc.modeling  # noqa: F401  (registers dmc_llama)
 
         if device is None or (str(device).startswith("cuda") and not torch.cuda.is_available()):
             if device is not None:  # the harness's own default is cuda, asked for or not
@@ -38,7 +40,7 @@ class DMCLM(HFLM):
         dtype = dtype or ("bfloat16" if str(device).startswith("cuda") else "float32")
         super().__init__(pretrained=pretrained, device=device, dtype=dtype, **kwargs)
         config = self.model.config
-        self.is_dmc = is_dmc(config)
+        self.is_dmc = is_compressed(config)  # DMC or DMS: their requests run on the compressed cache
         self.meter = CRMeter(kv_compression(config))  # a GQA baseline's fixed CR; a vanilla model's 1
 
     @classmethod
@@ -57,7 +59,8 @@ class DMCLM(HFLM):
             return super()._model_call(inps, attn_mask, labels)
         with torch.no_grad():
             out = self.model(inps, use_cache=True)  # the compressed cache's prefill: equal to decoding on it
-        self._count(out.dmc_merges.cpu(), out.dmc_tokens.cpu())
+        freed, tokens = freed_slots(out)
+        self._count(freed.cpu(), tokens.cpu())
         return out.logits
 
     def _model_generate(self, context, max_length: int, stop: list[str], **generation_kwargs):

@@ -28,8 +28,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from dmc.cache import DMCCache
-from dmc.metrics import is_dmc
+from dmc.methods import is_compressed
+from dmc.methods import new_cache as method_cache
 from dmc.slot_cache import SlotCache
 
 from .policies import KeepAll, Policy, PolicyCache, policy_attention
@@ -86,11 +86,11 @@ class ServeStats:
 
 
 def new_cache(model, policy: Policy | None, block_size: int) -> SlotCache:
-    """A DMC model's own cache; a vanilla Llama's policy cache (``KeepAll``: every token kept)."""
-    if is_dmc(model.config):
+    """A DMC or DMS model's own cache; a vanilla Llama's policy cache (``KeepAll``: every token kept)."""
+    if is_compressed(model.config):
         if policy is not None:
-            raise ValueError("an eviction policy runs on a vanilla Llama, not on a DMC model")
-        return DMCCache(model.config, block_size=block_size)
+            raise ValueError("an eviction policy runs on a vanilla Llama, not on a DMC or DMS model")
+        return method_cache(model.config, block_size=block_size)
     return PolicyCache(model.config, policy or KeepAll(), block_size=block_size)
 
 
@@ -272,7 +272,7 @@ def serve(model, requests: list[Request], budget_bytes: int, policy: Policy | No
     scores: list[torch.Tensor | None] = [None] * len(requests)
     queue = deque(enumerate(requests))
     staged = None  # a prefilled request waiting for room
-    context = nullcontext() if is_dmc(model.config) else policy_attention(model)
+    context = nullcontext() if is_compressed(model.config) else policy_attention(model)
     t0 = time.perf_counter()
     with context:
         while queue or staged or any(r is not None for r in server.rows):

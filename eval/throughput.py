@@ -21,7 +21,8 @@ import torch
 from tqdm.auto import tqdm
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
-from dmc.metrics import head_dim, is_dmc
+from dmc.methods import METHODS, is_compressed
+from dmc.metrics import head_dim
 from dmc.paged_slots import slot_bytes
 
 from .bench import prompts, weight_bytes
@@ -70,7 +71,7 @@ def budget_bytes(config, seqs: float, context: int, block_size: int, dtype: torc
 
 def as_plain_llama(model) -> LlamaForCausalLM:
     """A DMC folder's vanilla twin as a plain Llama (same weights), so that it runs on the policy cache."""
-    fields = {k: v for k, v in model.config.to_dict().items() if not k.startswith("dmc_")}
+    fields = {k: v for k, v in model.config.to_dict().items() if not k.startswith(("dmc_", "dms_"))}
     fields.pop("model_type", None)
     fields.pop("auto_map", None)
     plain = LlamaForCausalLM(LlamaConfig(**fields)).to(model.dtype).to(model.device).eval()
@@ -114,7 +115,7 @@ def run(variants, n_variants: int, tokenizer, budgets: list[float], context: int
     rows, vanilla = [], {}
     bar = tqdm(total=n_variants * len(budgets), desc="dmc bench (KV budget)", unit="run", file=sys.stderr)
     for label, model in variants:
-        if label == "vanilla" and model.config.model_type == "dmc_llama":
+        if label == "vanilla" and model.config.model_type in METHODS:
             model = as_plain_llama(model)
         w = weight_bytes(model)
         for seqs in budgets:
@@ -124,7 +125,7 @@ def run(variants, n_variants: int, tokenizer, budgets: list[float], context: int
             row = ThroughputRow(label, seqs, budget, len(requests), st.mean_realised_cr, st.mean_in_flight,
                                 st.max_in_flight, st.tokens_per_s, st.decode_tokens_per_s, st.mean_kv_bytes,
                                 st.peak_bytes, st.preempted)
-            if not is_dmc(model.config):
+            if not is_compressed(model.config):
                 vanilla[seqs] = row
                 if hf_baseline:
                     row.hf_static_batch, row.hf_tokens_per_s = hf_static(model, requests, budget)

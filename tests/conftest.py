@@ -38,7 +38,9 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
-    """A tiny vanilla Llama folder and a DMC retrofit of it with mixed decisions (about half merge)."""
+    """A tiny vanilla Llama folder, a DMC retrofit of it with mixed decisions (about half merge) and a DMS retrofit
+    with random gates (about half flagged, window 3)."""
+    import torch
     from transformers import AutoModelForCausalLM
 
     import dmc
@@ -50,4 +52,10 @@ def folders(tmp_path_factory):
     model = dmc.retrofit(AutoModelForCausalLM.from_pretrained(vanilla), dmc.DMCConfig(window=12)).eval()
     drive_mixed_decisions(model)
     save_folder(model, root / "tiny-dmc", vanilla, dtype="float32")
-    return vanilla, root / "tiny-dmc"
+    dms = dmc.retrofit(AutoModelForCausalLM.from_pretrained(vanilla), dmc.DMSConfig(window=3, gate_offset=0.0)).eval()
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for layer in dms.model.layers:
+            layer.dms_gate.proj.weight.copy_(torch.randn(layer.dms_gate.proj.weight.shape, generator=g) * 0.1)
+    save_folder(dms, root / "tiny-dms", vanilla, dtype="float32")
+    return vanilla, root / "tiny-dmc", root / "tiny-dms"
