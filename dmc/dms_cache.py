@@ -70,6 +70,8 @@ class DMSLayer(SlotCacheLayer):
         R = self.window + 1
         if not self.is_initialized:
             self._init_state(B, keys.dtype, keys.device)
+        if T == 1:  # decoding: the same rule, without the sort
+            return self._add_one(keys[:, :, 0], values[:, :, 0], valid[:, 0])
         n = valid.sum(-1)
         end = self.seen + n - 1  # the last position after the chunk
         ring_pos, ring_held, old_slot, old_flag = self._ring()
@@ -105,6 +107,27 @@ class DMSLayer(SlotCacheLayer):
             ring.copy_(wide[..., :R])
         self.seen = self.seen + n
         self.seen_tokens += T
+
+    def _add_one(self, keys: torch.Tensor, values: torch.Tensor, valid: torch.Tensor) -> None:
+        """``add`` of one token per sequence (decoding), in O(1) per pair: only the token ``window + 1`` back can
+        leave, and the new token takes its slot if it does. keys, values (B, H_kv, D); valid (B,)."""
+        B, H, R = self.ring_slot.shape
+        at = (self.seen % R)[:, None, None].expand(B, H, 1)  # the ring entry of token seen - R, and of the new token
+        old = self.ring_slot.gather(-1, at)[..., 0]
+        live = valid[:, None].expand(B, H)
+        reuse = self.ring_flag.gather(-1, at)[..., 0] & live  # entries of positions < 0 were never flagged
+        slot = torch.where(reuse, old, self.lens)
+        append = live & ~reuse
+        self.allocate(append & (slot % self.block_size == 0), slot // self.block_size)
+        self.lens = self.lens + append.long()
+        b, h = live.nonzero(as_tuple=True)
+        self.write(b, h, slot[b, h], keys[b, h], values[b, h])
+        blk, off = self.locate(b, h, slot[b, h])
+        self.pos_pool[blk, off] = self.seen[b]
+        self.ring_slot.scatter_(-1, at, torch.where(live, slot, old)[..., None])
+        self.ring_flag.scatter_(-1, at, self.ring_flag.gather(-1, at) & ~live[..., None])
+        self.seen = self.seen + valid.long()
+        self.seen_tokens += 1
 
     def _allocate_up_to(self, lens: torch.Tensor) -> None:
         """Blocks so that pair (b, h) can hold ``lens[b, h]`` slots."""

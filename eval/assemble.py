@@ -152,7 +152,8 @@ def write(results: dict, opts, out: Path) -> None:
 
 def _pairs(protocol: Protocol) -> list[tuple[Unit, Unit, bool]]:
     """(method, reference, policy reference?) for every pair the report compares: each model and policy against
-    the vanilla model and the control; each compressor against every policy at its CR."""
+    the vanilla model and the control; each compressor against every policy at its CR; DMS against DMC at the same
+    CR."""
     control = next((t.key for t in protocol.trainings if t.role == "control"), None)
     refs = [Unit("vanilla")] + ([Unit(control)] if control else [])
     every = units(protocol)
@@ -160,6 +161,9 @@ def _pairs(protocol: Protocol) -> list[tuple[Unit, Unit, bool]]:
     for t in protocol.trainings:
         if t.cr is not None:
             pairs += [(Unit(t.key), p, True) for p in every if p.policy and p.cr == t.cr]
+    # the two learned methods at the same CR: DMS against DMC (never the reverse: one row per pair)
+    pairs += [(Unit(a.key), Unit(b.key), False) for a in protocol.trainings for b in protocol.trainings
+              if a.role == "dms" and b.role == "dmc" and a.cr is not None and a.cr == b.cr]
     return pairs
 
 

@@ -40,7 +40,7 @@ class Training:
     key: str
     recipe: str
     export: str
-    role: str  # "control", "dmc" or "gqa"
+    role: str  # "control", "dmc", "dms" or "gqa"
     cr: float | None = None  # the policy CR its paired comparisons use (None: not a compressor)
 
 
