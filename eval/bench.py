@@ -33,7 +33,7 @@ from transformers import DynamicCache
 
 import dmc
 from dmc.eval.run import check_kv_bits
-from dmc.eval.synthetic import impose_synthetic_cr
+from dmc.eval.synthetic import impose_synthetic_cr, impose_synthetic_dms
 from dmc.eval.tasks import TaskError
 from dmc.generate import ModelFolderError, load
 from dmc.hub import ModelSourceError, model_config
@@ -173,29 +173,35 @@ def with_kv_bits(label: str, model, kv_bits: tuple[int, ...]):
 
 
 def variants(path: str, crs: list[float], calibration: torch.Tensor, dtype: str, device: str,
-             kv_bits: tuple[int, ...] = (16,)):
-    """Yield (label, model): the vanilla model first, then the DMC ones, each at every ``kv_bits``."""
+             kv_bits: tuple[int, ...] = (16,), method: str = "dmc", dms_window: int = 32):
+    """Yield (label, model): the vanilla model first, then the compressed ones (a trained folder itself, or one
+    synthetic ``method`` model per CR), each at every ``kv_bits``."""
     model, tok = load(path, dtype, device)
-    method = method_of(model.config)
-    if method is not None:  # a trained folder: its vanilla twin (the method switched off), then itself
+    trained = method_of(model.config)
+    if trained is not None:  # a trained folder: its vanilla twin (the method switched off), then itself
         vanilla = copy.deepcopy(model)
-        setattr(vanilla.config, method.switch, False)
+        setattr(vanilla.config, trained.switch, False)
         yield "vanilla", vanilla
         del vanilla
-        yield from with_kv_bits(method.name, model, kv_bits)
+        yield from with_kv_bits(trained.name, model, kv_bits)
         return
     yield "vanilla", model
     for cr in crs:
         base = copy.deepcopy(model)
-        dmc_model = dmc.retrofit(base, dmc.DMCConfig(target_cr=cr)).to(device).eval()
-        got = impose_synthetic_cr(dmc_model, cr, calibration.to(device))
-        print(f"synthetic {cr:g}x: decision rows calibrated, realised {got:.2f}x on the calibration text")
-        yield from with_kv_bits(f"dmc synthetic {cr:g}x", dmc_model, kv_bits)
+        if method == "dms":
+            dmc_model = dmc.retrofit(base, dmc.DMSConfig(target_cr=cr, window=dms_window)).to(device).eval()
+            got = impose_synthetic_dms(dmc_model, cr, calibration.to(device))
+        else:
+            dmc_model = dmc.retrofit(base, dmc.DMCConfig(target_cr=cr)).to(device).eval()
+            got = impose_synthetic_cr(dmc_model, cr, calibration.to(device))
+        print(f"synthetic {method} {cr:g}x: decisions calibrated, realised {got:.2f}x on the calibration text")
+        yield from with_kv_bits(f"{method} synthetic {cr:g}x", dmc_model, kv_bits)
         del dmc_model
 
 
 def run(path: str, contexts: list[int], batches: list[int], crs: list[float], decode_steps: int, dtype: str,
-        device: str, threads: int | None, kv_bits: tuple[int, ...] = (16,)) -> list[Row]:
+        device: str, threads: int | None, kv_bits: tuple[int, ...] = (16,), method: str = "dmc",
+        dms_window: int = 32) -> list[Row]:
     if threads:
         torch.set_num_threads(threads)
     from transformers import AutoTokenizer
@@ -209,7 +215,7 @@ def run(path: str, contexts: list[int], batches: list[int], crs: list[float], de
     dmc_folder = model_config(path).model_type in METHODS  # vanilla + itself, else vanilla + one per CR
     n_dmc = (1 if dmc_folder else len(crs)) * len(kv_bits)
     bar = tqdm(total=len(all_ids) * (1 + n_dmc), desc="dmc bench", unit="run", file=sys.stderr)
-    for label, model in variants(path, crs, calibration, dtype, device, kv_bits):
+    for label, model in variants(path, crs, calibration, dtype, device, kv_bits, method, dms_window):
         w_bytes = w_bytes or weight_bytes(model)
         measure(model, calibration[:, :64].to(device), 2)  # warm-up: first calls pay for allocations
         for (context, batch), ids in all_ids.items():
@@ -270,6 +276,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--contexts", type=int, nargs="+", default=[1024, 2048, 4096])
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--crs", type=float, nargs="+", default=[2, 4, 8], help="synthetic CRs (vanilla MODEL only)")
+    ap.add_argument("--method", choices=("dmc", "dms"), default="dmc", help="the synthetic models' method (vanilla "
+                    "MODEL only): dmc merges, dms evicts after --dms-window tokens")
+    ap.add_argument("--dms-window", type=int, default=32, help="the synthetic DMS models' eviction delay (>= 1)")
     ap.add_argument("--decode-steps", type=int, default=16)
     ap.add_argument("--kv-bits", type=int, nargs="+", default=[16], help="DMC cache precisions to run: 16, 8 "
                     "and/or 4 (closed slots as integer codes; the vanilla model keeps HF's cache)")
@@ -293,6 +302,10 @@ def main(argv: list[str] | None = None) -> None:
     fail = lambda msg: sys.exit(f"dmc bench: error: {msg}")  # noqa: E731
     if any(c < 1 for c in ns.crs):
         fail("every --crs value must be >= 1")
+    if ns.dms_window < 1:
+        fail(f"--dms-window {ns.dms_window}: the eviction delay must be >= 1 token")
+    if ns.method == "dms" and any(k != 16 for k in ns.kv_bits):
+        fail("--kv-bits: a DMS cache holds 16-bit slots; drop --kv-bits with --method dms")
     try:
         ns.kv_bits = check_kv_bits(ns.kv_bits)  # dmc eval's check: the same flag, the same message
     except TaskError as err:
@@ -305,7 +318,7 @@ def main(argv: list[str] | None = None) -> None:
             return _throughput_main(ns, dtype, out, fail)
         synthetic = model_config(ns.model).model_type not in METHODS
         rows = run(ns.model, ns.contexts, ns.batches, ns.crs, ns.decode_steps, dtype, ns.device, ns.threads,
-                   ns.kv_bits)
+                   ns.kv_bits, ns.method, ns.dms_window)
     except (ModelFolderError, ModelSourceError) as err:
         fail(err)
     out.mkdir(parents=True, exist_ok=True)
@@ -341,7 +354,7 @@ def _throughput_main(ns, dtype: str, out: Path, fail) -> None:
     tok = AutoTokenizer.from_pretrained(ns.model)
     calibration = prompts(tok, 1, 1024)
     try:
-        models = variants(ns.model, ns.crs, calibration, dtype, ns.device, ns.kv_bits)
+        models = variants(ns.model, ns.crs, calibration, dtype, ns.device, ns.kv_bits, ns.method, ns.dms_window)
         n_dmc = (len(ns.crs) if synthetic else 1) * len(ns.kv_bits)
         rows = throughput.run(models, 1 + n_dmc, tok, budgets, ns.context, n_requests,
                               tuple(ns.out_tokens), ns.block_size, not ns.no_hf_baseline)

@@ -59,7 +59,7 @@ class Protocol:
         return next(t for t in self.trainings if t.key == key)
 
 
-# The README's comparison on SmolLM2-135M: the base, its LM-only control, DMC at 2x and 4x, GQA at 3x, every
+# The README's comparison on SmolLM2-135M: the base, its LM-only control, DMC and DMS at 2x and 4x, GQA at 3x, every
 # policy at 2/4/8x on the base and on the control; code and English-prose perplexity on 32 x 512-token blocks and
 # needle on 24 cells in both policy settings. CPU, fp32.
 COMPARE_135M = Protocol(
@@ -70,6 +70,8 @@ COMPARE_135M = Protocol(
         Training("dmc2x", "smollm2-135m-cpu", "smollm2-135m-dmc2x-hf", "dmc", 2),
         Training("dmc4x", "smollm2-135m-4x-cpu", "smollm2-135m-dmc4x-hf", "dmc", 4),
         Training("gqa3x", "smollm2-135m-gqa-cpu", "smollm2-135m-gqa3x-hf", "gqa", 2),  # 3x: the policies' 2x is the nearer below
+        Training("dms2x", "smollm2-135m-dms2x-cpu", "smollm2-135m-dms2x-hf", "dms", 2),
+        Training("dms4x", "smollm2-135m-dms4x-cpu", "smollm2-135m-dms4x-hf", "dms", 4),
     ),
     policies=("h2o", "scissorhands", "snapkv", "streaming_llm", "tova"),
     crs=(2, 4, 8),
