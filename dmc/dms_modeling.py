@@ -40,7 +40,8 @@ class DMSCausalLMOutput(CausalLMOutputWithPast):
     by its last token (window counted: only tokens more than ``dms_window`` behind it can be gone), averaged over
     layers and KV heads, hard with a straight-through gradient, for the CR loss; ``dms_evicted`` (L, B, H_kv)
     tokens gone by the last token and ``dms_tokens`` (B,) real tokens, so that the realised CR of a (layer,
-    sequence, head) is ``tokens / (tokens - evicted)``."""
+    sequence, head) is ``tokens / (tokens - evicted)``. None after a decoding step (one token per sequence into a
+    filled cache): the cache holds the counts (``num_slots``)."""
 
     dms_alpha: torch.Tensor | None = None
     dms_evicted: torch.Tensor | None = None
@@ -105,7 +106,7 @@ class DMSLlamaAttention(LlamaAttention):
         v = self.v_proj(hidden_states).view(shape).transpose(1, 2)
         q, k = apply_rotary_pos_emb(q, k, *position_embeddings)  # DMS: keys are cached rotated, as Llama's
         layer = past_key_values.layer(self.layer_idx) if past_key_values is not None else None
-        if layer is not None and bool((valid[:, 1:].long() < valid[:, :-1].long()).any()):
+        if layer is not None and T > 1 and bool((valid[:, 1:].long() < valid[:, :-1].long()).any()):
             raise DMCCacheError("a DMS cache supports left padding only (pad tokens before the prompt)")
         if layer is None or layer.seen_tokens == 0:
             out, record = self._parallel(layer, q, k, v, logit, valid)
@@ -140,7 +141,7 @@ class DMSLlamaAttention(LlamaAttention):
         backend = resolve_backend(self.config.dms_decode_backend, q.device, layer.block_size)
         out = decode_attention(backend, q[:, :, 0], layer.k_pool, layer.v_pool, layer.block_table, layer.lens,
                                self.scaling, owned=layer.owners())
-        return out[:, :, None], self._cached_record(logit, valid)
+        return out[:, :, None], None  # one token evicts nothing by its own end: no record to summarise
 
     def _chunk(self, layer, q, k, v, logit, valid):
         """Several tokens into a filled cache in one pass: the chunk attends over the held slots (a flagged one while
@@ -160,11 +161,6 @@ class DMSLlamaAttention(LlamaAttention):
             qpos=qpos, kpos=torch.cat([kpos, qpos[:, None, :].expand(B, H, -1)], -1))
         layer.add(k, v, decide, valid)
         return out, EvictionRecord(dec.alpha_st, dec.flagged, valid)
-
-    @staticmethod
-    def _cached_record(logit, valid) -> EvictionRecord:
-        dec = hard_evictions(logit, valid)
-        return EvictionRecord(dec.alpha_st, dec.flagged, valid)
 
 
 class DMSLlamaDecoderLayer(LlamaDecoderLayer):
@@ -233,6 +229,8 @@ class DMSLlamaForCausalLM(SlotLlamaForCausalLM):
 
     def summarise(self, stats: dict) -> dict:
         layers = [stats[i] for i in sorted(stats)]
+        if any(r is None for r in layers):  # a decoding step: the cache holds its counts
+            return {}
         valid = layers[0].valid  # (B, T), left padding: the last real token is column T - 1
         T, W = valid.shape[1], self.config.dms_window
         gone = (torch.arange(T, device=valid.device) <= T - 1 - W - 1) & valid  # out of the last token's window
