@@ -97,24 +97,28 @@ def _requests(kind, args):
     return [Instance(request_type=kind, doc={}, arguments=a, idx=0) for a in args]
 
 
-def test_the_harness_log_likelihoods_equal_dmc_evals_scorer(folders):
+@pytest.mark.parametrize("which", [1, 2], ids=["dmc", "dms"])
+def test_the_harness_log_likelihoods_equal_dmc_evals_scorer(folders, which):
     from dmc.eval.lm import EvalModel
     from dmc.eval.lm_eval_adapter import DMCLM
 
     pairs = [("def add(a, b):\n    return", " a + b"), ("import os\nimport", " sys"), ("x = 1", " + 2\n")]
-    harness = DMCLM(pretrained=str(folders[1]), batch_size=3).loglikelihood(_requests("loglikelihood", pairs))
-    ours = EvalModel(folders[1], batch_size=3).loglikelihood(pairs)[0]
-    for (h_score, h_greedy), (o_score, o_greedy) in zip(harness, ours):
+    harness = DMCLM(pretrained=str(folders[which]), batch_size=3)
+    scores = harness.loglikelihood(_requests("loglikelihood", pairs))
+    assert harness.meter.summary()["realised_cr"] > 1.0  # the requests ran on the compressed cache
+    ours = EvalModel(folders[which], batch_size=3).loglikelihood(pairs)[0]
+    for (h_score, h_greedy), (o_score, o_greedy) in zip(scores, ours):
         assert abs(h_score - o_score) < 1e-4 and h_greedy == o_greedy
 
 
-def test_batched_generation_equals_one_request_at_a_time(folders):
+@pytest.mark.parametrize("which", [1, 2], ids=["dmc", "dms"])
+def test_batched_generation_equals_one_request_at_a_time(folders, which):
     from dmc.eval.lm_eval_adapter import DMCLM
 
     prompts = ["def add(a, b):\n    return", "import", "class Point:\n    def __init__(self, x, y):\n"]
     args = [(p, {"until": ["\n\n"], "max_gen_toks": 8, "do_sample": False}) for p in prompts]
-    batched = DMCLM(pretrained=str(folders[1]), batch_size=3)
-    one = DMCLM(pretrained=str(folders[1]), batch_size=1)
+    batched = DMCLM(pretrained=str(folders[which]), batch_size=3)
+    one = DMCLM(pretrained=str(folders[which]), batch_size=1)
     assert batched.generate_until(_requests("generate_until", args)) == \
         one.generate_until(_requests("generate_until", args))
     assert batched.meter.summary()["realised_cr"] > 1.0

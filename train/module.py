@@ -263,7 +263,8 @@ class DMCTrainingModule(L.LightningModule):
         cr_term = dmc.cr_loss(out.dms_alpha, cr_t)
         self.last_stats = {"merges": out.dms_evicted.float().sum(1).cpu(), "tokens": float(out.dms_tokens.sum())}
         logs.update({"train/cr_loss": cr_term.detach(), "train/target_cr": cr_t,
-                     "train/realised_cr": dmc.cr_from_merges(**self.last_stats)["cr"]})
+                     "train/realised_cr": dmc.cr_from_merges(**self.last_stats)["cr"],
+                     "train/stage": float(stage_of(step, self.recipe))})  # 2 ramp, 3 hold: no stage 1
         return self.recipe.schedule.cr_loss_weight * cr_term
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:

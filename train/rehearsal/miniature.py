@@ -76,8 +76,10 @@ def scale(recipe: Recipe, out_dir: Path, model_path: str, devices: int, nodes: i
     m, d, s, o, r = recipe.model, recipe.data, recipe.schedule, recipe.optim, recipe.run
     acc = accumulate or min(o.accumulate_grad_batches, MAX_ACCUMULATE)
     precision = _precision(r.precision, on_gpu)
+    # DMS has no stage 1 (its gates start evicting nothing): the same five steps, ramp and hold
+    stages = (0, STAGES[0] + STAGES[1], STAGES[2]) if m.method == "dms" else STAGES
     changes = [
-        f"stages {s.stage1_steps}/{s.ramp_steps}/{s.finetune_steps} -> {'/'.join(map(str, STAGES))} steps",
+        f"stages {s.stage1_steps}/{s.ramp_steps}/{s.finetune_steps} -> {'/'.join(map(str, stages))} steps",
         f"block {d.block_len} -> {BLOCK_LEN} tokens, {d.validation_blocks} -> {VALIDATION_BLOCKS} validation blocks",
         f"accumulation {o.accumulate_grad_batches} -> {acc}",
         f"{r.num_nodes} node(s) x {r.devices} device(s) ({r.accelerator}) -> {nodes} x {devices} "
@@ -93,7 +95,7 @@ def scale(recipe: Recipe, out_dir: Path, model_path: str, devices: int, nodes: i
         model=dataclasses.replace(m, path=model_path, dtype="float32" if not on_gpu else m.dtype),
         data=dataclasses.replace(d, block_len=BLOCK_LEN, validation_blocks=VALIDATION_BLOCKS,
                                  shuffle_buffer=min(d.shuffle_buffer, 32)),
-        schedule=dataclasses.replace(s, stage1_steps=STAGES[0], ramp_steps=STAGES[1], finetune_steps=STAGES[2]),
+        schedule=dataclasses.replace(s, stage1_steps=stages[0], ramp_steps=stages[1], finetune_steps=stages[2]),
         optim=dataclasses.replace(o, accumulate_grad_batches=acc),
         run=dataclasses.replace(r, out_dir=str(out_dir), accelerator="gpu" if on_gpu else "cpu", devices=devices,
                                 num_nodes=nodes, precision=precision, checkpoint_every=1, keep_last=max(r.keep_last, 3),

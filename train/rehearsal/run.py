@@ -224,7 +224,7 @@ def _run_checks(ns, r: Rehearsal, root: Path, table: Table) -> Table:
     if table.check("uninterrupted run (every stage)", r.train, "uninterrupted") is None:
         return table
     table.check("stage boundaries crossed", stages_crossed, root / "uninterrupted",
-                1 if r.mini.model.method == "gqa" else 3)
+                {"gqa": 1, "dms": 2}.get(r.mini.model.method, 3))  # DMS: ramp and hold, no stage 1
     table.check("validation (held-out ppl, CR)", validation, root / "uninterrupted")
     killed = table.check("SIGKILL one rank mid stage 2", r.kill_mid_stage2)
     if killed is None:
