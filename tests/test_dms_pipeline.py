@@ -117,3 +117,39 @@ def test_bad_dms_input_is_one_line(tmp_path, extra, words):
                         "--run.out_dir", str(tmp_path / "run"), *extra)
     assert words in msg, msg
     assert not (tmp_path / "run").exists()
+
+
+def test_gate_labels_mark_the_least_attended_keys_for_the_next_token():
+    from dmc.train.warm_start import gate_labels
+
+    scores = torch.tensor([[[0.5, 0.1, 0.9, 0.2, float("nan"), float("nan")]]])  # keys 4, 5: no later query
+    labels, mask = gate_labels(scores, 0.5)
+    # the two least attended of the four known keys are 1 and 3: tokens 2 and 4 flag them
+    assert labels[0, 0].tolist() == [0, 0, 1, 0, 1, 0]
+    assert mask[0, 0].tolist() == [False, True, True, True, True, False]
+
+
+def test_a_warm_start_fits_gates_that_evict_about_the_target_share(tmp_path):
+    """Forward passes only: after the fit, the hard gates evict a share of the block near what the target CR
+    needs, where zero gates evict nothing."""
+    from transformers import AutoModelForCausalLM
+
+    from dmc.train.warm_start import warm_start
+
+    model = dmc.retrofit(AutoModelForCausalLM.from_pretrained(write_tiny_checkpoint(tmp_path / "llama")),
+                         dmc.DMSConfig(window=4))
+    blocks = torch.randint(10, 1000, (6, 48), generator=torch.Generator().manual_seed(0))
+    assert int(model(blocks, use_cache=False).dms_evicted.sum()) == 0
+    warm_start(model, blocks, cr=2.0, steps=300)
+    out = model.eval()(blocks, use_cache=False)
+    L, _, H = out.dms_evicted.shape
+    held_in = float(out.dms_tokens.sum()) * L * H  # every (layer, sequence, head)'s tokens
+    realised = held_in / (held_in - float(out.dms_evicted.sum()))
+    assert 1.5 < realised < 2.6, realised
+
+
+def test_a_run_with_a_warm_start_trains(run, tmp_path):
+    train_main([*TRAIN, "--model.path", str(run / "llama"), "--run.out_dir", str(tmp_path / "warm"),
+                "--schedule.warm_start_blocks", "2"])
+    rows = logged(tmp_path / "warm", "train/realised_cr")
+    assert sorted(rows) == list(range(6)) and rows[0][0] > 1.0  # it evicts from the first step

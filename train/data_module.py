@@ -125,6 +125,18 @@ class BlocksDataModule(L.LightningDataModule):
         self.stream_positions[worker] = position
         self.next_stream = (worker + 1) % max(1, self.workers)
 
+    def first_training_blocks(self, n: int) -> torch.Tensor:
+        """The first ``n`` blocks of the training documents in a fixed order (the same on every rank), for work
+        before training (DMS's warm start)."""
+        spec = self.train_spec()
+        if self.streamed:
+            blocks = StreamedBlocks(spec, self.tokenizer, self.section.block_len, stream=0, streams=1,
+                                    chunk=UNSHUFFLED_CHUNK, shuffle=False, seed=self.seed)
+        else:
+            blocks = PackedBlocks(lambda: documents(spec), self.tokenizer, self.section.block_len)
+        out = [b for b, _ in islice(blocks, n)]
+        return torch.stack(out) if out else torch.empty(0, self.section.block_len, dtype=torch.long)
+
     def validation_blocks(self) -> torch.Tensor:
         """The first ``validation_blocks`` blocks of the held-out documents (the same on every rank)."""
         spec = self.validation_spec()

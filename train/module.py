@@ -171,6 +171,14 @@ class DMCTrainingModule(L.LightningModule):
             super().__setattr__(name, value)
 
     def on_fit_start(self) -> None:
+        blocks = self.recipe.schedule.warm_start_blocks
+        if self.method == "dms" and blocks and self.global_step == 0:  # a fresh run (a resumed one has its gates)
+            from .warm_start import warm_start
+
+            ids = self.trainer.datamodule.first_training_blocks(blocks)
+            losses = warm_start(self.model, ids, self.recipe.schedule.target_cr)
+            print(f"dms warm start: gates fitted on {len(ids)} blocks to the frozen model's attention at "
+                  f"{self.recipe.schedule.target_cr:g}x (loss {sum(losses) / len(losses):.3f} per layer)", flush=True)
         if self.recipe.distill.enabled and self.teacher is None and not self._base_teaches():
             from .teacher import load_teacher
 

@@ -132,6 +132,8 @@ class ScheduleSection:
         ramp_steps: Stage 2: the target CR rises linearly from 1 to target_cr.
         finetune_steps: Stage 3: training continues at target_cr.
         cr_loss_weight: Weight of the one-sided loss that pulls the realised CR up to the target.
+        warm_start_blocks: dms only: before step 0, fit the gates on this many training blocks to the frozen
+            model's own attention at the target CR (forward passes only; 0: start from gates that evict nothing).
     """
 
     target_cr: float = 2.0
@@ -139,6 +141,7 @@ class ScheduleSection:
     ramp_steps: int = 6000
     finetune_steps: int = 2000
     cr_loss_weight: float = 1.0
+    warm_start_blocks: int = 0
 
 
 @dataclass
@@ -307,11 +310,14 @@ class Recipe:
         m, k = self.model, self.distill
         if m.method != "dms":
             return [(m.trainable == "all", f"model.trainable={m.trainable} is for model.method: dms (its gates); "
-                     "remove it")]
+                     "remove it"),
+                    (self.schedule.warm_start_blocks == 0, "schedule.warm_start_blocks fits DMS gates; remove it for "
+                     f"model.method: {m.method}")]
         return [
             (self.schedule.stage1_steps == 0, f"schedule.stage1_steps={self.schedule.stage1_steps}: stage 1 fades "
              "out DMC's decision channel; DMS gates start evicting nothing, so set schedule.stage1_steps: 0"),
             (self.optim.decision_lr is None, "optim.decision_lr is DMC's; DMS trains its gates at optim.lr: remove it"),
+            (self.schedule.warm_start_blocks >= 0, "schedule.warm_start_blocks must be >= 0"),
             (m.trainable != "gates" or k.teacher in (None, m.path),
              f"distill.teacher={k.teacher!r} with model.trainable: gates: the base is frozen, so the teacher is the "
              "base itself (the method switched off); remove distill.teacher, or set model.trainable: all"),
