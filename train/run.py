@@ -108,6 +108,10 @@ def run(recipe: Recipe, resume: str = "auto", stop_at: int | None = None, trust_
     check_devices(r)
     if r.threads:
         torch.set_num_threads(r.threads)
+    # Values below ~1e-38 become 0 on the CPU: a softmax over strongly biased scores (DMS's log(1 - alpha) of
+    # confident gates, DMC's of confident merges) otherwise fills with subnormal numbers, which x86 handles
+    # ~4x slower in attention's forward and backward (measured: 172 -> 45 ms per call at T = 512).
+    torch.set_flush_denormal(True)
     out = Path(r.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     ckpt = None if resume == "none" else (AtomicCheckpoint.latest(r.out_dir) if resume == "auto" else resume)
