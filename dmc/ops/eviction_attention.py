@@ -63,19 +63,17 @@ def hard_evictions(logit, valid) -> KeyEvictions:
 
 def eviction_bias(qpos, kpos, key_log, flag_log, window: int) -> torch.Tensor:
     """(B, H_kv, T, S) additive bias: ``key_log``, plus ``flag_log`` once a query is more than ``window`` past the
-    key, MASKED for keys after the query. qpos (B, T); kpos, key_log, flag_log (B, H_kv, S)."""
-    dist = qpos[:, None, :, None] - kpos[:, :, None, :]
-    bias = key_log[:, :, None, :] + torch.where(dist > window, flag_log[:, :, None, :], 0.0)
-    return torch.where(dist < 0, MASKED, bias.clamp(min=MASKED))
-
-
-def _positions(q, k, qpos, kpos):
-    B, _, T, _ = q.shape
-    if qpos is None:
-        qpos = torch.arange(T, device=q.device).expand(B, T)
-    if kpos is None:
-        kpos = torch.arange(k.shape[2], device=q.device).expand(B, k.shape[1], k.shape[2])
-    return qpos, kpos
+    key, MASKED for keys after the query. qpos (B, T) and kpos (B, H_kv, S), or both None: index positions (the
+    distances are then one (T, S) table, not one per sequence and head: the full-size work is two selects)."""
+    if qpos is None and kpos is None:
+        T = flag_log.shape[-1]
+        i = torch.arange(T, device=flag_log.device)
+        dist = i[:, None] - i[None, :]  # (T, S)
+    else:
+        dist = qpos[:, None, :, None] - kpos[:, :, None, :]  # (B, H_kv, T, S)
+    gone = (key_log + flag_log).clamp(min=MASKED)[:, :, None, :]
+    bias = torch.where(dist > window, gone, key_log[:, :, None, :])
+    return bias.masked_fill(dist < 0, MASKED)
 
 
 def eviction_attention_reference(q, k, v, key_log, flag_log, window: int, scale=None, qpos=None, kpos=None):
@@ -83,9 +81,14 @@ def eviction_attention_reference(q, k, v, key_log, flag_log, window: int, scale=
     B, H, T, D = q.shape
     g = H // k.shape[1]
     scale = D**-0.5 if scale is None else scale
-    qpos, kpos = _positions(q, k, qpos, kpos)
+    if qpos is None:  # the reference spells every position out, whatever ``eviction_bias`` shortcuts
+        qpos = torch.arange(T, device=q.device).expand(B, T)
+    if kpos is None:
+        kpos = torch.arange(k.shape[2], device=q.device).expand(B, k.shape[1], k.shape[2])
+    dist = qpos[:, None, :, None] - kpos[:, :, None, :]
+    bias = key_log[:, :, None, :] + torch.where(dist > window, flag_log[:, :, None, :], 0.0)
+    bias = torch.where(dist < 0, MASKED, bias.clamp(min=MASKED)).repeat_interleave(g, 1)
     work = torch.promote_types(q.dtype, torch.float32)
-    bias = eviction_bias(qpos, kpos, key_log, flag_log, window).repeat_interleave(g, 1)
     scores = (q @ k.repeat_interleave(g, 1).transpose(-1, -2)).to(work) * scale + bias.to(work)
     return scores.softmax(-1).to(q.dtype) @ v.repeat_interleave(g, 1)
 
@@ -97,7 +100,6 @@ def eviction_attention_sdpa(q, k, v, key_log, flag_log, window: int, scale=None,
     B, H, T, D = q.shape
     H_kv = k.shape[1]
     g = H // H_kv
-    qpos, kpos = _positions(q, k, qpos, kpos)
     bias = eviction_bias(qpos, kpos, key_log, flag_log, window).to(q.dtype)  # (B, H_kv, T, S)
     qg = q.view(B, H_kv, g, T, D)
     outs = [F.scaled_dot_product_attention(qg[:, :, i], k, v, attn_mask=bias, scale=scale) for i in range(g)]
