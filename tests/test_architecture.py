@@ -91,6 +91,6 @@ def test_no_module_imports_the_folders_by_their_checkout_names():
 def test_the_reader_resolves_relative_and_lazy_imports():
     # a guard on the checker: it would pass vacuously if it saw no imports or misplaced relative ones
     imports = _imports(ROOT / "eval" / "lm.py")
-    assert ("dmc.eval.fingerprint", True) in imports and ("dmc.cache", True) in imports
+    assert ("dmc.eval.fingerprint", True) in imports and ("dmc.methods", True) in imports
     assert ("dmc.eval.lm_eval_adapter", False) in _imports(ROOT / "dmc" / "cli.py")  # lazy: inside a function
     assert ("dmc.train.rehearsal.launch", True) in _imports(ROOT / "train" / "rehearsal" / "run.py")

@@ -208,7 +208,7 @@ def test_bad_kv_bits_and_backends_without_a_quantised_path_are_one_line():
 def test_dmc_generate_takes_kv_bits_and_reports_fewer_bytes(folders, capsys):
     from dmc.generate import main
 
-    vanilla, folder = folders
+    vanilla, folder, _ = folders
     mib = {}
     for bits in (16, 4):
         main([str(folder), "--prompt", "def add(a, b):", "--max-new-tokens", "20", "--kv-bits", str(bits)])

@@ -11,7 +11,7 @@ from tests.helpers import one_line_exit
 def test_compare_runs_models_and_policies_on_codes_with_their_bytes(folders, tmp_path, capsys):
     from dmc.eval.compare import main
 
-    vanilla, dmc_dir = folders
+    vanilla, dmc_dir, _ = folders
     out = tmp_path / "cmp"
     argv = [str(vanilla), "--dmc", str(dmc_dir), "--policies", "h2o", "--crs", "2", "--kv-bits", "16", "4",
             "--policy-kv-bits", "4", "--tasks", "ppl", "needle", "--ppl-blocks", "2", "--ppl-block", "40",
@@ -45,7 +45,7 @@ def test_kv_bits_other_than_16_8_4_is_one_line(folders, tmp_path):
     from dmc.eval.compare import main as compare
     from dmc.eval.run import main as evaluate
 
-    vanilla, _ = folders
+    vanilla, _, _ = folders
     out = str(tmp_path / "o")
     assert "--kv-bits takes 16, 8, 4 (got 3)" in one_line_exit(evaluate, str(vanilla), "--kv-bits", "3", "--out", out)
     assert "--policy-kv-bits takes 16, 8, 4 (got 2)" in one_line_exit(compare, str(vanilla), "--policy-kv-bits", "2",
@@ -55,7 +55,7 @@ def test_kv_bits_other_than_16_8_4_is_one_line(folders, tmp_path):
 def test_eval_takes_a_quantisation_group_and_counts_its_scales(folders, tmp_path, capsys):
     from dmc.eval.run import main
 
-    vanilla, dmc_dir = folders
+    vanilla, dmc_dir, _ = folders
     out = tmp_path / "grp"
     common = ["--tasks", "ppl", "--ppl-blocks", "2", "--ppl-block", "40", "--out", str(out)]
     main([str(vanilla), str(dmc_dir), "--kv-bits", "4", "--kv-group", "8", *common])
