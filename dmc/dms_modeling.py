@@ -189,17 +189,10 @@ def dms_init_weights(module, llama_init) -> None:
 class DMSLlamaModel(SlotLlamaModel):
     config_class = DMSLlamaConfig
     cache_class = DMSCache
-    method = "DMS"
+    decoder_layer_class = DMSLlamaDecoderLayer  # DMS: decoder layers with the gate and eviction-aware attention
+    switch = "dms_enabled"
     attentions_hint = ("output_attentions is not available on a DMS model; set model.config.dms_enabled = False for "
                        "the vanilla attentions")
-
-    def __init__(self, config: DMSLlamaConfig):
-        super().__init__(config)
-        self.layers = nn.ModuleList([DMSLlamaDecoderLayer(config, i) for i in range(config.num_hidden_layers)])
-        self.post_init()
-
-    def method_enabled(self) -> bool:
-        return bool(self.config.dms_enabled)
 
     def _init_weights(self, module):
         dms_init_weights(module, super()._init_weights)
@@ -207,12 +200,8 @@ class DMSLlamaModel(SlotLlamaModel):
 
 class DMSLlamaForCausalLM(SlotLlamaForCausalLM):
     config_class = DMSLlamaConfig
+    model_class = DMSLlamaModel  # DMS
     output_class = DMSCausalLMOutput
-
-    def __init__(self, config: DMSLlamaConfig):
-        super().__init__(config)
-        self.model = DMSLlamaModel(config)  # DMS
-        self.post_init()
 
     def _init_weights(self, module):
         dms_init_weights(module, super()._init_weights)

@@ -195,29 +195,16 @@ class DMCLlamaDecoderLayer(LlamaDecoderLayer):
 class DMCLlamaModel(SlotLlamaModel):
     config_class = DMCLlamaConfig
     cache_class = DMCCache
-    method = "DMC"
+    decoder_layer_class = DMCLlamaDecoderLayer  # DMC: decoder layers with DMC attention
+    switch = "dmc_enabled"
     attentions_hint = ("output_attentions has no per-token meaning on a DMC model (queries attend to merged slots, "
                        "not tokens); set model.config.dmc_enabled = False for the vanilla attentions")
-
-    def __init__(self, config: DMCLlamaConfig):
-        super().__init__(config)
-        self.layers = torch.nn.ModuleList(  # DMC: decoder layers with DMC attention
-            [DMCLlamaDecoderLayer(config, i) for i in range(config.num_hidden_layers)]
-        )
-        self.post_init()
-
-    def method_enabled(self) -> bool:
-        return bool(self.config.dmc_enabled)
 
 
 class DMCLlamaForCausalLM(SlotLlamaForCausalLM):
     config_class = DMCLlamaConfig
+    model_class = DMCLlamaModel  # DMC
     output_class = DMCCausalLMOutput
-
-    def __init__(self, config: DMCLlamaConfig):
-        super().__init__(config)
-        self.model = DMCLlamaModel(config)  # DMC
-        self.post_init()
 
     def summarise(self, stats: dict) -> dict:
         layers = [stats[i] for i in sorted(stats)]

@@ -1,7 +1,7 @@
 """What every learned-compression Llama here shares: the model loop over a slot cache and the causal-LM wrapper.
 
 A method (``modeling.py`` DMC, ``dms_modeling.py`` DMS) subclasses ``SlotLlamaModel`` and ``SlotLlamaForCausalLM``
-and names its cache class, its kill switch and how its layers' decisions are summarised. Its attention layers
+and names its decoder layer, model and cache classes, its kill switch and how its layers' decisions are summarised. Its attention layers
 receive ``slot_valid`` (B, T) real-token flags (left padding; None: all real) instead of a 4D mask, and
 ``slot_stats``, a dict that receives each layer's decisions under its ``layer_idx``.
 """
@@ -9,6 +9,7 @@ receive ``slot_valid`` (B, T) real-token flags (left padding; None: all real) in
 from __future__ import annotations
 
 import torch
+from torch import nn
 from transformers.modeling_outputs import BaseModelOutputWithPast
 from transformers.models.llama.modeling_llama import LlamaForCausalLM, LlamaModel
 
@@ -28,11 +29,17 @@ class SlotLlamaModel(LlamaModel):
     """A Llama decoder whose layers keep their own slots; with the method disabled it is exactly ``LlamaModel``."""
 
     cache_class: type = None  # the method's SlotCache
-    method = ""  # "DMC", "DMS": named in messages
+    decoder_layer_class: type = None  # the method's decoder layer, built for every layer in place of Llama's
+    switch = ""  # the config field that turns the method on and off ("dmc_enabled", "dms_enabled")
     attentions_hint = ""  # why output_attentions has no meaning, and how to get the vanilla ones
 
+    def __init__(self, config):
+        super().__init__(config)
+        self.layers = nn.ModuleList([self.decoder_layer_class(config, i) for i in range(config.num_hidden_layers)])
+        self.post_init()
+
     def method_enabled(self) -> bool:
-        raise NotImplementedError
+        return bool(getattr(self.config, self.switch))
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
                 inputs_embeds=None, use_cache=None, **kwargs) -> BaseModelOutputWithPast:
@@ -97,7 +104,13 @@ class SlotLlamaModel(LlamaModel):
 class SlotLlamaForCausalLM(LlamaForCausalLM):
     """The causal-LM head over a ``SlotLlamaModel``: logits, the loss, and the decisions' summary."""
 
+    model_class: type = None  # the method's SlotLlamaModel
     output_class: type = None  # a CausalLMOutputWithPast with the method's summary fields
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.model = self.model_class(config)
+        self.post_init()
 
     def method_enabled(self) -> bool:
         return self.model.method_enabled()
