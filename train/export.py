@@ -95,36 +95,36 @@ def recorded_config(info: dict, cls):
     return cls(**{k: v for k, v in info["config"].items() if k not in ("model_type", "transformers_version")})
 
 
+def _assemble(config, state: dict[str, torch.Tensor], **kwargs):
+    """``dmc.retrofitting.assemble`` of a checkpoint's state into its recorded config, refused in one line when the
+    two do not fit."""
+    from dmc.retrofitting import assemble
+
+    model, missing, unexpected = assemble(config, state, **kwargs)
+    if missing or unexpected:
+        raise ExportError(f"the checkpoint does not match its recorded model config (missing {missing[:3]}, "
+                          f"unexpected {unexpected[:3]}); it may be corrupt or from another model")
+    return model
+
+
 def build_vanilla_model(state: dict[str, torch.Tensor], info: dict):
     """A plain ``LlamaForCausalLM`` with the recorded config: the up-trained GQA baseline (pooled heads) or the
     LM-only control."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from dmc.retrofitting import assemble
-
-    config = recorded_config(info, LlamaConfig)
-    model, missing, unexpected = assemble(config, state, model_cls=LlamaForCausalLM)
-    if missing or unexpected:
-        raise ExportError(f"the checkpoint does not match its recorded model config (missing {missing[:3]}, "
-                          f"unexpected {unexpected[:3]}); it may be corrupt or from another model")
-    return model.float().eval()
+    return _assemble(recorded_config(info, LlamaConfig), state, model_cls=LlamaForCausalLM).float().eval()
 
 
 def build_model(state: dict[str, torch.Tensor], info: dict):
     """A ``DMCLlamaForCausalLM`` from a consolidated state dict, decision adapters folded in."""
     from dmc import DMCLlamaConfig
-    from dmc.retrofitting import assemble
 
     config = recorded_config(info, DMCLlamaConfig)
     stage1 = info.get("recipe", {}).get("schedule", {}).get("stage1_steps", 0)
     if stage1 and info.get("step", 0) <= stage1:  # rows are zeroed at the start of step `stage1`
         raise ExportError(f"the checkpoint is from stage 1 (step {info.get('step')} <= {stage1}): the decision "
                           "channel still serves attention; export a checkpoint from stage 2 or 3")
-    adapters = any("decision_adapter" in k for k in state)
-    model, missing, unexpected = assemble(config, state, adapters=adapters)
-    if missing or unexpected:
-        raise ExportError(f"the checkpoint does not match its recorded model config (missing {missing[:3]}, "
-                          f"unexpected {unexpected[:3]}); it may be corrupt or from another model")
+    model = _assemble(config, state, adapters=any("decision_adapter" in k for k in state))
     model.fold_decision_adapters()
     return model.float().eval()
 
@@ -132,14 +132,8 @@ def build_model(state: dict[str, torch.Tensor], info: dict):
 def build_dms_model(state: dict[str, torch.Tensor], info: dict):
     """A ``DMSLlamaForCausalLM`` from a consolidated state dict (base weights and gates)."""
     from dmc import DMSLlamaConfig, DMSLlamaForCausalLM
-    from dmc.retrofitting import assemble
 
-    config = recorded_config(info, DMSLlamaConfig)
-    model, missing, unexpected = assemble(config, state, model_cls=DMSLlamaForCausalLM)
-    if missing or unexpected:
-        raise ExportError(f"the checkpoint does not match its recorded model config (missing {missing[:3]}, "
-                          f"unexpected {unexpected[:3]}); it may be corrupt or from another model")
-    return model.float().eval()
+    return _assemble(recorded_config(info, DMSLlamaConfig), state, model_cls=DMSLlamaForCausalLM).float().eval()
 
 
 BUILDERS = {"dmc": build_model, "dms": build_dms_model, "gqa": build_vanilla_model, "control": build_vanilla_model}
