@@ -118,13 +118,10 @@ class DMCLayer(SlotCacheLayer):
         extra = self.open_k.numel() * self.open_k.element_size() * 2 if self.quantized and self.is_initialized else 0
         return super().allocated_bytes() + extra
 
-    def reserved_bytes(self) -> int:
-        """Bytes of the pools, handed out or not, plus the fp32 running state of the open slots."""
-        if not self.is_initialized:
-            return 0
+    def side_state(self) -> tuple[torch.Tensor, ...]:
+        """The fp32 running state of the open slots (and their full-precision copies on a quantised store)."""
         state = [self.k_sum, self.v_sum, self.w_sum] + ([self.ring_k, self.ring_v, self.ring_w] if self.window else [])
-        state += [self.open_k, self.open_v] if self.quantized else []
-        return self.pool_bytes() + sum(t.numel() * t.element_size() for t in state)
+        return tuple(state + ([self.open_k, self.open_v] if self.quantized else []))
 
 
 class DMCCache(SlotCache):

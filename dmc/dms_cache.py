@@ -159,12 +159,9 @@ class DMSLayer(SlotCacheLayer):
     def crop(self, tokens_to_remove: int) -> None:
         raise DMCCacheError("a DMS cache cannot be cropped (evicted tokens are gone); regenerate instead")
 
-    def reserved_bytes(self) -> int:
-        """The pools (handed out or not) plus the positions and the rings."""
-        if not self.is_initialized:
-            return 0
-        state = (self.pos_pool, self.ring_slot, self.ring_flag)
-        return self.pool_bytes() + sum(t.numel() * t.element_size() for t in state)
+    def side_state(self) -> tuple[torch.Tensor, ...]:
+        """Each slot's position and each pair's ring of open decisions."""
+        return self.pos_pool, self.ring_slot, self.ring_flag
 
 
 class DMSCache(SlotCache):

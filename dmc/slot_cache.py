@@ -18,7 +18,8 @@ class DMCCacheError(RuntimeError):
 
 class SlotCacheLayer(PagedSlots, CacheLayerMixin):
     """A transformers cache layer over paged slots. Subclasses define ``_init_state(batch, dtype, device)``,
-    ``reserved_bytes()`` and ``update_hint`` (what to do instead of a plain ``update``)."""
+    ``side_state()`` (the tensors kept beside the key/value pools, counted by ``reserved_bytes``) and
+    ``update_hint`` (what to do instead of a plain ``update``)."""
 
     is_compileable = False
     is_sliding = False
@@ -48,6 +49,16 @@ class SlotCacheLayer(PagedSlots, CacheLayerMixin):
     def reset(self) -> None:
         self.is_initialized = False
         self.seen_tokens = 0
+
+    def side_state(self) -> tuple[torch.Tensor, ...]:
+        """The tensors this layer keeps beside its key/value pools (positions, scores, running sums...)."""
+        return ()
+
+    def reserved_bytes(self) -> int:
+        """Bytes of the pools as reserved (blocks handed out or not) plus the side state."""
+        if not self.is_initialized:
+            return 0
+        return self.pool_bytes() + sum(t.numel() * t.element_size() for t in self.side_state())
 
     def select_rows(self, index: torch.Tensor) -> None:
         """Keep/reorder/repeat sequences (beam search, num_return_sequences); blocks are copied, never shared."""

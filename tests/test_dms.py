@@ -287,3 +287,29 @@ def test_eviction_attention_matches_the_reference(backend, B, H, H_kv, T, D, win
         outs.append((out[valid[:, None, :, None].expand_as(out)], *grads))
     for want, got in zip(*outs):
         torch.testing.assert_close(got, want, rtol=1e-7, atol=1e-7)
+
+
+def test_reserved_bytes_are_the_pools_and_each_caches_side_state():
+    """`dmc bench`'s reserved bytes: the pools as reserved plus what each cache keeps beside them (DMS: positions and
+    rings; DMC: the open slots' running sums and merge ring; a policy: positions, scores, history)."""
+    from dmc.eval.policies import H2O, Budget, PolicyCache, policy_attention
+    from tests.helpers import mixed_dmc
+
+    nbytes = lambda *ts: sum(t.numel() * t.element_size() for t in ts)  # noqa: E731
+    ids = random_ids(2, 20)
+    dms = mixed_dms("gqa", window=3)
+    dmc_model = mixed_dmc("gqa", window=4)
+    vanilla = tiny_llama("gqa", dtype=torch.float64)
+    caches = [dmc.DMSCache(dms.config), dmc.DMCCache(dmc_model.config),
+              PolicyCache(vanilla.config, H2O(Budget(cr=2)))]
+    with torch.no_grad():
+        dms(ids, past_key_values=caches[0], use_cache=True)
+        dmc_model(ids, past_key_values=caches[1], use_cache=True)
+        with policy_attention(vanilla):
+            vanilla(ids, past_key_values=caches[2], use_cache=True)
+    sides = [lambda l: nbytes(l.pos_pool, l.ring_slot, l.ring_flag),
+             lambda l: nbytes(l.k_sum, l.v_sum, l.w_sum, l.ring_k, l.ring_v, l.ring_w),
+             lambda l: nbytes(l.pos_pool, l.score_pool, l.hist_pool)]
+    for cache, side in zip(caches, sides):
+        layer = cache.layer(0)
+        assert layer.reserved_bytes() == layer.pool_bytes() + side(layer) > layer.allocated_bytes() > 0

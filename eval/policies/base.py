@@ -351,11 +351,9 @@ class PolicyLayer(SlotCacheLayer):
             self.evict(over, self.policy.choose(self, over))
             over = self.lens > allowed
 
-    def reserved_bytes(self) -> int:
-        if not self.is_initialized:
-            return 0
-        meta = (self.pos_pool, self.score_pool, self.hist_pool)
-        return self.pool_bytes() + sum(t.numel() * t.element_size() for t in meta)
+    def side_state(self) -> tuple[torch.Tensor, ...]:
+        """Each slot's position, score and attention history."""
+        return self.pos_pool, self.score_pool, self.hist_pool
 
 
 class PolicyCache(SlotCache):
