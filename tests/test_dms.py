@@ -307,9 +307,9 @@ def test_reserved_bytes_are_the_pools_and_each_caches_side_state():
         dmc_model(ids, past_key_values=caches[1], use_cache=True)
         with policy_attention(vanilla):
             vanilla(ids, past_key_values=caches[2], use_cache=True)
-    sides = [lambda l: nbytes(l.pos_pool, l.ring_slot, l.ring_flag),
-             lambda l: nbytes(l.k_sum, l.v_sum, l.w_sum, l.ring_k, l.ring_v, l.ring_w),
-             lambda l: nbytes(l.pos_pool, l.score_pool, l.hist_pool)]
+    sides = [lambda x: nbytes(x.pos_pool, x.ring_slot, x.ring_flag),
+             lambda x: nbytes(x.k_sum, x.v_sum, x.w_sum, x.ring_k, x.ring_v, x.ring_w),
+             lambda x: nbytes(x.pos_pool, x.score_pool, x.hist_pool)]
     for cache, side in zip(caches, sides):
         layer = cache.layer(0)
         assert layer.reserved_bytes() == layer.pool_bytes() + side(layer) > layer.allocated_bytes() > 0
