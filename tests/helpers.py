@@ -175,3 +175,56 @@ def check_zero_export(run_dir, tiny, step: int, **dmc_settings) -> None:
     with pytest.raises(ExportError, match="missing or inconsistent"):
         export(run_dir, run_dir.parent / "hf2")
     assert not (run_dir.parent / "hf2").exists()
+
+
+FRESH = r"""
+import sys, json, torch
+for name in ("dmc", "train", "data", "eval"):
+    sys.modules[name] = None  # `import dmc` now fails: the folder must stand on its own
+from transformers import AutoModelForCausalLM, AutoTokenizer
+folder, out = sys.argv[1], sys.argv[2]
+model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, dtype=torch.float32).eval()
+tok = AutoTokenizer.from_pretrained(folder)
+tok.padding_side = "left"
+tok.pad_token = tok.pad_token or tok.eos_token
+batch = tok(json.loads(sys.argv[3]), return_tensors="pt", padding=True)
+with torch.no_grad():
+    logits = model(**batch, use_cache=False).logits
+    res = model.generate(**batch, max_new_tokens=12, do_sample=False, pad_token_id=tok.pad_token_id,
+                         return_dict_in_generate=True)
+torch.save({"logits": logits, "gen": res.sequences, "module": type(model).__module__,
+            "cache": type(res.past_key_values).__name__}, out)
+"""
+
+
+@torch.no_grad()
+def reference_outputs(model, tok, prompts: list[str]):
+    """(logits, greedy generations of 12 tokens) of ``model`` on ``prompts``, left-padded, as FRESH computes them."""
+    tok.padding_side = "left"
+    tok.pad_token = tok.pad_token or tok.eos_token
+    batch = tok(prompts, return_tensors="pt", padding=True)
+    logits = model(**batch, use_cache=False).logits
+    gen = model.generate(**batch, max_new_tokens=12, do_sample=False, pad_token_id=tok.pad_token_id)
+    return logits, gen
+
+
+def check_fresh_process_equals(folder, expected, tmp_path, prompts: list[str], cache: str) -> None:
+    """``folder`` loaded in a fresh process where `import dmc` fails gives ``expected``'s logits and greedy
+    generations exactly, through the folder's own code and its cache class ``cache``."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from transformers import AutoTokenizer
+
+    logits, gen = reference_outputs(expected, AutoTokenizer.from_pretrained(folder), prompts)
+    env = dict(os.environ, HF_HOME=str(tmp_path / "hf_home"), PYTHONPATH="")
+    result = subprocess.run([sys.executable, "-c", FRESH, str(folder), str(tmp_path / "out.pt"), json.dumps(prompts)],
+                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    fresh = torch.load(tmp_path / "out.pt")
+    assert fresh["module"].startswith("transformers_modules"), fresh["module"]  # the folder's own code ran
+    assert fresh["cache"] == cache
+    torch.testing.assert_close(fresh["logits"], logits, rtol=0, atol=0)
+    assert torch.equal(fresh["gen"], gen)

@@ -3,9 +3,6 @@ teaching), `dmc export` to a folder that loads and generates in a fresh process 
 errors for bad DMS input."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,7 +13,13 @@ pytest.importorskip("lightning")
 import dmc  # noqa: E402
 from dmc.train.export import export  # noqa: E402
 from dmc.train.run import main as train_main  # noqa: E402
-from tests.helpers import SMOLLM2, logged, one_line_exit, write_tiny_checkpoint  # noqa: E402
+from tests.helpers import (  # noqa: E402
+    SMOLLM2,
+    check_fresh_process_equals,
+    logged,
+    one_line_exit,
+    write_tiny_checkpoint,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.skipif(not (SMOLLM2 / "config.json").exists(), reason="run `make model` first")
@@ -60,49 +63,15 @@ def test_gates_only_training_follows_the_schedule_and_leaves_the_base(run):
     assert ckpt["dmc"]["method"] == "dms"
 
 
-FRESH = r"""
-import sys, json, torch
-for name in ("dmc", "train", "data", "eval"):
-    sys.modules[name] = None  # `import dmc` now fails: the folder must stand on its own
-from transformers import AutoModelForCausalLM, AutoTokenizer
-folder, out = sys.argv[1], sys.argv[2]
-model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, dtype=torch.float32).eval()
-tok = AutoTokenizer.from_pretrained(folder)
-tok.padding_side = "left"
-tok.pad_token = tok.pad_token or tok.eos_token
-batch = tok(json.loads(sys.argv[3]), return_tensors="pt", padding=True)
-with torch.no_grad():
-    logits = model(**batch, use_cache=False).logits
-    res = model.generate(**batch, max_new_tokens=12, do_sample=False, pad_token_id=tok.pad_token_id,
-                         return_dict_in_generate=True)
-torch.save({"logits": logits, "gen": res.sequences, "module": type(model).__module__,
-            "cache": type(res.past_key_values).__name__}, out)
-"""
 PROMPTS = ["def fibonacci(n):\n    if n < 2:\n        return n\n", "import os\n"]
 
 
 def test_export_round_trips_in_a_fresh_process_without_dmc(run, tmp_path):
-    from transformers import AutoTokenizer
-
     folder = export(run / "run", tmp_path / "hf", dtype="float32")
     config = json.loads((folder / "config.json").read_text())
     assert config["model_type"] == "dms_llama" and config["dms_window"] == 4
     assert {"modeling_dms_llama.py", "configuration_dms_llama.py", "README.md"} <= {p.name for p in folder.iterdir()}
-    model, _ = _trained(run)
-    tok = AutoTokenizer.from_pretrained(folder)
-    tok.padding_side, tok.pad_token = "left", tok.pad_token or tok.eos_token
-    batch = tok(PROMPTS, return_tensors="pt", padding=True)
-    with torch.no_grad():
-        logits = model(**batch, use_cache=False).logits
-        gen = model.generate(**batch, max_new_tokens=12, do_sample=False, pad_token_id=tok.pad_token_id)
-    env = dict(os.environ, HF_HOME=str(tmp_path / "hf_home"), PYTHONPATH="")
-    result = subprocess.run([sys.executable, "-c", FRESH, str(folder), str(tmp_path / "out.pt"), json.dumps(PROMPTS)],
-                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300, check=False)
-    assert result.returncode == 0, result.stderr[-3000:]
-    fresh = torch.load(tmp_path / "out.pt")
-    assert fresh["module"].startswith("transformers_modules") and fresh["cache"] == "DMSCache"
-    torch.testing.assert_close(fresh["logits"], logits, rtol=0, atol=0)
-    assert torch.equal(fresh["gen"], gen)
+    check_fresh_process_equals(folder, _trained(run)[0], tmp_path, PROMPTS, "DMSCache")
 
 
 @pytest.mark.parametrize("extra, words", [

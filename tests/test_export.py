@@ -5,8 +5,6 @@ gets one-line errors and leaves nothing half-written."""
 import json
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -20,7 +18,13 @@ from dmc.export import ExportError, save_folder  # noqa: E402
 from dmc.train.export import export  # noqa: E402
 from dmc.train.export import main as export_main
 from dmc.train.run import main as train_main  # noqa: E402
-from tests.helpers import SMOLLM2, one_line_exit, write_tiny_checkpoint  # noqa: E402
+from tests.helpers import (  # noqa: E402
+    SMOLLM2,
+    check_fresh_process_equals,
+    one_line_exit,
+    reference_outputs,
+    write_tiny_checkpoint,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.skipif(not (SMOLLM2 / "config.json").exists(), reason="run `make model` first")
@@ -51,36 +55,6 @@ def _expected_model(run: Path):
     return model.eval()
 
 
-@torch.no_grad()
-def _reference_outputs(model, tok):
-    tok.padding_side = "left"
-    tok.pad_token = tok.pad_token or tok.eos_token
-    batch = tok(PROMPTS, return_tensors="pt", padding=True)
-    logits = model(**batch, use_cache=False).logits
-    gen = model.generate(**batch, max_new_tokens=12, do_sample=False, pad_token_id=tok.pad_token_id)
-    return logits, gen
-
-
-FRESH = r"""
-import sys, json, torch
-for name in ("dmc", "train", "data", "eval"):
-    sys.modules[name] = None  # `import dmc` now fails: the folder must stand on its own
-from transformers import AutoModelForCausalLM, AutoTokenizer
-folder, out = sys.argv[1], sys.argv[2]
-model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, dtype=torch.float32).eval()
-tok = AutoTokenizer.from_pretrained(folder)
-tok.padding_side = "left"
-tok.pad_token = tok.pad_token or tok.eos_token
-batch = tok(json.loads(sys.argv[3]), return_tensors="pt", padding=True)
-with torch.no_grad():
-    logits = model(**batch, use_cache=False).logits
-    res = model.generate(**batch, max_new_tokens=12, do_sample=False, pad_token_id=tok.pad_token_id,
-                         return_dict_in_generate=True)
-torch.save({"logits": logits, "gen": res.sequences, "module": type(model).__module__,
-            "cache": type(res.past_key_values).__name__}, out)
-"""
-
-
 def test_round_trip_in_a_fresh_process_without_dmc(run, tmp_path):
 
     folder = export(run / "run", tmp_path / "hf", dtype="float32")
@@ -94,20 +68,11 @@ def test_round_trip_in_a_fresh_process_without_dmc(run, tmp_path):
 
 
 def _check_fresh_process_equals(folder: Path, expected, tmp_path: Path) -> None:
-    """``folder`` loaded in a fresh process where `import dmc` fails gives ``expected``'s logits and greedy
-    generations exactly, through the folder's own code and the DMC cache."""
-    from transformers import AutoTokenizer
+    check_fresh_process_equals(folder, expected, tmp_path, PROMPTS, "DMCCache")
 
-    logits, gen = _reference_outputs(expected, AutoTokenizer.from_pretrained(folder))
-    env = dict(os.environ, HF_HOME=str(tmp_path / "hf_home"), PYTHONPATH="")
-    result = subprocess.run([sys.executable, "-c", FRESH, str(folder), str(tmp_path / "out.pt"), json.dumps(PROMPTS)],
-                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300, check=False)
-    assert result.returncode == 0, result.stderr[-3000:]
-    fresh = torch.load(tmp_path / "out.pt")
-    assert fresh["module"].startswith("transformers_modules"), fresh["module"]  # the folder's own code ran
-    assert fresh["cache"] == "DMCCache"
-    torch.testing.assert_close(fresh["logits"], logits, rtol=0, atol=0)
-    assert torch.equal(fresh["gen"], gen)
+
+def _reference_outputs(model, tok):
+    return reference_outputs(model, tok, PROMPTS)
 
 
 def test_save_pretrained_of_a_retrofitted_model_loads_in_a_fresh_process_without_dmc(run, tmp_path):
@@ -224,7 +189,6 @@ class _RunsCode:
     """Unpickling this calls ``os.getcwd()``: it stands for any code a foreign checkpoint could carry."""
 
     def __reduce__(self):
-        import os
 
         return (os.getcwd, ())
 
