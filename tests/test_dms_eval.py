@@ -1,36 +1,14 @@
-"""DMS folders through dmc eval, dmc compare and dmc generate: real compressed inference on the DMS cache, the
-realised CR counted from the slots it holds, and one-line refusals of what a DMS folder cannot do."""
+"""DMS folders through dmc compare, dmc generate and continuous batching, and one-line refusals of what a DMS folder
+cannot do. (dmc eval's scores equal decoding on the DMS cache: tests/test_eval.py.)"""
 
 import json
 
 import pytest
-import torch
-import torch.nn.functional as F
 
 import dmc
 from dmc.eval.compare import main as compare_main
-from dmc.eval.lm import EvalModel
 from dmc.generate import main as generate_main
 from tests.helpers import one_line_exit
-
-
-def test_dms_scores_equal_token_by_token_decoding_on_the_cache(folders):
-    lm = EvalModel(folders[2], batch_size=3)
-    pairs = [("def add(a, b):\n    return a + b\n\n\ndef sub(a, b):\n    return", " a - b"),
-             ("import os\nimport", " sys"), ("x = 1", " + 2\n")]
-    scores, counts = lm.loglikelihood(pairs)
-    for (ctx, cont), (score, _), c in zip(pairs, scores, counts):
-        ctx_ids, cont_ids = lm.encode_pair(ctx, cont)
-        ids = ctx_ids + cont_ids
-        cache = dmc.DMSCache(lm.model.config)
-        with torch.no_grad():
-            logits = torch.cat([lm.model(torch.tensor([[t]]), past_key_values=cache).logits[0] for t in ids[:-1]])
-        logp = F.log_softmax(logits.float(), -1)[len(ctx_ids) - 1 :]
-        expected = logp.gather(-1, torch.tensor(cont_ids)[:, None]).sum().item()
-        assert score == pytest.approx(expected, abs=1e-4)
-        slots = torch.stack([cache.num_slots(i)[0] for i in range(len(cache.layers))])
-        assert c["merges"] == (len(ids) - 1 - slots).tolist() and c["tokens"] == len(ids) - 1
-    assert sum(map(sum, counts[0]["merges"])) > 0, "the longest pair should have evicted some tokens"
 
 
 def test_compare_puts_a_dms_folder_beside_the_policies(folders, tmp_path):
