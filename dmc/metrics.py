@@ -15,11 +15,6 @@ def head_dim(config) -> int:
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
-def is_dmc(config) -> bool:
-    """Whether a config runs DMC: a ``dmc_llama`` model with DMC enabled (disabled, it is the vanilla Llama)."""
-    return getattr(config, "model_type", None) == "dmc_llama" and bool(getattr(config, "dmc_enabled", False))
-
-
 def freed_slots(out) -> tuple[torch.Tensor, torch.Tensor] | None:
     """(freed (L, B, H_kv), tokens (B,)) of a compressed model's forward: slots a (layer, sequence, KV head) does
     not hold of its real tokens (DMC's merges, DMS's evictions by the last token), so that it holds

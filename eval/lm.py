@@ -66,7 +66,6 @@ class EvalModel:
         self.batch_size = batch_size
         self.max_length = max_length or getattr(self.model.config, "max_position_embeddings", 2048)
         self.method = method_of(self.model.config)  # DMC, DMS, or None (a vanilla model)
-        self.is_dmc = self.method is not None and self.method.name == "dmc"
         self.kv_bits = check_bits(kv_bits)
         if self.method is not None and self.method.name == "dms" and kv_bits != 16:
             raise ValueError(f"--kv-bits {kv_bits}: {path} is a DMS model, whose cache holds 16-bit slots; drop "
@@ -96,6 +95,10 @@ class EvalModel:
         self.kv_cr = kv_compression(self.model.config)  # a GQA baseline's cache is smaller than its source's
         self.name, self.fingerprint = self._identity(label)
         self.folder = folder_digest(path)  # what lies on disk; every item store's header records it
+
+    @property
+    def is_dmc(self) -> bool:
+        return self.method is not None and self.method.name == "dmc"
 
     def _identity(self, label: str | None) -> tuple[str, str]:
         """(name, fingerprint) of this model under the policy labelled ``label`` (None: none)."""

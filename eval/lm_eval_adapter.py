@@ -40,7 +40,7 @@ class DMCLM(HFLM):
         dtype = dtype or ("bfloat16" if str(device).startswith("cuda") else "float32")
         super().__init__(pretrained=pretrained, device=device, dtype=dtype, **kwargs)
         config = self.model.config
-        self.is_dmc = is_compressed(config)  # DMC or DMS: their requests run on the compressed cache
+        self.compressed = is_compressed(config)  # DMC or DMS: their requests run on the compressed cache
         self.meter = CRMeter(kv_compression(config))  # a GQA baseline's fixed CR; a vanilla model's 1
 
     @classmethod
@@ -55,7 +55,7 @@ class DMCLM(HFLM):
             self.meter.add({"merges": merges[:, b].tolist(), "tokens": int(tokens[b])})
 
     def _model_call(self, inps, attn_mask=None, labels=None):
-        if not self.is_dmc:
+        if not self.compressed:
             return super()._model_call(inps, attn_mask, labels)
         with torch.no_grad():
             out = self.model(inps, use_cache=True)  # the compressed cache's prefill: equal to decoding on it
@@ -64,7 +64,7 @@ class DMCLM(HFLM):
         return out.logits
 
     def _model_generate(self, context, max_length: int, stop: list[str], **generation_kwargs):
-        if not self.is_dmc:
+        if not self.compressed:
             return super()._model_generate(context, max_length, stop, **generation_kwargs)
         out = super()._model_generate(context, max_length, stop, return_dict_in_generate=True,
                                       **generation_kwargs)
@@ -76,7 +76,7 @@ class DMCLM(HFLM):
     def get_model_info(self) -> dict:
         info = super().get_model_info()
         summary = self.meter.summary()
-        if self.is_dmc:
+        if self.compressed:
             log.info("dmc: the harness's requests ran at realised CR %.3f", summary["realised_cr"])
         info["dmc_realised_cr"] = summary["realised_cr"]
         if "cr_per_layer" in summary:
