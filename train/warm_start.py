@@ -67,13 +67,12 @@ def fit_gate(gate, x: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor, st
              lr: float = 1e-3) -> float:
     """Logistic regression of ``gate`` (its norm and projection) on inputs x (B, T, hidden) to labels (B, H_kv, T)
     where ``mask``; returns the final loss."""
-    params = [p for p in gate.parameters()]
-    opt = torch.optim.Adam(params, lr=lr)
+    opt = torch.optim.Adam(gate.parameters(), lr=lr)
     weight = mask.float()
     loss = torch.tensor(0.0)
     with torch.enable_grad():
         for _ in range(steps):
-            logits = gate(x.float() if x.dtype != torch.float32 else x)
+            logits = gate(x.float())
             loss = (F.binary_cross_entropy_with_logits(logits, labels, reduction="none") * weight).sum() / weight.sum()
             opt.zero_grad()
             loss.backward()
