@@ -17,7 +17,7 @@ from transformers import AutoTokenizer, DynamicCache
 
 import dmc.modeling as modeling
 import dmc.ops.decode_attention as decode_attention
-from dmc.cache import DMCCache
+from dmc.cache import DMCCache, DMCLayer
 from dmc.eval.bench import prompts, variants
 
 
@@ -44,8 +44,8 @@ def main() -> None:
     tok = AutoTokenizer.from_pretrained(args.model)
     ids, calibration = prompts(tok, args.batch, args.context), prompts(tok, 2, 512)
     totals: collections.Counter = collections.Counter()
-    modeling.cache_step = timed(totals, "cache update", modeling.cache_step)
-    modeling.decode_attention = timed(totals, "paged attention", modeling.decode_attention)
+    DMCLayer.step = timed(totals, "cache update", DMCLayer.step)
+    modeling.attend = timed(totals, "decode attention", modeling.attend)
     decode_attention._block_owners = timed(totals, "  of which block owners", decode_attention._block_owners)
     for label, model in variants(args.model, [args.cr], calibration, "float32", "cpu"):
         for layer in model.model.layers:

@@ -11,6 +11,9 @@ from __future__ import annotations
 import torch
 
 from .metrics import head_dim
+from .ops.cache_step import open_slot_state, running_sums, segment_sums, shift_ring
+from .ops.decode_backends import SlotsView
+from .ops.triton_decode import dmc_update_triton
 from .slot_cache import DMCCacheError, SlotCache, SlotCacheLayer
 
 
@@ -61,11 +64,15 @@ class DMCLayer(SlotCacheLayer):
         self.open_k[b, h] = key.to(self.dtype)
         self.open_v[b, h] = val.to(self.dtype)
 
-    def closed_lens(self) -> torch.Tensor:
-        """(B, H_kv) slots held as codes (a quantised store; all but the open one), else every slot."""
-        return (self.lens - 1).clamp(min=0) if self.quantized else self.lens
+    def decode_view(self) -> SlotsView:
+        """A quantised store is read as its closed slots' codes plus each pair's exact open slot."""
+        if not self.quantized:
+            return super().decode_view()
+        k, v = self.coded_pools()
+        closed = (self.lens - 1).clamp(min=0)
+        return SlotsView(k, v, self.block_table, closed, self.owners(), self.open_k, self.open_v, self.lens > 0)
 
-    # ---- the two ways in: one-pass prefill here, one token at a time in ops/cache_step.py ---------------
+    # ---- the two ways in: one-pass prefill, and one token at a time ------------------------------------
     def prefill(self, k_bar_rot, v_bar, k_pre, v, omega, k_sum, v_sum, w_sum, alpha, valid) -> None:
         """Store a whole prompt computed in parallel (hard decisions) as slots.
 
@@ -107,6 +114,50 @@ class DMCLayer(SlotCacheLayer):
             self.ring_k, self.ring_v = take(k_pre), take(v)
             self.ring_w = take(omega[..., None])[..., 0]
         self.seen_tokens += T
+
+    def step(self, k_pre, v, omega, merge, valid, cos, sin, fused: bool = False) -> None:
+        """Append or merge one token per sequence (the arithmetic: ``ops/cache_step.py``).
+
+        k_pre, v (B, H_kv, D) (decision channel already zeroed); omega (B, H_kv); merge (B, H_kv) bool; valid (B,)
+        False for left-padding tokens (they leave the cache untouched); cos, sin (B, D) of the token's position.
+        A sequence's first real token always appends. ``fused``: the per-pair update in one Triton kernel
+        (full-precision slots only); block allocation stays here either way.
+        """
+        B, H, _ = k_pre.shape
+        if not self.is_initialized:
+            self._init_state(B, k_pre.dtype, k_pre.device)
+        live = valid[:, None].expand(B, H)
+        merge = merge & self.started[:, None] & live
+        append = live & ~merge
+        slot = torch.where(append, self.lens, self.lens - 1)
+        self.allocate(append & (slot % self.block_size == 0), slot // self.block_size)
+        if fused:
+            self._step_fused(k_pre, v, omega, merge, live, cos, sin)
+        else:
+            sd = self.state_dtype
+            k_pre, v, w = k_pre.to(sd), v.to(sd), omega.to(sd)
+            if self.window:
+                self.ring_k, self.ring_v, self.ring_w, self.seg_len = shift_ring(
+                    self.ring_k, self.ring_v, self.ring_w, self.seg_len, k_pre, v, w, live, merge, append)
+                self.k_sum, self.v_sum, self.w_sum = segment_sums(self.ring_k, self.ring_v, self.ring_w, self.seg_len)
+            else:
+                self.k_sum, self.v_sum, self.w_sum = running_sums(
+                    self.k_sum, self.v_sum, self.w_sum, k_pre, v, w, live, merge)
+            self.lens = self.lens + append.long()
+            key, val = open_slot_state(self.k_sum, self.v_sum, self.w_sum, cos, sin, self.dtype)
+            b, h = live.nonzero(as_tuple=True)
+            self.write_open(b, h, slot[b, h], key[b, h], val[b, h], append[b, h])
+        self.started = self.started | valid
+
+    def _step_fused(self, k_pre, v, omega, merge, live, cos, sin) -> None:
+        if self.quantized:
+            raise DMCCacheError("the fused Triton update writes full-precision slots; a coded store steps in PyTorch")
+        names = ("k_sum", "v_sum", "w_sum", "lens") + (("ring_k", "ring_v", "ring_w", "seg_len") if self.window else ())
+        for name in names:  # the kernel updates them in place, densely
+            setattr(self, name, getattr(self, name).contiguous())
+        ring = (self.ring_k, self.ring_v, self.ring_w, self.seg_len) if self.window else None
+        dmc_update_triton(k_pre, v, omega, merge, live, cos, sin, (self.k_sum, self.v_sum, self.w_sum), ring,
+                          self.lens, self.block_table.contiguous(), self.k_pool, self.v_pool, self.block_size)
 
     # ---- transformers Cache API (beyond SlotCacheLayer) ----------------------------------------------
     def crop(self, tokens_to_remove: int) -> None:

@@ -27,7 +27,7 @@ from transformers.models.llama.modeling_llama import (
 
 from .dms_cache import DMSCache
 from .dms_config import DMSLlamaConfig
-from .ops.decode_attention import decode_attention, resolve_backend
+from .ops.decode_backends import attend, resolve
 from .ops.eviction_attention import eviction_attention, hard_evictions, relaxed_evictions
 from .ops.train_attention import MASKED
 from .slot_cache import DMCCacheError
@@ -138,9 +138,8 @@ class DMSLlamaAttention(LlamaAttention):
         decide = logit > 0
         layer.flag_previous(decide, valid)
         layer.add(k, v, decide, valid)
-        backend = resolve_backend(self.config.dms_decode_backend, q.device, layer.block_size)
-        out = decode_attention(backend, q[:, :, 0], layer.k_pool, layer.v_pool, layer.block_table, layer.lens,
-                               self.scaling, owned=layer.owners())
+        backend = resolve("dms", self.config.dms_decode_backend, q.device, layer.block_size, layer.kv_bits)
+        out = attend(backend, q[:, :, 0], layer.decode_view(), self.scaling)
         return out[:, :, None], None  # one token evicts nothing by its own end: no record to summarise
 
     def _chunk(self, layer, q, k, v, logit, valid):

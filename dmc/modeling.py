@@ -23,12 +23,9 @@ from .config import DMCLlamaConfig
 from .decisions import read_decision_channel, straight_through_hard
 from .ops.accumulate import accumulate
 from .ops.attention_bias import decode_merge_candidates, hard_decisions, no_merge_biases, relaxed_decisions
-from .ops.cache_step import cache_step
-from .ops.decode_attention import decode_attention, resolve_backend
-from .ops.quant_attention import decode_attention_quant_paged, decode_attention_quant_reference
+from .ops.decode_backends import attend, resolve
 from .ops.quant_prefill import prefill_attention_quant
 from .ops.train_attention import train_attention
-from .ops.triton_decode import cache_step_triton, decode_attention_quant_triton
 from .slot_model import SlotLlamaForCausalLM, SlotLlamaModel
 
 
@@ -157,27 +154,16 @@ class DMCLlamaAttention(LlamaAttention):
         cos, sin = rope
         can = decode_merge_candidates(valid, layer.started if layer.is_initialized else None)[:, None, :]
         q_rot, _ = apply_rotary_pos_emb(q0, q0[:, :1], cos, sin)
-        backend = resolve_backend(self.config.dmc_decode_backend, q0.device, layer.block_size, layer.kv_bits)
+        backend = resolve("dmc", self.config.dmc_decode_backend, q0.device, layer.block_size, layer.kv_bits)
         # the fused update goes with its kernel; it writes full-precision slots, so a coded store updates in PyTorch
-        step = cache_step_triton if backend == "triton" and not layer.quantized else cache_step
+        fused = backend == "triton" and not layer.quantized
         outs = []
         for t in range(q0.shape[2]):
-            step(layer, k0[:, :, t], v[:, :, t], omega[..., t], logit[..., t] > 0, valid[:, t], cos[:, t], sin[:, t])
-            outs.append(self._attend(backend, layer, q_rot[:, :, t]))
+            layer.step(k0[:, :, t], v[:, :, t], omega[..., t], logit[..., t] > 0, valid[:, t], cos[:, t], sin[:, t],
+                       fused=fused)
+            outs.append(attend(backend, q_rot[:, :, t], layer.decode_view(), self.scaling))
         layer.seen_tokens += q0.shape[2]
         return torch.stack(outs, dim=2), straight_through_hard(logit) * can, (logit > 0) & can
-
-    def _attend(self, backend: str, layer, q):
-        """One query per sequence over its cache: the plain pools, or codes plus the full-precision open slot."""
-        if not layer.quantized:
-            return decode_attention(backend, q, layer.k_pool, layer.v_pool, layer.block_table, layer.lens,
-                                    self.scaling, owned=layer.owners())
-        k, v = layer.coded_pools()
-        fn = {"reference": decode_attention_quant_reference, "triton": decode_attention_quant_triton}.get(
-            backend, decode_attention_quant_paged)
-        extra = {"owned": layer.owners()} if fn is decode_attention_quant_paged else {}
-        return fn(q, k, v, layer.block_table, layer.closed_lens(), layer.open_k, layer.open_v, layer.lens > 0,
-                  self.scaling, **extra)
 
     def _record(self, stats: dict | None, alpha_st, merged, valid, omega) -> None:
         if stats is not None:  # keyed by layer: a gradient-checkpointing recompute overwrites, never doubles

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
+from .ops.decode_backends import SlotsView
 from .paged_slots import PagedSlots
 
 
@@ -53,6 +54,11 @@ class SlotCacheLayer(PagedSlots, CacheLayerMixin):
     def side_state(self) -> tuple[torch.Tensor, ...]:
         """The tensors this layer keeps beside its key/value pools (positions, scores, running sums...)."""
         return ()
+
+    def decode_view(self) -> SlotsView:
+        """What a decoding step reads: every live slot, from the pools or (a quantised store) their codes."""
+        k, v = self.coded_pools() if self.quantized else (self.k_pool, self.v_pool)
+        return SlotsView(k, v, self.block_table, self.lens, self.owners())
 
     def reserved_bytes(self) -> int:
         """Bytes of the pools as reserved (blocks handed out or not) plus the side state."""

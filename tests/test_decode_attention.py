@@ -128,11 +128,30 @@ def test_triton_on_cpu_tensors_of_a_cuda_machine_is_one_line(monkeypatch, kv_bit
     """Found on the GPU: a model left on the CPU of a CUDA machine with dmc_decode_backend='triton' reached the
     kernel launch and failed deep inside Triton ('Pointer argument cannot be accessed'); it must be refused
     with the fix named before anything runs."""
-    from dmc.ops.decode_attention import resolve_backend
+    from dmc.ops.decode_backends import resolve
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(RuntimeError, match="on cpu.*move the model to the GPU") as err:
-        resolve_backend("triton", torch.device("cpu"), 16, kv_bits)
+        resolve("dmc", "triton", torch.device("cpu"), 16, kv_bits)
     assert "\n" not in str(err.value)
-    assert resolve_backend("auto", torch.device("cpu"), 16, kv_bits) == "paged"  # auto picks what runs there
+    assert resolve("dmc", "auto", torch.device("cpu"), 16, kv_bits) == "paged"  # auto picks what runs there
+
+
+def test_config_backend_names_are_the_registry_s():
+    """The config modules are bundled alone (no import of the registry): their lists of backend names are held
+    equal to the registry's here."""
+    from dmc.config import DECODE_BACKENDS
+    from dmc.dms_config import DMS_DECODE_BACKENDS
+    from dmc.ops.decode_backends import BACKENDS
+
+    assert set(DECODE_BACKENDS) == {"auto", *BACKENDS["full"]}
+    assert set(DMS_DECODE_BACKENDS) == {"auto", *BACKENDS["full"]}
+
+
+def test_a_dms_cache_refuses_coded_slots_in_one_line():
+    from dmc.ops.decode_backends import resolve
+
+    with pytest.raises(ValueError, match="use dms_kv_bits=16") as err:
+        resolve("dms", "auto", torch.device("cpu"), 16, kv_bits=8)
+    assert "\n" not in str(err.value)

@@ -6,7 +6,6 @@ import torch
 
 import dmc
 from dmc.cache import DMCLayer
-from dmc.ops.cache_step import cache_step
 from dmc.ops.kv_quant import CodedPool, error_bound, quantize
 from dmc.ops.quant_attention import decode_attention_quant_paged, decode_attention_quant_reference
 from tests.helpers import left_padded_rows, mixed_dmc, one_line_exit, random_ids
@@ -24,7 +23,7 @@ def _drive(layers, steps=23, batch=3, seed=0):
         merge = torch.rand(batch, H_KV, generator=g) < 0.5
         valid = torch.tensor([True, True, t >= 7])
         for layer in layers:
-            cache_step(layer, k, v, omega, merge, valid, cos, sin)
+            layer.step(k, v, omega, merge, valid, cos, sin)
         yield t
 
 

@@ -10,8 +10,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .triton_decode import decode_attention_triton, triton_available, triton_interpreting
-
 
 def gather_slots(pool: torch.Tensor, block_table: torch.Tensor, n_blocks: int) -> torch.Tensor:
     """Padded view of every pair's first ``n_blocks`` blocks: (B, H_kv, n_blocks * block_size, D)."""
@@ -164,56 +162,3 @@ def decode_attention_flash(q, k_pool, v_pool, block_table, lens, scale=None):
         causal=False,
     )
     return out.reshape(B, H, D)
-
-
-DECODE_ATTENTION = {
-    "reference": decode_attention_reference,
-    "sdpa": decode_attention_sdpa,
-    "paged": decode_attention_paged,
-    "flash": decode_attention_flash,
-    "triton": decode_attention_triton,
-}
-
-
-QUANT_BACKENDS = ("auto", "paged", "reference", "triton")  # the decode backends with a path over integer codes
-
-
-def _check_triton_runs_on(device: torch.device) -> None:
-    """Triton kernels take CUDA tensors (or any, in its CPU interpreter): refuse other tensors in one line
-    before a launch would fail deep inside Triton."""
-    if not triton_available():
-        raise RuntimeError("dmc_decode_backend='triton' needs the triton package and CUDA (or TRITON_INTERPRET=1)")
-    if device.type != "cuda" and not triton_interpreting():
-        raise RuntimeError(f"dmc_decode_backend='triton' runs on CUDA tensors, but the cache is on {device.type}: "
-                           "move the model to the GPU (model.to('cuda')) or use dmc_decode_backend='auto'")
-
-
-def resolve_backend(backend: str, device: torch.device, block_size: int, kv_bits: int = 16) -> str:
-    if backend == "triton":
-        _check_triton_runs_on(device)
-    if kv_bits < 16:  # codes: the Triton kernel, the portable paged path (decoding chunk by chunk) or the reference
-        if backend not in QUANT_BACKENDS:
-            raise ValueError(f"dmc_decode_backend={backend!r} has no path over a {kv_bits}-bit cache; use one of "
-                             f"{', '.join(QUANT_BACKENDS)} (or dmc_kv_bits=16)")
-        if backend == "auto":
-            return "triton" if device.type == "cuda" and triton_available() else "paged"
-        return backend
-    if backend != "auto":
-        return backend
-    if device.type == "cuda" and flash_available() and block_size % 256 == 0:
-        return "flash"
-    if device.type == "cuda":
-        return "triton" if triton_available() else "sdpa"
-    return "paged"
-
-
-def decode_attention(backend: str, q, k_pool, v_pool, block_table, lens, scale=None, owned=None):
-    """Dispatch; ``auto``: flash-attn on CUDA when installed and the block size allows, else our Triton
-    kernel on CUDA (else SDPA), and the in-place paged path on CPU (fastest measured there). ``owned``: the
-    storage's block owners, for the paged path."""
-    backend = resolve_backend(backend, q.device, k_pool.shape[1])
-    if backend == "flash" and not flash_available():
-        raise RuntimeError("dmc_decode_backend='flash' needs CUDA and the flash-attn package; use 'sdpa'")
-    if backend == "paged":
-        return decode_attention_paged(q, k_pool, v_pool, block_table, lens, scale, owned=owned)
-    return DECODE_ATTENTION[backend](q, k_pool, v_pool, block_table, lens, scale)

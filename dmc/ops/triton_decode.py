@@ -1,6 +1,6 @@
 """Triton kernels for one DMC decoding step: the append/merge cache update and the attention over each
 (sequence, KV head)'s live slots in the paged pool. Used on CUDA; on CPU they run (slowly, for tests)
-under ``TRITON_INTERPRET=1``. Both mirror PyTorch references, ``cache_step.cache_step`` and
+under ``TRITON_INTERPRET=1``. Both mirror PyTorch references, ``cache_step`` (the update's arithmetic, driven by ``DMCLayer.step``) and
 ``decode_attention.decode_attention_reference``, and are tested against them.
 """
 
@@ -9,8 +9,6 @@ from __future__ import annotations
 import os
 
 import torch
-
-from .cache_step import step_masks
 
 _KERNELS: dict = {}
 triton = tl = None  # bound by _kernels()
@@ -208,50 +206,51 @@ def _launch(q, k_parts, v_parts, block_table, lens, open_slot, scale, bits, grou
     return out
 
 
-def check_update_launch(layer, live: torch.Tensor, merge: torch.Tensor, table: torch.Tensor, cos: torch.Tensor) -> None:
+def check_update_launch(live, merge, sums, ring, lens, table, pool_blocks: int, block_size: int, cos) -> None:
     """Debugging aid (``DMC_CHECK_TRITON=1``): every address the fused update will touch, checked against
     its tensor before the launch, so that a fault on the GPU says whether the kernel's inputs were already
     wrong (a slot outside its blocks, a block outside the pool, state of the wrong shape) or the kernel
     itself is. It reads the device's tensors back, so it costs a sync per layer and step."""
     B, H = live.shape
-    want = {"lens": (B, H), "k_sum": (B, H, layer.head_dim), "v_sum": (B, H, layer.head_dim), "w_sum": (B, H)}
-    if layer.window:
-        want.update(ring_k=(B, H, layer.window, layer.head_dim), ring_w=(B, H, layer.window), seg_len=(B, H))
+    D = sums[0].shape[-1]
+    got = {"lens": lens, "k_sum": sums[0], "v_sum": sums[1], "w_sum": sums[2]}
+    want = {"lens": (B, H), "k_sum": (B, H, D), "v_sum": (B, H, D), "w_sum": (B, H)}
+    if ring is not None:
+        W = ring[2].shape[-1]
+        got.update(ring_k=ring[0], ring_w=ring[2], seg_len=ring[3])
+        want.update(ring_k=(B, H, W, D), ring_w=(B, H, W), seg_len=(B, H))
     for name, shape in want.items():
-        if tuple(getattr(layer, name).shape) != shape:
-            raise RuntimeError(f"triton update check: {name} is {tuple(getattr(layer, name).shape)}, not {shape}")
-    if cos.numel() not in (layer.head_dim, B * layer.head_dim):
-        raise RuntimeError(f"triton update check: cos has {cos.numel()} values for {B} rows of {layer.head_dim}")
-    slot = torch.where(merge, layer.lens - 1, layer.lens)[live]
-    col = slot // layer.block_size
+        if tuple(got[name].shape) != shape:
+            raise RuntimeError(f"triton update check: {name} is {tuple(got[name].shape)}, not {shape}")
+    if cos.numel() not in (D, B * D):
+        raise RuntimeError(f"triton update check: cos has {cos.numel()} values for {B} rows of {D}")
+    slot = torch.where(merge, lens - 1, lens)[live]
+    col = slot // block_size
     if bool((slot < 0).any()) or bool((col >= table.shape[-1]).any()):
         raise RuntimeError("triton update check: a live pair's slot lies outside its block table")
     b, h = live.nonzero(as_tuple=True)
     blk = table[b, h, col]
-    bad = (blk < 0) | (blk >= layer.k_pool.shape[0])
+    bad = (blk < 0) | (blk >= pool_blocks)
     if bool(bad.any()):
         i = int(bad.nonzero()[0, 0])
         raise RuntimeError(f"triton update check: pair ({int(b[i])}, {int(h[i])}) writes slot {int(slot[i])} "
-                           f"into block {int(blk[i])} of a pool of {layer.k_pool.shape[0]}")
+                           f"into block {int(blk[i])} of a pool of {pool_blocks}")
 
 
-def cache_step_triton(layer, k_pre, v, omega, merge, valid, cos, sin) -> None:
-    """``cache_step`` with the per-pair update fused into one kernel; block allocation stays in PyTorch."""
+def dmc_update_triton(k_pre, v, omega, merge, live, cos, sin, sums, ring, lens, table, k_pool, v_pool,
+                      block_size: int) -> None:
+    """The per-pair part of ``DMCLayer.step`` in one kernel, in place: ``sums`` (k_sum, v_sum, w_sum), ``ring``
+    (ring_k, ring_v, ring_w, seg_len; None without a merge window) and ``lens`` (contiguous), and each live pair's
+    open slot in ``k_pool``/``v_pool``. ``merge`` already masked (a pair's first token appends); blocks allocated."""
     B, H, D = k_pre.shape
-    live, merge, append = step_masks(layer, k_pre, merge, valid)
-    layer.allocate(append & (layer.lens % layer.block_size == 0), layer.lens // layer.block_size)
-    win = layer.window or 0
-    for name in ("k_sum", "v_sum", "w_sum", "lens") + (("ring_k", "ring_v", "ring_w", "seg_len") if win else ()):
-        setattr(layer, name, getattr(layer, name).contiguous())  # the kernel updates them in place, densely
-    dummy = layer.w_sum  # ring pointers are unused without a window
-    table = layer.block_table.contiguous()
+    win = ring[2].shape[-1] if ring is not None else 0
     if os.environ.get("DMC_CHECK_TRITON") == "1":
-        check_update_launch(layer, live, merge, table, cos)
+        check_update_launch(live, merge, sums, ring, lens, table, k_pool.shape[0], block_size, cos)
+    dummy = sums[2]  # ring pointers are unused without a window
+    ring_k, ring_v, ring_w, seg_len = ring if ring is not None else (dummy, dummy, dummy, lens)
     _kernels()["update"][(B * H,)](
         k_pre.contiguous(), v.contiguous(), omega.contiguous(), merge.contiguous(), live.contiguous(),
-        cos.expand(B, D).contiguous(), sin.expand(B, D).contiguous(), layer.k_sum, layer.v_sum, layer.w_sum,
-        layer.ring_k if win else dummy, layer.ring_v if win else dummy, layer.ring_w if win else dummy,
-        layer.seg_len if win else layer.lens, layer.lens, table, layer.k_pool, layer.v_pool,
-        H_KV=H, D=D, D_P=_pow2(D), WIN=win, WIN_P=_pow2(max(win, 1)), BS=layer.block_size, MAX_BLOCKS=table.shape[-1],
+        cos.expand(B, D).contiguous(), sin.expand(B, D).contiguous(), *sums, ring_k, ring_v, ring_w, seg_len, lens,
+        table, k_pool, v_pool,
+        H_KV=H, D=D, D_P=_pow2(D), WIN=win, WIN_P=_pow2(max(win, 1)), BS=block_size, MAX_BLOCKS=table.shape[-1],
     )
-    layer.started = layer.started | valid
