@@ -11,15 +11,14 @@ from __future__ import annotations
 
 import torch
 
+from .eviction_slots import EvictionLayer
 from .metrics import head_dim
-from .ops.decode_attention import gather_slots
-from .slot_cache import DMCCacheError, SlotCache, SlotCacheLayer
+from .slot_cache import DMCCacheError, SlotCache
 
 
-class DMSLayer(SlotCacheLayer):
+class DMSLayer(EvictionLayer):
     update_hint = ("DMSCache is filled by DMS attention layers; it cannot take plain key/value updates. Use it with "
                    "a dms_llama model, or a DynamicCache with a vanilla Llama.")
-    slot_pools = ("k_pool", "v_pool", "pos_pool")
     row_state = ("ring_slot", "ring_flag", "seen")
 
     def __init__(self, num_kv_heads: int, head_dim: int, block_size: int, window: int):
@@ -27,14 +26,11 @@ class DMSLayer(SlotCacheLayer):
         self.window = window
 
     def _init_state(self, batch: int, dtype, device) -> None:
+        super()._init_state(batch, dtype, device)
         H, R = self.num_kv_heads, self.window + 1
-        self.init_pool(batch, dtype, device)
-        self.pos_pool = torch.zeros(0, self.block_size, dtype=torch.long, device=device)
         # ring index p % R holds token p's slot and flag while p is among the last R tokens
         self.ring_slot = torch.zeros(batch, H, R, dtype=torch.long, device=device)
         self.ring_flag = torch.zeros(batch, H, R, dtype=torch.bool, device=device)
-        self.seen = torch.zeros(batch, dtype=torch.long, device=device)  # real tokens per sequence
-        self.is_initialized = True
 
     def chunk_positions(self, valid: torch.Tensor) -> torch.Tensor:
         """(B, T) the positions a chunk's tokens take (valid (B, T), left padding; padding gets earlier ones)."""
@@ -89,11 +85,9 @@ class DMSLayer(SlotCacheLayer):
         slot = torch.where(rank < n_holes[..., None], holes.gather(-1, rank.clamp(0, R - 1)),
                            self.lens[..., None] + rank - n_holes[..., None])
         new_lens = self.lens + n_keep - n_holes
-        self._allocate_up_to(new_lens)
+        self.allocate_up_to(new_lens)
         b, h, t = keep_new.nonzero(as_tuple=True)
-        self.write(b, h, slot[b, h, t], keys[b, h, t], values[b, h, t])
-        blk, off = self.locate(b, h, slot[b, h, t])
-        self.pos_pool[blk, off] = chunk_pos[b, t]
+        self.place(b, h, slot[b, h, t], keys[b, h, t], values[b, h, t], chunk_pos[b, t])
         self.lens = new_lens
         # the new ring: every token (old ring or chunk) among the last R positions, at index pos % R
         pos = torch.cat([ring_pos[:, None, :].expand(B, H, R), chunk_pos[:, None, :].expand(B, H, T)], -1)
@@ -121,40 +115,23 @@ class DMSLayer(SlotCacheLayer):
         self.allocate(append & (slot % self.block_size == 0), slot // self.block_size)
         self.lens = self.lens + append.long()
         b, h = live.nonzero(as_tuple=True)
-        self.write(b, h, slot[b, h], keys[b, h], values[b, h])
-        blk, off = self.locate(b, h, slot[b, h])
-        self.pos_pool[blk, off] = self.seen[b]
+        self.place(b, h, slot[b, h], keys[b, h], values[b, h], self.seen[b])
         self.ring_slot.scatter_(-1, at, torch.where(live, slot, old)[..., None])
         self.ring_flag.scatter_(-1, at, self.ring_flag.gather(-1, at) & ~live[..., None])
         self.seen = self.seen + valid.long()
         self.seen_tokens += 1
 
-    def _allocate_up_to(self, lens: torch.Tensor) -> None:
-        """Blocks so that pair (b, h) can hold ``lens[b, h]`` slots."""
-        have, need = -(-self.lens // self.block_size), -(-lens // self.block_size)
-        for col in range(int(have.min()) if have.numel() else 0, int(need.max()) if need.numel() else 0):
-            want = (have <= col) & (col < need)
-            self.allocate(want, torch.full_like(have, col))
-
     # ---- reading ---------------------------------------------------------------------------------------
-    def slot_view(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    def held_view(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Every pair's slots, padded: (keys, values (B, H_kv, S, D), positions, live, flagged (B, H_kv, S));
         ``flagged``: the ring's flags (a flagged slot leaves once a query is more than ``window`` past it)."""
-        n_blocks = max(1, -(-int(self.lens.max()) // self.block_size))
-        keys = gather_slots(self.k_pool, self.block_table, n_blocks)
-        values = gather_slots(self.v_pool, self.block_table, n_blocks)
-        pos = gather_slots(self.pos_pool[..., None], self.block_table, n_blocks)[..., 0]
+        keys, values, pos = self.slot_view(self.k_pool), self.slot_view(self.v_pool), self.slot_view(self.pos_pool)
         S = keys.shape[2]
-        live = torch.arange(S, device=self.device) < self.lens[..., None]
+        live = self.live_slots(S)
         _, held, slot, flag = self._ring()
         flagged = torch.zeros(*live.shape[:2], S + 1, dtype=torch.bool, device=self.device)
         flagged.scatter_(-1, torch.where(held[:, None, :] & flag, slot, S), True)
         return keys, values, pos, live, flagged[..., :S]
-
-    def positions(self, b: int, h: int) -> list[int]:
-        """The token positions pair (b, h) holds, sorted (for tests and inspection)."""
-        _, _, pos, live, _ = self.slot_view()
-        return sorted(pos[b, h][live[b, h]].tolist())
 
     def crop(self, tokens_to_remove: int) -> None:
         raise DMCCacheError("a DMS cache cannot be cropped (evicted tokens are gone); regenerate instead")

@@ -148,7 +148,7 @@ class DMSLlamaAttention(LlamaAttention):
         cfg = self.config
         decide = logit > 0
         layer.flag_previous(decide, valid)
-        keys, values, kpos, live, flagged = layer.slot_view()
+        keys, values, kpos, live, flagged = layer.held_view()
         dec = hard_evictions(logit, valid)  # within the chunk; its first token's decision is already in the cache
         qpos = layer.chunk_positions(valid)
         B, H = keys.shape[:2]

@@ -155,3 +155,23 @@ def test_a_dms_cache_refuses_coded_slots_in_one_line():
     with pytest.raises(ValueError, match="use dms_kv_bits=16") as err:
         resolve("dms", "auto", torch.device("cpu"), 16, kv_bits=8)
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("B,H,H_kv,D,lens,bs", CASES)
+def test_padded_output_and_slot_probabilities_equal_the_reference(B, H, H_kv, D, lens, bs):
+    """The policies' batched path over gathered slots: the reference's output, and its per-pool-slot probabilities
+    laid out per pair."""
+    from dmc.ops.decode_attention import decode_attention_padded, gather_slots
+
+    q, kp, vp, table, lens_t = _paged(B, H, H_kv, D, lens, bs)
+    want, want_p = decode_attention_reference(q, kp, vp, table, lens_t, return_slot_probs=True)
+    kp, vp = _finite_dead_slots(kp, table, lens_t), _finite_dead_slots(vp, table, lens_t)
+    n_blocks = table.shape[-1]
+    keys, values = gather_slots(kp, table, n_blocks), gather_slots(vp, table, n_blocks)
+    got, got_p = decode_attention_padded(q, torch.nan_to_num(keys), torch.nan_to_num(values), lens_t, D**-0.5)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    for b in range(B):
+        for h in range(H_kv):
+            for s in range(int(lens_t[b, h])):
+                assert float(got_p[b, h, s]) == pytest.approx(float(want_p[table[b, h, s // bs], s % bs]), abs=1e-12)
+            assert float(got_p[b, h, int(lens_t[b, h]):].abs().sum()) == 0

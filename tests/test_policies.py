@@ -18,7 +18,7 @@ from dmc.eval.policies import (
     apply_policy,
     policy_attention,
 )
-from dmc.eval.policies.base import PolicyLayer
+from dmc.eval.policies.paged import PolicyLayer
 from tests.helpers import left_padded_rows, one_line_exit, random_ids, tiny_llama
 
 

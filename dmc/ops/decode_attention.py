@@ -48,6 +48,21 @@ def decode_attention_reference(q, k_pool, v_pool, block_table, lens, scale=None,
     return (out, probs) if return_slot_probs else out
 
 
+def decode_attention_padded(q, keys, values, lens, scale) -> tuple[torch.Tensor, torch.Tensor]:
+    """q (B, H, D) over each pair's slots already gathered, keys, values (B, H_kv, S, D), of which the first ``lens``
+    (B, H_kv) live: (output (B, H, D), attention per slot (B, H_kv, S), group mean, 0 where dead; a pair without slots
+    gives 0). The reference's ``return_slot_probs`` per pair instead of per pool slot, in one batched pass: the
+    policies score slots with it."""
+    B, H, D = q.shape
+    H_kv, S = keys.shape[1], keys.shape[2]
+    work = torch.promote_types(q.dtype, torch.float32)
+    scores = (q.view(B, H_kv, H // H_kv, D) @ keys.transpose(-1, -2)).to(work) * scale
+    live = torch.arange(S, device=q.device) < lens[..., None]  # (B, H_kv, S)
+    p = scores.masked_fill(~live[:, :, None], float("-inf")).softmax(-1)
+    p = torch.where((lens > 0)[..., None, None], p, 0)  # no slots yet (left padding): 0, not NaN
+    return (p.to(q.dtype) @ values).reshape(B, H, D), p.mean(2)
+
+
 def decode_attention_sdpa(q, k_pool, v_pool, block_table, lens, scale=None):
     """Portable path: gather blocks to a padded (B, H_kv, S, D) view, mask dead slots, one SDPA call.
 

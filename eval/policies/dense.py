@@ -15,9 +15,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from dmc.ops.decode_attention import decode_attention_padded
 from dmc.paged_slots import slot_bytes
 
-from .base import PolicyLayer, _left_padded, attend_slots
+from .paged import PolicyLayer, left_padded
 
 
 class DensePolicyLayer(PolicyLayer):
@@ -107,7 +108,7 @@ class DensePolicyLayer(PolicyLayer):
         anything else streams token by token."""
         B, H, T, D = q.shape
         fresh = not self.is_initialized or not bool(self.seen.any())
-        if not (evict and fresh and T > 1 and not self.quantized and _left_padded(valid)):
+        if not (evict and fresh and T > 1 and not self.quantized and left_padded(valid)):
             return super().stream(q, k, v, valid, scale, evict)
         n = valid.sum(-1)
         allowed = self.policy.budget.slots(n.new_zeros(B)[:, None] + torch.arange(T + 1, device=n.device)[None])
@@ -169,7 +170,7 @@ class DensePolicyLayer(PolicyLayer):
         """q (B, H, D): (output (B, H, D), attention per slot (B, H_kv, capacity), group mean, 0 where dead)."""
         S = max(1, int(self.lens.max()))
         keys, values = self.with_fresh(self.k_pool[:, :, :S], self.v_pool[:, :, :S])
-        out, p = attend_slots(q, keys, values, self.lens, scale)
+        out, p = decode_attention_padded(q, keys, values, self.lens, scale)
         probs = p.new_zeros(*self.lens.shape, self.k_pool.shape[2])
         probs[..., :S] = p
         return out, probs

@@ -7,7 +7,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from .base import Budget, Policy
+from .budget import Budget
+from .policy import Policy
 
 
 @dataclass

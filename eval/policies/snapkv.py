@@ -16,7 +16,7 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
-from .base import Policy
+from .policy import Policy
 
 
 @dataclass

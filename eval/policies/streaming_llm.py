@@ -11,7 +11,7 @@ from typing import ClassVar
 
 import torch
 
-from .base import Policy
+from .policy import Policy
 
 
 @dataclass
