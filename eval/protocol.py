@@ -134,10 +134,27 @@ def recipe_text(recipe: str) -> str:
     return path.read_text()
 
 
+def _flat_dmc_section(lines: list[str]) -> list[str]:
+    """A recipe's lines with a ``model.dmc`` block written flat under ``model``, as recipes held the DMC fields
+    before the section existed: the settings are the same, so the items trained before stay theirs."""
+    out, section, in_dmc = [], None, False
+    for line in lines:
+        if not line.startswith(" "):
+            section, in_dmc = line.split(":")[0], False
+        elif section == "model" and line == "  dmc:":
+            in_dmc = True
+            continue
+        elif in_dmc and not line.startswith("    "):
+            in_dmc = False
+        out.append(line[2:] if in_dmc else line)
+    return out
+
+
 def training_key(protocol: Protocol, training: Training) -> str:
     """What a training's items are valid for: its recipe's settings (comment lines aside) and the base they
     start from. Items recorded under another key came from another recipe: the unit is trained afresh."""
     lines = [ln.rstrip() for ln in recipe_text(training.recipe).splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
+    lines = _flat_dmc_section(lines)
     digest = hashlib.sha256(json.dumps([lines, protocol.base]).encode()).hexdigest()[:12]
     return f"{Path(training.recipe).name.removesuffix('.yaml')}@{digest}"
 

@@ -300,3 +300,22 @@ def test_a_folders_digest_ignores_the_library_that_wrote_it(folders, tmp_path):
     (copy / "config.json").write_text(json.dumps({**config, "transformers_version": "9.9.9"}, indent=4))
     assert folder_digest(copy) == folder_digest(folders[0]) != folder_digest(folders[1])
     assert folder_digest(tmp_path / "absent") is None
+
+
+def test_a_recipes_key_is_the_same_with_its_dmc_fields_nested_or_flat(tmp_path):
+    """Recipes held the DMC fields flat under model before model.dmc existed; the committed items are keyed by
+    that form, so nesting the same settings keeps the key, and changing one changes it."""
+    from dmc.eval.protocol import COMPARE_135M, Training, training_key
+
+    def key(text: str) -> str:
+        path = tmp_path / f"r{abs(hash(text))}.yaml"
+        path.write_text(text)
+        return training_key(COMPARE_135M, Training(key="x", recipe=str(path), export="x-hf", role="dmc"))
+
+    flat = "model:\n  path: p\n  window: 12\n  tau: 0.2\ndata:\n  kind: stdlib\n"
+    nested = "# a comment\nmodel:\n  path: p\n  dmc:\n    window: 12\n    tau: 0.2\ndata:\n  kind: stdlib\n"
+    assert key(flat).split("@")[1] == key(nested).split("@")[1]
+    assert key(nested.replace("tau: 0.2", "tau: 0.3")).split("@")[1] != key(flat).split("@")[1]
+    # a model line after the block stays where it is
+    assert key(nested.replace("    tau: 0.2\n", "    tau: 0.2\n  dtype: bfloat16\n")).split("@")[1] == \
+        key(flat.replace("  tau: 0.2\n", "  tau: 0.2\n  dtype: bfloat16\n")).split("@")[1]

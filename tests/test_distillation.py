@@ -152,8 +152,8 @@ def _error(tiny, tmp_path, *extra) -> str:
 def test_control_with_dmc_only_options_is_refused(tiny, tmp_path):
     message = _error(tiny, tmp_path, "--model.method", "control")  # tiny.yaml sets optim.decision_lr
     assert "model.method=control" in message and "optim.decision_lr" in message
-    message = _error(tiny, tmp_path, *CONTROL, "--model.window", "4")
-    assert "model.window" in message
+    message = _error(tiny, tmp_path, *CONTROL, "--model.dmc.window", "4")
+    assert "model.dmc.window" in message
 
 
 def test_teachers_that_cannot_teach_are_refused(tiny, tmp_path):

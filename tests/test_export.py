@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.skipif(not (SMOLLM2 / "config.json").exists(), reason="run `make model` first")
 PROMPTS = ["def fibonacci(n):\n    ", "import os\n"]
 # Offset 0 puts the merge logits at the decision boundary, so a few training steps give mixed decisions.
-TRAIN = ["--config", str(ROOT / "configs/tiny.yaml"), "--model.logit_offset", "0.0"]
+TRAIN = ["--config", str(ROOT / "configs/tiny.yaml"), "--model.dmc.logit_offset", "0.0"]
 
 
 @pytest.fixture(scope="module")

@@ -53,18 +53,30 @@ def test_recipes_cp_writes_an_editable_copy_and_never_overwrites_silently(tmp_pa
 
 
 def test_every_dmc_option_is_settable_from_a_recipe_with_dmc_configs_default():
-    import dataclasses
-
     from dmc.config import DMCConfig
-    from dmc.train.recipe import DMC_FIELDS, ModelSection
     from dmc.train.run import RecipeError
 
-    defaults = {f.name: f.default for f in dataclasses.fields(DMCConfig)}
-    assert set(DMC_FIELDS) == set(defaults) - {"enabled", "target_cr"}  # every DMC option has a model.* field
-    assert all(getattr(ModelSection(), name) == defaults[name] for name in DMC_FIELDS)  # with one default
-    recipe = parse(["--config", "tiny", "--model.weight_eps", "0.01", "--model.channel", "0",
-                    "--model.decode_backend", "paged", "--model.block_size", "8"])[0]
+    assert parse(["--config", "tiny"])[0].model.dmc == DMCConfig(window=12)  # model.dmc is DMCConfig itself
+    recipe = parse(["--config", "tiny", "--model.dmc.weight_eps", "0.01", "--model.dmc.channel", "0",
+                    "--model.dmc.decode_backend", "paged", "--model.dmc.block_size", "8"])[0]
     config = recipe.model.dmc_config(recipe.schedule.target_cr)
     assert (config.weight_eps, config.channel, config.decode_backend, config.block_size) == (0.01, 0, "paged", 8)
-    with pytest.raises(RecipeError, match=r"^model\.block_size=0 is invalid"):
-        parse(["--config", "tiny", "--model.block_size", "0"])
+    assert config.target_cr == recipe.schedule.target_cr
+    with pytest.raises(RecipeError, match=r"^model\.dmc\.block_size=0 is invalid"):
+        parse(["--config", "tiny", "--model.dmc.block_size", "0"])
+    with pytest.raises(RecipeError, match=r"take their target CR from schedule.target_cr"):
+        parse(["--config", "tiny", "--model.dmc.target_cr", "3"])
+
+
+def test_a_run_recorded_with_flat_dmc_fields_resumes_under_the_nested_section():
+    """Run folders recorded before model.dmc existed hold the DMC fields flat under model: the same settings
+    nested are no change, a changed one is named by its new place, and the exported model's inference fields
+    may change."""
+    from dmc.train.run import recipe_changes
+
+    new = parse(["--config", "tiny"])[0].to_dict()
+    old = {**new, "model": {k: v for k, v in new["model"].items() if k != "dmc"} | {"window": 12, "tau": 0.1}}
+    assert recipe_changes(old, new) == []
+    assert recipe_changes({**old, "model": {**old["model"], "window": 4}}, new) == ["model.dmc.window: 4 -> 12"]
+    changed = {**new, "model": {**new["model"], "dmc": {**new["model"]["dmc"], "decode_backend": "sdpa"}}}
+    assert recipe_changes(new, changed) == []

@@ -10,8 +10,6 @@ from dmc.config import DMCConfig
 from dmc.dms_config import DMSConfig
 
 STRATEGIES = ("auto", "ddp", "deepspeed_stage_2", "deepspeed_stage_3")
-DMC_FIELDS = ("window", "tau", "logit_offset", "weight_offset", "train_attention", "weight_eps", "channel",
-              "decode_backend", "block_size", "kv_bits", "kv_group")  # model.* fields that are DMCConfig's
 
 
 @dataclass
@@ -20,69 +18,52 @@ class ModelSection:
 
     Args:
         path: A HF Llama folder or Hub id (or a dmc_llama folder, to continue a run's export).
-        method: dmc (learned merging); dms (learned delayed eviction: the settings under model.dms); gqa (the baseline: KV heads mean-pooled to kv_heads, then the same
-            continued pretraining without the CR loss); control (the LM-only control: the vanilla model trained
-            on the same data, steps, optimiser, schedule and distillation, so that DMC's cost is told apart from
-            fine-tuning on the domain).
+        method: dmc (learned merging: the settings under model.dmc); dms (learned delayed eviction: the settings
+            under model.dms); gqa (the baseline: KV heads mean-pooled to kv_heads, then the same continued
+            pretraining without the CR loss); control (the LM-only control: the vanilla model trained on the same
+            data, steps, optimiser, schedule and distillation, so that DMC's cost is told apart from fine-tuning on
+            the domain).
         kv_heads: gqa only: KV heads after pooling (default: the source's KV heads / schedule.target_cr).
         dtype: Weights' dtype when loaded (the precision setting still decides the compute dtype).
-        window: Merge accumulation window in tokens (12 in the reference); 0 or null: unbounded.
-        tau: Gumbel-sigmoid temperature of the relaxed decisions during training.
-        logit_offset: The merge logit is the decision channel of k minus this (5 in the reference).
-        weight_offset: The merge weight is sigmoid(the decision channel of q + this).
-        train_attention: Training-time attention over partially merged keys: auto, flex, sdpa or reference.
-        weight_eps: Added to every merge weight, keeping it away from 0.
-        channel: The head channel repurposed for the decisions; -1 is the last, as in the reference.
-        decode_backend: The exported model's cached-decoding attention: auto, paged, sdpa, reference, flash or
-            triton (training does not use it).
-        block_size: Slots per block of the exported model's paged cache (training does not use it).
-        kv_bits: The exported model's cache precision: 16 (the model's dtype), 8 or 4 (integer codes of closed
-            slots; training does not use it).
-        kv_group: Channels per quantisation group of the cache (one fp16 scale and minimum each); null:
-            the width's default (32 at int8, 16 at int4).
         gradient_checkpointing: Recompute each layer's activations in the backward pass (memory for time).
+        dmc: dmc only: the DMC settings (window, tau, logit_offset, weight_offset, weight_eps, channel,
+            train_attention, and the exported model's decode_backend, block_size, kv_bits, kv_group, which training
+            does not use); its target_cr comes from schedule.target_cr.
         dms: dms only: the DMS settings (window, tau, gate, gate_scale, gate_offset, train_attention,
             decode_backend, block_size); its target_cr comes from schedule.target_cr.
         trainable: dms only: gates (the decision adapters alone, the base frozen, as released; the teacher is then
             the base itself) or all (every weight).
     """
 
-    # The DMC fields take DMCConfig's defaults (dmc/config.py holds them once); dmc_config() builds it.
+    # Each method's settings are its own config class, nested (dmc/config.py and dmc/dms_config.py hold the
+    # fields, defaults and checks once); dmc_config()/dms_config() add the schedule's target CR.
     path: str = "checkpoints/smollm2-135m"
     method: Literal["dmc", "dms", "gqa", "control"] = "dmc"
     kv_heads: int | None = None
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    window: int | None = DMCConfig.window
-    tau: float = DMCConfig.tau
-    logit_offset: float = DMCConfig.logit_offset
-    weight_offset: float = DMCConfig.weight_offset
-    train_attention: Literal["auto", "flex", "sdpa", "reference"] = DMCConfig.train_attention
-    weight_eps: float = DMCConfig.weight_eps
-    channel: int = DMCConfig.channel
-    decode_backend: Literal["auto", "paged", "sdpa", "reference", "flash", "triton"] = DMCConfig.decode_backend
-    block_size: int = DMCConfig.block_size
-    kv_bits: Literal[16, 8, 4] = DMCConfig.kv_bits
-    kv_group: int | None = DMCConfig.kv_group
     gradient_checkpointing: bool = False
+    dmc: DMCConfig = field(default_factory=DMCConfig)
     dms: DMSConfig = field(default_factory=DMSConfig)
     trainable: Literal["all", "gates"] = "all"
 
     def __post_init__(self) -> None:
-        if isinstance(self.dms, dict):  # from YAML or the command line: the nested section as a mapping
-            try:
-                self.dms = DMSConfig(**self.dms)
-            except ValueError as err:  # DMSConfigError names the field as dms_<name>
-                raise ValueError(str(err).replace("dms_", "model.dms.")) from None
-            except TypeError as err:
-                raise ValueError(f"model.dms: {err}") from None
+        # from YAML or the command line a nested section arrives as a mapping; its config class checks it
+        for name, cls in (("dmc", DMCConfig), ("dms", DMSConfig)):
+            if isinstance(getattr(self, name), dict):
+                try:
+                    setattr(self, name, cls(**getattr(self, name)))
+                except ValueError as err:  # DMCConfigError/DMSConfigError name the field as <method>_<name>
+                    raise ValueError(str(err).replace(f"{name}_", f"model.{name}.")) from None
+                except TypeError as err:
+                    raise ValueError(f"model.{name}: {err}") from None
 
     def dms_config(self, target_cr: float) -> DMSConfig:
         """The model's DMSConfig at ``target_cr`` (validated by DMSConfig)."""
         return DMSConfig(**{**asdict(self.dms), "target_cr": target_cr, "enabled": True})
 
     def dmc_config(self, target_cr: float) -> DMCConfig:
-        """The model's DMCConfig: every DMC field of this section, at ``target_cr`` (validated by DMCConfig)."""
-        return DMCConfig(target_cr=target_cr, **{name: getattr(self, name) for name in DMC_FIELDS})
+        """The model's DMCConfig at ``target_cr`` (validated by DMCConfig)."""
+        return DMCConfig(**{**asdict(self.dmc), "target_cr": target_cr, "enabled": True})
 
 
 @dataclass
@@ -265,9 +246,13 @@ class Recipe:
             try:
                 m.dmc_config(s.target_cr)
             except ValueError as err:  # DMCConfigError names the field as dmc_<name>
-                raise ValueError(str(err).replace("dmc_target_cr", "schedule.target_cr").replace("dmc_", "model.")) \
+                raise ValueError(str(err).replace("dmc_target_cr", "schedule.target_cr").replace("dmc_", "model.dmc.")) \
                     from None
         checks = self._control_checks() + self._dms_checks() + [
+            (m.dmc.target_cr == DMCConfig.target_cr and m.dms.target_cr == DMSConfig.target_cr
+             and m.dmc.enabled and m.dms.enabled,
+             "model.dmc/model.dms take their target CR from schedule.target_cr and are enabled by model.method: "
+             "remove target_cr and enabled from them"),
             (s.target_cr >= 1, f"schedule.target_cr={s.target_cr} must be >= 1 (e.g. 2, 4, 8)"),
             (min(s.stage1_steps, s.ramp_steps, s.finetune_steps) >= 0, "schedule.*_steps must be >= 0"),
             (self.total_steps > 0, "the schedule has no steps: set schedule.ramp_steps or finetune_steps"),
@@ -327,9 +312,10 @@ class Recipe:
         """model.method=control trains without DMC: options that only DMC (or GQA) reads are refused."""
         if self.model.method != "control":
             return []
-        defaults, m = ModelSection(), self.model
-        set_here = [f"model.{name}" for name in ("window", "tau", "logit_offset", "weight_offset", "train_attention",
-                                                 "kv_heads") if getattr(m, name) != getattr(defaults, name)]
+        m = self.model
+        set_here = [f"model.dmc.{name}" for name in ("window", "tau", "logit_offset", "weight_offset", "train_attention")
+                    if getattr(m.dmc, name) != getattr(DMCConfig, name)]
+        set_here += ["model.kv_heads"] if m.kv_heads is not None else []
         if self.optim.decision_lr is not None:
             set_here.append("optim.decision_lr")
         if self.schedule.cr_loss_weight != ScheduleSection().cr_loss_weight:

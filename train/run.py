@@ -11,6 +11,7 @@ from pathlib import Path
 
 import yaml
 
+from dmc.config import DMCConfig
 from dmc.metrics import LLAMA_TYPES
 
 from .recipe import Recipe, RunSection
@@ -211,23 +212,34 @@ def _check_gqa(recipe: Recipe) -> None:
         raise RecipeError(str(err)) from None
 
 
-# What a resumed run may change: where and how it runs, not what it computes.
 # Settings a resume may change: how the run is executed, and the exported model's inference-only fields.
-RESUME_MAY_CHANGE = {"data.num_workers", "model.decode_backend", "model.block_size"} | {
+RESUME_MAY_CHANGE = {"data.num_workers", "model.dmc.decode_backend", "model.dmc.block_size",
+                     "model.dms.decode_backend", "model.dms.block_size"} | {
     f"run.{f.name}" for f in dataclasses.fields(RunSection) if f.name not in ("seed", "precision")}
+# The DMC fields a recipe recorded before model.dmc existed held flat under model: read as model.dmc.*.
+LEGACY_DMC_FIELDS = {f.name for f in dataclasses.fields(DMCConfig)} - {"enabled", "target_cr"}
+
+
+def flat_settings(recipe: dict) -> dict:
+    """'section.key' -> value of a resolved recipe (``Recipe.to_dict()`` or a recorded config.yaml), a nested
+    method section (model.dmc, model.dms) as 'model.dmc.key'."""
+    out = {}
+    for section, values in recipe.items():
+        for key, value in (values or {}).items():
+            key = f"dmc.{key}" if section == "model" and key in LEGACY_DMC_FIELDS else key
+            if isinstance(value, dict):
+                out.update({f"{section}.{key}.{sub}": v for sub, v in value.items()})
+            else:
+                out[f"{section}.{key}"] = value
+    return out
 
 
 def recipe_changes(old: dict, new: dict) -> list[str]:
     """'section.key: old -> new' for every computation-relevant setting that differs between two resolved
     recipes (``Recipe.to_dict()``)."""
-    changes = []
-    for section, values in new.items():
-        for key, value in values.items():
-            name = f"{section}.{key}"
-            before = old.get(section, {}).get(key, value)
-            if name not in RESUME_MAY_CHANGE and before != value:
-                changes.append(f"{name}: {before!r} -> {value!r}")
-    return changes
+    old, new = flat_settings(old), flat_settings(new)
+    return [f"{name}: {old.get(name, value)!r} -> {value!r}" for name, value in new.items()
+            if name not in RESUME_MAY_CHANGE and old.get(name, value) != value]
 
 
 def _check_same_recipe(recipe: Recipe, out: Path) -> None:
