@@ -21,8 +21,9 @@ class DMSLayer(EvictionLayer):
                    "a dms_llama model, or a DynamicCache with a vanilla Llama.")
     row_state = ("ring_slot", "ring_flag", "seen")
 
-    def __init__(self, num_kv_heads: int, head_dim: int, block_size: int, window: int):
-        super().__init__(num_kv_heads, head_dim, block_size)
+    def __init__(self, num_kv_heads: int, head_dim: int, block_size: int, window: int, kv_bits: int = 16,
+                 kv_group: int | None = None):
+        super().__init__(num_kv_heads, head_dim, block_size, kv_bits, kv_group)
         self.window = window
 
     def _init_state(self, batch: int, dtype, device) -> None:
@@ -124,8 +125,10 @@ class DMSLayer(EvictionLayer):
     # ---- reading ---------------------------------------------------------------------------------------
     def held_view(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Every pair's slots, padded: (keys, values (B, H_kv, S, D), positions, live, flagged (B, H_kv, S));
-        ``flagged``: the ring's flags (a flagged slot leaves once a query is more than ``window`` past it)."""
-        keys, values, pos = self.slot_view(self.k_pool), self.slot_view(self.v_pool), self.slot_view(self.pos_pool)
+        ``flagged``: the ring's flags (a flagged slot leaves once a query is more than ``window`` past it). A quantised
+        store gives its keys and values back decoded."""
+        k, v = (p.decode(dtype=self.dtype) for p in self.coded_pools()) if self.quantized else (self.k_pool, self.v_pool)
+        keys, values, pos = self.slot_view(k), self.slot_view(v), self.slot_view(self.pos_pool)
         S = keys.shape[2]
         live = self.live_slots(S)
         _, held, slot, flag = self._ring()
@@ -151,7 +154,9 @@ class DMSCache(SlotCache):
         H_kv, D = config.num_key_value_heads, head_dim(config)
         block_size = block_size or getattr(config, "dms_block_size", 16)
         window = getattr(config, "dms_window", 512)
-        super().__init__(layers=[DMSLayer(H_kv, D, block_size, window) for _ in range(config.num_hidden_layers)])
+        bits, group = getattr(config, "dms_kv_bits", 16), getattr(config, "dms_kv_group", None)
+        super().__init__(layers=[DMSLayer(H_kv, D, block_size, window, bits, group)
+                                 for _ in range(config.num_hidden_layers)])
 
     def layer(self, layer_idx: int) -> DMSLayer:
         return self.layers[layer_idx]

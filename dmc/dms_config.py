@@ -12,6 +12,7 @@ from transformers import LlamaConfig
 DMS_TRAIN_ATTENTION = ("auto", "sdpa", "flex", "reference")
 DMS_DECODE_BACKENDS = ("auto", "paged", "sdpa", "reference", "flash", "triton")
 DMS_GATES = ("adapter",)
+DMS_KV_BITS = (16, 8, 4)  # the widths dmc/ops/kv_quant.py codes (its KV_BITS; a test holds them equal)
 
 
 class DMSConfigError(ValueError):
@@ -36,7 +37,11 @@ class DMSConfig:
         decode_backend: Cached-decoding attention over the held slots: auto, paged, sdpa, reference, flash or
             triton.
         block_size: Slots per block of the paged cache (blocks are allocated on demand).
-        kv_bits: Bits per cached key/value element; DMS caches hold 16-bit slots.
+        kv_bits: Bits per cached key/value element: 16 keeps the model's dtype; 8 or 4 store every slot as
+            group-wise integer codes, and every query (prompt, chunk or decoding step) sees each key and value, its
+            own included, as its codes give it back.
+        kv_group: Channels per quantisation group (one scale and minimum each), a divisor of head_dim; null: the
+            width's default (32 at int8, 16 at int4).
     """
 
     enabled: bool = True
@@ -50,6 +55,7 @@ class DMSConfig:
     decode_backend: str = "auto"
     block_size: int = 16
     kv_bits: int = 16
+    kv_group: int | None = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -79,8 +85,11 @@ class DMSConfig:
             raise bad("decode_backend", f"choose one of {', '.join(DMS_DECODE_BACKENDS)}")
         if not isinstance(self.block_size, int) or self.block_size < 1:
             raise bad("block_size", "use a positive number of slots per block (e.g. 16)")
-        if self.kv_bits != 16:
-            raise bad("kv_bits", "a DMS cache holds 16-bit slots; use 16 (quantised slots are DMC's for now)")
+        if self.kv_bits not in DMS_KV_BITS:
+            raise bad("kv_bits", f"choose one of {', '.join(map(str, DMS_KV_BITS))} (16: not quantised)")
+        if self.kv_group is not None and (not isinstance(self.kv_group, int) or self.kv_group < 1):
+            raise bad("kv_group", "use a positive number of channels per quantisation group (e.g. 16 or 32), or null "
+                      "for the width's default")
 
     def to_prefixed(self) -> dict:
         return {f"dms_{k}": v for k, v in asdict(self).items()}

@@ -126,8 +126,10 @@ class DMSLlamaAttention(LlamaAttention):
             dec = relaxed_evictions(logit, valid, cfg.dms_tau, noise=self.logistic_noise)
         else:
             dec = hard_evictions(logit, valid)
-        out = eviction_attention(cfg.dms_train_attention, q, k, v, dec.key_log, dec.flag_log, cfg.dms_window,
-                                 self.scaling)
+        # a quantised cache: every key and value as its codes give it back, as decoding will read them
+        k_seen, v_seen = (layer.round_trip(k), layer.round_trip(v)) if layer is not None else (k, v)
+        out = eviction_attention(cfg.dms_train_attention, q, k_seen, v_seen, dec.key_log, dec.flag_log,
+                                 cfg.dms_window, self.scaling)
         if layer is not None:
             layer.add(k, v, logit > 0, valid)
         return out, EvictionRecord(dec.alpha_st, dec.flagged, valid)
@@ -144,7 +146,8 @@ class DMSLlamaAttention(LlamaAttention):
 
     def _chunk(self, layer, q, k, v, logit, valid):
         """Several tokens into a filled cache in one pass: the chunk attends over the held slots (a flagged one while
-        within its delay of the query) and over itself with the window rule; then its tokens are stored."""
+        within its delay of the query) and over itself with the window rule; then its tokens are stored. On a
+        quantised cache every key and value is read as its codes give it back, the chunk's own included."""
         cfg = self.config
         decide = logit > 0
         layer.flag_previous(decide, valid)
@@ -154,7 +157,7 @@ class DMSLlamaAttention(LlamaAttention):
         B, H = keys.shape[:2]
         backend = "sdpa" if cfg.dms_train_attention in ("auto", "flex") else cfg.dms_train_attention
         out = eviction_attention(
-            backend, q, torch.cat([keys, k], 2), torch.cat([values, v], 2),
+            backend, q, torch.cat([keys, layer.round_trip(k)], 2), torch.cat([values, layer.round_trip(v)], 2),
             torch.cat([torch.where(live, 0.0, MASKED), dec.key_log], -1),
             torch.cat([torch.where(flagged, MASKED, 0.0), dec.flag_log], -1), cfg.dms_window, self.scaling,
             qpos=qpos, kpos=torch.cat([kpos, qpos[:, None, :].expand(B, H, -1)], -1))

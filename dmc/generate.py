@@ -17,7 +17,8 @@ class ModelFolderError(ValueError):
 
 def load(path: str | Path, dtype: str = "float32", device: str = "cpu", kv_bits: int | None = None):
     """(model, tokenizer) of a vanilla Llama, ``dmc_llama`` or ``dms_llama`` model (a HF folder or a Hub id), in eval mode.
-    ``kv_bits`` (DMC models): the cache's precision, 16, 8 or 4 (``dmc_kv_bits``; None: the folder's own)."""
+    ``kv_bits`` (DMC and DMS models): the cache's precision, 16, 8 or 4 (``dmc_kv_bits``/``dms_kv_bits``; None: the
+    folder's own)."""
     from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -41,7 +42,7 @@ def load(path: str | Path, dtype: str = "float32", device: str = "cpu", kv_bits:
         raise ModelFolderError(f"{path}: its weights cannot be read ({str(err).splitlines()[0]}); export or "
                                "download the folder again") from None
     if kv_bits is not None:
-        model.config.dmc_kv_bits = kv_bits
+        setattr(model.config, f"{model_type.removesuffix('_llama')}_kv_bits", kv_bits)
     tok = AutoTokenizer.from_pretrained(path)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
@@ -55,10 +56,9 @@ def check_kv_bits(model_type: str, kv_bits: int) -> None:
 
     if kv_bits not in KV_BITS:
         raise ModelFolderError(f"--kv-bits {kv_bits}: choose one of {', '.join(map(str, KV_BITS))}")
-    if model_type != "dmc_llama" and kv_bits != 16:
-        held = "a DMS cache holds 16-bit slots" if model_type == "dms_llama" else \
-            "a vanilla Llama keeps HF's own cache, which this option does not quantise"
-        raise ModelFolderError(f"--kv-bits {kv_bits} needs a DMC folder: {held}; drop --kv-bits")
+    if model_type not in ("dmc_llama", "dms_llama") and kv_bits != 16:
+        raise ModelFolderError(f"--kv-bits {kv_bits} needs a DMC or DMS folder: a vanilla Llama keeps HF's own cache, "
+                               "which this option does not quantise; drop --kv-bits")
 
 
 @dataclass
@@ -115,8 +115,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--top-p", type=float, default=1.0)
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--kv-bits", type=int, default=None, help="DMC cache precision: 16, 8 or 4 (closed slots as "
-                    "integer codes; default: the folder's dmc_kv_bits)")
+    ap.add_argument("--kv-bits", type=int, default=None, help="DMC/DMS cache precision: 16, 8 or 4 "
+                    "(slots as integer codes; default: the folder's dmc_kv_bits/dms_kv_bits)")
     ns = ap.parse_args(argv)
     try:
         model, tok = load(ns.model, ns.dtype, ns.device, ns.kv_bits)
@@ -127,6 +127,6 @@ def main(argv: list[str] | None = None) -> None:
         cr = f"  [realised CR {result.realised_cr[i]:.2f}]" if result.realised_cr else ""
         print(f"--- prompt {i}{cr}\n{prompt}{text}")
     if result.kv_bytes is not None:
-        bits = getattr(model.config, "dmc_kv_bits", 16)
-        kv = result.kv_bytes
-        print(f"--- {method_of(model.config).label} cache: {kv / 2**20:.2f} MiB allocated ({kv:,} bytes, {bits}-bit slots)")
+        method = method_of(model.config)
+        bits, kv = getattr(model.config, f"{method.name}_kv_bits", 16), result.kv_bytes
+        print(f"--- {method.label} cache: {kv / 2**20:.2f} MiB allocated ({kv:,} bytes, {bits}-bit slots)")

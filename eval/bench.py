@@ -144,9 +144,11 @@ def measure(model, ids: torch.Tensor, decode_steps: int) -> dict:
 
 
 def slot_shrink(model) -> float:
-    """Bytes of one slot in the model's cache over one slot in its dtype (1 unless dmc_kv_bits < 16)."""
+    """Bytes of one slot in the model's cache over one slot in its dtype (1 unless its method's kv_bits < 16)."""
     cfg, D = model.config, head_dim(model.config)
-    coded = slot_bytes(D, model.dtype, getattr(cfg, "dmc_kv_bits", 16), getattr(cfg, "dmc_kv_group", None))
+    method = method_of(cfg)
+    prefix = method.name if method is not None else None
+    coded = slot_bytes(D, model.dtype, getattr(cfg, f"{prefix}_kv_bits", 16), getattr(cfg, f"{prefix}_kv_group", None))
     return coded / slot_bytes(D, model.dtype)
 
 
@@ -166,9 +168,11 @@ def prompts(tokenizer, batch: int, context: int) -> torch.Tensor:
 
 
 def with_kv_bits(label: str, model, kv_bits: tuple[int, ...]):
-    """Yield the DMC ``model`` once per cache precision (its config's dmc_kv_bits, read by each new cache)."""
+    """Yield the DMC or DMS ``model`` once per cache precision (its config's <method>_kv_bits, read by each new
+    cache)."""
+    prefix = method_of(model.config).name
     for bits in kv_bits:
-        model.config.dmc_kv_bits = bits
+        setattr(model.config, f"{prefix}_kv_bits", bits)
         yield (label if bits == 16 else f"{label} int{bits}"), model
 
 
@@ -280,8 +284,8 @@ def main(argv: list[str] | None = None) -> None:
                     "MODEL only): dmc merges, dms evicts after --dms-window tokens")
     ap.add_argument("--dms-window", type=int, default=32, help="the synthetic DMS models' eviction delay (>= 1)")
     ap.add_argument("--decode-steps", type=int, default=16)
-    ap.add_argument("--kv-bits", type=int, nargs="+", default=[16], help="DMC cache precisions to run: 16, 8 "
-                    "and/or 4 (closed slots as integer codes; the vanilla model keeps HF's cache)")
+    ap.add_argument("--kv-bits", type=int, nargs="+", default=[16], help="DMC/DMS cache precisions to run: "
+                    "16, 8 and/or 4 (slots as integer codes; the vanilla model keeps HF's cache)")
     budget = ap.add_argument_group("throughput at a KV budget (continuous batching)")
     budget.add_argument("--budget-seqs", type=float, nargs="+", default=None,
                         help="budgets that hold this many vanilla sequences of --context tokens")
@@ -304,8 +308,6 @@ def main(argv: list[str] | None = None) -> None:
         fail("every --crs value must be >= 1")
     if ns.dms_window < 1:
         fail(f"--dms-window {ns.dms_window}: the eviction delay must be >= 1 token")
-    if ns.method == "dms" and any(k != 16 for k in ns.kv_bits):
-        fail("--kv-bits: a DMS cache holds 16-bit slots; drop --kv-bits with --method dms")
     try:
         ns.kv_bits = check_kv_bits(ns.kv_bits)  # dmc eval's check: the same flag, the same message
     except TaskError as err:

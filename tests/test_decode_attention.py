@@ -149,12 +149,14 @@ def test_config_backend_names_are_the_registry_s():
     assert set(DMS_DECODE_BACKENDS) == {"auto", *BACKENDS["full"]}
 
 
-def test_a_dms_cache_refuses_coded_slots_in_one_line():
+def test_a_backend_without_a_path_over_codes_is_refused_in_one_line_for_either_method():
     from dmc.ops.decode_backends import resolve
 
-    with pytest.raises(ValueError, match="use dms_kv_bits=16") as err:
-        resolve("dms", "auto", torch.device("cpu"), 16, kv_bits=8)
-    assert "\n" not in str(err.value)
+    for method in ("dmc", "dms"):
+        with pytest.raises(ValueError, match=f"{method}_decode_backend='sdpa' has no path over a 8-bit cache") as err:
+            resolve(method, "sdpa", torch.device("cpu"), 16, kv_bits=8)
+        assert "\n" not in str(err.value) and f"{method}_kv_bits=16" in str(err.value)
+        assert resolve(method, "auto", torch.device("cpu"), 16, kv_bits=4) == "paged"
 
 
 @pytest.mark.parametrize("B,H,H_kv,D,lens,bs", CASES)

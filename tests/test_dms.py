@@ -250,7 +250,7 @@ def test_window_longer_than_the_block_evicts_nothing():
 # ---- bad input ------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("field, value, words", [
     ("window", 0, "must be >= 1"), ("window", -3, "must be >= 1"), ("target_cr", 0.5, "must be >= 1"),
-    ("kv_bits", 8, "16-bit"), ("gate", "neuron", "choose one of")])
+    ("kv_bits", 3, "choose one of 16, 8, 4"), ("kv_group", 0, "positive number"), ("gate", "neuron", "choose one of")])
 def test_bad_settings_are_one_line(field, value, words):
     with pytest.raises(dmc.DMSConfigError, match=words) as err:
         dmc.DMSConfig(**{field: value})

@@ -1,5 +1,6 @@
 """DMS folders through dmc compare, dmc generate and continuous batching, and one-line refusals of what a DMS folder
-cannot do. (dmc eval's scores equal decoding on the DMS cache: tests/test_eval.py.)"""
+cannot do. (dmc eval's scores equal decoding on the DMS cache: tests/test_eval.py; dmc generate --kv-bits on a DMS
+folder: tests/test_kv_quant_cache.py.)"""
 
 import json
 
@@ -7,7 +8,6 @@ import pytest
 
 import dmc
 from dmc.eval.compare import main as compare_main
-from dmc.generate import main as generate_main
 from tests.helpers import one_line_exit
 
 
@@ -27,11 +27,6 @@ def test_a_folder_under_the_wrong_option_is_one_line(folders, tmp_path, option, 
                         "--out", str(tmp_path / "cmp"))
     assert words in msg and str(folders[index]) in msg, msg
     assert not (tmp_path / "cmp").exists()
-
-
-def test_quantised_slots_on_a_dms_folder_are_one_line(folders, capsys):
-    msg = one_line_exit(generate_main, str(folders[2]), "--prompt", "x", "--kv-bits", "8")
-    assert "DMS cache holds 16-bit slots" in msg, msg
 
 
 @pytest.mark.parametrize("budget_blocks", [400, 40])  # roomy: all in flight; tight: the budget limits the batch

@@ -62,9 +62,10 @@ def test_bits_are_checked():
 
 def test_the_config_accepts_exactly_the_widths_the_codec_codes():
     from dmc.config import KV_BITS as CONFIG_BITS
+    from dmc.dms_config import DMS_KV_BITS
     from dmc.ops.kv_quant import KV_BITS
 
-    assert CONFIG_BITS == KV_BITS
+    assert CONFIG_BITS == KV_BITS == DMS_KV_BITS
 
 
 @pytest.mark.parametrize("bits", [8, 4], ids=lambda b: f"int{b}")

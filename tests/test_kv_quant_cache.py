@@ -204,10 +204,11 @@ def test_bad_kv_bits_and_backends_without_a_quantised_path_are_one_line():
         model.generate(random_ids(1, 5), max_new_tokens=2, do_sample=False)
 
 
-def test_dmc_generate_takes_kv_bits_and_reports_fewer_bytes(folders, capsys):
+@pytest.mark.parametrize("method", ["dmc", "dms"])
+def test_dmc_generate_takes_kv_bits_and_reports_fewer_bytes(folders, capsys, method):
     from dmc.generate import main
 
-    vanilla, folder, _ = folders
+    vanilla, folder = folders[0], folders[1 if method == "dmc" else 2]
     mib = {}
     for bits in (16, 4):
         main([str(folder), "--prompt", "def add(a, b):", "--max-new-tokens", "20", "--kv-bits", str(bits)])
@@ -217,4 +218,4 @@ def test_dmc_generate_takes_kv_bits_and_reports_fewer_bytes(folders, capsys):
     assert 0 < mib[4] < mib[16]
     assert one_line_exit(main, str(folder), "--prompt", "x", "--kv-bits", "3") == \
         "dmc generate: error: --kv-bits 3: choose one of 16, 8, 4"
-    assert "needs a DMC folder" in one_line_exit(main, str(vanilla), "--prompt", "x", "--kv-bits", "8")
+    assert "needs a DMC or DMS folder" in one_line_exit(main, str(vanilla), "--prompt", "x", "--kv-bits", "8")

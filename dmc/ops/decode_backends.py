@@ -66,8 +66,8 @@ BACKENDS = {
                                                                     scale),
     },
 }
-# The precisions each method's cache can hold (a DMS cache holds full-precision slots only, for now).
-METHOD_PRECISIONS = {"dmc": ("full", "coded"), "dms": ("full",)}
+# The precisions each method's cache can hold (a method without a coded store is refused in one line).
+METHOD_PRECISIONS = {"dmc": ("full", "coded"), "dms": ("full", "coded")}
 
 
 def _check_triton_runs_on(device: torch.device, method: str) -> None:
