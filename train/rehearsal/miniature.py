@@ -17,8 +17,10 @@ from ..recipe import Recipe
 
 # Attention layouts (query heads, KV heads) of the models our recipes name, for when their config is not
 # reachable from this machine (no network, gated repo).
+# (query heads, KV heads) of the recipes' models, from their published configs, for a machine that cannot reach them
 KNOWN_LAYOUTS = {
     "meta-llama/Llama-2-7b-hf": (32, 32), "meta-llama/Llama-2-13b-hf": (40, 40), "meta-llama/Llama-2-70b-hf": (64, 8),
+    "meta-llama/Meta-Llama-3-8B": (32, 8), "meta-llama/Llama-3.1-8B": (32, 8), "meta-llama/Llama-3.1-70B": (64, 8),
 }
 STAGES = (1, 3, 1)  # stage 1 / ramp / hold, in optimiser steps: every boundary is crossed, the kill lands mid-ramp
 BLOCK_LEN, VALIDATION_BLOCKS, MAX_ACCUMULATE, DOCUMENTS = 64, 4, 2, 400
@@ -54,7 +56,7 @@ def write_tiny_model(recipe: Recipe, layout: tuple, tokenizer, out: Path) -> tup
     heads, kv_heads, source = layout
     if source is None:
         known = recipe.model.path in KNOWN_LAYOUTS
-        source = f"{'the known Llama 2 layouts' if known else 'a default'}: its config is not reachable here"
+        source = f"{'the known Llama layouts' if known else 'a default'}: its config is not reachable here"
     config = tiny_config(heads, kv_heads, len(tokenizer), tokenizer, max_positions=4 * BLOCK_LEN)
     torch.manual_seed(recipe.run.seed)
     LlamaForCausalLM(config).save_pretrained(out)
