@@ -38,7 +38,8 @@ def protocol_file(tmp_path_factory):
     base = write_tiny_checkpoint(root / "tiny-llama")
     recipe = (ROOT / "configs" / "tiny.yaml").read_text()
     (root / "tiny-dmc.yaml").write_text(recipe)
-    control = recipe.replace("  window: 12\n", "  method: control\n")
+    control = recipe.replace("  dmc:\n    window: 12\n", "  method: control\n")
+    assert "  method: control\n" in control  # the tiny recipe's DMC block was found and replaced
     (root / "tiny-control.yaml").write_text(control.replace("  decision_lr: 5.0e-2\n", "").replace("  target_cr: 2.0\n", ""))
     spec = {"name": "tiny-protocol", "base": str(base), "policies": ["h2o", "streaming_llm"], "crs": [2],
             "policy_bases": ["vanilla", "control"], "eval_args": EVAL,
