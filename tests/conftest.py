@@ -1,10 +1,14 @@
 """Session-wide test settings that must precede every import."""
 
+import atexit
 import os
+import shutil
 import tempfile
 
-# Tests never touch the real run cache (~/.cache/dmc/runs): every test and every command it starts gets its own.
+# Tests never touch the real run cache (~/.cache/dmc/runs): every test and every command it starts gets its own,
+# removed when the session ends (each pytest process made one and left it behind before).
 os.environ["DMC_RUN_CACHE"] = tempfile.mkdtemp(prefix="dmc-test-runs-")
+atexit.register(shutil.rmtree, os.environ["DMC_RUN_CACHE"], True)
 
 # Under pytest-xdist each worker gets its share of the cores, for itself and for the commands its tests start:
 # two workers each running torch with every core's worth of OpenMP threads spin against each other.
