@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from .methods import is_compressed, method_of, new_cache
+from .methods import METHODS, is_compressed, method_of, new_cache
 from .metrics import LLAMA_TYPES, cache_realised_cr
 
 
@@ -41,8 +41,8 @@ def load(path: str | Path, dtype: str = "float32", device: str = "cpu", kv_bits:
     except (OSError, SafetensorError) as err:  # a torn or foreign weights file: the folder, not the code, is at fault
         raise ModelFolderError(f"{path}: its weights cannot be read ({str(err).splitlines()[0]}); export or "
                                "download the folder again") from None
-    if kv_bits is not None:
-        setattr(model.config, f"{model_type.removesuffix('_llama')}_kv_bits", kv_bits)
+    if kv_bits is not None and model_type in METHODS:  # a vanilla Llama keeps HF's cache (16 only: checked above)
+        setattr(model.config, METHODS[model_type].field("kv_bits"), kv_bits)
     tok = AutoTokenizer.from_pretrained(path)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
@@ -56,7 +56,7 @@ def check_kv_bits(model_type: str, kv_bits: int) -> None:
 
     if kv_bits not in KV_BITS:
         raise ModelFolderError(f"--kv-bits {kv_bits}: choose one of {', '.join(map(str, KV_BITS))}")
-    if model_type not in ("dmc_llama", "dms_llama") and kv_bits != 16:
+    if model_type not in METHODS and kv_bits != 16:
         raise ModelFolderError(f"--kv-bits {kv_bits} needs a DMC or DMS folder: a vanilla Llama keeps HF's own cache, "
                                "which this option does not quantise; drop --kv-bits")
 
@@ -128,5 +128,5 @@ def main(argv: list[str] | None = None) -> None:
         print(f"--- prompt {i}{cr}\n{prompt}{text}")
     if result.kv_bytes is not None:
         method = method_of(model.config)
-        bits, kv = getattr(model.config, f"{method.name}_kv_bits", 16), result.kv_bytes
+        bits, kv = getattr(model.config, method.field("kv_bits"), 16), result.kv_bytes
         print(f"--- {method.label} cache: {kv / 2**20:.2f} MiB allocated ({kv:,} bytes, {bits}-bit slots)")

@@ -22,6 +22,10 @@ class Method:
     def enabled(self, config) -> bool:
         return bool(getattr(config, self.switch, False))
 
+    def field(self, name: str) -> str:
+        """The config field holding this method's setting ``name`` (``kv_bits`` -> ``dmc_kv_bits``)."""
+        return f"{self.name}_{name}"
+
 
 METHODS = {
     "dmc_llama": Method("dmc", "DMC", DMCCache, "dmc_enabled"),

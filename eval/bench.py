@@ -147,8 +147,9 @@ def slot_shrink(model) -> float:
     """Bytes of one slot in the model's cache over one slot in its dtype (1 unless its method's kv_bits < 16)."""
     cfg, D = model.config, head_dim(model.config)
     method = method_of(cfg)
-    prefix = method.name if method is not None else None
-    coded = slot_bytes(D, model.dtype, getattr(cfg, f"{prefix}_kv_bits", 16), getattr(cfg, f"{prefix}_kv_group", None))
+    if method is None:  # a vanilla model keeps HF's cache in its dtype
+        return 1.0
+    coded = slot_bytes(D, model.dtype, getattr(cfg, method.field("kv_bits"), 16), getattr(cfg, method.field("kv_group"), None))
     return coded / slot_bytes(D, model.dtype)
 
 
@@ -170,9 +171,9 @@ def prompts(tokenizer, batch: int, context: int) -> torch.Tensor:
 def with_kv_bits(label: str, model, kv_bits: tuple[int, ...]):
     """Yield the DMC or DMS ``model`` once per cache precision (its config's <method>_kv_bits, read by each new
     cache)."""
-    prefix = method_of(model.config).name
+    field = method_of(model.config).field("kv_bits")
     for bits in kv_bits:
-        setattr(model.config, f"{prefix}_kv_bits", bits)
+        setattr(model.config, field, bits)
         yield (label if bits == 16 else f"{label} int{bits}"), model
 
 

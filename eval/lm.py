@@ -67,17 +67,17 @@ class EvalModel:
         self.max_length = max_length or getattr(self.model.config, "max_position_embeddings", 2048)
         self.method = method_of(self.model.config)  # DMC, DMS, or None (a vanilla model)
         self.kv_bits = check_bits(kv_bits)
-        prefix = self.method.name if self.method is not None else None  # a method's cache reads <prefix>_kv_bits
         D = head_dim(self.model.config)
-        group = kv_group or getattr(self.model.config, f"{prefix}_kv_group", None)  # None: the width's default
+        own_group = getattr(self.model.config, self.method.field("kv_group"), None) if self.method else None
+        group = kv_group or own_group  # None: the width's default
         if kv_bits < 16 and group is not None and (group < 1 or D % min(group, D)):
             raise ValueError(f"--kv-group {group} must divide the head dim {D} of {path} (e.g. 32 or 16)")
         self.kv_group = resolve_group(kv_bits, group, D) if kv_bits < 16 else None
         label = policy.label if policy is not None else None
-        if prefix is not None:
-            setattr(self.model.config, f"{prefix}_kv_bits", kv_bits)  # every new cache of the method reads them
+        if self.method is not None:  # every new cache of the method reads them
+            setattr(self.model.config, self.method.field("kv_bits"), kv_bits)
             if kv_bits < 16:
-                setattr(self.model.config, f"{prefix}_kv_group", self.kv_group)
+                setattr(self.model.config, self.method.field("kv_group"), self.kv_group)
         elif policy is None and kv_bits < 16:  # a vanilla model on coded storage: every token kept, as its own
             from .policies import KeepAll
 
