@@ -120,8 +120,8 @@ class DMCLayer(SlotCacheLayer):
 
         k_pre, v (B, H_kv, D) (decision channel already zeroed); omega (B, H_kv); merge (B, H_kv) bool; valid (B,)
         False for left-padding tokens (they leave the cache untouched); cos, sin (B, D) of the token's position.
-        A sequence's first real token always appends. ``fused``: the per-pair update in one Triton kernel
-        (full-precision slots only); block allocation stays here either way.
+        A sequence's first real token always appends. ``fused``: the per-pair update in one Triton kernel where it
+        applies (it writes full-precision slots, so a coded store steps in PyTorch); block allocation stays here.
         """
         B, H, _ = k_pre.shape
         if not self.is_initialized:
@@ -131,7 +131,7 @@ class DMCLayer(SlotCacheLayer):
         append = live & ~merge
         slot = torch.where(append, self.lens, self.lens - 1)
         self.allocate(append & (slot % self.block_size == 0), slot // self.block_size)
-        if fused:
+        if fused and not self.quantized:
             self._step_fused(k_pre, v, omega, merge, live, cos, sin)
         else:
             sd = self.state_dtype
@@ -150,8 +150,6 @@ class DMCLayer(SlotCacheLayer):
         self.started = self.started | valid
 
     def _step_fused(self, k_pre, v, omega, merge, live, cos, sin) -> None:
-        if self.quantized:
-            raise DMCCacheError("the fused Triton update writes full-precision slots; a coded store steps in PyTorch")
         names = ("k_sum", "v_sum", "w_sum", "lens") + (("ring_k", "ring_v", "ring_w", "seg_len") if self.window else ())
         for name in names:  # the kernel updates them in place, densely
             setattr(self, name, getattr(self, name).contiguous())

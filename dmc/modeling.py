@@ -155,8 +155,7 @@ class DMCLlamaAttention(LlamaAttention):
         can = decode_merge_candidates(valid, layer.started if layer.is_initialized else None)[:, None, :]
         q_rot, _ = apply_rotary_pos_emb(q0, q0[:, :1], cos, sin)
         backend = resolve("dmc", self.config.dmc_decode_backend, q0.device, layer.block_size, layer.kv_bits)
-        # the fused update goes with its kernel; it writes full-precision slots, so a coded store updates in PyTorch
-        fused = backend == "triton" and not layer.quantized
+        fused = backend == "triton"  # the fused update goes with its kernel (the layer knows where it applies)
         outs = []
         for t in range(q0.shape[2]):
             layer.step(k0[:, :, t], v[:, :, t], omega[..., t], logit[..., t] > 0, valid[:, t], cos[:, t], sin[:, t],
