@@ -116,14 +116,20 @@ def test_training_forward_equals_eval_equals_decoding(kind, window):
 
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("window", [1, 4, 50])
-def test_chunked_prefill_equals_one_pass_equals_decoding(kind, window):
+@pytest.mark.parametrize("bits", [16, 8, 4], ids=lambda b: f"{b}bit")
+def test_chunked_prefill_equals_one_pass_equals_decoding(kind, window, bits):
+    """On full-precision slots and on codes (every query reads each key and value as its codes give it back, its own
+    included, so every path sees the same numbers)."""
     model = mixed_dms(kind, window=window)
+    model.config.dms_kv_bits, model.config.dms_kv_group = bits, 8 if bits < 16 else None  # read by every new cache
     ids = random_ids(3, 30)
     one, one_cache = run_chunks(model, ids, [30])
     chunked, chunk_cache = run_chunks(model, ids, [7, 1, 11, 1, 10])
     decoded, dec_cache = run_chunks(model, ids, [1] * 30)
     torch.testing.assert_close(chunked, one, rtol=1e-9, atol=1e-9)
     torch.testing.assert_close(decoded, one, rtol=1e-9, atol=1e-9)
+    assert one_cache.layer(0).quantized == (bits < 16)
+    assert bits == 16 or one_cache.layer(0).k_pool.dtype == torch.uint8  # codes, not numbers, are held
     for i in range(model.config.num_hidden_layers):
         for b in range(3):
             for h in range(model.config.num_key_value_heads):
