@@ -11,7 +11,7 @@ from transformers import LlamaConfig
 
 DMS_TRAIN_ATTENTION = ("auto", "sdpa", "flex", "reference")
 DMS_DECODE_BACKENDS = ("auto", "paged", "sdpa", "reference", "flash", "triton")
-DMS_GATES = ("adapter",)
+DMS_GATES = ("adapter", "channel")
 DMS_KV_BITS = (16, 8, 4)  # the widths dmc/ops/kv_quant.py codes (its KV_BITS; a test holds them equal)
 
 
@@ -30,7 +30,9 @@ class DMSConfig:
             cache (512 in the released recipe; short windows let short blocks reach a CR).
         tau: Temperature of the relaxed (logistic-noise) decisions in training.
         gate: Where a decision comes from: adapter, a zero-initialised RMSNorm + linear map per layer on the
-            layer's input (the released recipe: nothing is evicted at initialisation).
+            layer's input (the released recipe: nothing is evicted at initialisation); or channel, the paper's
+            repurposed query channel: the last channel of each KV group's first query head (pre-RoPE), which
+            attention then no longer reads, so a recipe fades it out first (stage 1) and trains every weight.
         gate_scale: The eviction logit is gate_scale * gate(x) - gate_offset (100 released).
         gate_offset: See gate_scale (5 released: a zero gate gives -5 everywhere, no eviction).
         train_attention: The training/evaluation attention kernel: auto, sdpa, flex or reference.

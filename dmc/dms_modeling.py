@@ -78,6 +78,17 @@ class DMSGate(nn.Module):
         return (self.proj(self.norm(x)).float() * self.scale - self.offset).transpose(1, 2)
 
 
+def read_gate_channel(q: torch.Tensor, groups: int, scale: float, offset: float, keep: float = 0.0):
+    """The paper's channel gate. q (B, H, T, D) pre-RoPE -> (logits (B, H_kv, T) in fp32 = scale * q - offset from
+    the last channel of each KV group's first query head, q with that channel scaled by ``keep``): 0 once the
+    channel decides (attention no longer reads it), fading from 1 to 0 through stage 1. Every other element is
+    multiplied by exactly 1, so ``keep=1`` leaves q unchanged."""
+    logit = q[:, ::groups, :, -1].float() * scale - offset
+    fade = torch.ones(q.shape[1], q.shape[-1], dtype=q.dtype, device=q.device)
+    fade[::groups, -1] = keep
+    return logit, q * fade[:, None, :]
+
+
 class DMSLlamaAttention(LlamaAttention):
     """Llama attention over a delayed-eviction cache; with ``config.dms_enabled=False`` exactly ``LlamaAttention``.
 
@@ -90,6 +101,7 @@ class DMSLlamaAttention(LlamaAttention):
     def __init__(self, config: DMSLlamaConfig, layer_idx: int):
         super().__init__(config, layer_idx)
         self.logistic_noise = True  # DMS: training draws noise; off only to compare with the eval form
+        self.stage1_multiplier: float | None = None  # DMS, channel gate: set during stage 1 (the channel fading)
 
     def forward(self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None, **kwargs):
         cfg = self.config
@@ -97,13 +109,19 @@ class DMSLlamaAttention(LlamaAttention):
             kwargs.pop("dms_logit", None)
             return super().forward(hidden_states, position_embeddings, attention_mask, past_key_values, **kwargs)
         B, T, _ = hidden_states.shape
-        logit = kwargs["dms_logit"]
         valid = kwargs.get("slot_valid")
         valid = torch.ones(B, T, dtype=torch.bool, device=hidden_states.device) if valid is None else valid
         shape = (B, T, -1, self.head_dim)
         q = self.q_proj(hidden_states).view(shape).transpose(1, 2)
         k = self.k_proj(hidden_states).view(shape).transpose(1, 2)
         v = self.v_proj(hidden_states).view(shape).transpose(1, 2)
+        if cfg.dms_gate == "channel":  # DMS: the decision is read from q, whose channel then leaves attention
+            keep = 0.0 if self.stage1_multiplier is None else self.stage1_multiplier
+            logit, q = read_gate_channel(q, q.shape[1] // k.shape[1], cfg.dms_gate_scale, cfg.dms_gate_offset, keep)
+        else:
+            logit = kwargs["dms_logit"]
+        if self.stage1_multiplier is not None:  # stage 1: the channel fades while nothing is evicted
+            logit = torch.full_like(logit, -cfg.dms_gate_offset)
         q, k = apply_rotary_pos_emb(q, k, *position_embeddings)  # DMS: keys are cached rotated, as Llama's
         layer = past_key_values.layer(self.layer_idx) if past_key_values is not None else None
         if layer is not None and T > 1 and bool((valid[:, 1:].long() < valid[:, :-1].long()).any()):
@@ -122,7 +140,7 @@ class DMSLlamaAttention(LlamaAttention):
     def _parallel(self, layer, q, k, v, logit, valid):
         """All tokens at once; with an (empty) cache, then store the prompt's tokens that are still held."""
         cfg = self.config
-        if self.training:
+        if self.training and self.stage1_multiplier is None:  # stage 1 evicts nothing: hard decisions, noise or not
             dec = relaxed_evictions(logit, valid, cfg.dms_tau, noise=self.logistic_noise)
         else:
             dec = hard_evictions(logit, valid)
@@ -169,10 +187,11 @@ class DMSLlamaDecoderLayer(LlamaDecoderLayer):
     def __init__(self, config: DMSLlamaConfig, layer_idx: int):
         super().__init__(config, layer_idx)
         self.self_attn = DMSLlamaAttention(config, layer_idx)  # DMS: eviction-aware attention
-        self.dms_gate = DMSGate(config)  # DMS: the decision adapter
+        # DMS: the decision adapter (the channel gate reads q instead: no parameter of its own)
+        self.dms_gate = DMSGate(config) if config.dms_gate == "adapter" else None
 
     def forward(self, hidden_states, *args, **kwargs):
-        if self.self_attn.config.dms_enabled:  # DMS: the gate reads the layer's input, before input_layernorm
+        if self.dms_gate is not None and self.self_attn.config.dms_enabled:  # DMS: the gate reads the layer's input
             kwargs["dms_logit"] = self.dms_gate(hidden_states)
         return super().forward(hidden_states, *args, **kwargs)
 
@@ -210,7 +229,39 @@ class DMSLlamaForCausalLM(SlotLlamaForCausalLM):
 
     def gate_parameters(self) -> list[nn.Parameter]:
         """The decision adapters' parameters: what the released recipe trains (the base stays frozen)."""
+        if self.config.dms_gate != "adapter":
+            raise ValueError(f"dms_gate={self.config.dms_gate!r} has no parameters of its own (it reads a query "
+                             "channel): train every weight (model.trainable: all)")
         return [p for layer in self.model.layers for p in layer.dms_gate.parameters()]
+
+    # ---- the channel gate's stage 1 (as DMC's) -----------------------------------------------------------------
+    def set_stage1_multiplier(self, multiplier: float | None) -> None:
+        """Channel gate: scale the decision channel in attention by ``multiplier`` and evict nothing; ``None``
+        returns to reading decisions from it (and attention no longer reads it)."""
+        if multiplier is not None and self.config.dms_gate != "channel":
+            raise ValueError("stage 1 fades out a repurposed channel: it is for dms_gate='channel'")
+        for layer in self.model.layers:
+            layer.self_attn.stage1_multiplier = multiplier
+
+    def decision_rows(self) -> list[tuple[nn.Parameter, torch.Tensor]]:
+        """(parameter, rows) that produce the decision channel: of q_proj, the last row of each KV group's first
+        query head. Zeroed at the stage-1 handover (``train/handover.py``), so stage 2 starts evicting nothing."""
+        if self.config.dms_gate != "channel":
+            return []
+        c = self.config
+        D = c.head_dim if getattr(c, "head_dim", None) else c.hidden_size // c.num_attention_heads
+        groups = c.num_attention_heads // c.num_key_value_heads
+        rows = torch.arange(c.num_key_value_heads) * groups * D + D - 1
+        out = []
+        for layer in self.model.layers:
+            proj = layer.self_attn.q_proj
+            out += [(proj.weight, rows)] + ([(proj.bias, rows)] if proj.bias is not None else [])
+        return out
+
+    @torch.no_grad()
+    def zero_decision_rows(self) -> None:
+        for param, rows in self.decision_rows():
+            param[rows] = 0
 
     def set_logistic_noise(self, enabled: bool) -> None:
         """Training-mode decisions with (default) or without noise; without it and with a small ``dms_tau`` the

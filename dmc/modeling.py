@@ -225,6 +225,20 @@ class DMCLlamaForCausalLM(SlotLlamaForCausalLM):
                 if proj.bias is not None:
                     proj.bias[c::D] = 0
 
+    def decision_rows(self) -> list[tuple[torch.nn.Parameter, slice | None]]:
+        """(parameter, rows) the stage-1 handover zeroes (``train/handover.py``): rows ``c::D`` of every q/k
+        projection weight (and bias), and every decision adapter whole (rows ``None``)."""
+        D, c = self.config.dmc_head_dim, self.config.dmc_channel_index
+        rows = slice(c, None, D)
+        out = []
+        for layer in self.model.layers:
+            attn = layer.self_attn
+            for proj in (attn.q_proj, attn.k_proj):
+                out += [(proj.weight, rows)] + ([(proj.bias, rows)] if proj.bias is not None else [])
+            if attn.decision_adapter is not None:
+                out.append((attn.decision_adapter, None))
+        return out
+
     def add_decision_adapters(self) -> list[torch.nn.Parameter]:
         """Zero-initialised additive copies of the decision rows (q and k, channel c), one per layer.
 

@@ -49,7 +49,9 @@ def retrofit(model, dmc: DMCConfig | DMSConfig | None = None) -> DMCLlamaForCaus
     embeddings).
 
     The weights are moved, not copied: ``model`` must not be used afterwards. With ``enabled=False`` the result
-    computes exactly the original model.
+    computes exactly the original model. With ``DMSConfig(gate="channel")`` decisions come from a query channel
+    the model still uses: ``set_stage1_multiplier(1.0)`` computes the original model, and after
+    ``zero_decision_rows()`` nothing is evicted (the recipe's stage 1 and handover).
     """
     _check_llama(model)
     dmc = dmc or DMCConfig()
@@ -58,7 +60,7 @@ def retrofit(model, dmc: DMCConfig | DMSConfig | None = None) -> DMCLlamaForCaus
     dms = isinstance(dmc, DMSConfig)
     new, missing, unexpected = assemble(config, model.state_dict(), device=param.device,
                                         model_cls=DMSLlamaForCausalLM if dms else DMCLlamaForCausalLM)
-    if dms:  # the gates are new: built for real, evicting nothing
+    if dms and config.dms_gate == "adapter":  # the gates are new: built for real, evicting nothing
         missing = [k for k in missing if ".dms_gate." not in k]
         for layer in new.model.layers:
             with torch.device(param.device):

@@ -12,9 +12,15 @@ from tests.helpers import left_padded_rows, random_ids, tiny_llama
 KINDS = ["mha", "gqa"]
 
 
-def mixed_dms(kind="gqa", window=3, dtype=torch.float64, seed=1, tau=0.1):
-    """Random gates with no offset: roughly half the tokens flagged, logits far from the 0 boundary."""
-    model = dmc.retrofit(tiny_llama(kind, dtype), dmc.DMSConfig(window=window, gate_offset=0.0, tau=tau))
+GATES = ["adapter", "channel"]
+
+
+def mixed_dms(kind="gqa", window=3, dtype=torch.float64, seed=1, tau=0.1, gate="adapter"):
+    """Random gates with no offset: roughly half the tokens flagged, logits far from the 0 boundary. The channel
+    gate reads the random model's own query channel."""
+    model = dmc.retrofit(tiny_llama(kind, dtype), dmc.DMSConfig(window=window, gate_offset=0.0, tau=tau, gate=gate))
+    if gate == "channel":
+        return model.eval()
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for layer in model.model.layers:
@@ -94,13 +100,96 @@ def test_gate_at_initialisation_equals_vanilla(kind):
                        vanilla.generate(ids, max_new_tokens=6, do_sample=False))
 
 
+# ---- the paper's channel gate: stage 1, the handover, the channel it reads ------------------------------------
+def channel_rows(model) -> torch.Tensor:
+    """q_proj rows of the decision channel: the last channel of each KV group's first query head."""
+    c = model.config
+    D, groups = c.hidden_size // c.num_attention_heads, c.num_attention_heads // c.num_key_value_heads
+    return torch.arange(c.num_key_value_heads) * groups * D + D - 1
+
+
+def scaled_rows(vanilla, rows, factor):
+    with torch.no_grad():
+        for layer in vanilla.model.layers:
+            layer.self_attn.q_proj.weight[rows] *= factor
+    return vanilla
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_channel_gate_stage1_fades_the_channel_and_the_handover_evicts_nothing(kind):
+    """Stage 1 at multiplier m is the vanilla model with the decision rows scaled by m (m = 1: the vanilla model),
+    evicting nothing (noise drawn or not); after the rows are zeroed the model evicts nothing and equals the vanilla
+    model with those rows zeroed, in the eval forward, the training forward and on the cache."""
+    ids = random_ids(2, 23)
+    model = dmc.retrofit(tiny_llama(kind, torch.float64), dmc.DMSConfig(window=2, gate="channel"))
+    rows = channel_rows(model)
+    assert [r for _, r in model.decision_rows()][0].tolist() == rows.tolist()
+    for m in (1.0, 0.3):
+        model.set_stage1_multiplier(m)
+        want = scaled_rows(tiny_llama(kind, torch.float64), rows, m)(ids).logits
+        for train in (False, True):
+            out = model.train(train)(ids, use_cache=False)
+            assert int(out.dms_evicted.sum()) == 0
+            torch.testing.assert_close(out.logits, want, rtol=1e-10, atol=1e-10)
+    model.set_stage1_multiplier(None)
+    model.zero_decision_rows()
+    want = scaled_rows(tiny_llama(kind, torch.float64), rows, 0.0)(ids).logits
+    model.set_logistic_noise(False)  # logit -5 everywhere: noise above 5 (P = sigmoid(-5) a token) would flag
+    out = model.train()(ids, use_cache=False)
+    assert int(out.dms_evicted.sum()) == 0
+    torch.testing.assert_close(out.logits, want, rtol=1e-10, atol=1e-10)
+    cached, cache = run_chunks(model.eval(), ids, [9, 1, 1, 12])
+    torch.testing.assert_close(cached, want, rtol=1e-10, atol=1e-10)
+    assert all(bool((cache.num_slots(i) == 23).all()) for i in range(len(cache.layers)))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_channel_gate_reads_its_channel_and_attention_no_longer_does(kind):
+    """Decisions are the decision channel's pre-RoPE query (scale * q - offset > 0), brute-forced from q_proj's
+    output: the cache holds exactly the tokens they imply. With an offset no query reaches, nothing is evicted and
+    the model is the vanilla one with the decision rows zeroed: attention does not read the channel."""
+    model = mixed_dms(kind, window=2, gate="channel")
+    c = model.config
+    D, groups = c.hidden_size // c.num_attention_heads, c.num_attention_heads // c.num_key_value_heads
+    ids = random_ids(2, 20)
+    seen = {}
+    hooks = [layer.self_attn.q_proj.register_forward_hook(lambda mod, a, out, i=i: seen.__setitem__(i, out))
+             for i, layer in enumerate(model.model.layers)]
+    _, cache = run_chunks(model, ids, [20])
+    for h in hooks:
+        h.remove()
+    for i in range(c.num_hidden_layers):
+        q = seen[i].view(2, 20, -1, D)[:, :, ::groups, -1]  # (B, T, H_kv)
+        flags = q * c.dms_gate_scale - c.dms_gate_offset > 0
+        for b in range(2):
+            for h in range(c.num_key_value_heads):
+                assert cache.layer(i).positions(b, h) == expected_held(flags[b, :, h].tolist(), 2)
+    assert 0 < int(model(ids, use_cache=False).dms_evicted.sum())  # the check is about evictions, so there are some
+    model.config.dms_gate_offset = 1e9
+    want = scaled_rows(tiny_llama(kind, torch.float64), channel_rows(model), 0.0)(ids).logits
+    out = model(ids, use_cache=False)
+    assert int(out.dms_evicted.sum()) == 0
+    torch.testing.assert_close(out.logits, want, rtol=1e-10, atol=1e-10)
+
+
+def test_the_channel_gate_has_no_gate_parameters():
+    model = dmc.retrofit(tiny_llama("gqa"), dmc.DMSConfig(gate="channel"))
+    assert all(layer.dms_gate is None for layer in model.model.layers)
+    assert not any("dms_gate" in name for name, _ in model.named_parameters())
+    with pytest.raises(ValueError, match="model.trainable: all"):
+        model.gate_parameters()
+    with pytest.raises(ValueError, match="dms_gate='channel'"):
+        dmc.retrofit(tiny_llama("gqa"), dmc.DMSConfig()).set_stage1_multiplier(0.5)
+
+
 # ---- one computation, three ways -------------------------------------------------------------------------------
+@pytest.mark.parametrize("gate", GATES)
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("window", [1, 3, 40])
-def test_training_forward_equals_eval_equals_decoding(kind, window):
+def test_training_forward_equals_eval_equals_decoding(kind, window, gate):
     """Hard decisions: the training forward with noise off and a tiny temperature, the eval forward, and decoding
     token by token on the cache give the same logits."""
-    model = mixed_dms(kind, window=window, tau=1e-6)
+    model = mixed_dms(kind, window=window, tau=1e-6, gate=gate)
     ids = random_ids(2, 24)
     with torch.no_grad():
         evald = model(ids, use_cache=False)
@@ -114,13 +203,14 @@ def test_training_forward_equals_eval_equals_decoding(kind, window):
     torch.testing.assert_close(decoded, evald.logits, rtol=1e-9, atol=1e-9)
 
 
+@pytest.mark.parametrize("gate", GATES)
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("window", [1, 4, 50])
 @pytest.mark.parametrize("bits", [16, 8, 4], ids=lambda b: f"{b}bit")
-def test_chunked_prefill_equals_one_pass_equals_decoding(kind, window, bits):
+def test_chunked_prefill_equals_one_pass_equals_decoding(kind, window, bits, gate):
     """On full-precision slots and on codes (every query reads each key and value as its codes give it back, its own
     included, so every path sees the same numbers)."""
-    model = mixed_dms(kind, window=window)
+    model = mixed_dms(kind, window=window, gate=gate)
     model.config.dms_kv_bits, model.config.dms_kv_group = bits, 8 if bits < 16 else None  # read by every new cache
     ids = random_ids(3, 30)
     one, one_cache = run_chunks(model, ids, [30])

@@ -10,6 +10,8 @@ import torch
 
 pytest.importorskip("lightning")
 
+from transformers import AutoModelForCausalLM  # noqa: E402
+
 import dmc  # noqa: E402
 from dmc.train.export import export  # noqa: E402
 from dmc.train.run import main as train_main  # noqa: E402
@@ -74,8 +76,60 @@ def test_export_round_trips_in_a_fresh_process_without_dmc(run, tmp_path):
     check_fresh_process_equals(folder, _trained(run)[0], tmp_path, PROMPTS, "DMSCache")
 
 
+def test_channel_gate_fades_hands_over_and_exports(run, tmp_path):
+    """The paper's gate through the user's commands: stage 1 evicts nothing while the channel fades, the handover
+    zeroes the decision rows, then the CR loss takes over; the run exports to a folder that loads and generates in a
+    fresh process without the package."""
+    out = tmp_path / "channel"
+    train_main([*TRAIN, "--model.path", str(run / "llama"), "--run.out_dir", str(out), "--model.dms.gate", "channel",
+                "--model.trainable", "all", "--schedule.stage1_steps", "3"])
+    rows = logged(out, "train/stage", "train/realised_cr", "train/target_cr")
+    assert sorted(rows) == list(range(9))
+    assert [rows[s][0] for s in range(9)] == [1, 1, 1, 2, 2, 2, 2, 3, 3]
+    assert all(rows[s][1] == 1.0 and rows[s][2] == 1.0 for s in range(3))  # nothing evicted in stage 1
+    assert any(rows[s][1] > 1.0 for s in range(3, 9))
+    folder = export(out, tmp_path / "hf", dtype="float32")
+    assert json.loads((folder / "config.json").read_text())["dms_gate"] == "channel"
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    assert all(layer.dms_gate is None for layer in model.model.layers)
+    check_fresh_process_equals(folder, model, tmp_path, PROMPTS, "DMSCache")
+
+
+def test_the_channel_gate_handover_zeroes_its_rows_and_their_moments(run, tmp_path):
+    """One stage-2 step after the handover, no decision row is further from zero than Adam's first step from fresh
+    moments can move it (rows left as stage 1 trained them, or stale moments, exceed that bound)."""
+    from dmc.train.export import load_checkpoint
+    from dmc.train.handover import first_adam_step
+
+    out = tmp_path / "channel"
+    train_main([*TRAIN, "--model.path", str(run / "llama"), "--run.out_dir", str(out), "--model.dms.gate", "channel",
+                "--model.trainable", "all", "--schedule.stage1_steps", "3", "--stop_at", "4"])
+    state, info = load_checkpoint(out)
+    c = info["config"]
+    D, groups = c["hidden_size"] // c["num_attention_heads"], c["num_attention_heads"] // c["num_key_value_heads"]
+    rows = torch.arange(c["num_key_value_heads"]) * groups * D + D - 1
+    bound = first_adam_step(1.0e-3, 4, (0.9, 0.95))  # configs/tiny-dms.yaml's lr; Adam's step count 4
+    for i in range(c["num_hidden_layers"]):
+        q = state[f"model.layers.{i}.self_attn.q_proj.weight"]
+        assert float(q[rows].abs().max()) <= bound * (1 + 1e-4), i
+        assert float(q[rows - 1].abs().max()) > bound  # the channel beside it is the model's own
+
+
+def test_a_stage1_checkpoint_of_the_channel_gate_is_not_exported():
+    from dmc.train.export import ExportError, build_dms_model
+
+    info = {"step": 3, "recipe": {"schedule": {"stage1_steps": 3}}, "config": {}}
+    with pytest.raises(ExportError, match="from stage 1"):
+        build_dms_model({}, info)
+
+
 @pytest.mark.parametrize("extra, words", [
     (["--model.dms.window", "0"], "model.dms.window=0 is invalid"),
+    (["--model.dms.gate", "channel"], "set schedule.stage1_steps > 0"),
+    (["--model.dms.gate", "channel", "--schedule.stage1_steps", "5"], "set model.trainable: all"),
+    (["--model.dms.gate", "channel", "--schedule.stage1_steps", "5", "--model.trainable", "all",
+      "--schedule.warm_start_blocks", "4"], "remove it for model.dms.gate: channel"),
+    (["--model.dms.gate", "neuron"], "model.dms.gate='neuron' is invalid"),
     (["--schedule.target_cr", "0.5"], "schedule.target_cr=0.5 must be >= 1"),
     (["--distill.teacher", "someone/else"], "remove distill.teacher, or set model.trainable: all"),
     (["--schedule.stage1_steps", "5"], "set schedule.stage1_steps: 0"),

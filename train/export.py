@@ -120,19 +120,26 @@ def build_model(state: dict[str, torch.Tensor], info: dict):
     from dmc import DMCLlamaConfig
 
     config = recorded_config(info, DMCLlamaConfig)
-    stage1 = info.get("recipe", {}).get("schedule", {}).get("stage1_steps", 0)
-    if stage1 and info.get("step", 0) <= stage1:  # rows are zeroed at the start of step `stage1`
-        raise ExportError(f"the checkpoint is from stage 1 (step {info.get('step')} <= {stage1}): the decision "
-                          "channel still serves attention; export a checkpoint from stage 2 or 3")
+    _refuse_stage1(info)
     model = _assemble(config, state, adapters=any("decision_adapter" in k for k in state))
     model.fold_decision_adapters()
     return model.float().eval()
+
+
+def _refuse_stage1(info: dict) -> None:
+    """A repurposed channel (DMC's, DMS's channel gate) serves attention until its rows are zeroed at the start of
+    step ``stage1_steps``: an earlier checkpoint has no decisions to export."""
+    stage1 = info.get("recipe", {}).get("schedule", {}).get("stage1_steps", 0)
+    if stage1 and info.get("step", 0) <= stage1:
+        raise ExportError(f"the checkpoint is from stage 1 (step {info.get('step')} <= {stage1}): the decision "
+                          "channel still serves attention; export a checkpoint from stage 2 or 3")
 
 
 def build_dms_model(state: dict[str, torch.Tensor], info: dict):
     """A ``DMSLlamaForCausalLM`` from a consolidated state dict (base weights and gates)."""
     from dmc import DMSLlamaConfig, DMSLlamaForCausalLM
 
+    _refuse_stage1(info)
     return _assemble(recorded_config(info, DMSLlamaConfig), state, model_cls=DMSLlamaForCausalLM).float().eval()
 
 

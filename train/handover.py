@@ -26,24 +26,13 @@ def first_adam_step(lr: float, t: int, betas=(0.9, 0.95)) -> float:
     return lr * ((1 - b1) / (1 - b1**t)) / ((1 - b2) / (1 - b2**t)) ** 0.5
 
 
-def decision_targets(model) -> list[tuple[torch.nn.Parameter, slice | None]]:
-    """(parameter, rows) to zero: rows ``c::D`` of every q/k projection weight (and bias), and every decision
-    adapter whole (rows ``None``)."""
-    D, c = model.config.dmc_head_dim, model.config.dmc_channel_index
-    rows = slice(c, None, D)
-    out = []
-    for layer in model.model.layers:
-        attn = layer.self_attn
-        for proj in (attn.q_proj, attn.k_proj):
-            out.append((proj.weight, rows))
-            if proj.bias is not None:
-                out.append((proj.bias, rows))
-        if attn.decision_adapter is not None:
-            out.append((attn.decision_adapter, None))
-    return out
+def decision_targets(model) -> list[tuple[torch.nn.Parameter, slice | torch.Tensor | None]]:
+    """(parameter, rows) to zero, as the model names them (``decision_rows``): DMC's rows ``c::D`` of every q/k
+    projection and its decision adapters whole (rows ``None``); DMS's channel gate, its q rows."""
+    return model.decision_rows()
 
 
-def _zero(t: torch.Tensor, rows: slice | None) -> None:
+def _zero(t: torch.Tensor, rows: slice | torch.Tensor | None) -> None:
     if rows is None:
         t.zero_()
     else:

@@ -1,7 +1,8 @@
 """The LightningModule: LM loss + one-sided CR loss (+ distillation), the three stages by step, AdamW, LR schedule.
 
-With ``model.method: dms`` the same loss trains delayed eviction: no stage 1 (the gates start evicting nothing), the
-CR loss on the fraction of each block evicted by its last token, and with ``model.trainable: gates`` the base frozen
+With ``model.method: dms`` the same loss trains delayed eviction: no stage 1 with the adapter gates (they start
+evicting nothing), DMC's stage 1 and handover with the paper's channel gate (``model.dms.gate: channel``), the CR
+loss on the fraction of each block evicted by its last token, and with ``model.trainable: gates`` the base frozen
 and the teacher the base itself (the method switched off).
 
 With ``model.method: gqa`` the same module up-trains the GQA baseline: KV heads mean-pooled at load, no CR loss,
@@ -184,6 +185,10 @@ class DMCTrainingModule(L.LightningModule):
 
             self.teacher = load_teacher(self.recipe, self.device)
 
+    def _fades_a_channel(self) -> bool:
+        """DMS with the paper's channel gate has DMC's stage 1: the channel fades out before it decides."""
+        return self.method == "dms" and self.recipe.model.dms.gate == "channel"
+
     def _base_teaches(self) -> bool:
         """DMS with the base frozen: the teacher is the student's own base, the method switched off (exactly the
         vanilla Llama), so no second copy of the model is loaded."""
@@ -231,7 +236,7 @@ class DMCTrainingModule(L.LightningModule):
         if self.trainer.datamodule is not None:
             self.trainer.datamodule.consumed(batch["position"])
         ids = batch["input_ids"]
-        if self.method == "dmc":
+        if self.method == "dmc" or self._fades_a_channel():
             self._enter_stage(step, micro)
         out = self.model(input_ids=ids, labels=ids, use_cache=False)
         d = self.recipe.distill
@@ -268,11 +273,11 @@ class DMCTrainingModule(L.LightningModule):
     def _dms_terms(self, out, step: int, logs: dict) -> torch.Tensor:
         """The weighted CR loss on the fraction evicted by each block's end, with DMS's telemetry added to ``logs``."""
         cr_t = target_cr_at(step, self.recipe)
-        cr_term = dmc.cr_loss(out.dms_alpha, cr_t)
+        cr_term = dmc.cr_loss(out.dms_alpha, cr_t) if stage_of(step, self.recipe) > 1 else out.dms_alpha.sum() * 0
         self.last_stats = {"merges": out.dms_evicted.float().sum(1).cpu(), "tokens": float(out.dms_tokens.sum())}
         logs.update({"train/cr_loss": cr_term.detach(), "train/target_cr": cr_t,
                      "train/realised_cr": dmc.cr_from_merges(**self.last_stats)["cr"],
-                     "train/stage": float(stage_of(step, self.recipe))})  # 2 ramp, 3 hold: no stage 1
+                     "train/stage": float(stage_of(step, self.recipe))})  # stage 1: the channel gate's fade
         return self.recipe.schedule.cr_loss_weight * cr_term
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:

@@ -298,9 +298,20 @@ class Recipe:
                      "remove it"),
                     (self.schedule.warm_start_blocks == 0, "schedule.warm_start_blocks fits DMS gates; remove it for "
                      f"model.method: {m.method}")]
-        return [
-            (self.schedule.stage1_steps == 0, f"schedule.stage1_steps={self.schedule.stage1_steps}: stage 1 fades "
-             "out DMC's decision channel; DMS gates start evicting nothing, so set schedule.stage1_steps: 0"),
+        if m.dms.gate == "channel":
+            stage1 = [
+                (self.schedule.stage1_steps > 0, "model.dms.gate=channel repurposes a query channel that attention "
+                 "reads until stage 1 fades it out: set schedule.stage1_steps > 0 (e.g. 100)"),
+                (m.trainable == "all", "model.dms.gate=channel has no weights of its own (its rows are q_proj's) and "
+                 "the model must adapt to losing the channel: set model.trainable: all"),
+                (self.schedule.warm_start_blocks == 0, "schedule.warm_start_blocks fits the adapter gates; remove it "
+                 "for model.dms.gate: channel"),
+            ]
+        else:
+            stage1 = [(self.schedule.stage1_steps == 0, f"schedule.stage1_steps={self.schedule.stage1_steps}: stage 1 "
+                       "fades out a repurposed channel; the adapter gates start evicting nothing, so set "
+                       "schedule.stage1_steps: 0 (or model.dms.gate: channel)")]
+        return stage1 + [
             (self.optim.decision_lr is None, "optim.decision_lr is DMC's; DMS trains its gates at optim.lr: remove it"),
             (self.schedule.warm_start_blocks >= 0, "schedule.warm_start_blocks must be >= 0"),
             (m.trainable != "gates" or k.teacher in (None, m.path),

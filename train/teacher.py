@@ -31,8 +31,9 @@ def check_teacher(recipe: Recipe) -> None:
     source = teacher_source(recipe)
     what = "distill.teacher" if recipe.distill.teacher else "distill.teacher (default: model.path)"
     teacher = model_config(source, what)
-    if teacher.model_type == "dmc_llama":
-        raise ValueError(f"{what}={source!r} is a DMC model; distil from the unmodified source model: set "
+    if teacher.model_type in ("dmc_llama", "dms_llama"):
+        kind = "DMC" if teacher.model_type == "dmc_llama" else "DMS"
+        raise ValueError(f"{what}={source!r} is a {kind} model; distil from the unmodified source model: set "
                          "distill.teacher to the vanilla Llama folder or Hub id")
     student = model_config(recipe.model.path, "model.path")
     if teacher.vocab_size != student.vocab_size:
