@@ -126,10 +126,13 @@ class DMSLayer(EvictionLayer):
     def held_view(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Every pair's slots, padded: (keys, values (B, H_kv, S, D), positions, live, flagged (B, H_kv, S));
         ``flagged``: the ring's flags (a flagged slot leaves once a query is more than ``window`` past it). A quantised
-        store gives its keys and values back decoded."""
-        k, v = (p.decode(dtype=self.dtype) for p in self.coded_pools()) if self.quantized else (self.k_pool, self.v_pool)
-        keys, values, pos = self.slot_view(k), self.slot_view(v), self.slot_view(self.pos_pool)
-        S = keys.shape[2]
+        store gives back its keys and values decoded (only the blocks the pairs hold)."""
+        S, table = self.slot_table()
+        if self.quantized:
+            keys, values = (p.decode(table, self.dtype).flatten(2, 3)[:, :, :S] for p in self.coded_pools())
+        else:
+            keys, values = self.slot_view(self.k_pool), self.slot_view(self.v_pool)
+        pos = self.slot_view(self.pos_pool)
         live = self.live_slots(S)
         _, held, slot, flag = self._ring()
         flagged = torch.zeros(*live.shape[:2], S + 1, dtype=torch.bool, device=self.device)

@@ -39,11 +39,16 @@ class EvictionLayer(SlotCacheLayer):
             want = (have <= col) & (col < need)
             self.allocate(want, torch.full_like(have, col))
 
+    def slot_table(self) -> tuple[int, torch.Tensor]:
+        """S, the most slots any pair holds (at least 1), and the (B, H_kv, blocks) block table covering them (an
+        unallocated entry reads block 0)."""
+        S = max(1, int(self.lens.max()))
+        return S, self.block_table[..., : -(-S // self.block_size)].clamp(min=0)
+
     def slot_view(self, pool: torch.Tensor) -> torch.Tensor:
         """(B, H_kv, S, *extra) of a per-slot pool (blocks, block_size, *extra), S the most slots any pair holds (at
         least 1); dead slots hold whatever their place holds (finite), for a reader that masks them anyway."""
-        S = max(1, int(self.lens.max()))
-        table = self.block_table[..., : -(-S // self.block_size)].clamp(min=0)
+        S, table = self.slot_table()
         return pool[table].flatten(2, 3)[:, :, :S]
 
     def live_slots(self, S: int) -> torch.Tensor:
