@@ -67,6 +67,19 @@ def test_a_recipe_not_stepped_has_a_rehearsed_twin(name):
     assert differ == ["schedule.target_cr"], differ
 
 
+def test_a_dms_miniature_keeps_the_delays_share_of_the_block():
+    """A delay as long as the miniature's block would evict nothing (and the warm start refuses it); the channel
+    gate keeps its stage 1."""
+    from dmc.train.rehearsal.miniature import BLOCK_LEN, scale
+
+    mini = _miniature("smollm2-135m-dms2x-cpu")
+    assert mini["data"]["block_len"] == BLOCK_LEN == 64 and mini["model"]["dms"]["window"] == 8  # 64 of 512 -> 8 of 64
+    assert mini["schedule"]["stage1_steps"] == 0
+    recipe = parse(["--config", str(ROOT / "configs/smollm2-135m-dms2x-cpu.yaml"), "--model.dms.gate", "channel",
+                    "--model.trainable", "all", "--schedule.stage1_steps", "100", "--schedule.warm_start_blocks", "0"])[0]
+    assert scale(recipe, ROOT / "run", "tiny-model", 1, 1, False, None)[0].schedule.stage1_steps == 1
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", OTHERS)
 def test_every_other_recipe_builds_its_trainer_and_takes_a_step(name, capsys):

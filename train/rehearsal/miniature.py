@@ -78,8 +78,8 @@ def scale(recipe: Recipe, out_dir: Path, model_path: str, devices: int, nodes: i
     m, d, s, o, r = recipe.model, recipe.data, recipe.schedule, recipe.optim, recipe.run
     acc = accumulate or min(o.accumulate_grad_batches, MAX_ACCUMULATE)
     precision = _precision(r.precision, on_gpu)
-    # DMS has no stage 1 (its gates start evicting nothing): the same five steps, ramp and hold
-    stages = (0, STAGES[0] + STAGES[1], STAGES[2]) if m.method == "dms" else STAGES
+    # DMS's adapter gates have no stage 1 (they start evicting nothing): the same five steps, ramp and hold
+    stages = (0, STAGES[0] + STAGES[1], STAGES[2]) if m.method == "dms" and m.dms.gate != "channel" else STAGES
     changes = [
         f"stages {s.stage1_steps}/{s.ramp_steps}/{s.finetune_steps} -> {'/'.join(map(str, stages))} steps",
         f"block {d.block_len} -> {BLOCK_LEN} tokens, {d.validation_blocks} -> {VALIDATION_BLOCKS} validation blocks",
@@ -89,12 +89,18 @@ def scale(recipe: Recipe, out_dir: Path, model_path: str, devices: int, nodes: i
         f"checkpoint every {r.checkpoint_every} -> 1 step; validation "
         f"{f'every {r.validate_every}' if r.validate_every else 'at the end'} -> every 4 steps and at the end",
     ]
+    model = dataclasses.replace(m, path=model_path, dtype="float32" if not on_gpu else m.dtype)
+    if m.method == "dms":  # the delay keeps its share of the shorter block (a delay as long as the block evicts nothing)
+        window = max(1, m.dms.window * BLOCK_LEN // d.block_len)
+        if window != m.dms.window:
+            changes.append(f"DMS delay {m.dms.window} -> {window} tokens (its share of the block)")
+            model = dataclasses.replace(model, dms=dataclasses.replace(m.dms, window=window))
     if precision != r.precision:
         changes.append(f"precision {r.precision} -> {precision} (no CUDA here)")
     if not on_gpu and m.dtype != "float32":
         changes.append(f"weights {m.dtype} -> float32 (the CPU; precision {precision} still casts)")
     new = Recipe(
-        model=dataclasses.replace(m, path=model_path, dtype="float32" if not on_gpu else m.dtype),
+        model=model,
         data=dataclasses.replace(d, block_len=BLOCK_LEN, validation_blocks=VALIDATION_BLOCKS,
                                  shuffle_buffer=min(d.shuffle_buffer, 32)),
         schedule=dataclasses.replace(s, stage1_steps=stages[0], ramp_steps=stages[1], finetune_steps=stages[2]),
