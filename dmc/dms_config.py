@@ -24,7 +24,8 @@ class DMSConfig:
     """The DMS (delayed eviction) settings of a model, stored in its config as ``dms_<name>``.
 
     Args:
-        enabled: Kill switch; false computes exactly the vanilla Llama (the gates are not read).
+        enabled: Kill switch; false computes exactly a plain Llama with these weights (the gates are not read; with
+            the channel gate, attention reads its channel again).
         target_cr: The compression ratio the model is (being) trained for (>= 1).
         window: The delay: a token marked for eviction stays visible to the next window tokens, then leaves the
             cache (512 in the released recipe; short windows let short blocks reach a CR).

@@ -74,6 +74,12 @@ def test_export_round_trips_in_a_fresh_process_without_dmc(run, tmp_path):
     assert config["model_type"] == "dms_llama" and config["dms_window"] == 4
     assert {"modeling_dms_llama.py", "configuration_dms_llama.py", "README.md"} <= {p.name for p in folder.iterdir()}
     check_fresh_process_equals(folder, _trained(run)[0], tmp_path, PROMPTS, "DMSCache")
+    # the folder continues training with its own gate, the frozen base teaching (no teacher is loaded)
+    msg = one_line_exit(train_main, *TRAIN, "--model.path", str(folder), "--run.out_dir", str(tmp_path / "bad"),
+                        "--model.dms.gate", "channel", "--model.trainable", "all", "--schedule.stage1_steps", "3")
+    assert "continue it with model.dms.gate: adapter" in msg, msg
+    train_main([*TRAIN, "--model.path", str(folder), "--run.out_dir", str(tmp_path / "more"), "--stop_at", "1"])
+    assert sorted(logged(tmp_path / "more", "train/kl_loss")) == [0]
 
 
 def test_channel_gate_fades_hands_over_and_exports(run, tmp_path):
@@ -93,6 +99,13 @@ def test_channel_gate_fades_hands_over_and_exports(run, tmp_path):
     model = AutoModelForCausalLM.from_pretrained(folder).eval()
     assert all(layer.dms_gate is None for layer in model.model.layers)
     check_fresh_process_equals(folder, model, tmp_path, PROMPTS, "DMSCache")
+    # its channel already decides: it continues without a stage 1 (which would zero the trained rows)
+    more = [*TRAIN, "--model.path", str(folder), "--model.dms.gate", "channel", "--model.trainable", "all",
+            "--distill.teacher", str(run / "llama")]
+    msg = one_line_exit(train_main, *more, "--run.out_dir", str(tmp_path / "bad"), "--schedule.stage1_steps", "3")
+    assert "set schedule.stage1_steps: 0 to continue it" in msg, msg
+    train_main([*more, "--run.out_dir", str(tmp_path / "more"), "--stop_at", "1"])
+    assert logged(tmp_path / "more", "train/stage")[0] == (2.0,)
 
 
 def test_the_channel_gate_handover_zeroes_its_rows_and_their_moments(run, tmp_path):
@@ -115,6 +128,13 @@ def test_the_channel_gate_handover_zeroes_its_rows_and_their_moments(run, tmp_pa
         assert float(q[rows - 1].abs().max()) > bound  # the channel beside it is the model's own
 
 
+def test_the_channel_gate_on_a_llama_needs_a_stage1(run, tmp_path):
+    msg = one_line_exit(train_main, *TRAIN, "--model.path", str(run / "llama"), "--run.out_dir", str(tmp_path / "r"),
+                        "--model.dms.gate", "channel", "--model.trainable", "all")
+    assert "set schedule.stage1_steps > 0" in msg, msg
+    assert not (tmp_path / "r").exists()
+
+
 def test_a_stage1_checkpoint_of_the_channel_gate_is_not_exported():
     from dmc.train.export import ExportError, build_dms_model
 
@@ -125,7 +145,6 @@ def test_a_stage1_checkpoint_of_the_channel_gate_is_not_exported():
 
 @pytest.mark.parametrize("extra, words", [
     (["--model.dms.window", "0"], "model.dms.window=0 is invalid"),
-    (["--model.dms.gate", "channel"], "set schedule.stage1_steps > 0"),
     (["--model.dms.gate", "channel", "--schedule.stage1_steps", "5"], "set model.trainable: all"),
     (["--model.dms.gate", "channel", "--schedule.stage1_steps", "5", "--model.trainable", "all",
       "--schedule.warm_start_blocks", "4"], "remove it for model.dms.gate: channel"),

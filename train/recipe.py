@@ -299,9 +299,7 @@ class Recipe:
                     (self.schedule.warm_start_blocks == 0, "schedule.warm_start_blocks fits DMS gates; remove it for "
                      f"model.method: {m.method}")]
         if m.dms.gate == "channel":
-            stage1 = [
-                (self.schedule.stage1_steps > 0, "model.dms.gate=channel repurposes a query channel that attention "
-                 "reads until stage 1 fades it out: set schedule.stage1_steps > 0 (e.g. 100)"),
+            stage1 = [  # whether it needs a stage 1 depends on the source (train/run.py _check_dms_source)
                 (m.trainable == "all", "model.dms.gate=channel has no weights of its own (its rows are q_proj's) and "
                  "the model must adapt to losing the channel: set model.trainable: all"),
                 (self.schedule.warm_start_blocks == 0, "schedule.warm_start_blocks fits the adapter gates; remove it "

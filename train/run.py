@@ -114,8 +114,10 @@ def run(recipe: Recipe, resume: str = "auto", stop_at: int | None = None, trust_
     # ~4x slower in attention's forward and backward (measured: 172 -> 45 ms per call at T = 512).
     torch.set_flush_denormal(True)
     out = Path(r.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     ckpt = None if resume == "none" else (AtomicCheckpoint.latest(r.out_dir) if resume == "auto" else resume)
+    if recipe.model.method == "dms" and ckpt is None:  # before the run folder exists: a refusal leaves nothing
+        _check_dms_source(recipe)
+    out.mkdir(parents=True, exist_ok=True)
     if ckpt is not None and not Path(ckpt).exists():
         raise RecipeError(f"--resume {ckpt!r} does not exist")
     if ckpt is None:
@@ -198,6 +200,27 @@ def _check_fresh_start(recipe: Recipe) -> None:
     if recipe.model.method == "control" and model_type != "llama":
         raise RecipeError(f"model.method=control trains the vanilla model; model.path={path!r} is a {model_type!r} "
                           "model: point it at the source Llama the DMC run started from")
+
+
+def _check_dms_source(recipe: Recipe) -> None:
+    """The channel gate's stage 1 depends on the source: a Llama's channel still serves attention (fade it out
+    first), a DMS folder's channel already decides (a stage 1 would zero the trained rows). A DMS folder continues
+    with its own gate."""
+    from dmc.hub import model_config
+
+    m, stage1 = recipe.model, recipe.schedule.stage1_steps
+    source = model_config(m.path, "model.path")
+    if source.model_type == "dms_llama" and source.dms_gate != m.dms.gate:
+        raise RecipeError(f"model.path={m.path!r} is a DMS model with the {source.dms_gate} gate; continue it with "
+                          f"model.dms.gate: {source.dms_gate}")
+    if m.dms.gate != "channel":
+        return
+    if source.model_type == "dms_llama" and stage1:
+        raise RecipeError(f"model.path={m.path!r} already decides from its channel; set schedule.stage1_steps: 0 to "
+                          "continue it (a stage 1 would zero the trained decision rows)")
+    if source.model_type != "dms_llama" and not stage1:
+        raise RecipeError("model.dms.gate=channel repurposes a query channel that attention reads until stage 1 fades "
+                          "it out: set schedule.stage1_steps > 0 (e.g. 100)")
 
 
 def _check_gqa(recipe: Recipe) -> None:
