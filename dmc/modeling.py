@@ -217,13 +217,11 @@ class DMCLlamaForCausalLM(SlotLlamaForCausalLM):
 
     @torch.no_grad()
     def zero_decision_rows(self) -> None:
-        """End of stage 1: zero the output rows of q_proj and k_proj that produce channel c (not v_proj)."""
-        D, c = self.config.dmc_head_dim, self.config.dmc_channel_index
-        for layer in self.model.layers:
-            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj):
-                proj.weight[c::D] = 0
-                if proj.bias is not None:
-                    proj.bias[c::D] = 0
+        """End of stage 1: zero the output rows of q_proj and k_proj that produce channel c (not v_proj; the
+        decision adapters, rows ``None`` in ``decision_rows``, are left to ``fold_decision_adapters``)."""
+        for param, rows in self.decision_rows():
+            if rows is not None:
+                param[rows] = 0
 
     def decision_rows(self) -> list[tuple[torch.nn.Parameter, slice | None]]:
         """(parameter, rows) the stage-1 handover zeroes (``train/handover.py``): rows ``c::D`` of every q/k
