@@ -11,6 +11,7 @@ DECODE_BACKENDS = ("auto", "paged", "sdpa", "reference", "flash", "triton")
 # the widths dmc/ops/kv_quant.py codes (its KV_BITS; a test holds them equal): this module is bundled alone
 # into an export's configuration file, so it imports nothing of the package
 KV_BITS = (16, 8, 4)
+DMC_GATES = ("channel", "adapter")
 
 
 class DMCConfigError(ValueError):
@@ -29,6 +30,13 @@ class DMCConfig:
     weight_offset: importance is ``sigmoid(mean_group(q[c]) + weight_offset) + weight_eps``.
     weight_eps: keeps importance weights away from 0.
     channel: head channel repurposed for decisions; -1 = last (head_dim - 1), as in the reference.
+    gate: where alpha and omega come from: "channel" (the paper's: channel ``channel`` of the pre-RoPE k and
+        q, which attention then no longer reads, so a recipe fades it out first) or "adapter" (a zero-initialised
+        linear map per layer on the attention input, one logit and one weight per KV head; q and k keep every
+        channel, so at initialisation nothing merges and the model is the vanilla Llama).
+    gate_scale: adapter only: logit = gate_scale * a(x) - logit_offset, omega = sigmoid(gate_scale * b(x) +
+        weight_offset) + weight_eps (100, as DMS's released gate: it lets Adam at a base learning rate move the
+        decisions within tens of steps).
     train_attention: training-time attention kernel ("auto", "flex", "sdpa", "reference").
     decode_backend: cached-decoding attention ("auto", "paged", "sdpa", "reference", "flash", "triton").
     block_size: slots per cache block (the paged cache allocates blocks on demand).
@@ -46,6 +54,8 @@ class DMCConfig:
     weight_offset: float = 5.0
     weight_eps: float = 2.0**-7
     channel: int = -1
+    gate: str = "channel"
+    gate_scale: float = 100.0
     train_attention: str = "auto"
     decode_backend: str = "auto"
     block_size: int = 16
@@ -80,6 +90,10 @@ class DMCConfig:
         if self.kv_group is not None and (not isinstance(self.kv_group, int) or self.kv_group < 1):
             raise bad("kv_group", "use a positive number of channels per quantisation group (e.g. 16 or 32), or null for "
                       "the width's default")
+        if self.gate not in DMC_GATES:
+            raise bad("gate", f"choose one of {', '.join(DMC_GATES)}")
+        if not isinstance(self.gate_scale, (int, float)) or isinstance(self.gate_scale, bool) or not self.gate_scale > 0:
+            raise bad("gate_scale", "must be > 0 (100 by default)")
         if not isinstance(self.channel, int):
             raise bad("channel", "use a channel index such as -1 (the last channel)")
         if head_dim is not None:
@@ -126,6 +140,15 @@ class DMCLlamaConfig(LlamaConfig):
     @property
     def dmc(self) -> DMCConfig:
         return DMCConfig.from_prefixed(self)
+
+    def to_dict(self) -> dict:
+        out = super().to_dict()
+        if out.get("dmc_gate") == "channel":
+            # the channel gate's config reads as it did before the adapter existed (the gate fields are defaults
+            # it does not use): the fingerprints of its committed evaluations and its folders' digests hold
+            out.pop("dmc_gate", None)
+            out.pop("dmc_gate_scale", None)
+        return out
 
     @property
     def dmc_head_dim(self) -> int:

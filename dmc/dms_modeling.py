@@ -31,7 +31,7 @@ from .ops.decode_backends import attend, resolve
 from .ops.eviction_attention import eviction_attention, hard_evictions, relaxed_evictions
 from .ops.train_attention import MASKED
 from .slot_cache import DMCCacheError
-from .slot_model import SlotLlamaForCausalLM, SlotLlamaModel
+from .slot_model import SlotLlamaForCausalLM, SlotLlamaModel, init_weights_keeping_zero
 
 
 @dataclass
@@ -64,7 +64,7 @@ class DMSGate(nn.Module):
         super().__init__()
         self.norm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.proj = nn.Linear(config.hidden_size, config.num_key_value_heads, bias=False)
-        self.proj.dms_zero_init = True  # _init_weights zeroes it, whichever order HF visits the modules in
+        self.proj.slot_zero_init = True  # _init_weights zeroes it, whichever order HF visits the modules in
         self.scale, self.offset = config.dms_gate_scale, config.dms_gate_offset
 
     def reset(self) -> None:
@@ -200,11 +200,8 @@ def dms_init_weights(module, llama_init) -> None:
     """HF's initialisation, except that a fresh gate evicts nothing (zero projection, unit norm)."""
     if isinstance(module, DMSGate):
         module.reset()
-    elif getattr(module, "dms_zero_init", False):
-        with torch.no_grad():
-            module.weight.zero_()
     else:
-        llama_init(module)
+        init_weights_keeping_zero(module, llama_init)
 
 
 class DMSLlamaModel(SlotLlamaModel):

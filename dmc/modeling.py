@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
+from torch import nn
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.models.llama.modeling_llama import LlamaAttention, LlamaDecoderLayer, apply_rotary_pos_emb
@@ -26,7 +27,7 @@ from .ops.attention_bias import decode_merge_candidates, hard_decisions, no_merg
 from .ops.decode_backends import attend, resolve
 from .ops.quant_prefill import prefill_attention_quant
 from .ops.train_attention import train_attention
-from .slot_model import SlotLlamaForCausalLM, SlotLlamaModel
+from .slot_model import SlotLlamaForCausalLM, SlotLlamaModel, init_weights_keeping_zero
 
 
 @dataclass
@@ -52,6 +53,24 @@ class LayerDecisions(NamedTuple):
     omega_mean: torch.Tensor  # () mean merge weight over real tokens and KV heads (detached)
 
 
+class DMCGate(nn.Module):
+    """The adapter gate (``dmc_gate="adapter"``): a linear map of the attention input to a merge logit and a merge
+    weight per KV head, zero at initialisation (logit -logit_offset: nothing merges; omega sigmoid(weight_offset) +
+    eps, the channel gate's value at a zero channel). The projection's first H_kv rows give the logits, the rest
+    the weights; both in at least fp32 (a decision is a threshold: no low-precision flips), as the channel's."""
+
+    def __init__(self, config: DMCLlamaConfig):
+        super().__init__()
+        self.proj = nn.Linear(config.hidden_size, 2 * config.num_key_value_heads, bias=False)
+        self.proj.slot_zero_init = True  # _init_weights zeroes it, whichever order HF visits the modules in
+
+    def forward(self, x: torch.Tensor, cfg: DMCLlamaConfig) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (B, T, hidden) -> (logit, omega), each (B, H_kv, T)."""
+        work = torch.promote_types(x.dtype, torch.float32)
+        a, b = (self.proj(x).to(work) * cfg.dmc_gate_scale).transpose(1, 2).chunk(2, dim=1)
+        return a - cfg.dmc_logit_offset, torch.sigmoid(b + cfg.dmc_weight_offset) + cfg.dmc_weight_eps
+
+
 class DMCLlamaAttention(LlamaAttention):
     """Llama attention that merges keys/values per token and KV head (DMC); with ``config.dmc_enabled=False``
     it is exactly ``LlamaAttention``.
@@ -69,6 +88,8 @@ class DMCLlamaAttention(LlamaAttention):
         self.stage1_multiplier: float | None = None  # DMC: set during stage 1 (neuron zero-out)
         self.decision_adapter: torch.nn.Parameter | None = None  # DMC: training-only, see add_decision_adapters
         self.gumbel_noise = True  # DMC: training draws Gumbel noise; off only to compare with the eval form
+        # DMC: the adapter gate's own parameters (the channel gate reads q and k instead)
+        self.dmc_gate = DMCGate(config) if config.dmc_gate == "adapter" else None
 
     def forward(self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None, **kwargs):
         cfg = self.config
@@ -78,10 +99,12 @@ class DMCLlamaAttention(LlamaAttention):
         q, k, v = self._project(hidden_states)  # (B, H, T, D), (B, H_kv, T, D) x 2
         valid = kwargs.get("slot_valid")
         valid = torch.ones(B, T, dtype=torch.bool, device=q.device) if valid is None else valid
-        # DMC: decisions and importances come from channel c of the pre-RoPE k and q.
-        logit, omega, q0, k0 = read_decision_channel(
-            q, k, cfg.dmc_channel_index, cfg.dmc_logit_offset, cfg.dmc_weight_offset, cfg.dmc_weight_eps
-        )
+        if self.dmc_gate is not None:  # DMC: the adapter decides; q and k keep every channel
+            (logit, omega), q0, k0 = self.dmc_gate(hidden_states, cfg), q, k
+        else:  # DMC: decisions and importances come from channel c of the pre-RoPE k and q
+            logit, omega, q0, k0 = read_decision_channel(
+                q, k, cfg.dmc_channel_index, cfg.dmc_logit_offset, cfg.dmc_weight_offset, cfg.dmc_weight_eps
+            )
         cache, rope = past_key_values, position_embeddings
         if self.stage1_multiplier is not None:
             out, alpha_st, merged = self._stage1(q, k, v, logit, valid, rope)
@@ -185,11 +208,24 @@ class DMCLlamaModel(SlotLlamaModel):
     attentions_hint = ("output_attentions has no per-token meaning on a DMC model (queries attend to merged slots, "
                        "not tokens); set model.config.dmc_enabled = False for the vanilla attentions")
 
+    def _init_weights(self, module):
+        init_weights_keeping_zero(module, super()._init_weights)  # DMC: a fresh adapter gate merges nothing
+
 
 class DMCLlamaForCausalLM(SlotLlamaForCausalLM):
     config_class = DMCLlamaConfig
     model_class = DMCLlamaModel  # DMC
     output_class = DMCCausalLMOutput
+
+    def _init_weights(self, module):
+        init_weights_keeping_zero(module, super()._init_weights)
+
+    def gate_parameters(self) -> list[nn.Parameter]:
+        """The adapter gates' parameters: all that ``model.trainable: gates`` trains (the base stays frozen)."""
+        if self.config.dmc_gate != "adapter":
+            raise ValueError("dmc_gate='channel' has no parameters of its own (it reads a channel of q and k): train "
+                             "the attention projections or every weight (model.trainable: attention or all)")
+        return [p for layer in self.model.layers for p in layer.self_attn.dmc_gate.parameters()]
 
     def summarise(self, stats: dict) -> dict:
         layers = [stats[i] for i in sorted(stats)]
@@ -206,6 +242,9 @@ class DMCLlamaForCausalLM(SlotLlamaForCausalLM):
     def set_stage1_multiplier(self, multiplier: float | None) -> None:
         """Scale channel c of every q and k head by ``multiplier`` (vanilla attention, no merging);
         ``None`` returns to DMC attention."""
+        if multiplier is not None and self.config.dmc_gate != "channel":
+            raise ValueError("stage 1 fades out the repurposed channel: it is for dmc_gate='channel' (the adapter "
+                             "gate starts merging nothing)")
         for layer in self.model.layers:
             layer.self_attn.stage1_multiplier = multiplier
 
@@ -225,7 +264,10 @@ class DMCLlamaForCausalLM(SlotLlamaForCausalLM):
 
     def decision_rows(self) -> list[tuple[torch.nn.Parameter, slice | None]]:
         """(parameter, rows) the stage-1 handover zeroes (``train/handover.py``): rows ``c::D`` of every q/k
-        projection weight (and bias), and every decision adapter whole (rows ``None``)."""
+        projection weight (and bias), and every decision adapter whole (rows ``None``); none for the adapter gate,
+        which repurposes no channel."""
+        if self.config.dmc_gate != "channel":
+            return []
         D, c = self.config.dmc_head_dim, self.config.dmc_channel_index
         rows = slice(c, None, D)
         out = []
@@ -244,6 +286,9 @@ class DMCLlamaForCausalLM(SlotLlamaForCausalLM):
         of the weight through parameters of their own: give these a larger learning rate (and no weight
         decay). ``fold_decision_adapters`` adds them back into q_proj/k_proj, leaving no extra parameter.
         """
+        if self.config.dmc_gate != "channel":
+            raise ValueError("decision adapters add to the repurposed channel of dmc_gate='channel'; the adapter gate "
+                             "has its own parameters (gate_parameters)")
         params = []
         for layer in self.model.layers:
             attn = layer.self_attn

@@ -10,7 +10,7 @@ from .config import DMCConfig, DMCLlamaConfig
 from .dms_config import DMSConfig, DMSLlamaConfig
 from .dms_modeling import DMSGate, DMSLlamaForCausalLM
 from .metrics import LLAMA_TYPES
-from .modeling import DMCLlamaForCausalLM
+from .modeling import DMCGate, DMCLlamaForCausalLM
 
 
 class NotLlamaError(TypeError):
@@ -49,7 +49,8 @@ def retrofit(model, dmc: DMCConfig | DMSConfig | None = None) -> DMCLlamaForCaus
     embeddings).
 
     The weights are moved, not copied: ``model`` must not be used afterwards. With ``enabled=False`` the result
-    computes exactly the original model. With ``DMSConfig(gate="channel")`` decisions come from a query channel
+    computes exactly the original model, and so does ``DMCConfig(gate="adapter")`` at initialisation (its gates merge
+    nothing and q and k keep every channel). With ``DMSConfig(gate="channel")`` decisions come from a query channel
     the model still uses: ``set_stage1_multiplier(1.0)`` computes the original model, and after
     ``zero_decision_rows()`` nothing is evicted (the recipe's stage 1 and handover).
     """
@@ -66,6 +67,12 @@ def retrofit(model, dmc: DMCConfig | DMSConfig | None = None) -> DMCLlamaForCaus
             with torch.device(param.device):
                 layer.dms_gate = DMSGate(config)
             layer.dms_gate.reset()
+    if not dms and config.dmc_gate == "adapter":  # likewise, merging nothing
+        missing = [k for k in missing if ".dmc_gate." not in k]
+        for layer in new.model.layers:
+            with torch.device(param.device):
+                layer.self_attn.dmc_gate = DMCGate(config)
+            torch.nn.init.zeros_(layer.self_attn.dmc_gate.proj.weight)
     if missing or unexpected:
         raise NotLlamaError(f"weights do not fit a Llama layout: missing {missing}, unexpected {unexpected}")
     new.to(param.dtype)

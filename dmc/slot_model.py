@@ -25,6 +25,15 @@ def valid_tokens(attention_mask, T: int) -> torch.Tensor | None:
     return attention_mask[:, -T:].bool()
 
 
+def init_weights_keeping_zero(module, llama_init) -> None:
+    """HF's initialisation, except that a module marked ``slot_zero_init`` (a fresh gate's projection) is zeroed."""
+    if getattr(module, "slot_zero_init", False):
+        with torch.no_grad():
+            module.weight.zero_()
+    else:
+        llama_init(module)
+
+
 class SlotLlamaModel(LlamaModel):
     """A Llama decoder whose layers keep their own slots; with the method disabled it is exactly ``LlamaModel``."""
 

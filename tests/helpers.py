@@ -29,8 +29,16 @@ def tiny_llama(kind: str = "gqa", dtype=torch.float32, seed: int = 0, tie: bool 
 
 @torch.no_grad()
 def drive_mixed_decisions(model, scale: float = 4.0, seed: int = 1) -> None:
-    """Random large decision rows and a zero offset: roughly half the decisions merge, far from the 0 boundary."""
+    """Random large decision rows (the adapter gate: random gate weights) and a zero offset: roughly half the
+    decisions merge, far from the 0 boundary, with merge weights of every size."""
     g = torch.Generator().manual_seed(seed)
+    if model.config.dmc_gate == "adapter":
+        for layer in model.model.layers:
+            w = layer.self_attn.dmc_gate.proj.weight
+            w.copy_(torch.randn(w.shape, generator=g, dtype=w.dtype) * scale / model.config.dmc_gate_scale)
+        model.config.dmc_logit_offset = 0.0
+        model.config.dmc_weight_offset = 0.0
+        return
     D, c = model.config.dmc_head_dim, model.config.dmc_channel_index
     for layer in model.model.layers:
         w = layer.self_attn.k_proj.weight

@@ -2,8 +2,8 @@
 
 With ``model.method: dms`` the same loss trains delayed eviction: no stage 1 with the adapter gates (they start
 evicting nothing), DMC's stage 1 and handover with the paper's channel gate (``model.dms.gate: channel``), the CR
-loss on the fraction of each block evicted by its last token, and with ``model.trainable: gates`` the base frozen
-and the teacher the base itself (the method switched off).
+loss on the fraction of each block evicted by its last token. With ``model.trainable: gates`` (DMC's or DMS's adapter
+gates) the base is frozen and the teacher is the base itself (the method switched off).
 
 With ``model.method: gqa`` the same module up-trains the GQA baseline: KV heads mean-pooled at load, no CR loss,
 the same optimiser, LR schedule and number of steps (so the same token budget) as a DMC run. With
@@ -12,7 +12,9 @@ the same optimiser, LR schedule and number of steps (so the same token budget) a
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import asdict
+from types import SimpleNamespace
 
 import lightning as L
 import torch
@@ -28,6 +30,12 @@ from .recipe import Recipe
 def stage_of(step: int, recipe: Recipe) -> int:
     s = recipe.schedule
     return 1 if step < s.stage1_steps else (2 if step < s.stage1_steps + s.ramp_steps else 3)
+
+
+def in_transfer(step: int, recipe: Recipe) -> bool:
+    """Whether ``step`` trains layer by layer (attention transfer, train/transfer.py) rather than end to end."""
+    s = recipe.schedule
+    return s.stage1_steps <= step < s.stage1_steps + s.transfer_steps
 
 
 def target_cr_at(step: int, recipe: Recipe) -> float:
@@ -73,9 +81,28 @@ def load_for_training(recipe: Recipe, zero3: bool = False):
         model = dmc.DMCLlamaForCausalLM.from_pretrained(m.path, config=config, dtype=getattr(torch, m.dtype))
     else:
         model = AutoModelForCausalLM.from_pretrained(m.path, dtype=getattr(torch, m.dtype))
+    restrict_trainable(model, m.trainable)
     if m.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     return model
+
+
+def restrict_trainable(model, trainable: str) -> None:
+    """Freeze what ``model.trainable`` leaves out: gates (the adapter gates alone), attention (every attention
+    projection and the gates) or all (nothing frozen). Frozen parameters never reach the optimiser."""
+    if trainable == "all":
+        return
+    keep = list(model.gate_parameters()) if trainable == "gates" or _has_adapter_gate(model) else []
+    if trainable == "attention":
+        keep += [p for layer in model.model.layers for p in layer.self_attn.parameters()]
+    model.requires_grad_(False)
+    for p in keep:
+        p.requires_grad_(True)
+
+
+def _has_adapter_gate(model) -> bool:
+    config = model.config
+    return getattr(config, "dmc_gate", None) == "adapter" or getattr(config, "dms_gate", None) == "adapter"
 
 
 def load_dms_for_training(recipe: Recipe, config):
@@ -92,10 +119,7 @@ def load_dms_for_training(recipe: Recipe, config):
     else:
         raise ValueError(f"model.method=dms retrofits a vanilla Llama (or continues a dms_llama folder); "
                          f"model.path={m.path!r} is a {config.model_type!r} model")
-    if m.trainable == "gates":
-        model.requires_grad_(False)
-        for p in model.gate_parameters():
-            p.requires_grad_(True)
+    restrict_trainable(model, m.trainable)
     if m.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     return model
@@ -180,7 +204,8 @@ class DMCTrainingModule(L.LightningModule):
             losses = warm_start(self.model, ids, self.recipe.schedule.target_cr)
             print(f"dms warm start: gates fitted on {len(ids)} blocks to the frozen model's attention at "
                   f"{self.recipe.schedule.target_cr:g}x (loss {sum(losses) / len(losses):.3f} per layer)", flush=True)
-        if self.recipe.distill.enabled and self.teacher is None and not self._base_teaches():
+        wanted = self.recipe.distill.enabled or self.recipe.schedule.transfer_steps > 0
+        if wanted and self.teacher is None and not self._base_teaches():
             from .teacher import load_teacher
 
             self.teacher = load_teacher(self.recipe, self.device)
@@ -190,20 +215,27 @@ class DMCTrainingModule(L.LightningModule):
         return self.method == "dms" and self.recipe.model.dms.gate == "channel"
 
     def _base_teaches(self) -> bool:
-        """DMS with the base frozen: the teacher is the student's own base, the method switched off (exactly the
-        vanilla Llama), so no second copy of the model is loaded."""
-        return self.method == "dms" and self.recipe.model.trainable == "gates"
+        """DMC or DMS with the base frozen: the teacher is the student's own base, the method switched off (exactly
+        the vanilla Llama), so no second copy of the model is loaded."""
+        return self.method in ("dmc", "dms") and self.recipe.model.trainable == "gates"
+
+    @contextmanager
+    def _frozen(self):
+        """The frozen model: the teacher, or the student's own base with the method switched off."""
+        if not self._base_teaches():
+            yield self.teacher
+            return
+        switch = self.model.model.switch  # dmc_enabled or dms_enabled
+        setattr(self.model.config, switch, False)
+        try:
+            yield self.model
+        finally:
+            setattr(self.model.config, switch, True)
 
     @torch.no_grad()
     def _teacher_logits(self, ids: torch.Tensor) -> torch.Tensor:
-        if not self._base_teaches():
-            return self.teacher(input_ids=ids, use_cache=False).logits
-        config = self.model.config
-        config.dms_enabled = False
-        try:
-            return self.model(input_ids=ids, use_cache=False).logits
-        finally:
-            config.dms_enabled = True
+        with self._frozen() as frozen:
+            return frozen(input_ids=ids, use_cache=False).logits
 
     # ---- one step ----------------------------------------------------------------------------------
     def _enter_stage(self, step: int, micro: int) -> None:
@@ -238,6 +270,8 @@ class DMCTrainingModule(L.LightningModule):
         ids = batch["input_ids"]
         if self.method == "dmc" or self._fades_a_channel():
             self._enter_stage(step, micro)
+        if self.method == "dmc" and in_transfer(step, self.recipe):
+            return self._transfer_step(ids, step)
         out = self.model(input_ids=ids, labels=ids, use_cache=False)
         d = self.recipe.distill
         loss, logs = d.lm_weight * out.loss, {"train/lm_loss": out.loss.detach()}
@@ -258,6 +292,24 @@ class DMCTrainingModule(L.LightningModule):
         if self.method in ("dmc", "dms"):
             self.log("cr", logs["train/realised_cr"], prog_bar=True, on_step=True)
         self.log("loss", out.loss.detach(), prog_bar=True, on_step=True)
+        return loss
+
+    def _transfer_step(self, ids: torch.Tensor, step: int) -> torch.Tensor:
+        """Attention transfer: every layer's relative MSE to the frozen model's attention on its own input (mean over
+        layers), plus the weighted CR loss on the decisions of all layers."""
+        from .transfer import frozen_records, layer_losses
+
+        with self._frozen() as frozen:
+            records = frozen_records(frozen, ids)
+        stats: dict = {}
+        mse = layer_losses(self.model, records, stats)
+        out = SimpleNamespace(**self.model.summarise(stats))
+        logs = {"train/transfer_mse": mse.mean().detach(), "train/transfer_mse_max": mse.max().detach()}
+        loss = mse.mean() + self._dmc_terms(out, step, logs)
+        logs["train/loss"] = loss.detach()
+        self.log_dict(logs, prog_bar=False, on_step=True, sync_dist=False)
+        self.log("cr", logs["train/realised_cr"], prog_bar=True, on_step=True)
+        self.log("mse", logs["train/transfer_mse"], prog_bar=True, on_step=True)
         return loss
 
     def _dmc_terms(self, out, step: int, logs: dict) -> torch.Tensor:

@@ -32,7 +32,7 @@ class StepProgress(L.Callback):
             return
         step = trainer.global_step
         shown = {"stage": self.stage(step)}
-        for name in ("loss", "cr"):
+        for name in ("loss", "mse", "cr"):
             if name in trainer.callback_metrics:
                 shown[name] = f"{float(trainer.callback_metrics[name]):.3g}"
         self.bar.set_postfix(shown, refresh=False)

@@ -31,8 +31,9 @@ class ModelSection:
             does not use); its target_cr comes from schedule.target_cr.
         dms: dms only: the DMS settings (window, tau, gate, gate_scale, gate_offset, train_attention,
             decode_backend, block_size); its target_cr comes from schedule.target_cr.
-        trainable: dms only: gates (the decision adapters alone, the base frozen, as released; the teacher is then
-            the base itself) or all (every weight).
+        trainable: dmc and dms: gates (the adapter gates alone, the base frozen, as DMS's release; the teacher is
+            then the base itself, the method switched off), attention (the attention projections q, k, v, o and the
+            gates) or all (every weight).
     """
 
     # Each method's settings are its own config class, nested (dmc/config.py and dmc/dms_config.py hold the
@@ -44,7 +45,7 @@ class ModelSection:
     gradient_checkpointing: bool = False
     dmc: DMCConfig = field(default_factory=DMCConfig)
     dms: DMSConfig = field(default_factory=DMSConfig)
-    trainable: Literal["all", "gates"] = "all"
+    trainable: Literal["all", "attention", "gates"] = "all"
 
     def __post_init__(self) -> None:
         # from YAML or the command line a nested section arrives as a mapping; its config class checks it
@@ -115,6 +116,10 @@ class ScheduleSection:
         cr_loss_weight: Weight of the one-sided loss that pulls the realised CR up to the target.
         warm_start_blocks: dms only: before step 0, fit the gates on this many training blocks to the frozen
             model's own attention at the target CR (forward passes only; 0: start from gates that evict nothing).
+        transfer_steps: dmc only: the first this many steps after stage 1 train each layer's attention on its own to
+            reproduce the frozen model's attention output from the frozen model's input to it (a relative MSE per
+            layer, with the CR loss; train/transfer.py), instead of the end-to-end loss; the CR target follows the
+            same ramp. 0: end to end from the start.
     """
 
     target_cr: float = 2.0
@@ -123,6 +128,7 @@ class ScheduleSection:
     finetune_steps: int = 2000
     cr_loss_weight: float = 1.0
     warm_start_blocks: int = 0
+    transfer_steps: int = 0
 
 
 @dataclass
@@ -248,7 +254,7 @@ class Recipe:
             except ValueError as err:  # DMCConfigError names the field as dmc_<name>
                 raise ValueError(str(err).replace("dmc_target_cr", "schedule.target_cr").replace("dmc_", "model.dmc.")) \
                     from None
-        checks = self._control_checks() + self._dms_checks() + [
+        checks = self._control_checks() + self._transfer_checks() + self._dms_checks() + self._dmc_gate_checks() + [
             (m.dmc.target_cr == DMCConfig.target_cr and m.dms.target_cr == DMSConfig.target_cr
              and m.dmc.enabled and m.dms.enabled,
              "model.dmc/model.dms take their target CR from schedule.target_cr and are enabled by model.method: "
@@ -261,6 +267,9 @@ class Recipe:
             (m.kv_heads is None or m.kv_heads >= 1, "model.kv_heads must be >= 1"),
             (m.method == "dmc" or o.decision_lr is None,
              "optim.decision_lr trains DMC's decision adapters; set it to null for model.method: gqa"),
+            (m.method == "dmc" or (m.dmc.gate, m.dmc.gate_scale) == (DMCConfig.gate, DMCConfig.gate_scale),
+             f"model.dmc.gate and gate_scale choose DMC's decisions; model.method={m.method} has none"
+             + (": use model.dms.gate" if m.method == "dms" else ": remove them")),
             (o.lr > 0 and (o.decision_lr is None or o.decision_lr > 0), "optim.lr and optim.decision_lr must be > 0"),
             (r.keep_last >= 1 and r.checkpoint_every >= 1, "run.keep_last and run.checkpoint_every must be >= 1"),
             (set(r.loggers) <= {"csv", "wandb", "tensorboard"}, f"run.loggers={r.loggers}: use csv, wandb, tensorboard"),
@@ -292,10 +301,10 @@ class Recipe:
                 raise ValueError(message)
 
     def _dms_checks(self) -> list[tuple[bool, str]]:
-        m, k = self.model, self.distill
+        m = self.model
         if m.method != "dms":
-            return [(m.trainable == "all", f"model.trainable={m.trainable} is for model.method: dms (its gates); "
-                     "remove it"),
+            return [(m.method == "dmc" or m.trainable == "all", f"model.trainable={m.trainable} chooses what a DMC or "
+                     f"DMS retrofit trains; model.method={m.method} trains every weight: remove it"),
                     (self.schedule.warm_start_blocks == 0, "schedule.warm_start_blocks fits DMS gates; remove it for "
                      f"model.method: {m.method}")]
         if m.dms.gate == "channel":
@@ -312,9 +321,45 @@ class Recipe:
         return stage1 + [
             (self.optim.decision_lr is None, "optim.decision_lr is DMC's; DMS trains its gates at optim.lr: remove it"),
             (self.schedule.warm_start_blocks >= 0, "schedule.warm_start_blocks must be >= 0"),
-            (m.trainable != "gates" or k.teacher in (None, m.path),
-             f"distill.teacher={k.teacher!r} with model.trainable: gates: the base is frozen, so the teacher is the "
-             "base itself (the method switched off); remove distill.teacher, or set model.trainable: all"),
+            self._frozen_base_teacher_check(),
+        ]
+
+    def _transfer_checks(self) -> list[tuple[bool, str]]:
+        m, s = self.model, self.schedule
+        if not s.transfer_steps:
+            return [(s.transfer_steps == 0, f"schedule.transfer_steps={s.transfer_steps} must be >= 0")]
+        return [
+            (m.method == "dmc", f"schedule.transfer_steps trains DMC attention layer by layer; model.method={m.method} "
+             "has none: remove it"),
+            (s.transfer_steps <= s.ramp_steps + s.finetune_steps, f"schedule.transfer_steps={s.transfer_steps} is more "
+             f"than the {s.ramp_steps + s.finetune_steps} steps after stage 1 (ramp_steps + finetune_steps)"),
+            (not (m.trainable == "gates" and m.dmc.gate == "channel"), "schedule.transfer_steps with model.trainable="
+             "gates and model.dmc.gate=channel leaves attention transfer nothing to train (the channel gate has no "
+             "parameters of its own): use model.dmc.gate: adapter, or model.trainable: attention or all"),
+        ]
+
+    def _frozen_base_teacher_check(self) -> tuple[bool, str]:
+        m, k = self.model, self.distill
+        return (m.trainable != "gates" or k.teacher in (None, m.path),
+                f"distill.teacher={k.teacher!r} with model.trainable: gates: the base is frozen, so the teacher is the "
+                "base itself (the method switched off); remove distill.teacher, or set model.trainable: all")
+
+    def _dmc_gate_checks(self) -> list[tuple[bool, str]]:
+        """What DMC's gate allows: the adapter starts merging nothing (no stage 1, no channel adapters), the channel
+        has no parameters of its own to train alone."""
+        m, s = self.model, self.schedule
+        if m.method != "dmc":
+            return []
+        if m.dmc.gate == "channel":
+            return [(m.trainable != "gates", "model.trainable=gates with model.dmc.gate=channel: the channel gate has no "
+                     "parameters of its own (its rows are q_proj's and k_proj's); use model.dmc.gate: adapter, or "
+                     "model.trainable: attention or all")]
+        return [
+            (s.stage1_steps == 0, f"schedule.stage1_steps={s.stage1_steps}: stage 1 fades out a repurposed channel; "
+             "the adapter gate starts merging nothing, so set schedule.stage1_steps: 0 (or model.dmc.gate: channel)"),
+            (self.optim.decision_lr is None, "optim.decision_lr trains the channel gate's decision adapters; the "
+             "adapter gate trains at optim.lr (its gate_scale sets its pace): remove it"),
+            self._frozen_base_teacher_check(),
         ]
 
     def _control_checks(self) -> list[tuple[bool, str]]:

@@ -117,6 +117,8 @@ def run(recipe: Recipe, resume: str = "auto", stop_at: int | None = None, trust_
     ckpt = None if resume == "none" else (AtomicCheckpoint.latest(r.out_dir) if resume == "auto" else resume)
     if recipe.model.method == "dms" and ckpt is None:  # before the run folder exists: a refusal leaves nothing
         _check_dms_source(recipe)
+    if recipe.model.method == "dmc" and ckpt is None:
+        _check_dmc_source(recipe)
     out.mkdir(parents=True, exist_ok=True)
     if ckpt is not None and not Path(ckpt).exists():
         raise RecipeError(f"--resume {ckpt!r} does not exist")
@@ -127,7 +129,7 @@ def run(recipe: Recipe, resume: str = "auto", stop_at: int | None = None, trust_
         _check_same_recipe(recipe, out)
     if recipe.model.method == "gqa":
         _check_gqa(recipe)
-    if recipe.distill.enabled:
+    if recipe.distill.enabled or recipe.schedule.transfer_steps:
         from .teacher import check_teacher
 
         check_teacher(recipe)
@@ -221,6 +223,19 @@ def _check_dms_source(recipe: Recipe) -> None:
     if source.model_type != "dms_llama" and not stage1:
         raise RecipeError("model.dms.gate=channel repurposes a query channel that attention reads until stage 1 fades "
                           "it out: set schedule.stage1_steps > 0 (e.g. 100)")
+
+
+def _check_dmc_source(recipe: Recipe) -> None:
+    """A dmc_llama folder continues with its own gate (it loads with its own config: a recipe asking for the other
+    gate would silently train the folder's)."""
+    from dmc.hub import model_config
+
+    m = recipe.model
+    source = model_config(m.path, "model.path")
+    gate = getattr(source, "dmc_gate", "channel")
+    if source.model_type == "dmc_llama" and gate != m.dmc.gate:
+        raise RecipeError(f"model.path={m.path!r} is a DMC model with the {gate} gate; continue it with "
+                          f"model.dmc.gate: {gate}")
 
 
 def _check_gqa(recipe: Recipe) -> None:
