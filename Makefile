@@ -4,6 +4,8 @@
 # make compare - the README's comparison: vanilla, LM-only control, DMC 2x and 4x, GQA, every policy at 2/4/8x on
 #                the vanilla model and the control (trains what is missing into the run cache; CPU, hours, resumable
 #                across interruptions; committed items are reused, so a complete store only reassembles the report)
+# make curve - DMC's perplexity over its LM-only control's against training tokens (1, 2, 4, 8x the demo's), in the
+#              same run cache (its 1x runs are the comparison's); CPU, many hours, resumable like make compare
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -26,7 +28,7 @@ export TOKENIZERS_PARALLELISM := false
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 export WANDB_MODE ?= offline
 
-.PHONY: venv test test-fast lint demo bench compare model clean
+.PHONY: venv test test-fast lint demo bench compare curve model clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -70,6 +72,11 @@ bench: venv model
 # evaluations at a time, each a process with one thread (docs/baselines.md measures why).
 compare: venv model
 	$(PY) -m dmc.cli compare --protocol compare-135m --threads 2 --jobs 2
+
+# The tokens curve (eval/protocol.py: curve-135m; eval/curve.py): each point is a recipe with every stage of its
+# schedule times 1, 2, 4 or 8, paired on the comparison's blocks with its control trained at the same tokens.
+curve: venv model
+	$(PY) -m dmc.cli compare --protocol curve-135m --threads 2
 
 clean:
 	rm -rf $(VENV) .cache .pytest_cache

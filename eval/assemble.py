@@ -14,6 +14,7 @@ import json
 import os
 from pathlib import Path
 
+from .curve import curve_lines, curve_plot, curve_rows
 from .intervals import paired_accuracy_difference, paired_ppl_ratio, verdict
 from .protocol import Protocol, Unit, unit_key, units
 from .report import interval_text, markdown, plots, write_json
@@ -131,6 +132,8 @@ def assemble(protocol: Protocol, opts, out: Path) -> dict:
                "tasks": list(opts.tasks), "settings": {k: getattr(opts, k) for k in SETTINGS}, "models": models,
                "missing": missing}
     results["paired"] = paired(protocol, models, items, opts)
+    if protocol.kind == "curve":
+        results["curve"] = curve_rows(protocol, results)
     return results
 
 
@@ -139,7 +142,7 @@ def write(results: dict, opts, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     # per model only the trained ones (30-odd policy heat maps would bury them); the policies are in the CR plots
     results["plots"] = plots(results, out, per_model=lambda name, m: not m.get("policy")) if results["models"] else []
-    results["plots"] += paired_plot(results, out)
+    results["plots"] += curve_plot(results, out) if "curve" in results else paired_plot(results, out)
     for name in ("results.partial.json",):
         (out / name).unlink(missing_ok=True)
     write_json(out / "results.json", results)
@@ -155,9 +158,12 @@ def _pairs(protocol: Protocol) -> list[tuple[Unit, Unit, bool]]:
     the vanilla model and the control; each compressor against every policy at its CR; DMS against DMC at the same
     CR."""
     control = next((t.key for t in protocol.trainings if t.role == "control"), None)
-    refs = [Unit("vanilla")] + ([Unit(control)] if control else [])
     every = units(protocol)
-    pairs = [(u, r, False) for u in every for r in refs if u != r and not (u.model == "vanilla" and not u.policy)]
+    pairs = []
+    for u in every:  # against the vanilla model and the control: a training's own (same tokens), else the protocol's
+        own = protocol.training(u.model).control if u.model != "vanilla" and not u.policy else None
+        refs = [Unit("vanilla")] + ([Unit(own or control)] if own or control else [])
+        pairs += [(u, r, False) for r in refs if u != r and not (u.model == "vanilla" and not u.policy)]
     for t in protocol.trainings:
         if t.cr is not None:
             pairs += [(Unit(t.key), p, True) for p in every if p.policy and p.cr == t.cr]
@@ -283,11 +289,15 @@ def glance(results: dict) -> list[str]:
     return lines
 
 
+MAKE_TARGETS = {"compare-135m": "make compare", "curve-135m": "make curve"}
+
+
 def report(results: dict) -> str:
     s = results["settings"]
+    target = MAKE_TARGETS.get(results["protocol"])
+    command = f"`{target}` (`{results['command']}`)" if target else f"`{results['command']}`"
     lines = [f"# {results['protocol']}: the comparison\n",
-             f"Command: `make compare` (`{results['command']}`); rebuilt from the committed items under `items/` "
-             "with no model present.\n",
+             f"Command: {command}; rebuilt from the committed items under `items/` with no model present.\n",
              f"Perplexity on {s['ppl_blocks']} blocks of {s['ppl_block']} tokens (code: held-out Python stdlib; "
              f"prose: English never trained on); needle on {len(s['needle_contexts']) * len(s['needle_depths'])} "
              "cells. Intervals: percentile bootstrap over blocks or cells. Paired: both methods resampled on the same "
@@ -297,6 +307,7 @@ def report(results: dict) -> str:
     if results["missing"]:
         lines.append(f"**Not complete ({len(results['missing'])} units):** " + ", ".join(
             f"{m['name']} ({m['status']})" for m in results["missing"]) + ". Run `make compare` to compute them.\n")
+    lines += curve_lines(results)
     lines += ["## At a glance\n", *glance(results), ""]
     lines += ["## Every paired comparison\n", "| A | B | task | A / B (ppl) or A - B (needle) [paired 95% CI] | "
               "items | verdict |", "|---|---|---|---|---|---|"]

@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="dmc compare", description=__doc__, add_help=True,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("vanilla", nargs="?", help="the vanilla Llama folder (also the base of every policy)")
-    ap.add_argument("--protocol", default=None, help="run a whole protocol instead (compare-135m, or a JSON file): "
+    ap.add_argument("--protocol", default=None, help="run a whole protocol instead (compare-135m, curve-135m, or a JSON file): "
                     "trains what is missing into the run cache, evaluates what is missing, assembles the report")
     ap.add_argument("--assemble", action="store_true", help="with --protocol: only assemble the report from its "
                     "items (no model needed)")

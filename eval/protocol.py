@@ -42,6 +42,8 @@ class Training:
     export: str
     role: str  # "control", "dmc", "dms" or "gqa"
     cr: float | None = None  # the policy CR its paired comparisons use (None: not a compressor)
+    scale: int = 1  # every stage of the recipe's schedule times this: a point of a tokens curve (eval/curve.py)
+    control: str | None = None  # the key of its own control (trained at the same tokens); None: the protocol's
 
 
 @dataclass(frozen=True)
@@ -54,6 +56,8 @@ class Protocol:
     policy_bases: tuple[str, ...] = ("vanilla",)  # "vanilla" and training keys every policy runs on
     eval_args: tuple[str, ...] = field(default_factory=tuple)  # ``dmc eval`` options
     out: str = ""
+    kind: str = "compare"  # "curve": the report is each model's perplexity over its control's against tokens
+    cache: str = ""  # the run cache's folder for its trainings (default: the name); a curve shares the comparison's
 
     def training(self, key: str) -> Training:
         return next(t for t in self.trainings if t.key == key)
@@ -82,7 +86,31 @@ COMPARE_135M = Protocol(
                "0.7", "0.8", "--batch-size", "24", "--device", "cpu", "--dtype", "float32"),
     out="eval/results/compare-135m",
 )
-PROTOCOLS = {p.name: p for p in (COMPARE_135M,)}
+
+
+def _curve_trainings(key: str, recipe: str, export: str, role: str, scales=(1, 2, 4, 8), control: str | None = None):
+    """One training per scale: ``key`` at 1x (the comparison's own run), ``key-x{k}`` above."""
+    name = lambda k: key if k == 1 else f"{key}-x{k}"  # noqa: E731
+    return tuple(Training(name(k), recipe, export if k == 1 else f"{export}-x{k}", role, scale=k,
+                          control=None if control is None else (control if k == 1 else f"{control}-x{k}"))
+                 for k in scales)
+
+
+# DMC's cost against its control as the training tokens grow: the demo recipe and its LM-only control at 1, 2, 4 and 8
+# times the demo's tokens, on the comparison's code and prose blocks. Its 1x runs are the comparison's (one cache).
+CURVE_135M = Protocol(
+    name="curve-135m",
+    base="checkpoints/smollm2-135m",
+    trainings=(_curve_trainings("control", "smollm2-135m-control-cpu", "smollm2-135m-control-hf", "control")
+               + _curve_trainings("dmc2x", "smollm2-135m-cpu", "smollm2-135m-dmc2x-hf", "dmc", control="control")),
+    policy_bases=(),
+    eval_args=("--tasks", "ppl", "ppl_prose", "--ppl-blocks", "32", "--ppl-block", "512", "--batch-size", "8",
+               "--device", "cpu", "--dtype", "float32"),
+    out="eval/results/curve-135m",
+    kind="curve",
+    cache="compare-135m",
+)
+PROTOCOLS = {p.name: p for p in (COMPARE_135M, CURVE_135M)}
 
 
 def load_protocol(spec: str) -> Protocol:
@@ -155,8 +183,12 @@ def training_key(protocol: Protocol, training: Training) -> str:
     start from. Items recorded under another key came from another recipe: the unit is trained afresh."""
     lines = [ln.rstrip() for ln in recipe_text(training.recipe).splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
     lines = _flat_dmc_section(lines)
+    name = Path(training.recipe).name.removesuffix(".yaml")
+    if training.scale != 1:  # a longer schedule is another run (1x keeps the key its items were recorded under)
+        digest = hashlib.sha256(json.dumps([lines, protocol.base, training.scale]).encode()).hexdigest()[:12]
+        return f"{name}-x{training.scale}@{digest}"
     digest = hashlib.sha256(json.dumps([lines, protocol.base]).encode()).hexdigest()[:12]
-    return f"{Path(training.recipe).name.removesuffix('.yaml')}@{digest}"
+    return f"{name}@{digest}"
 
 
 def unit_key(protocol: Protocol, unit: Unit) -> str:
@@ -167,7 +199,7 @@ def training_folders(protocol: Protocol, training: Training) -> tuple[Path, Path
     """(the training run's folder, its export) in the run cache, under the training's key."""
     from dmc.run_cache import run_cache
 
-    root = run_cache() / protocol.name / training_key(protocol, training).replace("@", "-")
+    root = run_cache() / (protocol.cache or protocol.name) / training_key(protocol, training).replace("@", "-")
     return root / "run", root / training.export
 
 
@@ -249,8 +281,14 @@ def ensure_trained(protocol: Protocol, training: Training, opts, log=print) -> P
     if (export / "config.json").is_file():
         return export
     threads = ["--run.threads", str(opts.threads)] if opts.threads else []
+    lengths = []
+    if training.scale != 1:
+        from .curve import check_length_only, scaled_lengths
+
+        lengths = scaled_lengths(training.recipe, protocol.base, training.scale)
+        check_length_only(run_dir, training.recipe, protocol.base, training.scale)
     train = [sys.executable, "-m", "dmc.cli", "train", "--config", training.recipe, "--model.path", protocol.base,
-             "--run.out_dir", str(run_dir), *threads]
+             "--run.out_dir", str(run_dir), *threads, *lengths]
     log(f"training {training.key} ({training.recipe}) in {run_dir}")
     began = time.perf_counter()
     _call(train, f"training {training.key}")

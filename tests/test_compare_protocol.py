@@ -320,3 +320,53 @@ def test_a_recipes_key_is_the_same_with_its_dmc_fields_nested_or_flat(tmp_path):
     # a model line after the block stays where it is
     assert key(nested.replace("    tau: 0.2\n", "    tau: 0.2\n  dtype: bfloat16\n")).split("@")[1] == \
         key(flat.replace("  tau: 0.2\n", "  tau: 0.2\n  dtype: bfloat16\n")).split("@")[1]
+
+
+# ---- a tokens curve (kind: curve) -------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def curve_file(protocol_file):
+    """A curve in miniature: the tiny DMC recipe and its control at 1x and 2x their schedule's length."""
+    root = protocol_file.parent
+    spec = {"name": "tiny-curve", "base": str(root / "tiny-llama"), "kind": "curve", "policy_bases": [],
+            "eval_args": ["--tasks", "ppl", "ppl_prose", *EVAL[4:8], *EVAL[13:]],
+            "trainings": [{"key": k if s == 1 else f"{k}-x{s}", "recipe": str(root / f"tiny-{k}.yaml"),
+                           "export": f"tiny-{k}-hf" + ("" if s == 1 else f"-x{s}"), "role": k, "scale": s,
+                           **({"control": "control" if s == 1 else f"control-x{s}"} if k == "dmc" else {})}
+                          for k in ("control", "dmc") for s in (1, 2)]}
+    assert "--needle-depths" not in spec["eval_args"] and "--batch-size" in spec["eval_args"]
+    path = root / "curve.json"
+    path.write_text(json.dumps(spec))
+    return path
+
+
+@pytest.mark.slow
+def test_a_curve_trains_each_point_at_its_length_and_pairs_it_with_its_own_control(curve_file, tmp_path,
+                                                                                   monkeypatch):
+    import yaml
+
+    from dmc.eval.protocol import load_protocol, training_folders
+
+    monkeypatch.setenv("DMC_RUN_CACHE", str(tmp_path / "runs"))
+    out = tmp_path / "curve"
+    report, results = _run(curve_file, out)
+    rows = {(r["scale"], r["task"]): r for r in results["curve"]}
+    assert sorted(rows) == [(1, "ppl"), (1, "ppl_prose"), (2, "ppl"), (2, "ppl_prose")]
+    assert rows[(2, "ppl")]["tokens"] == 2 * rows[(1, "ppl")]["tokens"] == 2 * 8 * 2 * 32
+    assert rows[(2, "ppl")]["control"] == "tiny-control-hf-x2" and rows[(1, "ppl")]["control"] == "tiny-control-hf"
+    paired = {(p["a"], p["b"], p["task"]): p for p in results["paired"]}
+    assert rows[(2, "ppl")]["ratio"] == paired[("tiny-dmc-hf-x2", "tiny-control-hf-x2", "ppl")]["ratio"]
+    assert (out / "curve_ppl_ratio.png").is_file() and b"against training tokens" in report
+    protocol = load_protocol(str(curve_file))
+    run_dir, export = training_folders(protocol, protocol.training("dmc-x2"))
+    schedule = yaml.safe_load((run_dir / "config.yaml").read_text())["schedule"]
+    assert (schedule["stage1_steps"], schedule["ramp_steps"], schedule["finetune_steps"]) == (4, 8, 4)
+    # a point's run folder whose recipe differs in more than its length is refused in one line
+    recorded = yaml.safe_load((run_dir / "config.yaml").read_text())
+    recorded["optim"]["lr"] = 0.5
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(recorded))
+    shutil.rmtree(export)
+    for items in (out / "items").glob("tiny-dmc-hf-x2.*"):  # the point is to be computed again
+        items.unlink()
+    message = one_line_exit(compare, "--protocol", str(curve_file), "--out", str(out))
+    assert "differs from" in message and "in more than its schedule's length (optim.lr: 0.001 -> 0.5)" in message
