@@ -2,7 +2,8 @@
 # One trial of the recipe search (docs/recipe_search.md): train, export, and score held-out code and English
 # prose perplexity (32 blocks x 512 tokens each, bootstrap 95% intervals) with realised CR.
 #   bench/recipe_trial.sh NAME CONFIG [dmc train overrides...]
-# Writes checkpoints/search/NAME (the run), NAME-hf (the export) and eval/results/search/NAME (the scores).
+# Writes checkpoints/search/NAME (the run), NAME-hf (the export) and eval/results/search/NAME (the scores, and
+# paired.json: the ratios to the comparison's control and vanilla model on the same blocks, bench/trial_paired.py).
 # Resumable: each stage is skipped when its output exists.
 set -euo pipefail
 name=$1 config=$2
@@ -32,3 +33,5 @@ print(json.dumps({"trial": name, **json.load(open(f"eval/results/search/{name}/t
                   "ppl_prose": round(t["ppl_prose"]["perplexity"], 3),
                   "ppl_prose_ci95": [round(x, 3) for x in t["ppl_prose"]["perplexity_ci95"]]}))
 PY
+# the paired ratios against the comparison's control and vanilla model on the same blocks (eval/results/compare-135m)
+$py bench/trial_paired.py "$name"

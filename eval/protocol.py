@@ -88,12 +88,16 @@ COMPARE_135M = Protocol(
 )
 
 
-def _curve_trainings(key: str, recipe: str, export: str, role: str, scales=(1, 2, 4, 8), control: str | None = None):
-    """One training per scale: ``key`` at 1x (the comparison's own run), ``key-x{k}`` above."""
-    name = lambda k: key if k == 1 else f"{key}-x{k}"  # noqa: E731
-    return tuple(Training(name(k), recipe, export if k == 1 else f"{export}-x{k}", role, scale=k,
-                          control=None if control is None else (control if k == 1 else f"{control}-x{k}"))
-                 for k in scales)
+def _curve_trainings(control: tuple[str, str, str], methods: list[tuple[str, str, str, str]], scales=(1, 2, 4, 8)):
+    """Per scale, shortest first (an interrupted run leaves whole pairs): the control (key, recipe, export) and each
+    method (key, recipe, export, role) paired with it; ``key`` at 1x (the comparison's own run), ``key-x{k}`` above."""
+    name = lambda key, k: key if k == 1 else f"{key}-x{k}"  # noqa: E731
+    out = []
+    for k in scales:
+        out.append(Training(name(control[0], k), control[1], name(control[2], k), "control", scale=k))
+        out += [Training(name(key, k), recipe, name(export, k), role, scale=k, control=name(control[0], k))
+                for key, recipe, export, role in methods]
+    return tuple(out)
 
 
 # DMC's cost against its control as the training tokens grow: the demo recipe and its LM-only control at 1, 2, 4 and 8
@@ -101,8 +105,8 @@ def _curve_trainings(key: str, recipe: str, export: str, role: str, scales=(1, 2
 CURVE_135M = Protocol(
     name="curve-135m",
     base="checkpoints/smollm2-135m",
-    trainings=(_curve_trainings("control", "smollm2-135m-control-cpu", "smollm2-135m-control-hf", "control")
-               + _curve_trainings("dmc2x", "smollm2-135m-cpu", "smollm2-135m-dmc2x-hf", "dmc", control="control")),
+    trainings=_curve_trainings(("control", "smollm2-135m-control-cpu", "smollm2-135m-control-hf"),
+                               [("dmc2x", "smollm2-135m-cpu", "smollm2-135m-dmc2x-hf", "dmc")]),
     policy_bases=(),
     eval_args=("--tasks", "ppl", "ppl_prose", "--ppl-blocks", "32", "--ppl-block", "512", "--batch-size", "8",
                "--device", "cpu", "--dtype", "float32"),
