@@ -80,6 +80,20 @@ def test_a_dms_miniature_keeps_the_delays_share_of_the_block():
     assert scale(recipe, ROOT / "run", "tiny-model", 1, 1, False, None)[0].schedule.stage1_steps == 1
 
 
+def test_a_dmc_adapter_gate_miniature_has_no_stage_1_and_keeps_its_share_of_transfer():
+    """The adapter gate starts merging nothing (a stage 1 would be refused); attention transfer keeps its share of
+    the steps after stage 1."""
+    from dmc.train.rehearsal.miniature import scale
+
+    recipe = parse(["--config", str(ROOT / "configs/smollm2-135m-cpu.yaml"), "--model.dmc.gate", "adapter",
+                    "--schedule.stage1_steps", "0", "--optim.decision_lr", "null", "--schedule.transfer_steps", "160"])[0]
+    mini, changes = scale(recipe, ROOT / "run", "tiny-model", 1, 1, False, None)
+    s = mini.schedule
+    assert s.stage1_steps == 0 and s.transfer_steps == round(160 * (s.ramp_steps + s.finetune_steps) / 320)
+    assert any(c.startswith("attention transfer 160 ->") for c in changes)
+    mini.validate()
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", OTHERS)
 def test_every_other_recipe_builds_its_trainer_and_takes_a_step(name, capsys):

@@ -78,8 +78,12 @@ def scale(recipe: Recipe, out_dir: Path, model_path: str, devices: int, nodes: i
     m, d, s, o, r = recipe.model, recipe.data, recipe.schedule, recipe.optim, recipe.run
     acc = accumulate or min(o.accumulate_grad_batches, MAX_ACCUMULATE)
     precision = _precision(r.precision, on_gpu)
-    # DMS's adapter gates have no stage 1 (they start evicting nothing): the same five steps, ramp and hold
-    stages = (0, STAGES[0] + STAGES[1], STAGES[2]) if m.method == "dms" and m.dms.gate != "channel" else STAGES
+    # adapter gates (DMS's, DMC's) have no stage 1 (they start deciding nothing): the same five steps, ramp and hold
+    adapter = (m.method == "dms" and m.dms.gate != "channel") or (m.method == "dmc" and m.dmc.gate == "adapter")
+    stages = (0, STAGES[0] + STAGES[1], STAGES[2]) if adapter else STAGES
+    # attention transfer keeps its share of the steps after stage 1 (at least one step when the recipe has any)
+    after = s.ramp_steps + s.finetune_steps
+    transfer = max(1, round(s.transfer_steps * (stages[1] + stages[2]) / after)) if s.transfer_steps and after else 0
     changes = [
         f"stages {s.stage1_steps}/{s.ramp_steps}/{s.finetune_steps} -> {'/'.join(map(str, stages))} steps",
         f"block {d.block_len} -> {BLOCK_LEN} tokens, {d.validation_blocks} -> {VALIDATION_BLOCKS} validation blocks",
@@ -89,6 +93,8 @@ def scale(recipe: Recipe, out_dir: Path, model_path: str, devices: int, nodes: i
         f"checkpoint every {r.checkpoint_every} -> 1 step; validation "
         f"{f'every {r.validate_every}' if r.validate_every else 'at the end'} -> every 4 steps and at the end",
     ]
+    if transfer:
+        changes.append(f"attention transfer {s.transfer_steps} -> {transfer} steps (its share of the steps after stage 1)")
     model = dataclasses.replace(m, path=model_path, dtype="float32" if not on_gpu else m.dtype)
     if m.method == "dms":  # the delay keeps its share of the shorter block (a delay as long as the block evicts nothing)
         window = max(1, m.dms.window * BLOCK_LEN // d.block_len)
@@ -103,7 +109,8 @@ def scale(recipe: Recipe, out_dir: Path, model_path: str, devices: int, nodes: i
         model=model,
         data=dataclasses.replace(d, block_len=BLOCK_LEN, validation_blocks=VALIDATION_BLOCKS,
                                  shuffle_buffer=min(d.shuffle_buffer, 32)),
-        schedule=dataclasses.replace(s, stage1_steps=stages[0], ramp_steps=stages[1], finetune_steps=stages[2]),
+        schedule=dataclasses.replace(s, stage1_steps=stages[0], ramp_steps=stages[1], finetune_steps=stages[2],
+                                     transfer_steps=transfer),
         optim=dataclasses.replace(o, accumulate_grad_batches=acc),
         run=dataclasses.replace(r, out_dir=str(out_dir), accelerator="gpu" if on_gpu else "cpu", devices=devices,
                                 num_nodes=nodes, precision=precision, checkpoint_every=1, keep_last=max(r.keep_last, 3),

@@ -223,14 +223,14 @@ def _run_checks(ns, r: Rehearsal, root: Path, table: Table) -> Table:
         return table
     if table.check("uninterrupted run (every stage)", r.train, "uninterrupted") is None:
         return table
-    table.check("stage boundaries crossed", stages_crossed, root / "uninterrupted",
-                {"gqa": 1, "dms": 2}.get(r.mini.model.method, 3))  # DMS: ramp and hold, no stage 1
+    table.check("stage boundaries crossed", stages_crossed, root / "uninterrupted",  # adapter gates: no stage 1
+                1 if r.mini.model.method == "gqa" else 3 if r.mini.schedule.stage1_steps else 2)
     table.check("validation (held-out ppl, CR)", validation, root / "uninterrupted")
     killed = table.check("SIGKILL one rank mid stage 2", r.kill_mid_stage2)
     if killed is None:
         return table
     o = r.mini.optim
-    if r.mini.model.method == "dmc":
+    if r.mini.model.method == "dmc" and r.mini.schedule.stage1_steps:
         table.check("stage-1 -> 2 handover", handover_rows, root / "killed", STAGES[0] + 1, o.lr, o.decision_lr,
                     tuple(o.betas))
     if table.check("resume after the kill", r.resume, killed[0]) is None:
