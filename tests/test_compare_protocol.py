@@ -370,3 +370,21 @@ def test_a_curve_trains_each_point_at_its_length_and_pairs_it_with_its_own_contr
         items.unlink()
     message = one_line_exit(compare, "--protocol", str(curve_file), "--out", str(out))
     assert "differs from" in message and "in more than its schedule's length (optim.lr: 0.001 -> 0.5)" in message
+
+
+def test_the_curves_1x_points_are_the_comparisons_runs_and_its_points_come_shortest_first():
+    """curve-135m shares the run cache with compare-135m: its 1x trainings have the comparison's keys (no retraining);
+    longer points have keys of their own; each scale's control comes before the methods paired with it."""
+    from dmc.eval.protocol import COMPARE_135M, CURVE_135M, training_folders, training_key
+
+    for key in ("control", "dmc2x"):
+        ours, theirs = CURVE_135M.training(key), COMPARE_135M.training(key)
+        assert training_key(CURVE_135M, ours) == training_key(COMPARE_135M, theirs)
+        assert training_folders(CURVE_135M, ours) == training_folders(COMPARE_135M, theirs)
+    scales = [t.scale for t in CURVE_135M.trainings]
+    assert scales == sorted(scales) and set(scales) == {1, 2, 4, 8}
+    for t in CURVE_135M.trainings:
+        if t.role != "control":
+            assert CURVE_135M.training(t.control).scale == t.scale
+    keys = {training_key(CURVE_135M, t) for t in CURVE_135M.trainings}
+    assert len(keys) == len(CURVE_135M.trainings)
