@@ -296,17 +296,19 @@ def report(results: dict) -> str:
     s = results["settings"]
     target = MAKE_TARGETS.get(results["protocol"])
     command = f"`{target}` (`{results['command']}`)" if target else f"`{results['command']}`"
-    lines = [f"# {results['protocol']}: the comparison\n",
+    needle = (f"; needle on {len(s['needle_contexts']) * len(s['needle_depths'])} cells"
+              if "needle" in results["tasks"] else "")
+    lines = [f"# {results['protocol']}: the {'tokens curve' if 'curve' in results else 'comparison'}\n",
              f"Command: {command}; rebuilt from the committed items under `items/` with no model present.\n",
              f"Perplexity on {s['ppl_blocks']} blocks of {s['ppl_block']} tokens (code: held-out Python stdlib; "
-             f"prose: English never trained on); needle on {len(s['needle_contexts']) * len(s['needle_depths'])} "
-             "cells. Intervals: percentile bootstrap over blocks or cells. Paired: both methods resampled on the same "
+             f"prose: English never trained on){needle}. Intervals: percentile bootstrap over blocks or cells. Paired: both methods resampled on the same "
              "blocks; a ratio below 1 means the first has lower perplexity; \"better\"/\"worse\" only where the "
              "paired 95% interval excludes 1 (a ratio) or 0 (a needle accuracy difference). The best policy at a CR "
              "is chosen by its point estimate on the same blocks, which favours the policy.\n"]
     if results["missing"]:
         lines.append(f"**Not complete ({len(results['missing'])} units):** " + ", ".join(
-            f"{m['name']} ({m['status']})" for m in results["missing"]) + ". Run `make compare` to compute them.\n")
+            f"{m['name']} ({m['status']})" for m in results["missing"]) + f". Run `{target or results['command']}` to "
+            "compute them.\n")
     lines += curve_lines(results)
     lines += ["## At a glance\n", *glance(results), ""]
     lines += ["## Every paired comparison\n", "| A | B | task | A / B (ppl) or A - B (needle) [paired 95% CI] | "
