@@ -205,7 +205,7 @@ class DMCTrainingModule(L.LightningModule):
             print(f"dms warm start: gates fitted on {len(ids)} blocks to the frozen model's attention at "
                   f"{self.recipe.schedule.target_cr:g}x (loss {sum(losses) / len(losses):.3f} per layer)", flush=True)
         wanted = self.recipe.distill.enabled or self.recipe.schedule.transfer_steps > 0
-        if wanted and self.teacher is None and not self._base_teaches():
+        if wanted and self.teacher is None and not self.recipe.base_teaches:
             from .teacher import load_teacher
 
             self.teacher = load_teacher(self.recipe, self.device)
@@ -214,15 +214,10 @@ class DMCTrainingModule(L.LightningModule):
         """DMS with the paper's channel gate has DMC's stage 1: the channel fades out before it decides."""
         return self.method == "dms" and self.recipe.model.dms.gate == "channel"
 
-    def _base_teaches(self) -> bool:
-        """DMC or DMS with the base frozen: the teacher is the student's own base, the method switched off (exactly
-        the vanilla Llama), so no second copy of the model is loaded."""
-        return self.method in ("dmc", "dms") and self.recipe.model.trainable == "gates"
-
     @contextmanager
     def _frozen(self):
         """The frozen model: the teacher, or the student's own base with the method switched off."""
-        if not self._base_teaches():
+        if not self.recipe.base_teaches:
             yield self.teacher
             return
         switch = self.model.model.switch  # dmc_enabled or dms_enabled

@@ -237,6 +237,12 @@ class Recipe:
         return json.loads(json.dumps(asdict(self)))
 
     @property
+    def base_teaches(self) -> bool:
+        """DMC or DMS with the base frozen (``model.trainable: gates``): the teacher is the student's own base with
+        the method switched off (exactly the vanilla Llama), so no teacher model is loaded."""
+        return self.model.method in ("dmc", "dms") and self.model.trainable == "gates"
+
+    @property
     def total_steps(self) -> int:
         s = self.schedule
         return s.stage1_steps + s.ramp_steps + s.finetune_steps
@@ -308,7 +314,7 @@ class Recipe:
                     (self.schedule.warm_start_blocks == 0, "schedule.warm_start_blocks fits DMS gates; remove it for "
                      f"model.method: {m.method}")]
         if m.dms.gate == "channel":
-            stage1 = [  # whether it needs a stage 1 depends on the source (train/run.py _check_dms_source)
+            stage1 = [  # whether it needs a stage 1 depends on the source (train/run.py _check_source)
                 (m.trainable == "all", "model.dms.gate=channel has no weights of its own (its rows are q_proj's) and "
                  "the model must adapt to losing the channel: set model.trainable: all"),
                 (self.schedule.warm_start_blocks == 0, "schedule.warm_start_blocks fits the adapter gates; remove it "

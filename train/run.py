@@ -115,10 +115,8 @@ def run(recipe: Recipe, resume: str = "auto", stop_at: int | None = None, trust_
     torch.set_flush_denormal(True)
     out = Path(r.out_dir)
     ckpt = None if resume == "none" else (AtomicCheckpoint.latest(r.out_dir) if resume == "auto" else resume)
-    if recipe.model.method == "dms" and ckpt is None:  # before the run folder exists: a refusal leaves nothing
-        _check_dms_source(recipe)
-    if recipe.model.method == "dmc" and ckpt is None:
-        _check_dmc_source(recipe)
+    if recipe.model.method in ("dmc", "dms") and ckpt is None:  # before the run folder exists: a refusal leaves nothing
+        _check_source(recipe)
     out.mkdir(parents=True, exist_ok=True)
     if ckpt is not None and not Path(ckpt).exists():
         raise RecipeError(f"--resume {ckpt!r} does not exist")
@@ -204,38 +202,31 @@ def _check_fresh_start(recipe: Recipe) -> None:
                           "model: point it at the source Llama the DMC run started from")
 
 
-def _check_dms_source(recipe: Recipe) -> None:
-    """The channel gate's stage 1 depends on the source: a Llama's channel still serves attention (fade it out
-    first), a DMS folder's channel already decides (a stage 1 would zero the trained rows). A DMS folder continues
-    with its own gate."""
+def _check_source(recipe: Recipe) -> None:
+    """A dmc_llama or dms_llama folder continues with its own gate (it loads with its own config: a recipe asking for
+    the other gate would silently train the folder's). DMS's channel gate: its stage 1 depends on the source."""
     from dmc.hub import model_config
 
-    m, stage1 = recipe.model, recipe.schedule.stage1_steps
+    m, method = recipe.model, recipe.model.method
     source = model_config(m.path, "model.path")
-    if source.model_type == "dms_llama" and source.dms_gate != m.dms.gate:
-        raise RecipeError(f"model.path={m.path!r} is a DMS model with the {source.dms_gate} gate; continue it with "
-                          f"model.dms.gate: {source.dms_gate}")
-    if m.dms.gate != "channel":
-        return
-    if source.model_type == "dms_llama" and stage1:
+    gate = getattr(source, f"{method}_gate", "channel")
+    if source.model_type == f"{method}_llama" and gate != getattr(m, method).gate:
+        raise RecipeError(f"model.path={m.path!r} is a {method.upper()} model with the {gate} gate; continue it with "
+                          f"model.{method}.gate: {gate}")
+    if method == "dms" and m.dms.gate == "channel":
+        _check_channel_stage1(recipe, continued=source.model_type == "dms_llama")
+
+
+def _check_channel_stage1(recipe: Recipe, continued: bool) -> None:
+    """A Llama's channel still serves attention (fade it out first); a DMS folder's channel already decides (a stage 1
+    would zero the trained rows)."""
+    m, stage1 = recipe.model, recipe.schedule.stage1_steps
+    if continued and stage1:
         raise RecipeError(f"model.path={m.path!r} already decides from its channel; set schedule.stage1_steps: 0 to "
                           "continue it (a stage 1 would zero the trained decision rows)")
-    if source.model_type != "dms_llama" and not stage1:
+    if not continued and not stage1:
         raise RecipeError("model.dms.gate=channel repurposes a query channel that attention reads until stage 1 fades "
                           "it out: set schedule.stage1_steps > 0 (e.g. 100)")
-
-
-def _check_dmc_source(recipe: Recipe) -> None:
-    """A dmc_llama folder continues with its own gate (it loads with its own config: a recipe asking for the other
-    gate would silently train the folder's)."""
-    from dmc.hub import model_config
-
-    m = recipe.model
-    source = model_config(m.path, "model.path")
-    gate = getattr(source, "dmc_gate", "channel")
-    if source.model_type == "dmc_llama" and gate != m.dmc.gate:
-        raise RecipeError(f"model.path={m.path!r} is a DMC model with the {gate} gate; continue it with "
-                          f"model.dmc.gate: {gate}")
 
 
 def _check_gqa(recipe: Recipe) -> None:

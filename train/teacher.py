@@ -28,7 +28,7 @@ def check_teacher(recipe: Recipe) -> None:
 
     from dmc.hub import model_config
 
-    if recipe.model.method in ("dmc", "dms") and recipe.model.trainable == "gates":
+    if recipe.base_teaches:
         return  # the frozen base teaches itself (the method switched off): no teacher is loaded
     source = teacher_source(recipe)
     what = "distill.teacher" if recipe.distill.teacher else "distill.teacher (default: model.path)"

@@ -69,7 +69,8 @@ def layer_losses(student, records: dict[int, LayerIO], stats: dict) -> torch.Ten
 
 @torch.no_grad()
 def frozen_records(frozen, ids: torch.Tensor) -> dict[int, LayerIO]:
-    """Every attention layer's input and output in the frozen model's forward of ``ids``."""
+    """Every attention layer's input and output in the frozen model's forward of ``ids`` (the decoder alone: the
+    records need no logits, and the LM head is a fifth of a 135M model's forward)."""
     with recording(frozen.model.layers) as records:
-        frozen(input_ids=ids, use_cache=False)
+        frozen.model(input_ids=ids, use_cache=False)
     return records
