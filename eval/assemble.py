@@ -301,8 +301,8 @@ def report(results: dict) -> str:
     lines = [f"# {results['protocol']}: the {'tokens curve' if 'curve' in results else 'comparison'}\n",
              f"Command: {command}; rebuilt from the committed items under `items/` with no model present.\n",
              f"Perplexity on {s['ppl_blocks']} blocks of {s['ppl_block']} tokens (code: held-out Python stdlib; "
-             f"prose: English never trained on){needle}. Intervals: percentile bootstrap over blocks or cells. Paired: both methods resampled on the same "
-             "blocks; a ratio below 1 means the first has lower perplexity; \"better\"/\"worse\" only where the "
+             f"prose: English never trained on){needle}. Intervals: percentile bootstrap over blocks or cells. "
+             "Paired: both methods resampled on the same blocks; a ratio below 1 means the first has lower perplexity; \"better\"/\"worse\" only where the "
              "paired 95% interval excludes 1 (a ratio) or 0 (a needle accuracy difference). The best policy at a CR "
              "is chosen by its point estimate on the same blocks, which favours the policy.\n"]
     if results["missing"]:

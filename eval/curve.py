@@ -25,17 +25,26 @@ def _recipe(recipe: str, base: str, *extra: str):
         raise TaskError(f"recipe {recipe!r}: {err}") from None
 
 
-def scaled_lengths(recipe: str, base: str, scale: int) -> list[str]:
-    """``dmc train`` options that multiply every stage of ``recipe``'s schedule by ``scale``."""
+def _scaled(recipe: str, base: str, scale: int):
+    """``recipe`` (from ``base``) with every stage of its schedule times ``scale``."""
+    import dataclasses
+
     if not isinstance(scale, int) or scale < 1:
         raise TaskError(f"a curve's scale must be a whole number >= 1, not {scale!r}")
-    schedule = _recipe(recipe, base).schedule
-    return [arg for name in LENGTHS for arg in (f"--schedule.{name}", str(getattr(schedule, name) * scale))]
+    r = _recipe(recipe, base)
+    return dataclasses.replace(r, schedule=dataclasses.replace(
+        r.schedule, **{name: getattr(r.schedule, name) * scale for name in LENGTHS}))
+
+
+def scaled_lengths(recipe: str, base: str, scale: int) -> list[str]:
+    """``dmc train`` options that multiply every stage of ``recipe``'s schedule by ``scale``."""
+    schedule = _scaled(recipe, base, scale).schedule
+    return [arg for name in LENGTHS for arg in (f"--schedule.{name}", str(getattr(schedule, name)))]
 
 
 def training_tokens(recipe: str, base: str, scale: int) -> int:
     """Tokens a run of ``recipe`` at ``scale`` trains on: steps x sequences per step x block length (one process)."""
-    r = _recipe(recipe, base, *scaled_lengths(recipe, base, scale))
+    r = _scaled(recipe, base, scale)
     return r.total_steps * r.data.batch_size * r.optim.accumulate_grad_batches * r.data.block_len
 
 
@@ -49,7 +58,7 @@ def check_length_only(run_dir: Path, recipe: str, base: str, scale: int) -> None
     recorded = Path(run_dir) / "config.yaml"
     if not recorded.is_file():
         return
-    want = _recipe(recipe, base, *scaled_lengths(recipe, base, scale)).to_dict()
+    want = _scaled(recipe, base, scale).to_dict()
     changes = recipe_changes(want, yaml.safe_load(recorded.read_text()) or {})
     if changes:
         raise TaskError(f"{run_dir} holds a run that differs from {recipe} at {scale}x in more than its schedule's "

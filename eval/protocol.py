@@ -187,12 +187,11 @@ def training_key(protocol: Protocol, training: Training) -> str:
     start from. Items recorded under another key came from another recipe: the unit is trained afresh."""
     lines = [ln.rstrip() for ln in recipe_text(training.recipe).splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
     lines = _flat_dmc_section(lines)
-    name = Path(training.recipe).name.removesuffix(".yaml")
-    if training.scale != 1:  # a longer schedule is another run (1x keeps the key its items were recorded under)
-        digest = hashlib.sha256(json.dumps([lines, protocol.base, training.scale]).encode()).hexdigest()[:12]
-        return f"{name}-x{training.scale}@{digest}"
-    digest = hashlib.sha256(json.dumps([lines, protocol.base]).encode()).hexdigest()[:12]
-    return f"{name}@{digest}"
+    # a longer schedule is another run; 1x keeps the key its items were recorded under before curves existed
+    scaled = [training.scale] if training.scale != 1 else []
+    digest = hashlib.sha256(json.dumps([lines, protocol.base, *scaled]).encode()).hexdigest()[:12]
+    suffix = f"-x{training.scale}" if scaled else ""
+    return f"{Path(training.recipe).name.removesuffix('.yaml')}{suffix}@{digest}"
 
 
 def unit_key(protocol: Protocol, unit: Unit) -> str:
