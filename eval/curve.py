@@ -9,61 +9,40 @@ else is refused (it would put another recipe's model on the curve).
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+from functools import cache
 from pathlib import Path
 
 from .tasks import TaskError
 
-LENGTHS = ("stage1_steps", "ramp_steps", "finetune_steps", "transfer_steps")  # the schedule fields a scale multiplies
+
+def plan(recipe: str, base: str, scale: int, run_dir: str | None = None) -> dict:
+    """``dmc train --plan`` of ``recipe`` from ``base`` at ``scale`` (every stage of its schedule times it): the
+    resolved recipe, its steps and tokens. Asked of the ``dmc`` command (eval never imports train); with ``run_dir``,
+    a folder holding a run that differs in more than the length is refused in one line."""
+    command = [sys.executable, "-m", "dmc.cli", "train", "--config", recipe, "--model.path", base,
+               "--scale", str(scale), "--plan"] + (["--run.out_dir", run_dir] if run_dir else [])
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        why = (done.stderr.strip().splitlines() or [f"exit {done.returncode}"])[-1].removeprefix("dmc train: error: ")
+        where = f" in {run_dir}" if run_dir else ""
+        raise TaskError(f"the curve's point {recipe} at {scale}x{where}: {why}"
+                        + ("; a curve's points differ in length only: move the folder away to train this point afresh"
+                           if "holds a run of another recipe" in why else ""))
+    return json.loads(done.stdout)
 
 
-def _recipe(recipe: str, base: str, *extra: str):
-    from dmc.train.run import RecipeError, parse
-
-    try:
-        return parse(["--config", recipe, "--model.path", base, *extra])[0]
-    except RecipeError as err:
-        raise TaskError(f"recipe {recipe!r}: {err}") from None
-
-
-def _scaled(recipe: str, base: str, scale: int):
-    """``recipe`` (from ``base``) with every stage of its schedule times ``scale``."""
-    import dataclasses
-
-    if not isinstance(scale, int) or scale < 1:
-        raise TaskError(f"a curve's scale must be a whole number >= 1, not {scale!r}")
-    r = _recipe(recipe, base)
-    return dataclasses.replace(r, schedule=dataclasses.replace(
-        r.schedule, **{name: getattr(r.schedule, name) * scale for name in LENGTHS}))
-
-
-def scaled_lengths(recipe: str, base: str, scale: int) -> list[str]:
-    """``dmc train`` options that multiply every stage of ``recipe``'s schedule by ``scale``."""
-    schedule = _scaled(recipe, base, scale).schedule
-    return [arg for name in LENGTHS for arg in (f"--schedule.{name}", str(getattr(schedule, name)))]
-
-
+@cache  # a recipe's tokens do not change while a protocol runs; each plan is a process of its own (seconds)
 def training_tokens(recipe: str, base: str, scale: int) -> int:
-    """Tokens a run of ``recipe`` at ``scale`` trains on: steps x sequences per step x block length (one process)."""
-    r = _scaled(recipe, base, scale)
-    return r.total_steps * r.data.batch_size * r.optim.accumulate_grad_batches * r.data.block_len
+    """Tokens a run of ``recipe`` at ``scale`` trains on (one process)."""
+    return plan(recipe, base, scale)["tokens"]
 
 
 def check_length_only(run_dir: Path, recipe: str, base: str, scale: int) -> None:
-    """Refuse, in one line, a run folder whose recorded recipe is not ``recipe`` at ``scale``: it differs from the
-    base recipe in more than the schedule's length."""
-    import yaml
-
-    from dmc.train.run import recipe_changes
-
-    recorded = Path(run_dir) / "config.yaml"
-    if not recorded.is_file():
-        return
-    want = _scaled(recipe, base, scale).to_dict()
-    changes = recipe_changes(want, yaml.safe_load(recorded.read_text()) or {})
-    if changes:
-        raise TaskError(f"{run_dir} holds a run that differs from {recipe} at {scale}x in more than its schedule's "
-                        f"length ({'; '.join(changes[:2])}): a curve's points differ in length only; move the folder "
-                        "away to train this point afresh")
+    """Refuse, in one line, a run folder whose recorded recipe is not ``recipe`` at ``scale``."""
+    plan(recipe, base, scale, str(run_dir))
 
 
 def curve_rows(protocol, results: dict) -> list[dict]:

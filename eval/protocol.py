@@ -284,14 +284,14 @@ def ensure_trained(protocol: Protocol, training: Training, opts, log=print) -> P
     if (export / "config.json").is_file():
         return export
     threads = ["--run.threads", str(opts.threads)] if opts.threads else []
-    lengths = []
+    scale = []
     if training.scale != 1:
-        from .curve import check_length_only, scaled_lengths
+        from .curve import check_length_only
 
-        lengths = scaled_lengths(training.recipe, protocol.base, training.scale)
         check_length_only(run_dir, training.recipe, protocol.base, training.scale)
+        scale = ["--scale", str(training.scale)]
     train = [sys.executable, "-m", "dmc.cli", "train", "--config", training.recipe, "--model.path", protocol.base,
-             "--run.out_dir", str(run_dir), *threads, *lengths]
+             "--run.out_dir", str(run_dir), *threads, *scale]
     log(f"training {training.key} ({training.recipe}) in {run_dir}")
     began = time.perf_counter()
     _call(train, f"training {training.key}")

@@ -369,7 +369,7 @@ def test_a_curve_trains_each_point_at_its_length_and_pairs_it_with_its_own_contr
     for items in (out / "items").glob("tiny-dmc-hf-x2.*"):  # the point is to be computed again
         items.unlink()
     message = one_line_exit(compare, "--protocol", str(curve_file), "--out", str(out))
-    assert "differs from" in message and "in more than its schedule's length (optim.lr: 0.001 -> 0.5)" in message
+    assert "holds a run of another recipe (optim.lr: 0.5 -> 0.001)" in message and "differ in length only" in message
 
 
 def test_the_curves_1x_points_are_the_comparisons_runs_and_its_points_come_shortest_first():

@@ -80,3 +80,30 @@ def test_a_run_recorded_with_flat_dmc_fields_resumes_under_the_nested_section():
     assert recipe_changes({**old, "model": {**old["model"], "window": 4}}, new) == ["model.dmc.window: 4 -> 12"]
     changed = {**new, "model": {**new["model"], "dmc": {**new["model"]["dmc"], "decode_backend": "sdpa"}}}
     assert recipe_changes(new, changed) == []
+
+
+def test_plan_prints_the_recipe_scaled_in_every_stage_and_its_tokens(capsys, tmp_path):
+    """`dmc train --scale K --plan`: every stage of the schedule times K (a tokens curve's point), nothing trained."""
+    import json
+
+    from dmc.train.run import main as train_main
+
+    base = ["--config", "tiny", "--schedule.transfer_steps", "2", "--run.out_dir", str(tmp_path / "run")]
+    train_main([*base, "--plan"])
+    one = json.loads(capsys.readouterr().out)
+    train_main([*base, "--scale", "3", "--plan"])
+    three = json.loads(capsys.readouterr().out)
+    lengths = ("stage1_steps", "ramp_steps", "finetune_steps", "transfer_steps")
+    assert [three["recipe"]["schedule"][k] for k in lengths] == [3 * one["recipe"]["schedule"][k] for k in lengths]
+    assert three["steps"] == 3 * one["steps"] and three["tokens"] == 3 * one["tokens"]
+    data = one["recipe"]["data"]
+    assert one["tokens"] == one["steps"] * data["batch_size"] * data["block_len"] * \
+        one["recipe"]["optim"]["accumulate_grad_batches"]
+    del one["recipe"]["schedule"], three["recipe"]["schedule"]
+    assert one["recipe"] == three["recipe"]  # the length is all a scale changes
+    assert not (tmp_path / "run").exists()
+    assert "--scale 0: use a whole number >= 1" in one_line_exit(train_main, *base, "--scale", "0", "--plan")
+    # a run folder holding another recipe is refused by the plan, as resuming it would be
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.yaml").write_text(json.dumps({**one["recipe"], "optim": {"lr": 0.5}}))
+    assert "holds a run of another recipe (optim.lr: 0.5 -> " in one_line_exit(train_main, *base, "--plan")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Literal
 
 from dmc.config import DMCConfig
@@ -102,6 +102,10 @@ class DataSection:
     piece_chars: int = 4096
     shuffle_buffer: int = 1000
     num_workers: int | None = None
+
+
+# The schedule's lengths, in steps: what a tokens curve's scale multiplies (Recipe.scaled)
+SCHEDULE_LENGTHS = ("stage1_steps", "ramp_steps", "finetune_steps", "transfer_steps")
 
 
 @dataclass
@@ -246,6 +250,19 @@ class Recipe:
     def total_steps(self) -> int:
         s = self.schedule
         return s.stage1_steps + s.ramp_steps + s.finetune_steps
+
+    @property
+    def tokens(self) -> int:
+        """Tokens one training process reads over the whole schedule (steps x sequences per step x block length)."""
+        return self.total_steps * self.data.batch_size * self.optim.accumulate_grad_batches * self.data.block_len
+
+    def scaled(self, scale: int) -> Recipe:
+        """This recipe with every stage of its schedule (stage 1, the ramp, the hold, the attention transfer) times
+        ``scale``: a point of a tokens curve (eval/curve.py), differing from this recipe in its length only."""
+        if isinstance(scale, bool) or not isinstance(scale, int) or scale < 1:
+            raise ValueError(f"--scale {scale!r}: use a whole number >= 1 (every stage of the schedule times it)")
+        s = self.schedule
+        return replace(self, schedule=replace(s, **{name: getattr(s, name) * scale for name in SCHEDULE_LENGTHS}))
 
     def validate(self) -> None:
         m, s, d, o, r, k = self.model, self.schedule, self.data, self.optim, self.run, self.distill

@@ -74,12 +74,17 @@ def parser():
     ap.add_argument("--stop_at", type=int, default=None, help="stop after this many steps (schedule unchanged)")
     ap.add_argument("--trust-checkpoint", action=ActionYesNo, default=False, help="resume from a checkpoint holding "
                     "pickled objects beyond tensors and plain containers (they can run code: trusted sources only)")
+    ap.add_argument("--scale", type=int, default=1, help="every stage of the schedule (stage 1, ramp, hold, "
+                    "transfer) times this: a point of a tokens curve")
+    ap.add_argument("--plan", action=ActionYesNo, default=False, help="print the resolved recipe, its steps and tokens "
+                    "as JSON and exit without training; refuses a run.out_dir holding a run of another recipe")
     for f in dataclasses.fields(Recipe):
         ap.add_class_arguments(f.default_factory, nested_key=f.name)
     return ap
 
 
-def parse(argv: list[str]) -> tuple[Recipe, str, int | None, bool]:
+def parse_options(argv: list[str]) -> tuple[Recipe, dict]:
+    """The resolved recipe (scaled by --scale) and the run options (resume, stop_at, trust_checkpoint, plan)."""
     argv = _resolve_configs(argv)
     try:
         cfg = parser().parse_args(argv)
@@ -88,10 +93,23 @@ def parse(argv: list[str]) -> tuple[Recipe, str, int | None, bool]:
     d = cfg.as_dict()
     try:
         recipe = Recipe(**{f.name: f.default_factory(**d[f.name]) for f in dataclasses.fields(Recipe)})
+        recipe = recipe.scaled(d["scale"]) if d["scale"] != 1 else recipe
         recipe.validate()
     except ValueError as err:
         raise RecipeError(str(err)) from err
-    return recipe, d["resume"], d["stop_at"], bool(d["trust_checkpoint"])
+    return recipe, {k: d[k] for k in ("resume", "stop_at", "trust_checkpoint", "plan")}
+
+
+def parse(argv: list[str]) -> tuple[Recipe, str, int | None, bool]:
+    recipe, o = parse_options(argv)
+    return recipe, o["resume"], o["stop_at"], bool(o["trust_checkpoint"])
+
+
+def plan(recipe: Recipe) -> dict:
+    """What ``dmc train`` would run: the resolved recipe, its steps and the tokens one process reads. A run.out_dir
+    already holding a run of another recipe is refused (resuming it would be; a folder is never half-replaced)."""
+    _check_same_recipe(recipe, Path(recipe.run.out_dir))
+    return {"recipe": recipe.to_dict(), "steps": recipe.total_steps, "tokens": recipe.tokens}
 
 
 def run(recipe: Recipe, resume: str = "auto", stop_at: int | None = None, trust_checkpoint: bool = False) -> dict:
@@ -312,8 +330,11 @@ def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
-        recipe, resume, stop_at, trust = parse(argv)
-        summary = run(recipe, resume, stop_at, trust)
+        recipe, o = parse_options(argv)
+        if o["plan"]:
+            print(json.dumps(plan(recipe), indent=2))
+            return
+        summary = run(recipe, o["resume"], o["stop_at"], bool(o["trust_checkpoint"]))
     except (RecipeError, ValueError, FileNotFoundError) as err:  # data.DataError is a ValueError too
         sys.exit(f"dmc train: error: {err}")
     if int(os.environ.get("RANK", "0")) == 0:
