@@ -100,13 +100,15 @@ def _curve_trainings(control: tuple[str, str, str], methods: list[tuple[str, str
     return tuple(out)
 
 
-# DMC's cost against its control as the training tokens grow: the demo recipe and its LM-only control at 1, 2, 4 and 8
-# times the demo's tokens, on the comparison's code and prose blocks. Its 1x runs are the comparison's (one cache).
+# DMC's cost against its control as the training tokens grow: the demo recipe (the adapter gate), the channel-gate
+# recipe it replaced and their LM-only control at 1, 2, 4 and 8 times the demo's tokens (87k), on the comparison's
+# code and prose blocks. The control's and the demo's 1x runs are the comparison's (one run cache).
 CURVE_135M = Protocol(
     name="curve-135m",
     base="checkpoints/smollm2-135m",
     trainings=_curve_trainings(("control", "smollm2-135m-control-cpu", "smollm2-135m-control-hf"),
-                               [("dmc2x", "smollm2-135m-cpu", "smollm2-135m-dmc2x-hf", "dmc")]),
+                               [("dmc2x", "smollm2-135m-cpu", "smollm2-135m-dmc2x-hf", "dmc"),
+                                ("dmc2x-channel", "smollm2-135m-channel-cpu", "smollm2-135m-dmc2x-channel-hf", "dmc")]),
     policy_bases=(),
     eval_args=("--tasks", "ppl", "ppl_prose", "--ppl-blocks", "32", "--ppl-block", "512", "--batch-size", "8",
                "--device", "cpu", "--dtype", "float32"),
