@@ -28,14 +28,17 @@ def main(argv: list[str] | None = None) -> None:
     from dmc.train.validation import perplexity_and_cr
 
     from .data_module import BlocksDataModule
-    from .run import parse, run
+    from .run import RecipeError, parse, run
 
     argv = sys.argv[1:] if argv is None else argv
-    recipe, resume, stop_at, trust = parse(["--config", CONFIG, *argv])
-    if recipe.model.path == DEFAULT_MODEL and not (Path(DEFAULT_MODEL) / "config.json").exists():
-        _fetch_smollm2()  # an installed package run from an empty folder: `make model`'s step, once
-    t0 = time.time()
-    summary = run(recipe, resume, stop_at, trust)
+    try:
+        recipe, resume, stop_at, trust = parse(["--config", CONFIG, *argv])
+        if recipe.model.path == DEFAULT_MODEL and not (Path(DEFAULT_MODEL) / "config.json").exists():
+            _fetch_smollm2()  # an installed package run from an empty folder: `make model`'s step, once
+        t0 = time.time()
+        summary = run(recipe, resume, stop_at, trust)
+    except (RecipeError, ValueError, FileNotFoundError) as err:  # as `dmc train` reports them: one line
+        sys.exit(f"dmc demo: error: {err}")
     minutes = (time.time() - t0) / 60
     if "validation" not in summary:
         sys.exit("dmc demo: training did not finish; run `make demo` again to resume")
