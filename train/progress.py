@@ -11,10 +11,11 @@ import lightning as L
 
 class StepProgress(L.Callback):
     """One bar on rank 0: optimiser steps done of ``last_step``, starting at the resumed step, with the schedule
-    stage, the loss and the realised CR of the last step."""
+    stage, the loss and the realised CR of the last step (and the attention-transfer MSE while transfer runs)."""
 
-    def __init__(self, last_step: int, stage1_steps: int, ramp_steps: int):
+    def __init__(self, last_step: int, stage1_steps: int, ramp_steps: int, transfer_steps: int = 0):
         self.last_step, self.stage1, self.ramp = last_step, stage1_steps, ramp_steps
+        self.transfer_end = stage1_steps + transfer_steps  # the last transfer step's global_step after its update
         self.bar = None
 
     def stage(self, step: int) -> int:
@@ -33,7 +34,8 @@ class StepProgress(L.Callback):
         step = trainer.global_step
         shown = {"stage": self.stage(step)}
         for name in ("loss", "mse", "cr"):
-            if name in trainer.callback_metrics:
+            # the transfer MSE is logged during attention transfer only: afterwards its last value would linger
+            if name in trainer.callback_metrics and (name != "mse" or step <= self.transfer_end):
                 shown[name] = f"{float(trainer.callback_metrics[name]):.3g}"
         self.bar.set_postfix(shown, refresh=False)
         self.bar.update(step - self.bar.n)

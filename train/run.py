@@ -158,7 +158,8 @@ def run(recipe: Recipe, resume: str = "auto", stop_at: int | None = None, trust_
     if recipe.data.validation_blocks:
         callbacks.insert(0, Validation(r.out_dir, r.validate_every, last_step, recipe.data.batch_size))
     if r.progress_bar:
-        callbacks.append(StepProgress(last_step, recipe.schedule.stage1_steps, recipe.schedule.ramp_steps))
+        callbacks.append(StepProgress(last_step, recipe.schedule.stage1_steps, recipe.schedule.ramp_steps,
+                                       recipe.schedule.transfer_steps))
     deepspeed = r.strategy.startswith("deepspeed")
     trainer = L.Trainer(
         max_steps=last_step, max_epochs=-1,
