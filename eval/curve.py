@@ -25,13 +25,18 @@ def plan(recipe: str, base: str, scale: int, run_dir: str | None = None) -> dict
     command = [sys.executable, "-m", "dmc.cli", "train", "--config", recipe, "--model.path", base,
                "--scale", str(scale), "--plan"] + (["--run.out_dir", run_dir] if run_dir else [])
     done = subprocess.run(command, capture_output=True, text=True)
+    where = f" in {run_dir}" if run_dir else ""
     if done.returncode != 0:
         why = (done.stderr.strip().splitlines() or [f"exit {done.returncode}"])[-1].removeprefix("dmc train: error: ")
-        where = f" in {run_dir}" if run_dir else ""
-        raise TaskError(f"the curve's point {recipe} at {scale}x{where}: {why}"
-                        + ("; a curve's points differ in length only: move the folder away to train this point afresh"
-                           if "holds a run of another recipe" in why else ""))
-    return json.loads(done.stdout)
+        if "holds a run of another recipe" in why:  # dmc train's own advice (--resume none) is not this command's
+            why = "it holds a run of another recipe" + why.split("holds a run of another recipe", 1)[1].split("; use")[0]
+            why += "; a curve's points differ in length only: move the folder away to train this point afresh"
+        raise TaskError(f"the curve's point {recipe} at {scale}x{where}: {why}")
+    try:
+        return json.loads(done.stdout)
+    except json.JSONDecodeError:
+        raise TaskError(f"the curve's point {recipe} at {scale}x: dmc train --plan printed no plan "
+                        f"({done.stdout.strip()[:200]!r})") from None
 
 
 @cache  # a recipe's tokens do not change while a protocol runs; each plan is a process of its own (seconds)

@@ -107,3 +107,27 @@ def test_plan_prints_the_recipe_scaled_in_every_stage_and_its_tokens(capsys, tmp
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "config.yaml").write_text(json.dumps({**one["recipe"], "optim": {"lr": 0.5}}))
     assert "holds a run of another recipe (optim.lr: 0.5 -> " in one_line_exit(train_main, *base, "--plan")
+
+
+def test_plan_checks_only_a_run_folder_it_is_given(capsys, tmp_path, monkeypatch):
+    """A plan without --run.out_dir (a curve asking a point's tokens) does not check the recipe's default folder,
+    which may hold the user's own run of another length (make demo's, for a curve point of the demo recipe)."""
+    import json
+
+    from dmc.train.run import main as train_main
+
+    monkeypatch.chdir(tmp_path)
+    default = tmp_path / "checkpoints" / "tiny-run"  # configs/tiny.yaml's run.out_dir
+    default.mkdir(parents=True)
+    (default / "config.yaml").write_text(json.dumps({"optim": {"lr": 0.5}}))
+    train_main(["--config", "tiny", "--scale", "2", "--plan"])
+    assert json.loads(capsys.readouterr().out)["steps"] > 0
+    assert "holds a run of another recipe" in one_line_exit(train_main, "--config", "tiny", "--plan",
+                                                            "--run.out_dir", str(default))
+
+
+def test_only_dmc_train_prints_a_plan():
+    """`dmc demo --plan` must not train for 14 minutes: the option belongs to `dmc train`."""
+    from dmc.cli import main as dmc_main
+
+    assert "--plan" in one_line_exit(dmc_main, "demo", "--plan")

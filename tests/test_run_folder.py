@@ -112,3 +112,18 @@ def test_a_launcher_that_disagrees_with_the_recipe_names_the_override(tiny, tmp_
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
     msg = _one_line(capsys, "--config", "configs/tiny.yaml", "--model.path", tiny, "--run.out_dir", str(tmp_path / "r"))
     assert "torchrun started 2 process(es) per node but run.devices=1" in msg and "--run.devices 2" in msg
+
+
+def test_starting_a_folder_over_keeps_the_old_checkpoints_aside_and_the_new_ones_alive(tiny, tmp_path):
+    """`--resume none` into a folder with a longer run's checkpoints: pruned by step number, the old ones would
+    outlive every new one (each new checkpoint deleted as soon as written). They are moved aside, not lost."""
+    from dmc.train.callbacks import AtomicCheckpoint
+
+    run = tmp_path / "run"
+    every = ["--run.checkpoint_every", "2", "--run.keep_last", "1"]
+    tiny_train(tiny, run, *every, "--stop_at", "4")
+    assert AtomicCheckpoint.latest(str(run)).endswith("step-0000004.ckpt")
+    tiny_train(tiny, run, *every, "--stop_at", "2", "--resume", "none")
+    latest = AtomicCheckpoint.latest(str(run))
+    assert latest is not None and latest.endswith("step-0000002.ckpt")
+    assert [p.name for p in (run / "ckpt.replaced-1").glob("step-*.ckpt")] == ["step-0000004.ckpt"]

@@ -77,7 +77,7 @@ def parser():
     ap.add_argument("--scale", type=int, default=1, help="every stage of the schedule (stage 1, ramp, hold, "
                     "transfer) times this: a point of a tokens curve")
     ap.add_argument("--plan", action=ActionYesNo, default=False, help="print the resolved recipe, its steps and tokens "
-                    "as JSON and exit without training; refuses a run.out_dir holding a run of another recipe")
+                    "as JSON and exit without training; with --run.out_dir, refuse a folder holding another recipe's run")
     for f in dataclasses.fields(Recipe):
         ap.add_class_arguments(f.default_factory, nested_key=f.name)
     return ap
@@ -101,14 +101,21 @@ def parse_options(argv: list[str]) -> tuple[Recipe, dict]:
 
 
 def parse(argv: list[str]) -> tuple[Recipe, str, int | None, bool]:
+    """The recipe and run options of a command that trains (``dmc demo``, ``dmc rehearse``): ``--plan`` is
+    ``dmc train``'s alone, refused here rather than ignored (the command would train)."""
     recipe, o = parse_options(argv)
+    if o["plan"]:
+        raise RecipeError("--plan prints a recipe without training and is dmc train's option: run dmc train --config "
+                          "... --plan")
     return recipe, o["resume"], o["stop_at"], bool(o["trust_checkpoint"])
 
 
-def plan(recipe: Recipe) -> dict:
-    """What ``dmc train`` would run: the resolved recipe, its steps and the tokens one process reads. A run.out_dir
-    already holding a run of another recipe is refused (resuming it would be; a folder is never half-replaced)."""
-    _check_same_recipe(recipe, Path(recipe.run.out_dir))
+def plan(recipe: Recipe, check_folder: bool = False) -> dict:
+    """What ``dmc train`` would run: the resolved recipe, its steps and the tokens one process reads. With
+    ``check_folder`` (``--run.out_dir`` named), a folder already holding a run of another recipe is refused, even
+    without a checkpoint in it (stricter than a fresh run, which starts such a folder over)."""
+    if check_folder:
+        _check_same_recipe(recipe, Path(recipe.run.out_dir))
     return {"recipe": recipe.to_dict(), "steps": recipe.total_steps, "tokens": recipe.tokens}
 
 
@@ -197,9 +204,15 @@ def launch_rank() -> int:
 
 def _prepare_run_folder(recipe: Recipe, out: Path, resume_step: int) -> None:
     """The resolved recipe in RUN/config.yaml; what a killed run wrote after its last checkpoint goes (the steps
-    that redo it write it again), and so does a checkpoint it was writing."""
+    that redo it write it again), and so does a checkpoint it was writing. A fresh start in a folder with an earlier
+    run's checkpoints moves them aside to ``ckpt.replaced-N`` (kept, not deleted): left in ``ckpt/`` they would
+    outrank and prune every new checkpoint of a shorter run."""
     from .callbacks import atomic_write_text, truncate_jsonl
 
+    if resume_step == 0 and any((out / "ckpt").glob("step-*.ckpt")):
+        aside = next(out / f"ckpt.replaced-{n}" for n in range(1, 10_000) if not (out / f"ckpt.replaced-{n}").exists())
+        (out / "ckpt").rename(aside)
+        print(f"dmc train: starting {out} over; the earlier run's checkpoints moved to {aside}", flush=True)
     resolved = recipe.to_dict()
     header = f"# The resolved recipe of this run. Run again: dmc train --config {out}/config.yaml\n"
     atomic_write_text(out / "config.yaml", header + yaml.safe_dump(resolved, sort_keys=False))
@@ -300,7 +313,7 @@ def _check_same_recipe(recipe: Recipe, out: Path) -> None:
     if changes:
         more = f" (and {len(changes) - 2} more)" if len(changes) > 2 else ""
         raise RecipeError(f"{out} holds a run of another recipe ({'; '.join(changes[:2])}{more}); use a new "
-                          "--run.out_dir, or --resume none to start this folder over")
+                          "--run.out_dir, or --resume none to start this folder over (its checkpoints are kept aside)")
 
 
 def _check_resume_compatible(recipe: Recipe, ckpt: str, trust: bool = False) -> None:
@@ -332,8 +345,9 @@ def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         recipe, o = parse_options(argv)
-        if o["plan"]:
-            print(json.dumps(plan(recipe), indent=2))
+        if o["plan"]:  # the folder is checked only where named: a recipe's default folder may hold another length
+            named = any(a == "--run.out_dir" or a.startswith("--run.out_dir=") for a in argv)
+            print(json.dumps(plan(recipe, check_folder=named), indent=2))
             return
         summary = run(recipe, o["resume"], o["stop_at"], bool(o["trust_checkpoint"]))
     except (RecipeError, ValueError, FileNotFoundError) as err:  # data.DataError is a ValueError too
