@@ -5,7 +5,8 @@
 #                the vanilla model and the control (trains what is missing into the run cache; CPU, hours, resumable
 #                across interruptions; committed items are reused, so a complete store only reassembles the report)
 # make curve - DMC's perplexity over its LM-only control's against training tokens (1, 2, 4, 8x the demo's), in the
-#              same run cache (its 1x runs are the comparison's); CPU, many hours, resumable like make compare
+#              same run cache (the control's and the demo's 1x runs are the comparison's); CPU, many hours,
+#              resumable like make compare
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
