@@ -340,7 +340,7 @@ class DMCTrainingModule(L.LightningModule):
             "recipe": asdict(r),
             "step": step,
             "stage": stage_of(step, r),
-            "tokens_seen": step * r.data.batch_size * r.data.block_len * r.optim.accumulate_grad_batches * world,
+            "tokens_seen": step * r.tokens_per_step * world,
             "cr_per_layer": cr_per_layer,
         }
 

@@ -252,9 +252,14 @@ class Recipe:
         return s.stage1_steps + s.ramp_steps + s.finetune_steps
 
     @property
+    def tokens_per_step(self) -> int:
+        """Tokens one training process reads per optimiser step (sequences per step x block length)."""
+        return self.data.batch_size * self.optim.accumulate_grad_batches * self.data.block_len
+
+    @property
     def tokens(self) -> int:
-        """Tokens one training process reads over the whole schedule (steps x sequences per step x block length)."""
-        return self.total_steps * self.data.batch_size * self.optim.accumulate_grad_batches * self.data.block_len
+        """Tokens one training process reads over the whole schedule."""
+        return self.total_steps * self.tokens_per_step
 
     def scaled(self, scale: int) -> Recipe:
         """This recipe with every stage of its schedule (stage 1, the ramp, the hold, the attention transfer) times
