@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from .metrics import head_dim
-from .ops.cache_step import open_slot_state, running_sums, segment_sums, shift_ring
+from .ops.cache_step import open_slot_state, running_sums, segment_length, segment_sums, shift_ring
 from .ops.decode_backends import SlotsView
 from .ops.triton_decode import dmc_update_triton
 from .slot_cache import DMCCacheError, SlotCache, SlotCacheLayer
@@ -132,7 +132,7 @@ class DMCLayer(SlotCacheLayer):
         slot = torch.where(append, self.lens, self.lens - 1)
         self.allocate(append & (slot % self.block_size == 0), slot // self.block_size)
         if fused and not self.quantized:
-            self._step_fused(k_pre, v, omega, merge, live, cos, sin)
+            self._step_fused(k_pre, v, omega, merge, live, append, slot, cos, sin)
         else:
             sd = self.state_dtype
             k_pre, v, w = k_pre.to(sd), v.to(sd), omega.to(sd)
@@ -149,13 +149,19 @@ class DMCLayer(SlotCacheLayer):
             self.write_open(b, h, slot[b, h], key[b, h], val[b, h], append[b, h])
         self.started = self.started | valid
 
-    def _step_fused(self, k_pre, v, omega, merge, live, cos, sin) -> None:
-        names = ("k_sum", "v_sum", "w_sum", "lens") + (("ring_k", "ring_v", "ring_w", "seg_len") if self.window else ())
-        for name in names:  # the kernel updates them in place, densely
-            setattr(self, name, getattr(self, name).contiguous())
-        ring = (self.ring_k, self.ring_v, self.ring_w, self.seg_len) if self.window else None
-        dmc_update_triton(k_pre, v, omega, merge, live, cos, sin, (self.k_sum, self.v_sum, self.w_sum), ring,
-                          self.lens, self.block_table.contiguous(), self.k_pool, self.v_pool, self.block_size)
+    def _step_fused(self, k_pre, v, omega, merge, live, append, slot, cos, sin) -> None:
+        """The sums, the ring and the open slot in one kernel, the slot counts and the segment length here: the
+        kernel reads every state it is given and writes only new tensors and the pool."""
+        seg_len = segment_length(self.seg_len, merge, append) if self.window else self.lens
+        ring = (self.ring_k, self.ring_v, self.ring_w) if self.window else None
+        sums, ring = dmc_update_triton(k_pre, v, omega, merge, live, slot, cos, sin, (self.k_sum, self.v_sum,
+                                       self.w_sum), ring, seg_len, self.block_table, self.k_pool, self.v_pool,
+                                       self.block_size)
+        self.k_sum, self.v_sum, self.w_sum = sums
+        if self.window:
+            self.ring_k, self.ring_v, self.ring_w = ring
+            self.seg_len = seg_len
+        self.lens = self.lens + append.long()
 
     # ---- transformers Cache API (beyond SlotCacheLayer) ----------------------------------------------
     def crop(self, tokens_to_remove: int) -> None:

@@ -160,8 +160,14 @@ class PagedSlots:
         self.block_pair[ids[ids >= 0]] = -1
 
     def locate(self, b: torch.Tensor, h: torch.Tensor, slot: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(block, offset) (N,) of slot ``slot`` of pairs (b, h) (N,); the slot's block must be allocated."""
-        return self.block_table[b, h, slot // self.block_size], slot % self.block_size
+        """(block, offset) (N,) of slot ``slot`` of pairs (b, h) (N,); the slot's block must be allocated: an
+        unallocated one (-1) would index the pool's last block, so it raises instead."""
+        block = self.block_table[b, h, slot // self.block_size]
+        if bool((block < 0).any()):
+            i = int((block < 0).nonzero()[0, 0])
+            raise RuntimeError(f"paged slots: pair ({int(b[i])}, {int(h[i])}) has no block for slot {int(slot[i])}; "
+                               "allocate before writing or reading it")
+        return block, slot % self.block_size
 
     def write(self, b, h, slot, keys, values) -> None:
         """keys, values (N, D) into slot ``slot`` of pairs (b, h) (N,), cast to the pool's dtype."""

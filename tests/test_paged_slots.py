@@ -65,6 +65,15 @@ def test_write_lands_where_locate_says_and_nowhere_else():
     assert int((s.k_pool != 0).any(-1).sum()) == 3  # every other slot of the pool is still zero
 
 
+def test_writing_a_slot_without_a_block_raises_instead_of_landing_in_the_last_block():
+    """An unallocated table entry is -1; as an index it would wrap onto the pool's last block, another pair's."""
+    s = _store(batch=2, heads=2, block=3)
+    s.allocate_runs(torch.tensor([[2, 1], [1, 2]]))
+    with pytest.raises(RuntimeError, match=r"pair \(0, 1\) has no block for slot 3"):
+        s.write(torch.tensor([0, 0]), torch.tensor([0, 1]), torch.tensor([1, 3]), torch.ones(2, 8), torch.ones(2, 8))
+    assert not bool(s.k_pool.any())  # nothing was written, not even the valid pair's slot
+
+
 def test_reserve_grows_by_zero_filled_blocks_and_keeps_contents():
     s = _store(batch=1, heads=1, block=2)
     s.allocate_runs(torch.tensor([[1]]))

@@ -35,8 +35,12 @@ def shift_ring(ring_k, ring_v, ring_w, seg_len, k_pre, v, w, live, merge, append
         moved = torch.cat([ring[:, :, 1:], new[:, :, None]], 2)
         return torch.where(live.view(B, H, *[1] * (ring.dim() - 2)), moved, ring)
 
-    seg_len = torch.where(append, 1, torch.where(merge, seg_len + 1, seg_len))
-    return shift(ring_k, k_pre), shift(ring_v, v), shift(ring_w, w), seg_len
+    return shift(ring_k, k_pre), shift(ring_v, v), shift(ring_w, w), segment_length(seg_len, merge, append)
+
+
+def segment_length(seg_len, merge, append):
+    """The open segment's length after the token: an append starts a segment of 1, a merge lengthens it."""
+    return torch.where(append, 1, torch.where(merge, seg_len + 1, seg_len))
 
 
 def segment_sums(ring_k, ring_v, ring_w, seg_len):

@@ -70,7 +70,8 @@ def _kernels() -> dict:
         shift = (d % 2) * 4  # 4-bit only
         for j in range(0, tl.cdiv(n, BS)):
             blk = tl.load(TABLE + b * s_tb + h * s_th + j)
-            live = (s < BS) & (j * BS + s < n)
+            # a missing block (-1) reads nothing, never before the pool (a bound, not a scalar mask: see the update)
+            live = (s < BS) & (j * BS + s < tl.where(blk >= 0, n, 0))
             sd = live[:, None] & (d[None, :] < D)
             row = blk * BS + s[:, None]
             if BITS == 16:
@@ -110,64 +111,77 @@ def _kernels() -> dict:
         tl.store(OUT + b * s_ob + (h * G + g)[:, None] * s_oh + d[None, :], out.to(OUT.dtype.element_ty), mask=gd)
 
     @triton.jit
-    def _update_kernel(KP, VP, W, MERGE, LIVE, COS, SIN, KSUM, VSUM, WSUM, RK, RV, RW, SEG, LENS, TABLE, KPOOL, VPOOL,
+    def _update_kernel(KP, VP, W, MERGE, LIVE, SLOT, SEG, COS, SIN, KSUM, VSUM, WSUM, RK, RV, RW, TABLE,
+                       KSUM_OUT, VSUM_OUT, WSUM_OUT, RK_OUT, RV_OUT, RW_OUT, KPOOL, VPOOL,
                        H_KV: tl.constexpr, D: tl.constexpr, D_P: tl.constexpr, WIN: tl.constexpr, WIN_P: tl.constexpr,
-                       BS: tl.constexpr, MAX_BLOCKS):
-        pid = tl.program_id(0)  # one (sequence, KV head) pair; all state tensors are contiguous
+                       BS: tl.constexpr, MAX_BLOCKS, N_BLOCKS):
+        # One (sequence, KV head) pair; every tensor contiguous. No argument is both read and written: the threads
+        # of a program share no barrier between a load and a store, so a state updated in place could be read by
+        # one warp after another warp wrote it. The launcher computes the slot and the segment length (it has the
+        # decisions) and passes them read-only; the new sums and ring go to separate outputs, for every pair (a
+        # pair that is not live keeps its state).
+        pid = tl.program_id(0)
         b = pid // H_KV
-        if tl.load(LIVE + pid) != 0:
-            d = tl.arange(0, D_P)
-            dm = d < D
-            merge = tl.load(MERGE + pid) != 0
-            k = tl.load(KP + pid * D + d, mask=dm, other=0.0).to(tl.float32)
-            v = tl.load(VP + pid * D + d, mask=dm, other=0.0).to(tl.float32)
-            w = tl.load(W + pid).to(tl.float32)
-            if WIN > 0:
-                # Shift the ring one place left and put the new token last; sum the open segment's tail.
-                i = tl.arange(0, WIN_P)
-                src = i + 1
-                from_ring = (src < WIN)[:, None] & dm[None, :]
-                rk = tl.load(RK + pid * WIN * D + src[:, None] * D + d[None, :], mask=from_ring, other=0.0)
-                rv = tl.load(RV + pid * WIN * D + src[:, None] * D + d[None, :], mask=from_ring, other=0.0)
-                rw = tl.load(RW + pid * WIN + src, mask=src < WIN, other=0.0)
-                last = (i == WIN - 1)
-                rk = tl.where(last[:, None], k[None, :], rk)
-                rv = tl.where(last[:, None], v[None, :], rv)
-                rw = tl.where(last, w, rw)
-                row = (i < WIN)[:, None] & dm[None, :]
-                tl.store(RK + pid * WIN * D + i[:, None] * D + d[None, :], rk, mask=row)
-                tl.store(RV + pid * WIN * D + i[:, None] * D + d[None, :], rv, mask=row)
-                tl.store(RW + pid * WIN + i, rw, mask=i < WIN)
-                seg = tl.where(merge, tl.load(SEG + pid) + 1, 1)
-                tl.store(SEG + pid, seg)
-                weights = tl.where((i < WIN) & (i >= WIN - tl.minimum(seg, WIN)), rw, 0.0)
-                k_sum = tl.sum(weights[:, None] * rk, axis=0)
-                v_sum = tl.sum(weights[:, None] * rv, axis=0)
-                w_sum = tl.sum(weights, axis=0)
-            else:
-                keep = tl.where(merge, 1.0, 0.0)
-                k_sum = tl.load(KSUM + pid * D + d, mask=dm, other=0.0) * keep + w * k
-                v_sum = tl.load(VSUM + pid * D + d, mask=dm, other=0.0) * keep + w * v
-                w_sum = tl.load(WSUM + pid) * keep + w
-            tl.store(KSUM + pid * D + d, k_sum, mask=dm)
-            tl.store(VSUM + pid * D + d, v_sum, mask=dm)
-            tl.store(WSUM + pid, w_sum)
-            n = tl.load(LENS + pid)
-            slot = tl.where(merge, n - 1, n)
-            tl.store(LENS + pid, tl.where(merge, n, n + 1))
-            # RoPE of the pooled key at the current position: x * cos + rotate_half(x) * sin.
-            half = D // 2
-            partner = tl.where(d < half, d + half, d - half)
-            sign = tl.where(d < half, -1.0, 1.0)
-            key = k_sum / w_sum
-            key_partner = tl.sum(tl.where(partner[:, None] == d[None, :], key[None, :], 0.0), axis=1)
-            cos = tl.load(COS + b * D + d, mask=dm, other=0.0).to(tl.float32)
-            sin = tl.load(SIN + b * D + d, mask=dm, other=0.0).to(tl.float32)
-            key_rot = key * cos + sign * key_partner * sin
-            blk = tl.load(TABLE + pid * MAX_BLOCKS + slot // BS)
-            dst = blk * BS * D + (slot % BS) * D + d
-            tl.store(KPOOL + dst, key_rot.to(KPOOL.dtype.element_ty), mask=dm)
-            tl.store(VPOOL + dst, (v_sum / w_sum).to(VPOOL.dtype.element_ty), mask=dm)
+        live = tl.load(LIVE + pid) != 0
+        merge = tl.load(MERGE + pid) != 0
+        d = tl.arange(0, D_P)
+        dm = d < D
+        k = tl.load(KP + pid * D + d, mask=dm, other=0.0).to(tl.float32)
+        v = tl.load(VP + pid * D + d, mask=dm, other=0.0).to(tl.float32)
+        w = tl.load(W + pid).to(tl.float32)
+        if WIN > 0:
+            # The ring moved one place left with the new token put last (a live pair), or as it was; the open
+            # segment's last min(seg, WIN) tokens summed.
+            i = tl.arange(0, WIN_P)
+            src = i + tl.where(live, 1, 0)
+            from_ring = (src < WIN)[:, None] & dm[None, :]
+            rk = tl.load(RK + pid * WIN * D + src[:, None] * D + d[None, :], mask=from_ring, other=0.0)
+            rv = tl.load(RV + pid * WIN * D + src[:, None] * D + d[None, :], mask=from_ring, other=0.0)
+            rw = tl.load(RW + pid * WIN + src, mask=src < WIN, other=0.0)
+            last = i == tl.where(live, WIN - 1, WIN_P)  # no index when not live (a scalar & a vector: see below)
+            rk = tl.where(last[:, None], k[None, :], rk)
+            rv = tl.where(last[:, None], v[None, :], rv)
+            rw = tl.where(last, w, rw)
+            row = (i < WIN)[:, None] & dm[None, :]
+            tl.store(RK_OUT + pid * WIN * D + i[:, None] * D + d[None, :], rk, mask=row)
+            tl.store(RV_OUT + pid * WIN * D + i[:, None] * D + d[None, :], rv, mask=row)
+            tl.store(RW_OUT + pid * WIN + i, rw, mask=i < WIN)
+            seg = tl.load(SEG + pid)
+            weights = tl.where((i < WIN) & (i >= WIN - tl.minimum(seg, WIN)), rw, 0.0)
+            k_sum = tl.sum(weights[:, None] * rk, axis=0)
+            v_sum = tl.sum(weights[:, None] * rv, axis=0)
+            w_sum = tl.sum(weights, axis=0)
+        else:
+            keep = tl.where(merge, 1.0, 0.0)
+            k_old = tl.load(KSUM + pid * D + d, mask=dm, other=0.0)
+            v_old = tl.load(VSUM + pid * D + d, mask=dm, other=0.0)
+            w_old = tl.load(WSUM + pid)
+            k_sum = tl.where(live, k_old * keep + w * k, k_old)
+            v_sum = tl.where(live, v_old * keep + w * v, v_old)
+            w_sum = tl.where(live, w_old * keep + w, w_old)
+        tl.store(KSUM_OUT + pid * D + d, k_sum, mask=dm)
+        tl.store(VSUM_OUT + pid * D + d, v_sum, mask=dm)
+        tl.store(WSUM_OUT + pid, w_sum)
+        # A live pair's open slot: RoPE of the pooled key at the current position, x * cos + rotate_half(x) * sin.
+        slot = tl.load(SLOT + pid)
+        has_slot = live & (slot >= 0) & (slot < MAX_BLOCKS * BS)
+        col = tl.where(has_slot, slot // BS, 0)  # always inside the table (the launcher gives it a column)
+        blk = tl.where(has_slot, tl.load(TABLE + pid * MAX_BLOCKS + col), -1)
+        half = D // 2
+        partner = tl.where(d < half, d + half, d - half)
+        sign = tl.where(d < half, -1.0, 1.0)
+        w_div = tl.where(has_slot, w_sum, 1.0)  # a pair that writes no slot may have no weight yet
+        key = k_sum / w_div
+        key_partner = tl.sum(tl.where(partner[:, None] == d[None, :], key[None, :], 0.0), axis=1)
+        cos = tl.load(COS + b * D + d, mask=dm, other=0.0).to(tl.float32)
+        sin = tl.load(SIN + b * D + d, mask=dm, other=0.0).to(tl.float32)
+        key_rot = key * cos + sign * key_partner * sin
+        dst = blk * BS * D + (slot % BS) * D + d
+        # never before or past the pool; the condition as a bound on d, since Triton's interpreter refuses a
+        # vector mask combined with a scalar one
+        stored = d < tl.where(has_slot & (blk >= 0) & (blk < N_BLOCKS), D, 0)
+        tl.store(KPOOL + dst, key_rot.to(KPOOL.dtype.element_ty), mask=stored)
+        tl.store(VPOOL + dst, (v_sum / w_div).to(VPOOL.dtype.element_ty), mask=stored)
 
     _KERNELS.update(attend=_attend_kernel, update=_update_kernel)
     return _KERNELS
@@ -206,51 +220,61 @@ def _launch(q, k_parts, v_parts, block_table, lens, open_slot, scale, bits, grou
     return out
 
 
-def check_update_launch(live, merge, sums, ring, lens, table, pool_blocks: int, block_size: int, cos) -> None:
+def check_update_launch(live, slot, sums, ring, seg_len, table, pool_blocks: int, block_size: int, cos) -> None:
     """Debugging aid (``DMC_CHECK_TRITON=1``): every address the fused update will touch, checked against
     its tensor before the launch, so that a fault on the GPU says whether the kernel's inputs were already
     wrong (a slot outside its blocks, a block outside the pool, state of the wrong shape) or the kernel
     itself is. It reads the device's tensors back, so it costs a sync per layer and step."""
     B, H = live.shape
     D = sums[0].shape[-1]
-    got = {"lens": lens, "k_sum": sums[0], "v_sum": sums[1], "w_sum": sums[2]}
-    want = {"lens": (B, H), "k_sum": (B, H, D), "v_sum": (B, H, D), "w_sum": (B, H)}
+    got = {"slot": slot, "k_sum": sums[0], "v_sum": sums[1], "w_sum": sums[2]}
+    want = {"slot": (B, H), "k_sum": (B, H, D), "v_sum": (B, H, D), "w_sum": (B, H)}
     if ring is not None:
         W = ring[2].shape[-1]
-        got.update(ring_k=ring[0], ring_w=ring[2], seg_len=ring[3])
+        got.update(ring_k=ring[0], ring_w=ring[2], seg_len=seg_len)
         want.update(ring_k=(B, H, W, D), ring_w=(B, H, W), seg_len=(B, H))
     for name, shape in want.items():
         if tuple(got[name].shape) != shape:
             raise RuntimeError(f"triton update check: {name} is {tuple(got[name].shape)}, not {shape}")
     if cos.numel() not in (D, B * D):
         raise RuntimeError(f"triton update check: cos has {cos.numel()} values for {B} rows of {D}")
-    slot = torch.where(merge, lens - 1, lens)[live]
-    col = slot // block_size
-    if bool((slot < 0).any()) or bool((col >= table.shape[-1]).any()):
+    col = slot[live] // block_size
+    if bool((slot[live] < 0).any()) or bool((col >= table.shape[-1]).any()):
         raise RuntimeError("triton update check: a live pair's slot lies outside its block table")
     b, h = live.nonzero(as_tuple=True)
     blk = table[b, h, col]
     bad = (blk < 0) | (blk >= pool_blocks)
     if bool(bad.any()):
         i = int(bad.nonzero()[0, 0])
-        raise RuntimeError(f"triton update check: pair ({int(b[i])}, {int(h[i])}) writes slot {int(slot[i])} "
+        raise RuntimeError(f"triton update check: pair ({int(b[i])}, {int(h[i])}) writes slot {int(slot[b[i], h[i]])} "
                            f"into block {int(blk[i])} of a pool of {pool_blocks}")
 
 
-def dmc_update_triton(k_pre, v, omega, merge, live, cos, sin, sums, ring, lens, table, k_pool, v_pool,
-                      block_size: int) -> None:
-    """The per-pair part of ``DMCLayer.step`` in one kernel, in place: ``sums`` (k_sum, v_sum, w_sum), ``ring``
-    (ring_k, ring_v, ring_w, seg_len; None without a merge window) and ``lens`` (contiguous), and each live pair's
-    open slot in ``k_pool``/``v_pool``. ``merge`` already masked (a pair's first token appends); blocks allocated."""
+def dmc_update_triton(k_pre, v, omega, merge, live, slot, cos, sin, sums, ring, seg_len, table, k_pool, v_pool,
+                      block_size: int):
+    """The per-pair part of ``DMCLayer.step`` in one kernel: from the open slots' ``sums`` (k_sum, v_sum, w_sum) and,
+    with a merge window, ``ring`` (ring_k, ring_v, ring_w; else None), the new sums and ring, returned as new
+    tensors -> (sums, ring), and each live pair's open slot written into ``k_pool``/``v_pool``. ``merge`` already
+    masked (a pair's first token appends); ``slot`` (B, H_kv) each pair's open slot after this token and ``seg_len``
+    its open segment's length after it (``cache_step.segment_length``; unused without a window); blocks allocated.
+    Nothing the kernel reads is written by it."""
     B, H, D = k_pre.shape
     win = ring[2].shape[-1] if ring is not None else 0
     if os.environ.get("DMC_CHECK_TRITON") == "1":
-        check_update_launch(live, merge, sums, ring, lens, table, k_pool.shape[0], block_size, cos)
-    dummy = sums[2]  # ring pointers are unused without a window
-    ring_k, ring_v, ring_w, seg_len = ring if ring is not None else (dummy, dummy, dummy, lens)
+        check_update_launch(live, slot, sums, ring, seg_len, table, k_pool.shape[0], block_size, cos)
+    sums = tuple(t.contiguous() for t in sums)
+    new_sums = tuple(torch.empty_like(t) for t in sums)
+    if ring is not None:
+        ring = tuple(t.contiguous() for t in ring)
+        new_ring = tuple(torch.empty_like(t) for t in ring)
+    else:  # without a window the kernel compiles no ring code: its six pointers are placeholders
+        ring = new_ring = (sums[2],) * 3
+    table = table.contiguous() if table.shape[-1] else torch.full((B, H, 1), -1, dtype=table.dtype, device=table.device)
     _kernels()["update"][(B * H,)](
         k_pre.contiguous(), v.contiguous(), omega.contiguous(), merge.contiguous(), live.contiguous(),
-        cos.expand(B, D).contiguous(), sin.expand(B, D).contiguous(), *sums, ring_k, ring_v, ring_w, seg_len, lens,
-        table, k_pool, v_pool,
+        slot.contiguous(), seg_len.contiguous(), cos.expand(B, D).contiguous(), sin.expand(B, D).contiguous(),
+        *sums, *ring, table, *new_sums, *new_ring, k_pool, v_pool,
         H_KV=H, D=D, D_P=_pow2(D), WIN=win, WIN_P=_pow2(max(win, 1)), BS=block_size, MAX_BLOCKS=table.shape[-1],
+        N_BLOCKS=k_pool.shape[0],
     )
+    return new_sums, (new_ring if win else None)
