@@ -6,7 +6,8 @@ On one NVIDIA GPU with no network (torch, triton and transformers installed; fla
 8 minutes: the kernel tests (Triton decode and update, the sentinel SDPA's CUDA branch, FlexAttention forward
 and backward, flash-attn where present) against their PyTorch references, then, on Llama-2-7B's layer shape
 (hidden 4096, 32 heads, MHA, MLP 11008, vocab 32000; ``--layers`` of its 32, random weights, bf16):
-  - a training step (forward + backward, no optimiser state: the shape, not a recipe) DMC versus vanilla at T;
+  - a training step (forward + backward, no optimiser state: the shape, not a recipe) DMC versus vanilla at T, and
+    DMC's with the fused Triton training attention; that attention alone against the sentinel SDPA form;
   - prefill of T tokens: DMC one-pass versus vanilla HF;
   - decode at a fixed batch and context T: vanilla ``DynamicCache`` versus DMC at synthetic CR 2/4/8;
   - throughput at a KV budget holding N vanilla sequences of T tokens (continuous batching), same models.
@@ -28,7 +29,8 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-TESTS = ["tests/test_triton_decode.py", "tests/test_decode_attention.py", "tests/test_train_attention.py"]
+TESTS = ["tests/test_triton_decode.py", "tests/test_triton_update.py", "tests/test_decode_attention.py",
+         "tests/test_train_attention.py", "tests/test_triton_train_attention.py"]
 LLAMA2_7B = dict(hidden_size=4096, num_attention_heads=32, num_key_value_heads=32, intermediate_size=11008,
                  vocab_size=32000, max_position_embeddings=4096)
 TINY = dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, intermediate_size=128, vocab_size=512,
@@ -97,6 +99,32 @@ def train_step_s(model, ids) -> float:
         model.eval()
 
 
+def train_attention_s(shape: dict, T: int, dtype, device) -> dict:
+    """The training attention alone, forward + backward of one sequence at every head: the sentinel SDPA form
+    (``auto``) against the fused Triton kernels, and the largest difference of their outputs."""
+    from dmc.ops.train_attention import train_attention
+    from dmc.ops.triton_decode import triton_available, triton_interpreting
+
+    if not (triton_available() and (device.type == "cuda" or triton_interpreting())):
+        return {"skipped": "triton needs CUDA (or TRITON_INTERPRET=1)"}
+    H, H_kv = shape["num_attention_heads"], shape["num_key_value_heads"]
+    D = shape["hidden_size"] // H
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, h, T, D, generator=g).to(device, dtype).requires_grad_() for h in (H, H_kv, H_kv))
+    keep = torch.log(torch.rand(1, H_kv, T, generator=g).clamp(min=1e-3)).to(device).requires_grad_()
+    merge = torch.log1p(-keep.detach().exp().clamp(max=1 - 1e-6))
+    outs = {}
+
+    def step(backend):
+        out = train_attention(backend, q, k, v, keep, merge)
+        out.backward(torch.ones_like(out))
+        outs[backend] = out.detach().float()
+
+    res = {backend: _timed(lambda b=backend: step(b), device) for backend in ("sdpa", "triton")}
+    res["max_abs_diff"] = float((outs["sdpa"] - outs["triton"]).abs().max())
+    return res
+
+
 @torch.no_grad()
 def prefill_s(model, ids) -> float:
     return _timed(lambda: model(ids, use_cache=True, logits_to_keep=1), ids.device)
@@ -129,6 +157,11 @@ def bench(ns, device, dtype, results: dict) -> None:
     results["decode_backend"] = ns.decode_backend
     x = ids(1, T)
     results["train_step_s"] = {"vanilla": train_step_s(vanilla, x), "dmc": train_step_s(dmc2, x)}
+    results["train_attention_s"] = train_attention_s(shape, T, dtype, device)
+    if "skipped" not in results["train_attention_s"]:  # the whole step with the fused kernels in every layer
+        dmc2.config.dmc_train_attention = "triton"
+        results["train_step_s"]["dmc_triton_attention"] = train_step_s(dmc2, x)
+        dmc2.config.dmc_train_attention = "auto"
     results["prefill_s"] = {"vanilla": prefill_s(vanilla, x), "dmc": prefill_s(dmc2, x)}
     del dmc2
     prompts = ids(B, T)

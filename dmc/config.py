@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass, fields
 
 from transformers import LlamaConfig
 
-TRAIN_ATTENTION_BACKENDS = ("auto", "flex", "sdpa", "reference")
+TRAIN_ATTENTION_BACKENDS = ("auto", "flex", "sdpa", "triton", "reference")
 DECODE_BACKENDS = ("auto", "paged", "sdpa", "reference", "flash", "triton")
 # the widths dmc/ops/kv_quant.py codes (its KV_BITS; a test holds them equal): this module is bundled alone
 # into an export's configuration file, so it imports nothing of the package
@@ -37,7 +37,7 @@ class DMCConfig:
     gate_scale: adapter only: logit = gate_scale * a(x) - logit_offset, omega = sigmoid(gate_scale * b(x) +
         weight_offset) + weight_eps (100, as DMS's released gate: it lets Adam at a base learning rate move the
         decisions within tens of steps).
-    train_attention: training-time attention kernel ("auto", "flex", "sdpa", "reference").
+    train_attention: training-time attention kernel ("auto", "flex", "sdpa", "triton": CUDA only, "reference").
     decode_backend: cached-decoding attention ("auto", "paged", "sdpa", "reference", "flash", "triton").
     block_size: slots per cache block (the paged cache allocates blocks on demand).
     kv_bits: bits per cached key/value element: 16 keeps the model's dtype; 8 or 4 store closed slots as

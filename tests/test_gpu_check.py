@@ -16,7 +16,10 @@ def test_dry_run_writes_one_report_with_every_section(tmp_path):
     report = json.loads(out.read_text())
     assert report["dry_run"] and report["tests"]["returncode"] == 0 and "tests collected" in report["tests"]["summary"]
     bench = report["bench"]
-    assert set(bench["train_step_s"]) == set(bench["prefill_s"]) == {"vanilla", "dmc"}
+    assert set(bench["prefill_s"]) == {"vanilla", "dmc"}
+    assert set(bench["train_step_s"]) == {"vanilla", "dmc", "dmc_triton_attention"}  # the suite sets TRITON_INTERPRET
+    attention = bench["train_attention_s"]
+    assert attention["sdpa"] > 0 and attention["triton"] > 0 and attention["max_abs_diff"] < 1e-4
     rows = {r["model"]: r for r in bench["rows"]}
     assert list(rows) == ["vanilla", "dmc synthetic 2x", "dmc synthetic 4x", "dmc synthetic 8x"]
     for r in rows.values():

@@ -108,6 +108,13 @@ def test_a_gpu_recipe_on_a_machine_without_gpus_names_the_override(tmp_path, cap
     assert "no CUDA GPU" in msg and "dmc rehearse" in msg and "--run.accelerator cpu" in msg
 
 
+def test_the_cuda_training_attention_on_a_cpu_run_names_the_fallback(tiny, tmp_path, capsys):
+    msg = _one_line(capsys, "--config", "configs/tiny.yaml", "--model.path", tiny, "--run.out_dir", str(tmp_path / "r"),
+                    "--run.accelerator", "cpu", "--model.dmc.train_attention", "triton")
+    assert "train_attention=triton is a CUDA kernel" in msg and "--model.dmc.train_attention auto" in msg
+    assert not (tmp_path / "r").exists()  # refused before the run folder is made
+
+
 def test_a_launcher_that_disagrees_with_the_recipe_names_the_override(tiny, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
     msg = _one_line(capsys, "--config", "configs/tiny.yaml", "--model.path", tiny, "--run.out_dir", str(tmp_path / "r"))

@@ -128,10 +128,11 @@ def run(recipe: Recipe, resume: str = "auto", stop_at: int | None = None, trust_
     from .loggers import build_loggers, checkpoint_step
     from .module import DMCTrainingModule
     from .progress import StepProgress
-    from .strategy import build_strategy, check_devices
+    from .strategy import build_strategy, check_devices, check_kernels
 
     r = recipe.run
     check_devices(r)
+    check_kernels(recipe.model, r)
     if r.threads:
         torch.set_num_threads(r.threads)
     # Values below ~1e-38 become 0 on the CPU: a softmax over strongly biased scores (DMS's log(1 - alpha) of

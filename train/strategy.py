@@ -62,6 +62,14 @@ def check_devices(run) -> None:
                             f"{run.devices} x {run.num_nodes}: pass --run.num_nodes {int(world) // int(local)}")
 
 
+def check_kernels(model, run) -> None:
+    """Refuse, in one line naming the fallback, a CUDA-only kernel in a recipe that will run on the CPU."""
+    on_cpu = run.accelerator == "cpu" or (run.accelerator == "auto" and not torch.cuda.is_available())
+    if model.method == "dmc" and model.dmc.train_attention == "triton" and on_cpu:
+        raise StrategyError("model.dmc.train_attention=triton is a CUDA kernel and this run is on the CPU: use "
+                            "--model.dmc.train_attention auto (the fused SDPA form)")
+
+
 def build_strategy(name: str, accelerator: str, config_path: str | None, grad_clip: float = 1.0):
     if name not in ZERO_STAGE:
         return name  # auto, ddp: Lightning's own (Recipe.validate refuses anything else)

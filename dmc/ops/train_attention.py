@@ -105,14 +105,23 @@ def _compiled_flex():
     return _FLEX
 
 
+def train_attention_triton(q, k, v, keep_log, merge_log=None, scale: float | None = None):
+    """The flash-style Triton kernels (``triton_train_attention.py``; CUDA, or the CPU interpreter in tests)."""
+    from .triton_train_attention import train_attention_triton as fused
+
+    return fused(q, k, v, keep_log, merge_log, scale)
+
+
 TRAIN_ATTENTION = {
     "reference": train_attention_reference,
     "sdpa": train_attention_sdpa,
     "flex": train_attention_flex,
+    "triton": train_attention_triton,
 }
 
 
 def train_attention(backend: str, q, k, v, keep_log, merge_log, scale=None):
-    """Dispatch; ``auto`` is the fused SDPA form (fastest measured on CPU, and fused on CUDA)."""
+    """Dispatch; ``auto`` is the fused SDPA form (fastest measured on CPU, and fused on CUDA; the Triton kernels
+    become ``auto``'s choice on CUDA once the GPU check has measured them faster there)."""
     fn = TRAIN_ATTENTION["sdpa" if backend == "auto" else backend]
     return fn(q, k, v, keep_log, merge_log, scale)

@@ -3,7 +3,8 @@ of a build for a CUDA target: checkable on a machine without a GPU (``triton.com
 driver). A kernel that loads and stores through the same argument lets one thread read what another thread of its
 program wrote, with no barrier between them (the fault of issue 37); the fused DMC update must have none.
 
-``python -m dmc.ops.triton_ir`` prints, per kernel build, the arguments read and written as JSON. It must run
+``python -m dmc.ops.triton_ir`` builds the fused update and the fused training attention and prints, per build, the
+arguments read and written as JSON. It must run
 without ``TRITON_INTERPRET=1`` (the interpreter's kernels do not compile).
 """
 
@@ -69,5 +70,19 @@ def update_kernel_builds() -> dict[str, dict[str, list[str]]]:
     return builds
 
 
+def train_attention_builds() -> dict[str, dict[str, list[str]]]:
+    """The fused training attention's three kernels at Llama's head width, in fp32 and bf16."""
+    from .triton_train_attention import _kernels
+
+    builds = {}
+    for dtype in ("fp32", "bf16"):
+        for name, kernel in _kernels().items():
+            sig = {arg: f"*{dtype}" for arg in kernel.arg_names}
+            sig.update(KEEP="*fp32", LSE="*fp32", DELTA="*fp32", DKEEP="*fp32", T="i32", scale="fp32")
+            const = dict(H=32, G=4, D=128, D_P=128, BM=64, BN=64, PREC="ieee" if dtype == "fp32" else "tf32")
+            builds[f"train attention {name} {dtype}"] = pointer_access(compile_ttir(kernel, sig, const))
+    return builds
+
+
 if __name__ == "__main__":
-    print(json.dumps(update_kernel_builds(), indent=1))
+    print(json.dumps(update_kernel_builds() | train_attention_builds(), indent=1))
