@@ -9,7 +9,8 @@ and backward, flash-attn where present) against their PyTorch references, then, 
   - a training step (forward + backward, no optimiser state: the shape, not a recipe) DMC versus vanilla at T, and
     DMC's with the fused Triton training attention; that attention alone against the sentinel SDPA form;
   - prefill of T tokens: DMC one-pass versus vanilla HF;
-  - decode at a fixed batch and context T: vanilla ``DynamicCache`` versus DMC at synthetic CR 2/4/8;
+  - decode at a fixed batch and context T: vanilla ``DynamicCache`` versus DMC at synthetic CR 2/4/8, on each of
+    ``--decode-backends`` (default: the Triton kernels and the portable paged path);
   - throughput at a KV budget holding N vanilla sequences of T tokens (continuous batching), same models.
 One JSON with every figure. ``--dry-run``: tiny shapes on the CPU (Triton in its interpreter), so that CI
 keeps the script working; its figures mean nothing.
@@ -153,8 +154,8 @@ def bench(ns, device, dtype, results: dict) -> None:
     ids = lambda b, t: torch.randint(3, shape["vocab_size"], (b, t), generator=g).to(device)  # noqa: E731
     calibration = ids(1, min(T, 1024))
     results.update(shape={**shape, "num_hidden_layers": ns.layers}, context=T, batch=B, dtype=str(dtype), rows=[])
-    dmc2, results["train_prefill_cr"] = synthetic_dmc(vanilla, 2.0, calibration, ns.decode_backend)
-    results["decode_backend"] = ns.decode_backend
+    dmc2, results["train_prefill_cr"] = synthetic_dmc(vanilla, 2.0, calibration, ns.decode_backends[0])
+    results["decode_backends"] = ns.decode_backends
     x = ids(1, T)
     results["train_step_s"] = {"vanilla": train_step_s(vanilla, x), "dmc": train_step_s(dmc2, x)}
     results["train_attention_s"] = train_attention_s(shape, T, dtype, device)
@@ -168,9 +169,12 @@ def bench(ns, device, dtype, results: dict) -> None:
     requests = [Request(ids(1, T // 2 + (i * 37) % (T // 2 - ns.new_tokens))[0], ns.new_tokens)
                 for i in range(ns.requests)]
     budget = budget_bytes(vanilla.config, ns.budget_seqs, T, 16, dtype)
-    for label, cr in [("vanilla", 1.0)] + [(f"dmc synthetic {c:g}x", c) for c in ns.crs]:
-        model, realised = (vanilla, 1.0) if cr == 1 else synthetic_dmc(vanilla, cr, calibration, ns.decode_backend)
-        row = {"model": label, "realised_cr": realised, **measure(model, prompts, ns.decode_steps)}
+    runs = [("vanilla", 1.0, None)] + [(f"dmc synthetic {c:g}x", c, backend) for backend in ns.decode_backends
+                                        for c in ns.crs]
+    for label, cr, backend in runs:
+        model, realised = (vanilla, 1.0) if cr == 1 else synthetic_dmc(vanilla, cr, calibration, backend)
+        row = {"model": label, "decode_backend": backend, "realised_cr": realised,
+               **measure(model, prompts, ns.decode_steps)}
         st = serve(model, requests, budget).stats
         row.update(budget_bytes=budget, in_flight_mean=st.mean_in_flight, in_flight_max=st.max_in_flight,
                    served_tokens_per_s=st.tokens_per_s, served_decode_tokens_per_s=st.decode_tokens_per_s,
@@ -194,8 +198,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--requests", type=int, default=None)
     ap.add_argument("--new-tokens", type=int, default=None)
     ap.add_argument("--skip-tests", action="store_true")
-    ap.add_argument("--decode-backend", default="auto", choices=["auto", "triton", "paged", "sdpa", "reference"],
-                    help="the DMC models' decode path (auto: Triton on CUDA, the paged path on the CPU)")
+    ap.add_argument("--decode-backends", nargs="+", default=None,
+                    choices=["auto", "triton", "paged", "sdpa", "reference"],
+                    help="the DMC models' decode paths, each measured at every CR (default: triton and paged on a GPU, "
+                         "paged in a dry run)")
     ns = ap.parse_args(argv)
     dry = ns.dry_run
     defaults = dict(layers=(2, 8), context=(64, 4096), decode_steps=(3, 32), budget_seqs=(2, 8), requests=(6, 64),
@@ -203,6 +209,8 @@ def main(argv: list[str] | None = None) -> None:
     for name, (small, big) in defaults.items():
         if getattr(ns, name) is None:
             setattr(ns, name, small if dry else big)
+    if ns.decode_backends is None:
+        ns.decode_backends = ["paged"] if dry else ["triton", "paged"]
     if not dry and not torch.cuda.is_available():
         sys.exit("gpu_check: error: no CUDA device here; run it on a GPU machine, or pass --dry-run")
     device = torch.device("cpu" if dry else "cuda")

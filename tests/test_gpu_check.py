@@ -20,6 +20,7 @@ def test_dry_run_writes_one_report_with_every_section(tmp_path):
     assert set(bench["train_step_s"]) == {"vanilla", "dmc", "dmc_triton_attention"}  # the suite sets TRITON_INTERPRET
     attention = bench["train_attention_s"]
     assert attention["sdpa"] > 0 and attention["triton"] > 0 and attention["max_abs_diff"] < 1e-4
+    assert bench["decode_backends"] == ["paged"] and bench["rows"][1]["decode_backend"] == "paged"
     rows = {r["model"]: r for r in bench["rows"]}
     assert list(rows) == ["vanilla", "dmc synthetic 2x", "dmc synthetic 4x", "dmc synthetic 8x"]
     for r in rows.values():
