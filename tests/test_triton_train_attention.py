@@ -73,7 +73,7 @@ def test_without_cuda_or_the_interpreter_it_refuses_in_one_line_naming_the_fallb
     if torch.cuda.is_available():
         pytest.skip("checks a machine without CUDA")
     with pytest.raises(RuntimeError, match=r"needs CUDA.*use 'auto'") as err:
-        fused.train_attention_triton(q, k, v, keep)
+        fused.fused_train_attention(q, k, v, keep)
     assert "\n" not in str(err.value)
 
 

@@ -15,6 +15,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .triton_train_attention import fused_train_attention
+
 # Finite stand-in for -inf: exp underflows to exactly 0 in fp32/bf16, and 0 * MASKED stays 0 (no NaN).
 MASKED = -1.0e4
 
@@ -105,18 +107,11 @@ def _compiled_flex():
     return _FLEX
 
 
-def train_attention_triton(q, k, v, keep_log, merge_log=None, scale: float | None = None):
-    """The flash-style Triton kernels (``triton_train_attention.py``; CUDA, or the CPU interpreter in tests)."""
-    from .triton_train_attention import train_attention_triton as fused
-
-    return fused(q, k, v, keep_log, merge_log, scale)
-
-
 TRAIN_ATTENTION = {
     "reference": train_attention_reference,
     "sdpa": train_attention_sdpa,
     "flex": train_attention_flex,
-    "triton": train_attention_triton,
+    "triton": fused_train_attention,  # flash-style Triton kernels: CUDA (the CPU interpreter in tests)
 }
 
 

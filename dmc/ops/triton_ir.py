@@ -72,11 +72,11 @@ def update_kernel_builds() -> dict[str, dict[str, list[str]]]:
 
 def train_attention_builds() -> dict[str, dict[str, list[str]]]:
     """The fused training attention's three kernels at Llama's head width, in fp32 and bf16."""
-    from .triton_train_attention import _kernels
+    from .triton_train_attention import _train_kernels
 
     builds = {}
     for dtype in ("fp32", "bf16"):
-        for name, kernel in _kernels().items():
+        for name, kernel in _train_kernels().items():
             sig = {arg: f"*{dtype}" for arg in kernel.arg_names}
             sig.update(KEEP="*fp32", LSE="*fp32", DELTA="*fp32", DKEEP="*fp32", T="i32", scale="fp32")
             const = dict(H=32, G=4, D=128, D_P=128, BM=64, BN=64, PREC="ieee" if dtype == "fp32" else "tf32")

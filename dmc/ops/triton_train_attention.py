@@ -16,20 +16,21 @@ import torch
 
 from .triton_decode import triton_available, triton_interpreting
 
-_KERNELS: dict = {}
-triton = tl = _scores = None  # bound by _kernels()
+_TRAIN_KERNELS: dict = {}
 
 
-def _kernels() -> dict:
-    """Defined on first use, like the decode kernels: importing triton costs seconds."""
-    global triton, tl, _scores  # the kernels look their names (and their helper's) up in this module's globals
-    if _KERNELS:
-        return _KERNELS
+def _train_kernels() -> dict:
+    """Defined on first use, like the decode kernels: importing triton costs seconds. ``triton``, ``tl`` and the
+    helper become module globals here, where the kernels look their names up (not defined at the top: the export
+    bundles this module with ``triton_decode``, which binds the same two names)."""
+    global triton, tl, _dmc_scores
+    if _TRAIN_KERNELS:
+        return _TRAIN_KERNELS
     import triton
     import triton.language as tl
 
     @triton.jit
-    def _scores(q, k, keep, rows, cols, T, scale, PREC: tl.constexpr):
+    def _dmc_scores(q, k, keep, rows, cols, T, scale, PREC: tl.constexpr):
         # (BM, BN) scores with DMC's bias: keep_log of the key, 0 on the diagonal; -inf after the query or past T.
         s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale
         s += tl.where(rows[:, None] == cols[None, :], 0.0, keep[None, :])
@@ -57,7 +58,7 @@ def _kernels() -> dict:
             k = tl.load(K + (kv * T + cols[:, None]) * D + d[None, :], mask=kd, other=0.0)
             v = tl.load(V + (kv * T + cols[:, None]) * D + d[None, :], mask=kd, other=0.0)
             keep = tl.load(KEEP + kv * T + cols, mask=col_ok, other=0.0).to(tl.float32)
-            s = _scores(q, k, keep, rows, cols, T, scale, PREC)
+            s = _dmc_scores(q, k, keep, rows, cols, T, scale, PREC)
             m_new = tl.maximum(m, tl.max(s, axis=1))
             p = tl.exp(s - m_new[:, None])
             corr = tl.exp(m - m_new)
@@ -97,7 +98,7 @@ def _kernels() -> dict:
                 do = tl.load(DO + (bh * T + rows[:, None]) * D + d[None, :], mask=qd, other=0.0)
                 lse = tl.load(LSE + bh * T + rows, mask=row_ok, other=0.0)
                 delta = tl.load(DELTA + bh * T + rows, mask=row_ok, other=0.0)
-                s = _scores(q, k, keep, rows, cols, T, scale, PREC)
+                s = _dmc_scores(q, k, keep, rows, cols, T, scale, PREC)
                 p = tl.where(row_ok[:, None], tl.exp(s - lse[:, None]), 0.0)  # (BM, BN)
                 dv += tl.dot(tl.trans(p).to(do.dtype), do, input_precision=PREC)
                 dp = tl.dot(do, tl.trans(v), input_precision=PREC)
@@ -132,14 +133,14 @@ def _kernels() -> dict:
             k = tl.load(K + (kv * T + cols[:, None]) * D + d[None, :], mask=kd, other=0.0)
             v = tl.load(V + (kv * T + cols[:, None]) * D + d[None, :], mask=kd, other=0.0)
             keep = tl.load(KEEP + kv * T + cols, mask=col_ok, other=0.0).to(tl.float32)
-            s = _scores(q, k, keep, rows, cols, T, scale, PREC)
+            s = _dmc_scores(q, k, keep, rows, cols, T, scale, PREC)
             p = tl.where(row_ok[:, None], tl.exp(s - lse[:, None]), 0.0)
             ds = p * (tl.dot(do, tl.trans(v), input_precision=PREC) - delta[:, None])
             dq += tl.dot(ds.to(k.dtype), k, input_precision=PREC) * scale
         tl.store(DQ + (bh * T + rows[:, None]) * D + d[None, :], dq.to(DQ.dtype.element_ty), mask=qd)
 
-    _KERNELS.update(forward=_forward, backward_kv=_backward_kv, backward_q=_backward_q)
-    return _KERNELS
+    _TRAIN_KERNELS.update(forward=_forward, backward_kv=_backward_kv, backward_q=_backward_q)
+    return _TRAIN_KERNELS
 
 
 def _blocks(T: int) -> int:
@@ -165,7 +166,7 @@ class _TrainAttention(torch.autograd.Function):
         out = torch.empty_like(q)
         lse = torch.empty(B, H, T, dtype=torch.float32, device=q.device)
         bm = _blocks(T)
-        _kernels()["forward"][(triton.cdiv(T, bm), B * H)](
+        _train_kernels()["forward"][(triton.cdiv(T, bm), B * H)](
             q, k, v, keep, out, lse, T, scale, H=H, G=H // H_kv, D=D, D_P=_head_width(D), BM=bm, BN=bm,
             PREC=_precision(q))
         ctx.save_for_backward(q, k, v, keep, out, lse)
@@ -183,14 +184,14 @@ class _TrainAttention(torch.autograd.Function):
         d_keep = torch.empty(B, H_kv, T, dtype=torch.float32, device=q.device)
         bm = _blocks(T)
         shape = dict(H=H, G=H // H_kv, D=D, D_P=_head_width(D), BM=bm, BN=bm, PREC=_precision(q))
-        _kernels()["backward_kv"][(triton.cdiv(T, bm), B * H_kv)](
+        _train_kernels()["backward_kv"][(triton.cdiv(T, bm), B * H_kv)](
             q, k, v, keep, d_out, lse, delta, dk, dv, d_keep, T, ctx.scale, **shape)
-        _kernels()["backward_q"][(triton.cdiv(T, bm), B * H)](
+        _train_kernels()["backward_q"][(triton.cdiv(T, bm), B * H)](
             q, k, v, keep, d_out, lse, delta, dq, T, ctx.scale, **shape)
         return dq, dk, dv, d_keep.to(keep.dtype), None
 
 
-def train_attention_triton(q, k, v, keep_log, merge_log=None, scale: float | None = None):
+def fused_train_attention(q, k, v, keep_log, merge_log=None, scale: float | None = None):
     """Same contract as ``train_attention_reference`` (``merge_log`` unused); CUDA tensors, or any under
     ``TRITON_INTERPRET=1``."""
     if not triton_available() or (q.device.type != "cuda" and not triton_interpreting()):
