@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, fields
 from transformers import LlamaConfig
 
 TRAIN_ATTENTION_BACKENDS = ("auto", "flex", "sdpa", "triton", "reference")
-DECODE_BACKENDS = ("auto", "paged", "sdpa", "reference", "flash", "triton")
+DECODE_BACKENDS = ("auto", "paged", "cpu", "sdpa", "reference", "flash", "triton")
 # the widths dmc/ops/kv_quant.py codes (its KV_BITS; a test holds them equal): this module is bundled alone
 # into an export's configuration file, so it imports nothing of the package
 KV_BITS = (16, 8, 4)
@@ -38,7 +38,8 @@ class DMCConfig:
         weight_offset) + weight_eps (100, as DMS's released gate: it lets Adam at a base learning rate move the
         decisions within tens of steps).
     train_attention: training-time attention kernel ("auto", "flex", "sdpa", "triton": CUDA only, "reference").
-    decode_backend: cached-decoding attention ("auto", "paged", "sdpa", "reference", "flash", "triton").
+    decode_backend: cached-decoding attention ("auto", "paged", "cpu": a C++ loop, float32 on the CPU, "sdpa",
+        "reference", "flash", "triton").
     block_size: slots per cache block (the paged cache allocates blocks on demand).
     kv_bits: bits per cached key/value element: 16 keeps the model's dtype; 8 or 4 store closed slots as
         group-wise integer codes (the open slot, which merges still write, stays in full precision).

@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass, fields
 from transformers import LlamaConfig
 
 DMS_TRAIN_ATTENTION = ("auto", "sdpa", "flex", "reference")
-DMS_DECODE_BACKENDS = ("auto", "paged", "sdpa", "reference", "flash", "triton")
+DMS_DECODE_BACKENDS = ("auto", "paged", "cpu", "sdpa", "reference", "flash", "triton")
 DMS_GATES = ("adapter", "channel")
 DMS_KV_BITS = (16, 8, 4)  # the widths dmc/ops/kv_quant.py codes (its KV_BITS; a test holds them equal)
 
@@ -37,8 +37,8 @@ class DMSConfig:
         gate_scale: The eviction logit is gate_scale * gate(x) - gate_offset (100 released).
         gate_offset: See gate_scale (5 released: a zero gate gives -5 everywhere, no eviction).
         train_attention: The training/evaluation attention kernel: auto, sdpa, flex or reference.
-        decode_backend: Cached-decoding attention over the held slots: auto, paged, sdpa, reference, flash or
-            triton.
+        decode_backend: Cached-decoding attention over the held slots: auto, paged, cpu (a C++ loop, float32 on
+            the CPU), sdpa, reference, flash or triton.
         block_size: Slots per block of the paged cache (blocks are allocated on demand).
         kv_bits: Bits per cached key/value element: 16 keeps the model's dtype; 8 or 4 store every slot as
             group-wise integer codes, and every query (prompt, chunk or decoding step) sees each key and value, its

@@ -158,7 +158,8 @@ class DMSLlamaAttention(LlamaAttention):
         decide = logit > 0
         layer.flag_previous(decide, valid)
         layer.add(k, v, decide, valid)
-        backend = resolve("dms", self.config.dms_decode_backend, q.device, layer.block_size, layer.kv_bits)
+        backend = resolve("dms", self.config.dms_decode_backend, q.device, layer.block_size, layer.kv_bits,
+                          layer.dtype if layer.is_initialized else q.dtype)
         out = attend(backend, q[:, :, 0], layer.decode_view(), self.scaling)
         return out[:, :, None], None  # one token evicts nothing by its own end: no record to summarise
 

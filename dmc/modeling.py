@@ -177,7 +177,8 @@ class DMCLlamaAttention(LlamaAttention):
         cos, sin = rope
         can = decode_merge_candidates(valid, layer.started if layer.is_initialized else None)[:, None, :]
         q_rot, _ = apply_rotary_pos_emb(q0, q0[:, :1], cos, sin)
-        backend = resolve("dmc", self.config.dmc_decode_backend, q0.device, layer.block_size, layer.kv_bits)
+        backend = resolve("dmc", self.config.dmc_decode_backend, q0.device, layer.block_size, layer.kv_bits,
+                          layer.dtype if layer.is_initialized else q0.dtype)
         fused = backend == "triton"  # the fused update goes with its kernel (the layer knows where it applies)
         outs = []
         for t in range(q0.shape[2]):

@@ -12,6 +12,10 @@ build is cached in ``TORCH_EXTENSIONS_DIR``. ``cpu_decode_available()`` says whe
 from __future__ import annotations
 
 import functools
+import hashlib
+import platform
+import sys
+import time
 
 _SOURCE = r"""
 #include <torch/extension.h>
@@ -94,12 +98,28 @@ torch::Tensor paged_decode(torch::Tensor q, torch::Tensor k_pool, torch::Tensor 
 """
 
 
+def _cpu_signature() -> str:
+    """A short hash of this CPU's instruction sets: the build uses -march=native, so a cache folder shared between
+    machines (a cluster's home) must not hand one CPU's build to another."""
+    try:
+        flags = next(line for line in open("/proc/cpuinfo") if line.startswith("flags"))
+    except (OSError, StopIteration):
+        flags = platform.machine() + platform.processor()
+    return hashlib.sha1(flags.encode()).hexdigest()[:10]
+
+
 @functools.cache
 def _extension():
     from torch.utils.cpp_extension import load_inline
 
-    return load_inline(name="dmc_cpu_decode", cpp_sources=_SOURCE, functions=["paged_decode"],
-                       extra_cflags=["-O3", "-march=native", "-fopenmp", "-fno-math-errno"], extra_ldflags=["-fopenmp"], verbose=False)
+    began = time.perf_counter()
+    module = load_inline(name=f"dmc_cpu_decode_{_cpu_signature()}", cpp_sources=_SOURCE, functions=["paged_decode"],
+                         extra_cflags=["-O3", "-march=native", "-fopenmp", "-fno-math-errno"], extra_ldflags=["-fopenmp"])
+    took = time.perf_counter() - began
+    if took > 2:  # a build, not a load of the cached one: say where the pause came from, once
+        print(f"dmc: built the CPU decode kernel in {took:.0f} s (once; cached under TORCH_EXTENSIONS_DIR)",
+              file=sys.stderr)
+    return module
 
 
 @functools.cache

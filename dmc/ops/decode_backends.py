@@ -9,10 +9,12 @@ one that this method runs at this precision on this device (or refuses in one li
 
 from __future__ import annotations
 
+import os
 from typing import NamedTuple
 
 import torch
 
+from .cpu_decode import cpu_decode_available, decode_attention_cpu
 from .decode_attention import (
     decode_attention_flash,
     decode_attention_paged,
@@ -56,6 +58,7 @@ BACKENDS = {
         "paged": lambda q, s, scale: decode_attention_paged(q, s.k, s.v, s.block_table, s.lens, scale, owned=s.owned),
         "flash": lambda q, s, scale: decode_attention_flash(q, s.k, s.v, s.block_table, s.lens, scale),
         "triton": lambda q, s, scale: decode_attention_triton(q, s.k, s.v, s.block_table, s.lens, scale),
+        "cpu": lambda q, s, scale: decode_attention_cpu(q, s.k, s.v, s.block_table, s.lens, scale),
     },
     "coded": {
         "paged": lambda q, s, scale: decode_attention_quant_paged(q, s.k, s.v, s.block_table, s.lens, *_open(s),
@@ -80,11 +83,13 @@ def _check_triton_runs_on(device: torch.device, method: str) -> None:
                            f"move the model to the GPU (model.to('cuda')) or use {method}_decode_backend='auto'")
 
 
-def _auto(precision: str, device: torch.device, block_size: int) -> str:
+def _auto(precision: str, device: torch.device, block_size: int, dtype: torch.dtype | None) -> str:
     """On CUDA: flash-attn when installed and the block size allows, else our Triton kernel (else SDPA); on CPU
-    the in-place paged path (fastest measured there)."""
+    the C++ loop over the table for float32 slots where it builds (``DMC_CPU_KERNEL=0``: never), else the in-place
+    paged path (the fastest measured there: ``bench/decode_compile.py``)."""
     if device.type != "cuda":
-        return "paged"
+        native = precision == "full" and dtype == torch.float32 and os.environ.get("DMC_CPU_KERNEL") != "0"
+        return "cpu" if native and cpu_decode_available() else "paged"
     if precision == "coded":
         return "triton" if triton_available() else "paged"
     if flash_available() and block_size % 256 == 0:
@@ -92,9 +97,10 @@ def _auto(precision: str, device: torch.device, block_size: int) -> str:
     return "triton" if triton_available() else "sdpa"
 
 
-def resolve(method: str, backend: str, device: torch.device, block_size: int, kv_bits: int = 16) -> str:
-    """The backend that ``method``'s cache (slots of ``kv_bits``) decodes with: ``backend`` itself, checked, or
-    ``auto``'s choice."""
+def resolve(method: str, backend: str, device: torch.device, block_size: int, kv_bits: int = 16,
+            dtype: torch.dtype | None = None) -> str:
+    """The backend that ``method``'s cache (slots of ``kv_bits``, ``dtype``) decodes with: ``backend`` itself,
+    checked, or ``auto``'s choice."""
     precision = "coded" if kv_bits < 16 else "full"
     if precision not in METHOD_PRECISIONS[method]:
         raise ValueError(f"a {method.upper()} cache holds 16-bit slots only; use {method}_kv_bits=16")
@@ -106,7 +112,11 @@ def resolve(method: str, backend: str, device: torch.device, block_size: int, kv
         _check_triton_runs_on(device, method)
     if backend == "flash" and not flash_available():
         raise RuntimeError(f"{method}_decode_backend='flash' needs CUDA and the flash-attn package; use 'sdpa'")
-    return _auto(precision, device, block_size) if backend == "auto" else backend
+    if backend == "cpu" and (device.type != "cpu" or dtype not in (None, torch.float32) or not cpu_decode_available()):
+        raise RuntimeError(f"{method}_decode_backend='cpu' is a C++ loop over float32 slots on the CPU (built with the "
+                           f"machine's compiler); this cache is {dtype} on {device.type}: use {method}_decode_backend="
+                           "'paged' (or 'auto')")
+    return _auto(precision, device, block_size, dtype) if backend == "auto" else backend
 
 
 def attend(backend: str, q: torch.Tensor, view: SlotsView, scale: float | None = None) -> torch.Tensor:
