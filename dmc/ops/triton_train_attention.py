@@ -23,7 +23,7 @@ def _train_kernels() -> dict:
     """Defined on first use, like the decode kernels: importing triton costs seconds. ``triton``, ``tl`` and the
     helper become module globals here, where the kernels look their names up (not defined at the top: the export
     bundles this module with ``triton_decode``, which binds the same two names)."""
-    global triton, tl, _dmc_scores
+    global triton, tl, _dmc_scores, _dmc_key_block, _dmc_query_block
     if _TRAIN_KERNELS:
         return _TRAIN_KERNELS
     import triton
@@ -36,6 +36,25 @@ def _train_kernels() -> dict:
         s += tl.where(rows[:, None] == cols[None, :], 0.0, keep[None, :])
         seen = (cols[None, :] <= rows[:, None]) & (cols[None, :] < T)
         return tl.where(seen, s, float("-inf"))
+
+    @triton.jit
+    def _dmc_key_block(K, V, KEEP, kv, cols, d, T, D: tl.constexpr):
+        # keys and values (BN, D_P) of KV head ``kv`` at positions ``cols`` and their keep_log, zeros past T
+        col_ok = cols < T
+        kd = col_ok[:, None] & (d[None, :] < D)
+        k = tl.load(K + (kv * T + cols[:, None]) * D + d[None, :], mask=kd, other=0.0)
+        v = tl.load(V + (kv * T + cols[:, None]) * D + d[None, :], mask=kd, other=0.0)
+        return k, v, tl.load(KEEP + kv * T + cols, mask=col_ok, other=0.0).to(tl.float32)
+
+    @triton.jit
+    def _dmc_query_block(Q, DO, LSE, DELTA, bh, rows, d, T, D: tl.constexpr):
+        # the backward's per-query inputs of head ``bh`` at positions ``rows``: q, dO (BM, D_P), lse, delta (BM,)
+        row_ok = rows < T
+        qd = row_ok[:, None] & (d[None, :] < D)
+        q = tl.load(Q + (bh * T + rows[:, None]) * D + d[None, :], mask=qd, other=0.0)
+        do = tl.load(DO + (bh * T + rows[:, None]) * D + d[None, :], mask=qd, other=0.0)
+        return (q, do, tl.load(LSE + bh * T + rows, mask=row_ok, other=0.0),
+                tl.load(DELTA + bh * T + rows, mask=row_ok, other=0.0))
 
     @triton.jit
     def _forward(Q, K, V, KEEP, OUT, LSE, T, scale, H: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
@@ -53,11 +72,7 @@ def _train_kernels() -> dict:
         acc = tl.zeros([BM, D_P], tl.float32)
         for n0 in range(0, tl.minimum(start + BM, T), BN):
             cols = n0 + tl.arange(0, BN)
-            col_ok = cols < T
-            kd = col_ok[:, None] & (d[None, :] < D)
-            k = tl.load(K + (kv * T + cols[:, None]) * D + d[None, :], mask=kd, other=0.0)
-            v = tl.load(V + (kv * T + cols[:, None]) * D + d[None, :], mask=kd, other=0.0)
-            keep = tl.load(KEEP + kv * T + cols, mask=col_ok, other=0.0).to(tl.float32)
+            k, v, keep = _dmc_key_block(K, V, KEEP, kv, cols, d, T, D)
             s = _dmc_scores(q, k, keep, rows, cols, T, scale, PREC)
             m_new = tl.maximum(m, tl.max(s, axis=1))
             p = tl.exp(s - m_new[:, None])
@@ -80,11 +95,9 @@ def _train_kernels() -> dict:
         start = tl.program_id(0) * BN
         cols = start + tl.arange(0, BN)
         d = tl.arange(0, D_P)
+        k, v, keep = _dmc_key_block(K, V, KEEP, kv, cols, d, T, D)
         col_ok = cols < T
         kd = col_ok[:, None] & (d[None, :] < D)
-        k = tl.load(K + (kv * T + cols[:, None]) * D + d[None, :], mask=kd, other=0.0)
-        v = tl.load(V + (kv * T + cols[:, None]) * D + d[None, :], mask=kd, other=0.0)
-        keep = tl.load(KEEP + kv * T + cols, mask=col_ok, other=0.0).to(tl.float32)
         dk = tl.zeros([BN, D_P], tl.float32)
         dv = tl.zeros([BN, D_P], tl.float32)
         dkeep = tl.zeros([BN], tl.float32)
@@ -93,11 +106,7 @@ def _train_kernels() -> dict:
             for m0 in range(start // BM * BM, T, BM):  # queries at or after this block's first key
                 rows = m0 + tl.arange(0, BM)
                 row_ok = rows < T
-                qd = row_ok[:, None] & (d[None, :] < D)
-                q = tl.load(Q + (bh * T + rows[:, None]) * D + d[None, :], mask=qd, other=0.0)
-                do = tl.load(DO + (bh * T + rows[:, None]) * D + d[None, :], mask=qd, other=0.0)
-                lse = tl.load(LSE + bh * T + rows, mask=row_ok, other=0.0)
-                delta = tl.load(DELTA + bh * T + rows, mask=row_ok, other=0.0)
+                q, do, lse, delta = _dmc_query_block(Q, DO, LSE, DELTA, bh, rows, d, T, D)
                 s = _dmc_scores(q, k, keep, rows, cols, T, scale, PREC)
                 p = tl.where(row_ok[:, None], tl.exp(s - lse[:, None]), 0.0)  # (BM, BN)
                 dv += tl.dot(tl.trans(p).to(do.dtype), do, input_precision=PREC)
@@ -121,18 +130,11 @@ def _train_kernels() -> dict:
         d = tl.arange(0, D_P)
         row_ok = rows < T
         qd = row_ok[:, None] & (d[None, :] < D)
-        q = tl.load(Q + (bh * T + rows[:, None]) * D + d[None, :], mask=qd, other=0.0)
-        do = tl.load(DO + (bh * T + rows[:, None]) * D + d[None, :], mask=qd, other=0.0)
-        lse = tl.load(LSE + bh * T + rows, mask=row_ok, other=0.0)
-        delta = tl.load(DELTA + bh * T + rows, mask=row_ok, other=0.0)
+        q, do, lse, delta = _dmc_query_block(Q, DO, LSE, DELTA, bh, rows, d, T, D)
         dq = tl.zeros([BM, D_P], tl.float32)
         for n0 in range(0, tl.minimum(start + BM, T), BN):
             cols = n0 + tl.arange(0, BN)
-            col_ok = cols < T
-            kd = col_ok[:, None] & (d[None, :] < D)
-            k = tl.load(K + (kv * T + cols[:, None]) * D + d[None, :], mask=kd, other=0.0)
-            v = tl.load(V + (kv * T + cols[:, None]) * D + d[None, :], mask=kd, other=0.0)
-            keep = tl.load(KEEP + kv * T + cols, mask=col_ok, other=0.0).to(tl.float32)
+            k, v, keep = _dmc_key_block(K, V, KEEP, kv, cols, d, T, D)
             s = _dmc_scores(q, k, keep, rows, cols, T, scale, PREC)
             p = tl.where(row_ok[:, None], tl.exp(s - lse[:, None]), 0.0)
             ds = p * (tl.dot(do, tl.trans(v), input_precision=PREC) - delta[:, None])
