@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-TESTS = ["tests/test_triton_decode.py", "tests/test_triton_update.py", "tests/test_decode_attention.py",
+TESTS = ["tests/test_triton_decode.py", "tests/test_fused_update.py", "tests/test_decode_attention.py",
          "tests/test_train_attention.py", "tests/test_triton_train_attention.py"]
 LLAMA2_7B = dict(hidden_size=4096, num_attention_heads=32, num_key_value_heads=32, intermediate_size=11008,
                  vocab_size=32000, max_position_embeddings=4096)

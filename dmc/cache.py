@@ -12,6 +12,7 @@ import torch
 
 from .metrics import head_dim
 from .ops.cache_step import open_slot_state, running_sums, segment_length, segment_sums, shift_ring
+from .ops.cpu_decode import dmc_update_cpu
 from .ops.decode_backends import SlotsView
 from .ops.triton_decode import dmc_update_triton
 from .slot_cache import DMCCacheError, SlotCache, SlotCacheLayer
@@ -115,13 +116,14 @@ class DMCLayer(SlotCacheLayer):
             self.ring_w = take(omega[..., None])[..., 0]
         self.seen_tokens += T
 
-    def step(self, k_pre, v, omega, merge, valid, cos, sin, fused: bool = False) -> None:
+    def step(self, k_pre, v, omega, merge, valid, cos, sin, fused: str | None = None) -> None:
         """Append or merge one token per sequence (the arithmetic: ``ops/cache_step.py``).
 
         k_pre, v (B, H_kv, D) (decision channel already zeroed); omega (B, H_kv); merge (B, H_kv) bool; valid (B,)
         False for left-padding tokens (they leave the cache untouched); cos, sin (B, D) of the token's position.
-        A sequence's first real token always appends. ``fused``: the per-pair update in one Triton kernel where it
-        applies (it writes full-precision slots, so a coded store steps in PyTorch); block allocation stays here.
+        A sequence's first real token always appends. ``fused``: the per-pair update in one kernel where it applies,
+        "triton" (CUDA) or "cpu" (the C++ loop); it writes full-precision slots, so a coded store steps in PyTorch.
+        Block allocation stays here.
         """
         B, H, _ = k_pre.shape
         if not self.is_initialized:
@@ -132,7 +134,7 @@ class DMCLayer(SlotCacheLayer):
         slot = torch.where(append, self.lens, self.lens - 1)
         self.allocate(append & (slot % self.block_size == 0), slot // self.block_size)
         if fused and not self.quantized:
-            self._step_fused(k_pre, v, omega, merge, live, append, slot, cos, sin)
+            self._step_fused(fused, k_pre, v, omega, merge, live, append, slot, cos, sin)
         else:
             sd = self.state_dtype
             k_pre, v, w = k_pre.to(sd), v.to(sd), omega.to(sd)
@@ -149,14 +151,14 @@ class DMCLayer(SlotCacheLayer):
             self.write_open(b, h, slot[b, h], key[b, h], val[b, h], append[b, h])
         self.started = self.started | valid
 
-    def _step_fused(self, k_pre, v, omega, merge, live, append, slot, cos, sin) -> None:
+    def _step_fused(self, kernel: str, k_pre, v, omega, merge, live, append, slot, cos, sin) -> None:
         """The sums, the ring and the open slot in one kernel, the slot counts and the segment length here: the
         kernel reads every state it is given and writes only new tensors and the pool."""
         seg_len = segment_length(self.seg_len, merge, append) if self.window else self.lens
         ring = (self.ring_k, self.ring_v, self.ring_w) if self.window else None
-        sums, ring = dmc_update_triton(k_pre, v, omega, merge, live, slot, cos, sin, (self.k_sum, self.v_sum,
-                                       self.w_sum), ring, seg_len, self.block_table, self.k_pool, self.v_pool,
-                                       self.block_size)
+        update = dmc_update_cpu if kernel == "cpu" else dmc_update_triton
+        sums, ring = update(k_pre, v, omega, merge, live, slot, cos, sin, (self.k_sum, self.v_sum, self.w_sum), ring,
+                            seg_len, self.block_table, self.k_pool, self.v_pool, self.block_size)
         self.k_sum, self.v_sum, self.w_sum = sums
         if self.window:
             self.ring_k, self.ring_v, self.ring_w = ring

@@ -179,7 +179,8 @@ class DMCLlamaAttention(LlamaAttention):
         q_rot, _ = apply_rotary_pos_emb(q0, q0[:, :1], cos, sin)
         backend = resolve("dmc", self.config.dmc_decode_backend, q0.device, layer.block_size, layer.kv_bits,
                           layer.dtype if layer.is_initialized else q0.dtype)
-        fused = backend == "triton"  # the fused update goes with its kernel (the layer knows where it applies)
+        # the fused update goes with its attention kernel (the layer knows where it applies)
+        fused = backend if backend in ("triton", "cpu") else None
         outs = []
         for t in range(q0.shape[2]):
             layer.step(k0[:, :, t], v[:, :, t], omega[..., t], logit[..., t] > 0, valid[:, t], cos[:, t], sin[:, t],

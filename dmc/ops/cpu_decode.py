@@ -1,4 +1,5 @@
-"""Decode attention over paged slots for the CPU as one C++ loop (``decode_attention_cpu``), built at first use.
+"""The DMC decode step's two parts for the CPU as C++ loops, built at first use: the attention over paged slots
+(``decode_attention_cpu``) and the cache update (``dmc_update_cpu``, the twin of the Triton update kernel).
 
 The portable paged path (``decode_attention.decode_attention_paged``) runs one tiny matmul per block plus scatter
 reductions; on two cores it takes 2.7-3.7x the time of dense SDPA over the same number of slots
@@ -16,6 +17,8 @@ import hashlib
 import platform
 import sys
 import time
+
+import torch
 
 _SOURCE = r"""
 #include <torch/extension.h>
@@ -95,6 +98,90 @@ torch::Tensor paged_decode(torch::Tensor q, torch::Tensor k_pool, torch::Tensor 
   });
   return out;
 }
+
+// The per-pair part of DMCLayer.step (ops/cache_step.py), as triton_decode's update kernel: from the open slots'
+// sums (and the merge window's ring) the new ones, into new tensors; each live pair's open slot into the pools.
+std::vector<torch::Tensor> dmc_update(torch::Tensor k_pre, torch::Tensor v, torch::Tensor omega, torch::Tensor merge,
+                                      torch::Tensor live, torch::Tensor slot, torch::Tensor cos, torch::Tensor sin,
+                                      torch::Tensor k_sum, torch::Tensor v_sum, torch::Tensor w_sum,
+                                      torch::Tensor ring_k, torch::Tensor ring_v, torch::Tensor ring_w,
+                                      torch::Tensor seg_len, torch::Tensor table, torch::Tensor k_pool,
+                                      torch::Tensor v_pool, int64_t BS, int64_t W) {
+  const int64_t B = k_pre.size(0), H = k_pre.size(1), D = k_pre.size(2), MAXB = table.size(2), NB = k_pool.size(0);
+  auto ks = torch::empty_like(k_sum), vs = torch::empty_like(v_sum), ws = torch::empty_like(w_sum);
+  auto rk = W ? torch::empty_like(ring_k) : ring_k, rv = W ? torch::empty_like(ring_v) : ring_v;
+  auto rw = W ? torch::empty_like(ring_w) : ring_w;
+  const float *kp = k_pre.data_ptr<float>(), *vp = v.data_ptr<float>(), *om = omega.data_ptr<float>();
+  const bool *mg = merge.data_ptr<bool>(), *lv = live.data_ptr<bool>();
+  const int64_t *sl = slot.data_ptr<int64_t>(), *sg = seg_len.data_ptr<int64_t>(), *tb = table.data_ptr<int64_t>();
+  const float *cs = cos.data_ptr<float>(), *sn = sin.data_ptr<float>();
+  const float *ks0 = k_sum.data_ptr<float>(), *vs0 = v_sum.data_ptr<float>(), *ws0 = w_sum.data_ptr<float>();
+  float *ks1 = ks.data_ptr<float>(), *vs1 = vs.data_ptr<float>(), *ws1 = ws.data_ptr<float>();
+  float *kpool = k_pool.data_ptr<float>(), *vpool = v_pool.data_ptr<float>();
+  const int64_t half = D / 2;
+  at::parallel_for(0, B * H, 16, [&](int64_t begin, int64_t end) {
+    std::vector<float> key(D);
+    for (int64_t p = begin; p < end; ++p) {
+      const bool is_live = lv[p], is_merge = mg[p];
+      const float* k = kp + p * D;
+      const float* x = vp + p * D;
+      const float w = om[p];
+      float* ksp = ks1 + p * D;
+      float* vsp = vs1 + p * D;
+      if (W > 0) {  // the ring moved one place left with the new token last (a live pair), or as it was
+        const float *rk0 = ring_k.data_ptr<float>() + p * W * D, *rv0 = ring_v.data_ptr<float>() + p * W * D;
+        const float* rw0 = ring_w.data_ptr<float>() + p * W;
+        float *rk1 = rk.data_ptr<float>() + p * W * D, *rv1 = rv.data_ptr<float>() + p * W * D;
+        float* rw1 = rw.data_ptr<float>() + p * W;
+        const int64_t shift = is_live ? 1 : 0;
+        for (int64_t i = 0; i < W; ++i) {
+          const bool last = is_live && i == W - 1;
+          const int64_t src = i + shift;
+          for (int64_t d = 0; d < D; ++d) {
+            rk1[i * D + d] = last ? k[d] : (src < W ? rk0[src * D + d] : 0.f);
+            rv1[i * D + d] = last ? x[d] : (src < W ? rv0[src * D + d] : 0.f);
+          }
+          rw1[i] = last ? w : (src < W ? rw0[src] : 0.f);
+        }
+        const int64_t first = W - std::min(sg[p], W);  // the open segment's last min(seg, W) tokens
+        float wsum = 0.f;
+        std::fill(ksp, ksp + D, 0.f);
+        std::fill(vsp, vsp + D, 0.f);
+        for (int64_t i = first; i < W; ++i) {
+          const float wi = rw1[i];
+          wsum += wi;
+          for (int64_t d = 0; d < D; ++d) {
+            ksp[d] += wi * rk1[i * D + d];
+            vsp[d] += wi * rv1[i * D + d];
+          }
+        }
+        ws1[p] = wsum;
+      } else {
+        const float keep = is_merge ? 1.f : 0.f;
+        for (int64_t d = 0; d < D; ++d) {
+          ksp[d] = is_live ? ks0[p * D + d] * keep + w * k[d] : ks0[p * D + d];
+          vsp[d] = is_live ? vs0[p * D + d] * keep + w * x[d] : vs0[p * D + d];
+        }
+        ws1[p] = is_live ? ws0[p] * keep + w : ws0[p];
+      }
+      const int64_t s = sl[p];
+      if (!is_live || s < 0 || s >= MAXB * BS) continue;
+      const int64_t blk = tb[p * MAXB + s / BS];
+      if (blk < 0 || blk >= NB) continue;  // never before or past the pool
+      const float* c = cs + (p / H) * D;
+      const float* n = sn + (p / H) * D;
+      for (int64_t d = 0; d < D; ++d) key[d] = ksp[d] / ws1[p];
+      float* kd = kpool + (blk * BS + s % BS) * D;
+      float* vd = vpool + (blk * BS + s % BS) * D;
+      for (int64_t d = 0; d < D; ++d) {  // RoPE at the current position: x * cos + rotate_half(x) * sin
+        const float partner = d < half ? -key[d + half] : key[d - half];
+        kd[d] = key[d] * c[d] + partner * n[d];
+        vd[d] = vsp[d] / ws1[p];
+      }
+    }
+  });
+  return {ks, vs, ws, rk, rv, rw};
+}
 """
 
 
@@ -113,7 +200,7 @@ def _extension():
     from torch.utils.cpp_extension import load_inline
 
     began = time.perf_counter()
-    module = load_inline(name=f"dmc_cpu_decode_{_cpu_signature()}", cpp_sources=_SOURCE, functions=["paged_decode"],
+    module = load_inline(name=f"dmc_cpu_decode_{_cpu_signature()}", cpp_sources=_SOURCE, functions=["paged_decode", "dmc_update"],
                          extra_cflags=["-O3", "-march=native", "-fopenmp", "-fno-math-errno"], extra_ldflags=["-fopenmp"])
     took = time.perf_counter() - began
     if took > 2:  # a build, not a load of the cached one: say where the pause came from, once
@@ -130,6 +217,21 @@ def cpu_decode_available() -> bool:
     except Exception:  # no compiler, no headers, no ninja: the portable paged path serves instead
         return False
     return True
+
+
+def dmc_update_cpu(k_pre, v, omega, merge, live, slot, cos, sin, sums, ring, seg_len, table, k_pool, v_pool,
+                   block_size: int):
+    """Same contract as ``triton_decode.dmc_update_triton`` for float32 CPU tensors: -> (sums, ring), new tensors;
+    each live pair's open slot written into ``k_pool``/``v_pool``."""
+    B, H, D = k_pre.shape
+    win = ring[2].shape[-1] if ring is not None else 0
+    c = lambda t: t.contiguous()  # noqa: E731
+    rk, rv, rw = (c(t) for t in ring) if ring is not None else (sums[2],) * 3  # unused without a window
+    table = c(table) if table.shape[-1] else torch.full((B, H, 1), -1, dtype=table.dtype)
+    out = _extension().dmc_update(c(k_pre), c(v), c(omega), c(merge), c(live), c(slot), c(cos.expand(B, D)),
+                                  c(sin.expand(B, D)), *(c(t) for t in sums), rk, rv, rw, c(seg_len), table,
+                                  k_pool, v_pool, block_size, win)
+    return tuple(out[:3]), (tuple(out[3:]) if win else None)
 
 
 def decode_attention_cpu(q, k_pool, v_pool, block_table, lens, scale=None):

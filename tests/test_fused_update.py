@@ -1,6 +1,7 @@
-"""The fused DMC cache update (``triton_decode.dmc_update_triton``): equal to the PyTorch step arithmetic
-(``ops/cache_step.py``) on random state, never writing what it reads, never storing outside the pool; and its build for
-a CUDA target, compiled on this machine, loads from no argument it stores to (issue 37's race)."""
+"""The fused DMC cache updates, Triton's (``triton_decode.dmc_update_triton``; CUDA, the interpreter here) and the
+CPU's C++ loop (``cpu_decode.dmc_update_cpu``): equal to the PyTorch step arithmetic (``ops/cache_step.py``) on random
+state, never writing what they read, never storing outside the pool; and the Triton kernels built for a CUDA target,
+compiled on this machine, load from no argument they store to (issue 37's race)."""
 
 import json
 import os
@@ -15,11 +16,17 @@ if not torch.cuda.is_available():
 pytest.importorskip("triton")
 
 from dmc.ops.cache_step import open_slot_state, running_sums, segment_sums, shift_ring  # noqa: E402
+from dmc.ops.cpu_decode import cpu_decode_available, dmc_update_cpu  # noqa: E402
 from dmc.ops.triton_decode import dmc_update_triton, triton_available  # noqa: E402
 from dmc.ops.triton_ir import pointer_access  # noqa: E402
 
-needs_triton = pytest.mark.skipif(not triton_available(), reason="triton needs CUDA or TRITON_INTERPRET=1")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+KERNELS = [  # (name, update, device)
+    pytest.param(dmc_update_triton, DEVICE, id="triton", marks=pytest.mark.skipif(
+        not triton_available(), reason="triton needs CUDA or TRITON_INTERPRET=1")),
+    pytest.param(dmc_update_cpu, "cpu", id="cpu", marks=pytest.mark.skipif(
+        not cpu_decode_available(), reason="no C++ compiler to build the CPU kernel")),
+]
 
 
 def _state(B, H, D, bs, window, seed):
@@ -68,24 +75,24 @@ def _reference(st, bs):
     return sums, ring, seg, k_pool, v_pool
 
 
-def _fused(st, bs, seg_len):
-    k_pool, v_pool = st["k_pool"].clone().to(DEVICE), st["v_pool"].clone().to(DEVICE)
-    dev = lambda x: None if x is None else (tuple(t.to(DEVICE) for t in x) if isinstance(x, tuple) else x.to(DEVICE))  # noqa: E731
-    sums, ring = dmc_update_triton(*(dev(st[k]) for k in ("k_pre", "v", "omega", "merge", "live", "slot", "cos", "sin",
-                                                           "sums", "ring")),
-                                   dev(seg_len), dev(st["table"]), k_pool, v_pool, bs)
+def _fused(update, device, st, bs, seg_len):
+    k_pool, v_pool = st["k_pool"].clone().to(device), st["v_pool"].clone().to(device)
+    dev = lambda x: None if x is None else (tuple(t.to(device) for t in x) if isinstance(x, tuple) else x.to(device))  # noqa: E731
+    sums, ring = update(*(dev(st[k]) for k in ("k_pre", "v", "omega", "merge", "live", "slot", "cos", "sin", "sums",
+                                               "ring")),
+                        dev(seg_len), dev(st["table"]), k_pool, v_pool, bs)
     return sums, ring, k_pool, v_pool
 
 
-@needs_triton
+@pytest.mark.parametrize("update,device", KERNELS)
 @pytest.mark.parametrize("window", [0, 3, 5])
 @pytest.mark.parametrize("B,H,D,bs", [(3, 2, 40, 3), (4, 3, 64, 16)])  # odd head dim and block size; SmolLM2's
-def test_fused_update_equals_the_step_arithmetic_and_leaves_its_inputs_alone(window, B, H, D, bs):
+def test_fused_update_equals_the_step_arithmetic_and_leaves_its_inputs_alone(update, device, window, B, H, D, bs):
     st = _state(B, H, D, bs, window, seed=B + window)
     before = {k: (tuple(t.clone() for t in v) if isinstance(v, tuple) else v.clone())
               for k, v in st.items() if v is not None}
     want_sums, want_ring, want_seg, want_k, want_v = _reference(st, bs)
-    sums, ring, k_pool, v_pool = _fused(st, bs, want_seg)
+    sums, ring, k_pool, v_pool = _fused(update, device, st, bs, want_seg)
     for got, want in zip(sums + (ring or ()), want_sums + tuple(want_ring or ())):
         torch.testing.assert_close(got.cpu(), want, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(k_pool.cpu(), want_k, atol=1e-5, rtol=1e-5)
@@ -97,8 +104,8 @@ def test_fused_update_equals_the_step_arithmetic_and_leaves_its_inputs_alone(win
             assert torch.equal(a, b), name
 
 
-@needs_triton
-def test_fused_update_stores_nothing_for_a_pair_whose_block_is_missing():
+@pytest.mark.parametrize("update,device", KERNELS)
+def test_fused_update_stores_nothing_for_a_pair_whose_block_is_missing(update, device):
     """A live pair whose open slot has no block (-1 in its table) writes nowhere: not before the pool, not wrapped
     onto the last block; the other pairs' slots are written as usual."""
     bs = 4
@@ -109,7 +116,7 @@ def test_fused_update_stores_nothing_for_a_pair_whose_block_is_missing():
     st["slot"] = st["seg_len"].clone()
     lost = (0, 1)
     st["table"][lost][st["slot"][lost] // bs] = -1
-    _, _, k_pool, _ = _fused(st, bs, st["seg_len"])
+    _, _, k_pool, _ = _fused(update, device, st, bs, st["seg_len"])
     k_pool = k_pool.cpu()
     written = (k_pool != st["k_pool"]).any(-1).nonzero().tolist()
     want = sorted([int(st["table"][b, h, st["slot"][b, h] // bs]), int(st["slot"][b, h] % bs)]
