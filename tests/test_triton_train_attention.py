@@ -34,6 +34,7 @@ SHAPES = [  # (B, H, H_kv, T, D)
     (1, 9, 3, 50, 64),  # SmolLM2's heads
     (1, 4, 4, 1, 16),  # one token
     (2, 2, 1, 17, 24),  # MQA, one key past a block
+    (1, 4, 2, 150, 32),  # past two of a GPU's 64-blocks: the running rescale and later query blocks there too
 ]
 
 
@@ -53,6 +54,16 @@ def test_forward_and_every_gradient_equal_the_reference(B, H, H_kv, T, D):
     for name, a, b in zip(("out", "dq", "dk", "dv", "dkeep"), got, want):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4, msg=name)
     assert T == 1 or want[4].abs().max() > 1e-3  # keep_log's gradient is not trivially zero (one token: it is)
+
+
+def test_bfloat16_inputs_stay_close_to_the_float32_reference():
+    """The training dtype on a GPU: 16-bit operands, fp32 accumulation; within bf16's rounding of the reference."""
+    q, k, v, keep = _inputs(1, 4, 2, 70, 32, seed=9, dtype=torch.float32)
+    want = train_attention_reference(q, k, v, keep, None, scale=0.2)
+    got = train_attention("triton", *(x.to(DEVICE, torch.bfloat16) for x in (q, k, v)), keep.to(DEVICE), None,
+                          scale=0.2)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float().cpu(), want, atol=3e-2, rtol=3e-2)
 
 
 def test_a_bias_of_zero_everywhere_is_causal_attention():

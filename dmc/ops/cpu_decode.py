@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import os
 import platform
 import sys
 import time
@@ -33,6 +34,8 @@ torch::Tensor paged_decode(torch::Tensor q, torch::Tensor k_pool, torch::Tensor 
               && v_pool.scalar_type() == torch::kFloat32, "paged_decode: float32 only");
   TORCH_CHECK(q.is_contiguous() && k_pool.is_contiguous() && v_pool.is_contiguous() && table.is_contiguous()
               && lens.is_contiguous(), "paged_decode: contiguous tensors only");
+  TORCH_CHECK(table.dim() == 3 && table.size(0) == q.size(0) && table.size(1) == lens.size(1)
+              && q.size(1) % lens.size(1) == 0, "paged_decode: table (B, H_kv, blocks) and H a multiple of H_kv");
   const int64_t B = q.size(0), H = q.size(1), D = q.size(2), H_kv = lens.size(1), G = H / H_kv;
   const int64_t BS = k_pool.size(1), MAXB = table.size(2), NB = k_pool.size(0);
   auto out = torch::zeros_like(q);
@@ -53,6 +56,7 @@ torch::Tensor paged_decode(torch::Tensor q, torch::Tensor k_pool, torch::Tensor 
       std::fill(l.begin(), l.end(), 0.f);
       std::fill(acc.begin(), acc.end(), 0.f);
       for (int64_t j = 0; j * BS < n; ++j) {
+        TORCH_CHECK(j < MAXB, "paged_decode: pair ", pair, " has ", n, " slots but its table ", MAXB, " blocks");
         const int64_t blk = tp[pair * MAXB + j];
         TORCH_CHECK(blk >= 0 && blk < NB, "paged_decode: pair ", pair, " has no block for column ", j);
         const int64_t live = std::min(BS, n - j * BS);
@@ -164,10 +168,12 @@ std::vector<torch::Tensor> dmc_update(torch::Tensor k_pre, torch::Tensor v, torc
         }
         ws1[p] = is_live ? ws0[p] * keep + w : ws0[p];
       }
+      if (!is_live) continue;
       const int64_t s = sl[p];
-      if (!is_live || s < 0 || s >= MAXB * BS) continue;
+      // as PagedSlots.locate: a live pair's open slot must have a block (never a write before or past the pool)
+      TORCH_CHECK(s >= 0 && s < MAXB * BS, "dmc_update: pair ", p, " has no table column for slot ", s);
       const int64_t blk = tb[p * MAXB + s / BS];
-      if (blk < 0 || blk >= NB) continue;  // never before or past the pool
+      TORCH_CHECK(blk >= 0 && blk < NB, "dmc_update: pair ", p, " has no block for slot ", s);
       const float* c = cs + (p / H) * D;
       const float* n = sn + (p / H) * D;
       for (int64_t d = 0; d < D; ++d) key[d] = ksp[d] / ws1[p];
@@ -195,12 +201,27 @@ def _cpu_signature() -> str:
     return hashlib.sha1(flags.encode()).hexdigest()[:10]
 
 
+def _clear_stale_lock(name: str, older_than_s: float = 600) -> None:
+    """A build killed part-way (Ctrl-C) leaves ``lock`` in its folder, and the next load waits on it forever: remove
+    one older than any build takes."""
+    try:
+        from torch.utils.cpp_extension import _get_build_directory
+
+        lock = os.path.join(_get_build_directory(name, verbose=False), "lock")
+        if os.path.exists(lock) and time.time() - os.path.getmtime(lock) > older_than_s:
+            os.remove(lock)
+    except (ImportError, OSError):  # a private helper of torch's: without it, the wait stays torch's
+        pass
+
+
 @functools.cache
 def _extension():
     from torch.utils.cpp_extension import load_inline
 
+    name = f"dmc_cpu_decode_{_cpu_signature()}"
+    _clear_stale_lock(name)
     began = time.perf_counter()
-    module = load_inline(name=f"dmc_cpu_decode_{_cpu_signature()}", cpp_sources=_SOURCE, functions=["paged_decode", "dmc_update"],
+    module = load_inline(name=name, cpp_sources=_SOURCE, functions=["paged_decode", "dmc_update"],
                          extra_cflags=["-O3", "-march=native", "-fopenmp", "-fno-math-errno"], extra_ldflags=["-fopenmp"])
     took = time.perf_counter() - began
     if took > 2:  # a build, not a load of the cached one: say where the pause came from, once

@@ -16,11 +16,14 @@ import re
 # IR op results that carry a pointer derive it from these operands (addptr, splat, broadcast, bitcast, ...)
 _SSA = re.compile(r"%[\w.$-]+")
 _ARG = re.compile(r"%(\w+): !tt\.ptr")
+_ITER_ARG = re.compile(r"(%[\w.$-]+) = (%[\w.$-]+)[,)]")
 
 
 def pointer_access(ttir: str) -> dict[str, list[str]]:
     """{"loaded": [...], "stored": [...]}: the pointer arguments whose addresses reach a ``tt.load`` / ``tt.store``.
-    Conservative: a pointer-typed result derives from every SSA operand of its op, so an alias is never missed."""
+    A pointer-typed result derives from every SSA operand of its op, and a loop's carried value from its initial one;
+    a pointer returned through ``scf.yield`` from an ``scf.if`` is not followed (the kernels here return none), so a
+    caller should also check that the loads and stores it expects are found."""
     roots: dict[str, set[str]] = {}
     access = {"loaded": set(), "stored": set()}
     for line in ttir.splitlines():
@@ -33,6 +36,8 @@ def pointer_access(ttir: str) -> dict[str, list[str]]:
             continue
         if "=" not in line:
             continue
+        for carried, initial in _ITER_ARG.findall(line):  # a loop's carried value starts as its initial one
+            roots[carried] = roots.get(initial, set())
         result, op = (part.strip() for part in line.split("=", 1))
         operands = _SSA.findall(op)
         if op.startswith("tt.load"):

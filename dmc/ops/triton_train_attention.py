@@ -44,7 +44,8 @@ def _train_kernels() -> dict:
         kd = col_ok[:, None] & (d[None, :] < D)
         k = tl.load(K + (kv * T + cols[:, None]) * D + d[None, :], mask=kd, other=0.0)
         v = tl.load(V + (kv * T + cols[:, None]) * D + d[None, :], mask=kd, other=0.0)
-        return k, v, tl.load(KEEP + kv * T + cols, mask=col_ok, other=0.0).to(tl.float32)
+        keep = tl.load(KEEP + kv * T + cols, mask=col_ok, other=0.0).to(tl.float32)
+        return k, v, tl.maximum(keep, -1.0e4)  # -inf (a hidden state) as MASKED: a running max never starts at -inf
 
     @triton.jit
     def _dmc_query_block(Q, DO, LSE, DELTA, bh, rows, d, T, D: tl.constexpr):
