@@ -56,6 +56,8 @@ def test_forward_and_every_gradient_equal_the_reference(B, H, H_kv, T, D):
     assert T == 1 or want[4].abs().max() > 1e-3  # keep_log's gradient is not trivially zero (one token: it is)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="Triton 3.9's CPU interpreter computes tl.dot on bf16 "
+                    "operands wrongly (a 16x16 bf16 dot is off by ~3e10 there): this runs on CUDA")
 def test_bfloat16_inputs_stay_close_to_the_float32_reference():
     """The training dtype on a GPU: 16-bit operands, fp32 accumulation; within bf16's rounding of the reference."""
     q, k, v, keep = _inputs(1, 4, 2, 70, 32, seed=9, dtype=torch.float32)
