@@ -236,3 +236,22 @@ def check_fresh_process_equals(folder, expected, tmp_path, prompts: list[str], c
     assert fresh["cache"] == cache
     torch.testing.assert_close(fresh["logits"], logits, rtol=0, atol=0)
     assert torch.equal(fresh["gen"], gen)
+
+
+def random_paged_pool(B, H_kv, D, bs, lens, seed=0):
+    """A pool with shuffled block order and garbage in dead slots, plus its block table."""
+    g = torch.Generator().manual_seed(seed)
+    lens = torch.tensor(lens).view(B, H_kv)
+    n_blocks = -(-lens // bs)
+    total = int(n_blocks.sum()) + 3
+    k_pool = torch.randn(total, bs, D, generator=g)
+    v_pool = torch.randn(total, bs, D, generator=g)
+    order = torch.randperm(total, generator=g)
+    table = torch.full((B, H_kv, int(n_blocks.max())), -1, dtype=torch.long)
+    used = 0
+    for b in range(B):
+        for h in range(H_kv):
+            n = int(n_blocks[b, h])
+            table[b, h, :n] = order[used:used + n]
+            used += n
+    return k_pool, v_pool, table, lens

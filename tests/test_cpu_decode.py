@@ -8,8 +8,7 @@ from dmc.cache import DMCCache
 from dmc.ops.cpu_decode import cpu_decode_available, decode_attention_cpu
 from dmc.ops.decode_attention import decode_attention_reference
 from dmc.ops.decode_backends import resolve
-from tests.helpers import mixed_dmc, random_ids
-from tests.test_triton_decode import _random_paged
+from tests.helpers import mixed_dmc, random_ids, random_paged_pool
 
 needs_kernel = pytest.mark.skipif(not cpu_decode_available(), reason="no C++ compiler to build the CPU kernel")
 
@@ -22,7 +21,7 @@ needs_kernel = pytest.mark.skipif(not cpu_decode_available(), reason="no C++ com
     (1, 2, 1, 8, 1, [6]),  # one slot per block
 ])
 def test_cpu_kernel_equals_the_reference(B, H, H_kv, D, bs, lens):
-    k_pool, v_pool, table, lens_t = _random_paged(B, H_kv, D, bs, lens)
+    k_pool, v_pool, table, lens_t = random_paged_pool(B, H_kv, D, bs, lens)
     k_pool[k_pool.abs() > 2] = 1e4  # large scores: the running maximum matters
     q = torch.randn(B, H, D, generator=torch.Generator().manual_seed(1))
     want = decode_attention_reference(q, k_pool, v_pool, table, lens_t, scale=0.3)

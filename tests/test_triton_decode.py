@@ -13,29 +13,10 @@ pytest.importorskip("triton")
 from dmc.cache import DMCCache  # noqa: E402
 from dmc.ops.decode_attention import decode_attention_reference  # noqa: E402
 from dmc.ops.triton_decode import decode_attention_triton, triton_available  # noqa: E402
-from tests.helpers import mixed_dmc, random_ids  # noqa: E402
+from tests.helpers import mixed_dmc, random_ids, random_paged_pool  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not triton_available(), reason="triton needs CUDA or TRITON_INTERPRET=1")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def _random_paged(B, H_kv, D, bs, lens, seed=0):
-    """A pool with shuffled block order and garbage in dead slots, plus its block table."""
-    g = torch.Generator().manual_seed(seed)
-    lens = torch.tensor(lens).view(B, H_kv)
-    n_blocks = -(-lens // bs)
-    total = int(n_blocks.sum()) + 3
-    k_pool = torch.randn(total, bs, D, generator=g)
-    v_pool = torch.randn(total, bs, D, generator=g)
-    order = torch.randperm(total, generator=g)
-    table = torch.full((B, H_kv, int(n_blocks.max())), -1, dtype=torch.long)
-    used = 0
-    for b in range(B):
-        for h in range(H_kv):
-            n = int(n_blocks[b, h])
-            table[b, h, :n] = order[used:used + n]
-            used += n
-    return k_pool, v_pool, table, lens
 
 
 @pytest.mark.parametrize("B,H,H_kv,D,bs,lens", [
@@ -44,7 +25,7 @@ def _random_paged(B, H_kv, D, bs, lens, seed=0):
     (3, 6, 2, 24, 3, [2, 9, 1, 1, 10, 4]),
 ])
 def test_attention_kernel_equals_reference(B, H, H_kv, D, bs, lens):
-    k_pool, v_pool, table, lens = _random_paged(B, H_kv, D, bs, lens)
+    k_pool, v_pool, table, lens = random_paged_pool(B, H_kv, D, bs, lens)
     q = torch.randn(B, H, D, generator=torch.Generator().manual_seed(1))
     want = decode_attention_reference(q, k_pool, v_pool, table, lens, scale=0.3)
     dev = [t.to(DEVICE) for t in (q, k_pool, v_pool, table, lens)]
@@ -94,7 +75,7 @@ def test_attention_kernel_over_codes_equals_decoding_everything(bits, B, H, H_kv
     from dmc.ops.quant_attention import decode_attention_quant_reference
     from dmc.ops.triton_decode import decode_attention_quant_triton
 
-    k_pool, v_pool, table, lens = _random_paged(B, H_kv, D, bs, lens)
+    k_pool, v_pool, table, lens = random_paged_pool(B, H_kv, D, bs, lens)
     scale_by = torch.linspace(0.1, 4, D)  # channels of very different magnitude, as keys have
     k, v = (CodedPool(*quantize(x * scale_by, bits, group), bits) for x in (k_pool, v_pool))
     g = torch.Generator().manual_seed(1)

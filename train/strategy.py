@@ -62,10 +62,14 @@ def check_devices(run) -> None:
                             f"{run.devices} x {run.num_nodes}: pass --run.num_nodes {int(world) // int(local)}")
 
 
+def runs_on_cpu(accelerator: str) -> bool:
+    """Whether a run with this ``run.accelerator`` trains on the CPU (``auto``: where no CUDA GPU is present)."""
+    return accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available())
+
+
 def check_kernels(model, run) -> None:
     """Refuse, in one line naming the fallback, a CUDA-only kernel in a recipe that will run on the CPU."""
-    on_cpu = run.accelerator == "cpu" or (run.accelerator == "auto" and not torch.cuda.is_available())
-    if model.method == "dmc" and model.dmc.train_attention == "triton" and on_cpu:
+    if model.method == "dmc" and model.dmc.train_attention == "triton" and runs_on_cpu(run.accelerator):
         raise StrategyError("model.dmc.train_attention=triton is a CUDA kernel and this run is on the CPU: use "
                             "--model.dmc.train_attention auto (the fused SDPA form)")
 
@@ -76,8 +80,7 @@ def build_strategy(name: str, accelerator: str, config_path: str | None, grad_cl
     from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy
 
     config = deepspeed_config(name, config_path, grad_clip)
-    on_cpu = accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available())
-    if not on_cpu:
+    if not runs_on_cpu(accelerator):
         return DeepSpeedStrategy(config=config)
 
     class CPUDeepSpeedStrategy(DeepSpeedStrategy):

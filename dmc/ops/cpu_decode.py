@@ -19,8 +19,6 @@ import platform
 import sys
 import time
 
-import torch
-
 _SOURCE = r"""
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -248,9 +246,8 @@ def dmc_update_cpu(k_pre, v, omega, merge, live, slot, cos, sin, sums, ring, seg
     win = ring[2].shape[-1] if ring is not None else 0
     c = lambda t: t.contiguous()  # noqa: E731
     rk, rv, rw = (c(t) for t in ring) if ring is not None else (sums[2],) * 3  # unused without a window
-    table = c(table) if table.shape[-1] else torch.full((B, H, 1), -1, dtype=table.dtype)
     out = _extension().dmc_update(c(k_pre), c(v), c(omega), c(merge), c(live), c(slot), c(cos.expand(B, D)),
-                                  c(sin.expand(B, D)), *(c(t) for t in sums), rk, rv, rw, c(seg_len), table,
+                                  c(sin.expand(B, D)), *(c(t) for t in sums), rk, rv, rw, c(seg_len), c(table),
                                   k_pool, v_pool, block_size, win)
     return tuple(out[:3]), (tuple(out[3:]) if win else None)
 
