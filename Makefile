@@ -35,7 +35,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q $(TORCH_PIP_ARGS) "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e ".[dev,gguf,train,triton,eval]"
+	$(PY) -m pip install -q -e ".[dev,gguf,train,triton,eval,serve]"
 	touch $@
 
 venv: $(VENV)/.installed

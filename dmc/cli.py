@@ -27,6 +27,8 @@ COMMANDS = (
     Command("export", "dmc.train.export:main", "training checkpoint -> self-contained HF folder (or the Hub)", "train"),
     Command("gqa-convert", "dmc.gqa:main", "the GQA baseline's start: mean-pool a Llama's KV heads"),
     Command("generate", "dmc.generate:main", "generate with a DMC (or vanilla) HF folder"),
+    Command("serve", "dmc.serve.cli:main", "an OpenAI-compatible server (completions, chat, streaming) over one "
+            "shared compressed cache under a KV budget", "serve"),
     Command("bench", "dmc.eval.bench:main", "KV bytes, memory, prefill and decode speed: vanilla vs DMC"),
     Command("eval", "dmc.eval.run:main", "ppl, MMLU, HumanEval, needle, speed for vanilla and DMC folders", "eval"),
     Command("compare", "dmc.eval.compare:main", "vanilla vs DMC vs training-free policies at matched CR", "eval"),

@@ -88,9 +88,9 @@ def test_a_budget_smaller_than_one_sequence_is_one_line():
 def test_preempted_sequences_are_recomputed_and_the_budget_still_holds(monkeypatch):
     # admission that ignores growth fills the budget with prompts alone; every step's worst-case reserve must
     # then preempt the newest sequences (freed, queued again, recomputed from scratch) to stay in budget
-    from dmc.eval.serving import Server
+    from dmc.serve.engine import Engine
 
-    monkeypatch.setattr(Server, "_growth_bytes", lambda self, cache, rows: 0)
+    monkeypatch.setattr(Engine, "_growth_bytes", lambda self, cache, rows: 0)
     model = mixed_dmc("gqa", window=12)
     block = 2 * 4 * model.config.dmc_head_dim * 8
     requests = _requests()
