@@ -29,6 +29,8 @@ COMMANDS = (
     Command("generate", "dmc.generate:main", "generate with a DMC (or vanilla) HF folder"),
     Command("serve", "dmc.serve.cli:main", "an OpenAI-compatible server (completions, chat, streaming) over one "
             "shared compressed cache under a KV budget", "serve"),
+    Command("bench-serve", "dmc.serve.benchmark:main", "the serving benchmark: models behind `dmc serve` at one KV "
+            "budget, concurrent streaming clients, TTFT / ITL / tokens/s / sequences in flight", "serve"),
     Command("bench", "dmc.eval.bench:main", "KV bytes, memory, prefill and decode speed: vanilla vs DMC"),
     Command("eval", "dmc.eval.run:main", "ppl, MMLU, HumanEval, needle, speed for vanilla and DMC folders", "eval"),
     Command("compare", "dmc.eval.compare:main", "vanilla vs DMC vs training-free policies at matched CR", "eval"),

@@ -111,6 +111,7 @@ def main(argv: list[str] | None = None) -> None:
 
     import torch
     import uvicorn
+    from transformers.utils import logging as hf_logging
 
     from dmc.generate import ModelFolderError, load
 
@@ -119,6 +120,7 @@ def main(argv: list[str] | None = None) -> None:
     from .engine import Engine
     from .protocol import ModelInfo
 
+    hf_logging.disable_progress_bar()  # a refused start stays one line; the server's own log says when it is up
     if args.threads:
         torch.set_num_threads(args.threads)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")

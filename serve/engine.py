@@ -90,13 +90,15 @@ class Request:
 # ---- the engine's counters -----------------------------------------------------------------------------------
 @dataclass
 class ServeStats:
+    """Running totals (a server runs for days: nothing here grows with the number of steps or requests)."""
+
     generated_tokens: int = 0  # tokens delivered (the prefill's first token included; replays not counted twice)
     discarded_tokens: int = 0  # tokens of preempted sequences, recomputed later
     steps: int = 0  # decode steps (one token for every sequence in flight)
     wall_s: float = 0.0
-    in_flight: list[int] = field(default_factory=list)  # sequences in flight at each step
-    kv_bytes: list[int] = field(default_factory=list)  # slot bytes handed out after each step
-    realised_cr: list[float] = field(default_factory=list)  # each finished sequence's tokens fed / mean live slots
+    in_flight_sum: int = 0  # sequences in flight, summed over the steps
+    max_in_flight: int = 0
+    kv_bytes_sum: int = 0  # slot bytes handed out after each step, summed over the steps
     decode_s: float = 0.0  # time in decode steps (the rest of wall_s: prefills and bookkeeping)
     peak_bytes: int = 0  # most slot bytes handed out at any point (after admission, after each step)
     preempted: int = 0
@@ -105,6 +107,7 @@ class ServeStats:
     aborted: int = 0
     failed: int = 0
     prompt_tokens: int = 0  # of the requests admitted (a recompute after preemption not counted again)
+    realised_cr_sum: float = 0.0  # each finished sequence's tokens fed / mean live slots, summed
     fed_tokens: int = 0  # tokens the finished sequences put through their cache
     layer_slots: list[float] = field(default_factory=list)  # per layer: the finished sequences' mean live slots, summed
 
@@ -115,23 +118,20 @@ class ServeStats:
     @property
     def decode_tokens_per_s(self) -> float:
         """Tokens per second of the decode steps alone (one per sequence in flight per step)."""
-        return sum(self.in_flight) / self.decode_s if self.decode_s else 0.0
+        return self.in_flight_sum / self.decode_s if self.decode_s else 0.0
 
     @property
     def mean_kv_bytes(self) -> float:
-        return sum(self.kv_bytes) / len(self.kv_bytes) if self.kv_bytes else 0.0
+        return self.kv_bytes_sum / self.steps if self.steps else 0.0
 
     @property
     def mean_realised_cr(self) -> float:
-        return sum(self.realised_cr) / len(self.realised_cr) if self.realised_cr else 1.0
+        """The finished sequences' realised CR, averaged over sequences."""
+        return self.realised_cr_sum / self.finished if self.finished else 1.0
 
     @property
     def mean_in_flight(self) -> float:
-        return sum(self.in_flight) / len(self.in_flight) if self.in_flight else 0.0
-
-    @property
-    def max_in_flight(self) -> int:
-        return max(self.in_flight, default=0)
+        return self.in_flight_sum / self.steps if self.steps else 0.0
 
     def layer_cr(self) -> list[float]:
         """Per layer, the finished sequences' tokens fed over their live slots (token-weighted)."""
@@ -453,10 +453,12 @@ class Engine:
         logits = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=self.cache,
                             use_cache=True).logits[:, -1]
         self.stats.decode_s += time.perf_counter() - t0
+        held = self.cache.allocated_bytes()
         self.stats.steps += 1
-        self.stats.in_flight.append(sum(active))
-        self.stats.kv_bytes.append(self.cache.allocated_bytes())
-        self.stats.peak_bytes = max(self.stats.peak_bytes, self.stats.kv_bytes[-1])
+        self.stats.in_flight_sum += sum(active)
+        self.stats.max_in_flight = max(self.stats.max_in_flight, sum(active))
+        self.stats.kv_bytes_sum += held
+        self.stats.peak_bytes = max(self.stats.peak_bytes, held)
         for b, seq in enumerate(self.rows):
             if seq is None:
                 continue
@@ -471,7 +473,7 @@ class Engine:
         fed = seq.prompt_len + len(seq.tokens) - 1  # the last token is generated, not yet fed
         per_layer = [float(layer.lens[b].float().mean()) for layer in cache.layers]
         cr = fed / max(sum(per_layer) / len(per_layer), 1.0)
-        self.stats.realised_cr.append(cr)
+        self.stats.realised_cr_sum += cr
         self.stats.fed_tokens += fed
         self.stats.layer_slots = [a + s for a, s in zip(self.stats.layer_slots, per_layer)]
         self.stats.finished += 1

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from .engine import Engine
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .engine import Engine
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -23,6 +26,8 @@ def render(engine: Engine, model_name: str) -> str:
     metric("dmc_kv_budget_bytes", "gauge", "The KV budget: slot bytes the engine may hand out.", engine.budget)
     metric("dmc_kv_bytes_peak", "gauge", "Most slot bytes handed out at any point since the start.", s.peak_bytes)
     metric("dmc_sequences_in_flight", "gauge", "Sequences decoding in the shared cache.", g.in_flight)
+    metric("dmc_sequences_in_flight_max", "gauge", "Most sequences in flight at any decode step since the start.",
+           s.max_in_flight)
     metric("dmc_sequences_queued", "gauge", "Sequences waiting for room (submitted, prefilled or preempted).",
            g.queued + engine.pending())
     metric("dmc_generation_tokens_per_second", "gauge", "Generated tokens per second over the last 10 s.",
@@ -33,6 +38,9 @@ def render(engine: Engine, model_name: str) -> str:
     for i, cr in enumerate(s.layer_cr()):
         metric("dmc_layer_realised_cr", "gauge", "Realised CR of each layer over the finished sequences.",
                f"{cr:.4f}", f',layer="{i}"')
+    metric("dmc_decode_steps_total", "counter", "Decode steps (one token for every sequence in flight).", s.steps)
+    metric("dmc_sequence_steps_total", "counter", "Sequences in flight, summed over the decode steps (its rate over "
+           "the steps' rate: the mean batch).", s.in_flight_sum)
     metric("dmc_generation_tokens_total", "counter", "Tokens generated and delivered.", s.generated_tokens)
     metric("dmc_prompt_tokens_total", "counter", "Prompt tokens of the admitted requests.", s.prompt_tokens)
     metric("dmc_preemptions_total", "counter", "Sequences preempted to keep the budget (recomputed later).",
@@ -44,6 +52,19 @@ def render(engine: Engine, model_name: str) -> str:
            "string).", s.aborted)
     metric("dmc_requests_failed_total", "counter", "Sequences answered with an error.", s.failed)
     return "\n".join(lines) + "\n"
+
+
+def parse(text: str) -> dict[str, float]:
+    """A scrape back to numbers: each metric's first sample by name (``dmc_layer_realised_cr`` and other labelled
+    series under ``name{labels}`` as well)."""
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        series, _, value = line.rpartition(" ")
+        out.setdefault(series.split("{")[0], float(value))
+        out[series] = float(value)
+    return out
 
 
 def _escape(value: str) -> str:

@@ -4,8 +4,6 @@ random Llama or DMC model with SmolLM2's real tokenizer and chat template, for t
 from __future__ import annotations
 
 import copy
-import re
-import socket
 import threading
 import time
 from contextlib import contextmanager
@@ -38,12 +36,6 @@ def chat_model(compressed: bool, seed: int = 0):
     return model, tok
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextmanager
 def live_server(model, tok, budget_bytes: int = 10**8, block_size: int = 4, max_seqs: int | None = None,
                 name: str = "tiny", policy=None):
@@ -55,6 +47,7 @@ def live_server(model, tok, budget_bytes: int = 10**8, block_size: int = 4, max_
     from dmc.serve.bridge import EngineThread
     from dmc.serve.cli import stop_ids
     from dmc.serve.engine import Engine
+    from dmc.serve.launch import free_port
     from dmc.serve.protocol import ModelInfo
 
     engine = Engine(copy.deepcopy(model), budget_bytes, policy, block_size, max_seqs=max_seqs)
@@ -96,7 +89,9 @@ def greedy_alone(model, prompt_ids: list[int], max_tokens: int, stop_ids: tuple[
 
 def metric(text: str, name: str) -> float:
     """One sample of a Prometheus text exposition (the first with that name)."""
-    match = re.search(rf"^{name}{{[^}}]*}} (\S+)$", text, re.M)
-    if match is None:
+    from dmc.serve.metrics import parse
+
+    values = parse(text)
+    if name not in values:
         raise AssertionError(f"{name} is not in /metrics")
-    return float(match.group(1))
+    return values[name]
