@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import sysconfig
+import time
 import venv
 import zipfile
 from pathlib import Path
@@ -55,7 +56,7 @@ def test_the_wheel_in_a_fresh_environment_trains_exports_and_evaluates_from_an_e
     wheel = _build_wheel(tmp_path)
     names = zipfile.ZipFile(wheel).namelist()
     assert "dmc/configs/tiny.yaml" in names and "dmc/configs/deepspeed/zero3.json" in names
-    assert "dmc/train/run.py" in names and not any(n.startswith(("train/", "data/", "eval/")) for n in names)
+    assert "dmc/train/run.py" in names and "dmc/serve/app.py" in names and not any(n.startswith(("train/", "data/", "eval/")) for n in names)
     env = _fresh_env(tmp_path, wheel)
     work = tmp_path / "empty"
     work.mkdir()
@@ -86,3 +87,33 @@ def test_the_wheel_in_a_fresh_environment_trains_exports_and_evaluates_from_an_e
     assert (work / "hf" / "config.json").exists()
     out = dmc("eval", "hf", "--tasks", "ppl", "--ppl-blocks", "2", "--ppl-block", "32", "--out", "results")
     assert (work / "results" / "results.json").exists(), out
+    _serve_from_the_wheel(work, env_vars)
+
+
+def _serve_from_the_wheel(work: Path, env_vars: dict) -> None:
+    """`dmc serve hf` from the wheel answers an OpenAI client, and stops on Ctrl-C."""
+    import signal
+
+    import openai
+
+    from dmc.serve.launch import free_port
+
+    port = free_port()
+    proc = subprocess.Popen(["dmc", "serve", "hf", "--port", str(port), "--max-seqs", "4"], cwd=work, env=env_vars,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
+        for _ in range(1500):  # up to about 5 minutes to load, on a loaded machine
+            if proc.poll() is not None:
+                raise AssertionError(f"dmc serve exited: {proc.stderr.read()}")
+            try:
+                models = client.models.list()
+                break
+            except openai.APIConnectionError:
+                time.sleep(0.2)
+        assert [m.id for m in models.data] == ["hf"]
+        reply = client.completions.create(model="hf", prompt="def f(x):", max_tokens=5, temperature=0)
+        assert reply.usage.completion_tokens == 5
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=60)
