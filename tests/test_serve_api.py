@@ -76,6 +76,10 @@ def test_a_fixed_seed_reproduces_a_sampled_output(served):
                                   seed=7, n=3)
     assert [c.index for c in n.choices] == [0, 1, 2]
     assert n.choices[0].text == first and n.choices[1].text == sampled(8)  # choice i: seed + i
+    chunks = list(client.completions.create(model="tiny", prompt=PROMPTS[2], max_tokens=16, temperature=1.0,
+                                            top_p=0.9, seed=7, n=3, stream=True))
+    streamed = ["".join(c.choices[0].text for c in chunks if c.choices[0].index == i) for i in range(3)]
+    assert streamed == [c.text for c in n.choices]  # the choices' events interleave, each keeps its index
 
 
 def test_stop_strings_and_max_tokens_are_honoured(served):
