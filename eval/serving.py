@@ -45,6 +45,11 @@ def serve(model, requests: list[Request], budget_bytes: int, policy: Policy | No
             if isinstance(event, ErrorEvent):
                 errors.append(f"request {index} ({requests[index].prompt.numel()} prompt tokens): {event.message}")
             elif isinstance(event, FinishEvent):
+                if event.completion_tokens < requests[index].max_new_tokens:  # the budget ended it early
+                    errors.append(f"request {index}: the KV budget of {budget_bytes / 2**20:.2f} MiB cannot hold one "
+                                  f"sequence to its end ({event.completion_tokens} of "
+                                  f"{requests[index].max_new_tokens} tokens); raise --kv-budget or shorten the "
+                                  "requests")
                 if progress:
                     progress(1)
             else:

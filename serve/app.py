@@ -21,7 +21,7 @@ from . import metrics
 from .bridge import EngineThread, Group
 from .engine import ErrorEvent, FinishEvent, TokenEvent
 from .protocol import APIError, ModelInfo, Spec, parse_chat, parse_completion, parse_json
-from .text import TextStream
+from .text import TextStream, token_bytes, token_text
 
 
 @dataclass
@@ -31,7 +31,8 @@ class _Choice:
     text: TextStream
     tokens: int = 0
     finish: str | None = None
-    logprobs: list[tuple[str, float, list[tuple[str, float]], int]] = field(default_factory=list)
+    logprobs: list[tuple[tuple[str, list[int]], float, list[tuple[tuple[str, list[int]], float]], int]] = field(
+        default_factory=list)  # per token: ((text, bytes), logprob, top alternatives, text offset)
 
 
 def build_app(engine: EngineThread, tokenizer, model: ModelInfo, manage_engine: bool = True) -> FastAPI:
@@ -55,7 +56,12 @@ def build_app(engine: EngineThread, tokenizer, model: ModelInfo, manage_engine: 
 
     @app.get("/health")
     async def health():
-        return Response(status_code=200)
+        return Response(status_code=503 if _dead() else 200)
+
+    def _dead() -> str | None:
+        if engine.engine.dead is not None:
+            return engine.engine.dead
+        return None if engine.alive() else "the engine is not running"
 
     @app.get("/v1/models")
     async def models():
@@ -77,18 +83,22 @@ def build_app(engine: EngineThread, tokenizer, model: ModelInfo, manage_engine: 
         return await _answer(request, spec)
 
     async def _answer(request: Request, spec: Spec):
+        if (dead := _dead()) is not None:
+            raise APIError(503, f"the server cannot generate: {dead}; restart it")
         group = engine.open(spec.prompt_ids, [spec.choice_params(i) for i in range(spec.n)])
+        watcher = asyncio.create_task(_watch_disconnect(request, group))  # a client gone while queued: dropped
         try:
             early = await _first_events(group, spec.n)
         except BaseException:
+            watcher.cancel()
             group.abort()
             raise
         rid = f"{'chatcmpl' if spec.chat else 'cmpl'}-{uuid.uuid4().hex}"
-        choices = [_Choice(TextStream(tokenizer, spec.stop)) for _ in range(spec.n)]
-        if spec.stream:
+        choices = [_Choice(TextStream(tokenizer, spec.stop, spec.prompt_ids)) for _ in range(spec.n)]
+        if spec.stream:  # from here the response watches the connection itself
+            watcher.cancel()
             return StreamingResponse(_stream(group, early, spec, choices, rid), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
-        watcher = asyncio.create_task(_watch_disconnect(request, group))
         try:
             for index, event in early:
                 _apply(group, spec, choices, index, event)
@@ -183,9 +193,13 @@ def _apply(group: Group, spec: Spec, choices: list[_Choice], index: int, event) 
     offset = len(choice.text.text)
     delta, stopped = choice.text.push(event.token)
     if spec.logprobs is not None:
-        tok = choice.text.tok
-        top = [(tok.decode([t]), lp) for t, lp in (event.top or [])]
-        choice.logprobs.append((tok.decode([event.token]), event.logprob, top, offset))
+        tok, previous = choice.text.tok, choice.text.previous_id()
+
+        def piece(t: int) -> tuple[str, list[int]]:
+            return token_text(tok, t, previous), token_bytes(tok, t)
+
+        top = [(piece(t), lp) for t, lp in (event.top or [])]
+        choice.logprobs.append((piece(event.token), event.logprob, top, offset))
     if stopped:
         choice.finish = "stop"
         group.abort(index)
@@ -201,11 +215,11 @@ def _delta(spec: Spec, index: int, text: str, logprobs, finish: str | None) -> d
 
 def _logprobs_json(spec: Spec, items) -> dict:
     if spec.chat:
-        return {"content": [{"token": t, "logprob": lp, "bytes": list(t.encode()),
-                             "top_logprobs": [{"token": a, "logprob": b, "bytes": list(a.encode())} for a, b in top]}
-                            for t, lp, top, _ in items]}
-    return {"tokens": [t for t, *_ in items], "token_logprobs": [lp for _, lp, _, _ in items],
-            "top_logprobs": [dict(top) for _, _, top, _ in items] if spec.logprobs else None,
+        return {"content": [{"token": t, "logprob": lp, "bytes": raw,
+                             "top_logprobs": [{"token": a, "logprob": b, "bytes": a_raw} for (a, a_raw), b in top]}
+                            for (t, raw), lp, top, _ in items]}
+    return {"tokens": [t for (t, _), *_ in items], "token_logprobs": [lp for _, lp, _, _ in items],
+            "top_logprobs": [{a: b for (a, _), b in top} for _, _, top, _ in items] if spec.logprobs else None,
             "text_offset": [off for *_, off in items]}
 
 

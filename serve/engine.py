@@ -214,6 +214,7 @@ class Engine:
         self._staged: tuple[_Seq, SlotCache] | None = None  # prefilled, waiting for room
         self._order = 0
         self._rate: deque[tuple[float, int]] = deque()
+        self.dead: str | None = None  # set (once, by the engine's thread) when it can no longer serve
 
     # ---- any thread ----------------------------------------------------------------------------------------
     def submit(self, request: Request) -> None:
@@ -232,16 +233,23 @@ class Engine:
         return bool(self._waiting or self._staged or any(self.rows))
 
     def run_forever(self, stop: threading.Event, idle_wait_s: float = 0.05) -> None:
+        """Serve until ``stop``. An error fails what the engine holds and it goes on; an error while doing that
+        (the device is gone) ends it, with ``dead`` saying why, so that the server can answer 503."""
         with model_context(self.model, self.policy):
             while not stop.is_set():
-                if not self.busy() and not self._take_inbox(block_s=idle_wait_s):
-                    self._publish_gauges()  # idle: tokens/s falls to 0
-                    continue
                 try:
+                    if not self.busy() and not self._take_inbox(block_s=idle_wait_s):
+                        self._publish_gauges()  # idle: tokens/s falls to 0
+                        continue
                     self.iterate()
                 except Exception:  # noqa: BLE001 - a bug must not take the server down: fail what is in flight
-                    self._fail_all(500, "the engine failed on this request: " +
-                                   traceback.format_exc(limit=-1).strip().splitlines()[-1])
+                    reason = traceback.format_exc(limit=-1).strip().splitlines()[-1]
+                    try:
+                        self._fail_all(500, f"the engine failed while serving this request: {reason}")
+                    except Exception:  # noqa: BLE001
+                        self.dead = f"the engine stopped: {reason}"
+                        self._tell_all(ErrorEvent(None, 503, f"{self.dead}; restart the server"))
+                        return
 
     def run_until_done(self) -> None:
         """Serve every submitted request to its end in this thread (a benchmark)."""
@@ -260,14 +268,14 @@ class Engine:
         self._take_inbox()
         self._admit_waiting()
         while any(self.rows) and not self._fits():
-            live = [s for s in self.rows if s is not None]
-            if len(live) == 1:
-                self._fail(live[0], 413, f"the KV budget of {_mib(self.budget)} cannot hold one sequence to its "
-                           "end; raise --kv-budget or ask for fewer tokens")
+            live = [(b, s) for b, s in enumerate(self.rows) if s is not None]
+            if len(live) == 1:  # the budget is this sequence's limit: it ends here, as at max_tokens
+                self._finish(live[0][1], live[0][0], None, reason="length")
                 continue
             self._preempt_newest()
         if any(self.rows):
             self._decode_step()
+        self._compact()
         self._publish_gauges()
 
     # ---- inbox --------------------------------------------------------------------------------------------
@@ -335,18 +343,24 @@ class Engine:
         while self._waiting or self._staged:
             if self._staged is None:
                 seq = self._waiting.popleft()
-                self._staged = (seq, self._prefill(seq))
+                try:
+                    self._staged = (seq, self._prefill(seq))
+                except Exception:  # noqa: BLE001 - this request's failure, not the others'
+                    reason = traceback.format_exc(limit=-1).strip().splitlines()[-1]
+                    self._fail(seq, 500, f"the prefill of this request failed: {reason}")
+                    continue
             seq, solo = self._staged
-            if seq.remaining() <= 0:  # the prefill's token is all it asked for
+            if seq.remaining() <= 0 or self._stopped(seq):  # the prefill's token is all it gets
                 self._staged = None
                 self._finish(seq, None, solo)
                 continue
             if self.max_seqs is not None and sum(r is not None for r in self.rows) >= self.max_seqs:
                 return
-            if self._admit(seq, solo):
+            alone = not any(self.rows)
+            if self._admit(seq, solo, project=not alone):
                 self._staged = None
                 continue
-            if not any(self.rows):  # alone, it still does not fit: it never will
+            if alone:  # its prompt alone does not fit: it never will
                 need = solo.allocated_bytes() + _edge_bytes(solo, None)
                 self._staged = None
                 self._fail(seq, 413, f"the KV budget of {_mib(self.budget)} cannot hold one sequence: this "
@@ -367,13 +381,17 @@ class Engine:
         seq.held = self._take_token(seq, logits, send=False)  # a request the budget cannot hold gets no token
         return solo
 
-    def _admit(self, seq: _Seq, solo: SlotCache) -> bool:
+    def _admit(self, seq: _Seq, solo: SlotCache, project: bool = True) -> bool:
         """Copy a prefilled sequence into a free row if it fits beside the sequences in flight, all of them
-        growing to their end at the CR they show so far (vanilla: exactly what they will need)."""
-        live = [(b, s) for b, s in enumerate(self.rows) if s is not None]
-        held = self.cache.allocated_bytes() + solo.allocated_bytes()
-        held += self._growth_bytes(self.cache, live) + self._growth_bytes(solo, [(0, seq)])
-        if held > self.budget or not self._fits(solo):
+        growing to their end at the CR they show so far (vanilla: exactly what they will need). Alone
+        (``project`` False) it needs only to fit now: it runs as far as the budget lets it."""
+        if project:
+            live = [(b, s) for b, s in enumerate(self.rows) if s is not None]
+            held = self.cache.allocated_bytes() + solo.allocated_bytes()
+            held += self._growth_bytes(self.cache, live) + self._growth_bytes(solo, [(0, seq)])
+            if held > self.budget:
+                return False
+        if not self._fits(solo):
             return False
         row = self._free_row()
         for layer, other in zip(self.cache.layers, solo.layers):
@@ -400,6 +418,18 @@ class Engine:
             layer.release_sequence(row)
         seq, self.rows[row] = self.rows[row], None
         return seq
+
+    def _compact(self, least: int = 8) -> None:
+        """Drop idle rows when they are most of the batch (every step runs every row, idle ones as padding):
+        after a burst, a few sequences should not decode at the burst's batch size."""
+        live = [b for b, s in enumerate(self.rows) if s is not None]
+        if len(self.rows) < least or 2 * len(live) > len(self.rows):
+            return
+        index = torch.tensor(live, dtype=torch.long, device=self.model.device)
+        for layer in self.cache.layers:
+            if layer.is_initialized:
+                layer.select_rows(index)
+        self.rows = [self.rows[b] for b in live]
 
     def _preempt_newest(self) -> None:
         _, row = max((s.order, b) for b, s in enumerate(self.rows) if s is not None)
@@ -445,6 +475,11 @@ class Engine:
         """One token for every sequence in flight; finished sequences leave at once."""
         device = self.model.device
         active = [s is not None for s in self.rows]
+        # Every layer's length is the longest live sequence's (the mask the model builds has that many columns):
+        # it would otherwise only grow, by one each step, for as long as the server runs.
+        seen = max(s.prompt_len + len(s.tokens) - 1 for s in self.rows if s is not None)
+        for layer in self.cache.layers:
+            layer.seen_tokens = seen
         ids = torch.tensor([[s.tokens[-1] if s else 0] for s in self.rows], device=device)
         pos = torch.tensor([[s.prompt_len + len(s.tokens) - 1 if s else 0] for s in self.rows], device=device)
         mask = torch.ones(len(self.rows), self.cache.get_seq_length() + 1, dtype=torch.long, device=device)
@@ -466,7 +501,7 @@ class Engine:
             if self._stopped(seq):
                 self._finish(seq, b, None)
 
-    def _finish(self, seq: _Seq, row: int | None, solo: SlotCache | None) -> None:
+    def _finish(self, seq: _Seq, row: int | None, solo: SlotCache | None, reason: str | None = None) -> None:
         """A sequence at its end (in row ``row`` of the shared cache, or still alone in ``solo``): its realised
         CR recorded, its blocks freed, its finish sent."""
         cache, b = (self.cache, row) if row is not None else (solo, 0)
@@ -474,13 +509,13 @@ class Engine:
         per_layer = [float(layer.lens[b].float().mean()) for layer in cache.layers]
         cr = fed / max(sum(per_layer) / len(per_layer), 1.0)
         self.stats.realised_cr_sum += cr
-        self.stats.fed_tokens += fed
-        self.stats.layer_slots = [a + s for a, s in zip(self.stats.layer_slots, per_layer)]
+        self.stats.layer_slots = [a + s for a, s in zip(self.stats.layer_slots, per_layer)]  # before fed_tokens:
+        self.stats.fed_tokens += fed  # a reader never sees tokens without their slots
         self.stats.finished += 1
         if row is not None:
             self._release(row)
         self._send_held(seq)
-        reason = self._stopped(seq) or "length"
+        reason = reason or self._stopped(seq) or "length"
         _emit(seq, FinishEvent(seq.request.request_id, reason, seq.prompt_len, len(seq.tokens), cr))
 
     def _fail(self, seq: _Seq, status: int, message: str) -> None:
@@ -500,6 +535,22 @@ class Engine:
             self.stats.failed += 1
             _emit(seq, ErrorEvent(seq.request.request_id, status, message))
         self._publish_gauges()
+
+    def _tell_all(self, event: ErrorEvent) -> None:
+        """Send every request held (in flight, prefilled, waiting, in the inbox) ``event``, touching nothing but
+        their sinks: the engine can no longer be trusted with its cache."""
+        held = [s.request for s in self.rows if s is not None] + [s.request for s in self._waiting]
+        held += [self._staged[0].request] if self._staged else []
+        while True:
+            try:
+                kind, item = self._inbox.get_nowait()
+            except queue.Empty:
+                break
+            if kind == "submit":
+                held.append(item)
+        for request in held:
+            if request.sink is not None:
+                request.sink(ErrorEvent(request.request_id, event.status, event.message))
 
     def _publish_gauges(self) -> None:
         now = time.monotonic()

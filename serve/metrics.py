@@ -34,7 +34,7 @@ def render(engine: Engine, model_name: str) -> str:
            f"{g.tokens_per_s:.3f}")
     metric("dmc_realised_cr", "gauge", "Tokens fed over live KV slots of the finished sequences (1: no "
            "compression).", f"{s.fed_tokens / (sum(s.layer_slots) / len(s.layer_slots)):.4f}"
-           if s.fed_tokens else "1")
+           if s.fed_tokens and sum(s.layer_slots) else "1")
     for i, cr in enumerate(s.layer_cr()):
         metric("dmc_layer_realised_cr", "gauge", "Realised CR of each layer over the finished sequences.",
                f"{cr:.4f}", f',layer="{i}"')

@@ -124,14 +124,15 @@ def _spec(body: dict, chat: bool, prompt_ids: list[int], model: ModelInfo, logpr
     top_p = _number(body, "top_p", 1.0, 0.0, 1.0)
     if top_p == 0:
         raise APIError(400, "top_p must be in (0, 1]", "top_p")
-    seed = _int(body, "seed", None, None, None)
+    n = _int(body, "n", 1, 1, MAX_N)
+    seed = _int(body, "seed", None, 0, 2**63 - MAX_N)  # choice i samples with seed + i: a torch generator's seed
     stream = _bool(body, "stream", False)
     options = body.get("stream_options")
     if options is not None and (not stream or not isinstance(options, dict) or set(options) - {"include_usage"}):
         raise APIError(400, "stream_options is {\"include_usage\": bool}, with stream: true", "stream_options")
     stop_ids = () if _bool(body, "ignore_eos", False) else model.stop_token_ids
     params = SamplingParams(max_tokens, temperature, top_p, seed, stop_ids, logprobs)
-    return Spec(chat, prompt_ids, params, _int(body, "n", 1, 1, MAX_N), stream,
+    return Spec(chat, prompt_ids, params, n, stream,
                 bool((options or {}).get("include_usage", False)), _stop(body.get("stop")), logprobs)
 
 

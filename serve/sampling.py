@@ -11,16 +11,19 @@ import torch
 @dataclass(frozen=True)
 class SamplingParams:
     max_tokens: int
-    temperature: float = 0.0  # 0: greedy
+    temperature: float = 0.0  # 0 (below GREEDY_BELOW): greedy
     top_p: float = 1.0
     seed: int | None = None  # None: a fresh random seed per request
     stop_token_ids: tuple[int, ...] = ()  # a sampled one ends the sequence ("stop"); it counts as generated
     logprobs: int | None = None  # None: none; k >= 0: the chosen token's log-probability and the k most likely
 
 
+GREEDY_BELOW = 1e-5  # a temperature this small is greedy (dividing by it would overflow to inf and NaN)
+
+
 def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
     """The next token from one row of logits (V,)."""
-    if params.temperature == 0:
+    if params.temperature < GREEDY_BELOW:
         return int(logits.argmax())
     probs = torch.softmax(logits.float() / params.temperature, dim=-1)
     if params.top_p < 1.0:

@@ -2,6 +2,8 @@
 in float64): completions, chat, streaming, greedy output equal to ``generate()``, seeds, stop strings,
 max_tokens, logprobs, n, and every bad request answered with an OpenAI error while the server keeps serving."""
 
+import time
+
 import httpx
 import openai
 import pytest
@@ -71,6 +73,9 @@ def test_a_fixed_seed_reproduces_a_sampled_output(served):
 
     first = sampled(7)
     assert sampled(7) == first
+    greedy = client.completions.create(model="tiny", prompt=PROMPTS[2], max_tokens=16, temperature=0).choices[0].text
+    tiny = client.completions.create(model="tiny", prompt=PROMPTS[2], max_tokens=16, temperature=1e-40).choices[0].text
+    assert tiny == greedy  # a temperature that would overflow is greedy
     assert sampled(8) != first  # 16 draws over a 49k vocabulary: equal only by a bug
     n = client.completions.create(model="tiny", prompt=PROMPTS[2], max_tokens=16, temperature=1.0, top_p=0.9,
                                   seed=7, n=3)
@@ -137,6 +142,7 @@ BAD = [  # (body, status, the param the error names)
     ({"model": "tiny", "prompt": [1, 2, 10**9]}, 400, "prompt"),
     ({"model": "tiny", "prompt": "x", "n": 0}, 400, "n"),
     ({"model": "tiny"}, 400, "prompt"),
+    ({"model": "tiny", "prompt": "x", "seed": 2**64}, 400, "seed"),
 ]
 
 
@@ -174,3 +180,46 @@ def test_a_prompt_the_budget_can_never_hold_is_413_and_nothing_leaks():
         text = httpx.get(f"{url}/metrics").text
         assert metric(text, "dmc_kv_bytes_in_use") == 0 and metric(text, "dmc_requests_failed_total") == 2
         assert metric(text, "dmc_sequences_queued") == 0 and metric(text, "dmc_sequences_in_flight") == 0
+
+
+def test_a_client_gone_while_queued_is_dropped_before_its_turn():
+    model, tok = chat_model(compressed=True)
+    with live_server(model, tok, max_seqs=1) as (url, engine):
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        running = client.completions.create(model="tiny", prompt=PROMPTS[0], max_tokens=200, temperature=0,
+                                            stream=True, extra_body={"ignore_eos": True})
+        next(iter(running))  # in flight: the only row --max-seqs allows
+        with pytest.raises(httpx.TimeoutException):  # queued behind it; the client gives up and closes
+            httpx.post(f"{url}/v1/completions", json={"model": "tiny", "prompt": "x", "max_tokens": 3}, timeout=1.0)
+        for _ in range(400):
+            text = httpx.get(f"{url}/metrics").text
+            if metric(text, "dmc_requests_aborted_total") == 1:
+                break
+            time.sleep(0.05)
+        assert metric(text, "dmc_requests_aborted_total") == 1 and metric(text, "dmc_sequences_queued") == 0
+        assert metric(text, "dmc_sequences_in_flight") == 1  # dropped while the other still runs
+        running.close()
+
+
+def test_a_dead_engine_answers_503(monkeypatch):
+    from dmc.serve.engine import Engine
+
+    def broken(self, *args, **kwargs):
+        raise RuntimeError("device lost")
+
+    model, tok = chat_model(compressed=True)
+    with live_server(model, tok) as (url, engine):
+        monkeypatch.setattr(Engine, "iterate", broken)
+        monkeypatch.setattr(Engine, "_fail_all", broken)
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        with pytest.raises(openai.APIStatusError) as held:  # the request in hand when the engine died
+            client.completions.create(model="tiny", prompt="x", max_tokens=3)
+        assert held.value.status_code == 503
+        for _ in range(200):
+            if engine.dead is not None:
+                break
+            time.sleep(0.05)
+        assert "device lost" in engine.dead
+        assert httpx.get(f"{url}/health").status_code == 503
+        r = httpx.post(f"{url}/v1/completions", json={"model": "tiny", "prompt": "x", "max_tokens": 3})
+        assert r.status_code == 503 and "restart" in r.json()["error"]["message"]

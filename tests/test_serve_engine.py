@@ -94,3 +94,67 @@ def test_an_unexpected_error_fails_what_is_held_and_the_engine_goes_on(monkeypat
     finally:
         stop.set()
         thread.join()
+
+
+def test_a_failing_prefill_fails_that_request_only(monkeypatch):
+    engine = Engine(mixed_dmc("gqa", window=12), 10**8, block_size=4)
+    real = Engine._prefill
+
+    def prefill(self, seq):
+        if seq.request.request_id == "bad":
+            raise RuntimeError("no such seed")
+        return real(self, seq)
+
+    monkeypatch.setattr(Engine, "_prefill", prefill)
+    events = {}
+    _submit(engine, "good", 9, 3, events)
+    _submit(engine, "bad", 8, 3, events)
+    engine.run_until_done()
+    assert isinstance(events["bad"][-1], ErrorEvent) and events["bad"][-1].status == 500
+    assert [type(e) for e in events["good"]] == [TokenEvent] * 3 + [FinishEvent]
+
+
+def test_a_stop_token_as_the_first_token_ends_at_once():
+    model = mixed_dmc("gqa", window=12)
+    probe = Engine(model, 10**8, block_size=4)
+    events = {}
+    _submit(probe, "x", 9, 3, events)
+    probe.run_until_done()
+    first = events["x"][0].token
+    engine = Engine(model, 10**8, block_size=4)
+    events = {}
+    _submit(engine, "x", 9, 8, events, stop=(first,))
+    engine.run_until_done()
+    assert [type(e) for e in events["x"]] == [TokenEvent, FinishEvent]
+    assert events["x"][-1].reason == "stop" and events["x"][-1].completion_tokens == 1
+
+
+def test_lengths_and_rows_follow_the_live_sequences_not_the_servers_history():
+    engine = Engine(mixed_dmc("gqa", window=12), 10**8, block_size=4)
+    events = {}
+    for wave in range(3):  # bursts of 12, each served to its end
+        for i in range(12):
+            _submit(engine, f"{wave}-{i}", 10 + i, 6, events)
+        engine.run_until_done()
+    assert engine.rows == [] and engine.cache.allocated_bytes() == 0  # compacted away once idle
+    _submit(engine, "last", 9, 20, events)
+    engine.iterate()
+    for _ in range(5):
+        engine.iterate()
+    assert len(engine.rows) == 1  # one sequence decodes at batch 1, not at the bursts' 12
+    fed = 9 + len(engine.rows[0].tokens) - 1
+    assert all(layer.seen_tokens == fed for layer in engine.cache.layers)  # its own length, not the history's
+    engine.run_until_done()
+    assert [type(e) for e in events["last"]] == [TokenEvent] * 20 + [FinishEvent]
+
+
+def test_alone_a_sequence_runs_as_far_as_the_budget_lets_it():
+    model = mixed_dmc("gqa", window=12)
+    block = 2 * 4 * model.config.dmc_head_dim * 8
+    engine = Engine(model, 16 * block, block_size=4)  # 4 pairs: 4 blocks each, about 16-30 tokens
+    events = {}
+    _submit(engine, "x", 6, 200, events)
+    engine.run_until_done()
+    finish = events["x"][-1]
+    assert isinstance(finish, FinishEvent) and finish.reason == "length" and 0 < finish.completion_tokens < 200
+    assert engine.stats.peak_bytes <= 16 * block and engine.cache.allocated_bytes() == 0
