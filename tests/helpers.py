@@ -255,3 +255,44 @@ def random_paged_pool(B, H_kv, D, bs, lens, seed=0):
             table[b, h, :n] = order[used:used + n]
             used += n
     return k_pool, v_pool, table, lens
+
+
+CODED_SHAPES = [  # (B, H, H_kv, D, block size, group, slots per pair)
+    (2, 9, 3, 64, 16, 32, [1, 17, 40, 16, 0, 33]),  # SmolLM2 heads, ragged, an empty pair, block edges
+    (1, 4, 4, 40, 5, 8, [7, 1, 12, 5]),  # MHA, head dim not a power of two, odd block size
+    (3, 6, 2, 24, 3, 8, [2, 9, 0, 1, 10, 4]),
+]
+
+
+def coded_attention_cases(bits, B, H, H_kv, D, bs, group, lens):
+    """Decode attention over a coded pool, without and with DMC's exact open slots (some pairs have none): for
+    each, (q, k, v, table, lens, open slot args, the reference's output at scale 0.3); garbage codes in dead
+    slots, channels of very different magnitude (as keys have), large scores."""
+    from dmc.ops.kv_quant import CodedPool, quantize
+    from dmc.ops.quant_attention import decode_attention_quant_reference
+
+    k_pool, v_pool, table, lens = random_paged_pool(B, H_kv, D, bs, lens)
+    scale_by = torch.linspace(0.1, 4, D)
+    k, v = (CodedPool(*quantize(x * scale_by, bits, group), bits) for x in (k_pool, v_pool))
+    g = torch.Generator().manual_seed(1)
+    q = torch.randn(B, H, D, generator=g)
+    open_k, open_v = torch.randn(2, B, H_kv, D, generator=g)
+    open_live = torch.rand(B, H_kv, generator=g) < 0.7
+    cases = []
+    for extra in ((), (open_k, open_v, open_live)):
+        # the reference writes each open slot after its pair's coded slots: give it a table with room for it
+        wide = torch.cat([table, torch.full((B, H_kv, 1), -1, dtype=table.dtype)], -1)
+        if extra:
+            spare = k.codes.shape[0]  # a fresh block per pair whose open slot starts a block
+            for b in range(B):
+                for h in range(H_kv):
+                    if open_live[b, h] and lens[b, h] % bs == 0:
+                        wide[b, h, lens[b, h] // bs] = spare
+                        spare += 1
+            grow = spare - k.codes.shape[0]
+            k_ref, v_ref = (CodedPool(*(torch.cat([t, t[:grow]]) for t in pool[:3]), bits) for pool in (k, v))
+        else:
+            k_ref, v_ref = k, v
+        want = decode_attention_quant_reference(q, k_ref, v_ref, wide, lens, *extra, scale=0.3)
+        cases.append((q, k, v, table, lens, extra, want))
+    return cases

@@ -5,10 +5,10 @@ import pytest
 import torch
 
 from dmc.cache import DMCCache
-from dmc.ops.cpu_decode import cpu_decode_available, decode_attention_cpu
+from dmc.ops.cpu_decode import cpu_decode_available, decode_attention_cpu, decode_attention_quant_cpu
 from dmc.ops.decode_attention import decode_attention_reference
 from dmc.ops.decode_backends import resolve
-from tests.helpers import mixed_dmc, random_ids, random_paged_pool
+from tests.helpers import CODED_SHAPES, coded_attention_cases, mixed_dmc, random_ids, random_paged_pool
 
 needs_kernel = pytest.mark.skipif(not cpu_decode_available(), reason="no C++ compiler to build the CPU kernel")
 
@@ -34,9 +34,14 @@ def test_cpu_kernel_equals_the_reference(B, H, H_kv, D, bs, lens):
 def test_decoding_on_the_cpu_kernel_equals_the_reference_backend(window):
     """Forced mixed decisions, a ragged left-padded batch: same logits and slot counts."""
     model = mixed_dmc("gqa", window=window, dtype=torch.float32, block_size=4).eval()
-    ids = random_ids(2, 11, seed=3)
+    _check_backend_equals_reference(model, random_ids(2, 11, seed=3), pad=4, tol=1e-5)
+
+
+def _check_backend_equals_reference(model, ids, pad: int, tol: float) -> None:
+    """Prefill 5 tokens, then decode one at a time, row 1 left-padded by ``pad``: the ``cpu`` backend's logits
+    and slot counts against the ``reference`` backend's."""
     mask = torch.ones_like(ids)
-    mask[1, :4] = 0
+    mask[1, :pad] = 0
 
     def run(backend):
         model.config.dmc_decode_backend = backend
@@ -49,7 +54,24 @@ def test_decoding_on_the_cpu_kernel_equals_the_reference_backend(window):
 
     (want, want_slots), (got, got_slots) = run("reference"), run("cpu")
     assert torch.equal(got_slots, want_slots)
-    torch.testing.assert_close(got[mask.bool()], want[mask.bool()], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got[mask.bool()], want[mask.bool()], atol=tol, rtol=tol)
+
+
+@needs_kernel
+@pytest.mark.parametrize("bits", [8, 4], ids=lambda b: f"int{b}")
+@pytest.mark.parametrize("B,H,H_kv,D,bs,group,lens", CODED_SHAPES)
+def test_cpu_kernel_over_codes_equals_decoding_everything(bits, B, H, H_kv, D, bs, group, lens):
+    for q, k, v, table, lens_t, extra, want in coded_attention_cases(bits, B, H, H_kv, D, bs, group, lens):
+        got = decode_attention_quant_cpu(q, k, v, table, lens_t, *extra, scale=0.3)
+        torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
+
+
+@needs_kernel
+@pytest.mark.parametrize("bits", [8, 4], ids=lambda b: f"int{b}")
+def test_decoding_on_codes_with_the_cpu_kernel_equals_the_reference_backend(bits):
+    """A ragged left-padded batch on int8/int4 slots: same logits and slot counts."""
+    model = mixed_dmc("gqa", window=12, dtype=torch.float32, block_size=4, kv_bits=bits, kv_group=8).eval()
+    _check_backend_equals_reference(model, random_ids(2, 12, seed=3), pad=3, tol=1e-4)
 
 
 def test_auto_picks_the_kernel_for_float32_on_the_cpu_and_the_paged_path_otherwise(monkeypatch):
@@ -57,7 +79,8 @@ def test_auto_picks_the_kernel_for_float32_on_the_cpu_and_the_paged_path_otherwi
     want = "cpu" if cpu_decode_available() else "paged"
     assert resolve("dmc", "auto", cpu, 16, 16, torch.float32) == want
     assert resolve("dmc", "auto", cpu, 16, 16, torch.float64) == "paged"
-    assert resolve("dmc", "auto", cpu, 16, 8, torch.float32) == "paged"  # codes: the paged path decodes them
+    assert resolve("dmc", "auto", cpu, 16, 8, torch.float32) == want  # over codes too
+    assert resolve("dmc", "auto", cpu, 16, 4, torch.float64) == "paged"
     monkeypatch.setenv("DMC_CPU_KERNEL", "0")
     assert resolve("dmc", "auto", cpu, 16, 16, torch.float32) == "paged"
 

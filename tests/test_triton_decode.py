@@ -13,7 +13,7 @@ pytest.importorskip("triton")
 from dmc.cache import DMCCache  # noqa: E402
 from dmc.ops.decode_attention import decode_attention_reference  # noqa: E402
 from dmc.ops.triton_decode import decode_attention_triton, triton_available  # noqa: E402
-from tests.helpers import mixed_dmc, random_ids, random_paged_pool  # noqa: E402
+from tests.helpers import CODED_SHAPES, coded_attention_cases, mixed_dmc, random_ids, random_paged_pool  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not triton_available(), reason="triton needs CUDA or TRITON_INTERPRET=1")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -63,44 +63,18 @@ def test_decoding_with_triton_equals_the_reference_backend(kind, window):
 
 
 @pytest.mark.parametrize("bits", [8, 4], ids=lambda b: f"int{b}")
-@pytest.mark.parametrize("B,H,H_kv,D,bs,group,lens", [
-    (2, 9, 3, 64, 16, 32, [1, 17, 40, 16, 0, 33]),  # SmolLM2 heads, ragged, an empty pair, block edges
-    (1, 4, 4, 40, 5, 8, [7, 1, 12, 5]),  # MHA, head dim not a power of two, odd block size
-    (3, 6, 2, 24, 3, 8, [2, 9, 0, 1, 10, 4]),
-])
+@pytest.mark.parametrize("B,H,H_kv,D,bs,group,lens", CODED_SHAPES)
 def test_attention_kernel_over_codes_equals_decoding_everything(bits, B, H, H_kv, D, bs, group, lens):
     """The kernel decodes each block in place; the reference decodes the whole pool. With and without open slots
     (DMC's, full precision; some pairs have none), garbage codes in dead slots."""
-    from dmc.ops.kv_quant import CodedPool, quantize
-    from dmc.ops.quant_attention import decode_attention_quant_reference
+    from dmc.ops.kv_quant import CodedPool
     from dmc.ops.triton_decode import decode_attention_quant_triton
 
-    k_pool, v_pool, table, lens = random_paged_pool(B, H_kv, D, bs, lens)
-    scale_by = torch.linspace(0.1, 4, D)  # channels of very different magnitude, as keys have
-    k, v = (CodedPool(*quantize(x * scale_by, bits, group), bits) for x in (k_pool, v_pool))
-    g = torch.Generator().manual_seed(1)
-    q = torch.randn(B, H, D, generator=g)
-    open_k, open_v = torch.randn(2, B, H_kv, D, generator=g)
-    open_live = torch.rand(B, H_kv, generator=g) < 0.7
     to = lambda pool: CodedPool(*(t.to(DEVICE) for t in pool[:3]), bits)  # noqa: E731
-    for extra in ((), (open_k, open_v, open_live)):
-        # the reference writes each open slot after its pair's coded slots: give it a table with room for it
-        wide = torch.cat([table, torch.full((B, H_kv, 1), -1, dtype=table.dtype)], -1)
-        if extra:
-            spare = k.codes.shape[0]  # a fresh block per pair whose open slot starts a block
-            for b in range(B):
-                for h in range(H_kv):
-                    if open_live[b, h] and lens[b, h] % bs == 0:
-                        wide[b, h, lens[b, h] // bs] = spare
-                        spare += 1
-            grow = spare - k.codes.shape[0]
-            k_ref, v_ref = (CodedPool(*(torch.cat([t, t[:grow]]) for t in pool[:3]), bits) for pool in (k, v))
-        else:
-            k_ref, v_ref = k, v
-        want = decode_attention_quant_reference(q, k_ref, v_ref, wide, lens, *extra, scale=0.3)
+    for q, k, v, table, lens_t, extra, want in coded_attention_cases(bits, B, H, H_kv, D, bs, group, lens):
         dev_extra = [t.to(DEVICE) for t in extra]
-        got = decode_attention_quant_triton(q.to(DEVICE), to(k), to(v), table.to(DEVICE), lens.to(DEVICE), *dev_extra,
-                                            scale=0.3)
+        got = decode_attention_quant_triton(q.to(DEVICE), to(k), to(v), table.to(DEVICE), lens_t.to(DEVICE),
+                                            *dev_extra, scale=0.3)
         torch.testing.assert_close(got.cpu(), want, atol=2e-5, rtol=2e-5)
 
 

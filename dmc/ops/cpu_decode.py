@@ -1,5 +1,6 @@
 """The DMC decode step's two parts for the CPU as C++ loops, built at first use: the attention over paged slots
-(``decode_attention_cpu``) and the cache update (``dmc_update_cpu``, the twin of the Triton update kernel).
+(``decode_attention_cpu``; over int8/int4 codes plus the exact open slot, ``decode_attention_quant_cpu``) and the
+cache update (``dmc_update_cpu``, the twin of the Triton update kernel).
 
 The portable paged path (``decode_attention.decode_attention_paged``) runs one tiny matmul per block plus scatter
 reductions; on two cores it takes 2.7-3.7x the time of dense SDPA over the same number of slots
@@ -18,6 +19,8 @@ import os
 import platform
 import sys
 import time
+
+import torch
 
 _SOURCE = r"""
 #include <torch/extension.h>
@@ -91,6 +94,114 @@ torch::Tensor paged_decode(torch::Tensor q, torch::Tensor k_pool, torch::Tensor 
           m[g] = top;
           l[g] = l[g] * corr + sum;
         }
+      }
+      for (int64_t g = 0; g < G; ++g) {
+        float* og = op + (b * H + h * G + g) * D;
+        for (int64_t d = 0; d < D; ++d) og[d] = acc[g * D + d] / l[g];
+      }
+    }
+  });
+  return out;
+}
+
+// Decode attention over a coded pool (ops/kv_quant.py: per-slot groups of uint8 codes, int4 two a byte low nibble
+// first, fp16 scale and minimum per group) plus each pair's exact open slot where open_live: the contract of
+// quant_attention.decode_attention_quant_reference. Each slot's key and value are decoded once into registers'
+// worth of floats and shared by the group's query heads.
+torch::Tensor paged_decode_coded(torch::Tensor q, torch::Tensor k_codes, torch::Tensor k_scale, torch::Tensor k_min,
+                                 torch::Tensor v_codes, torch::Tensor v_scale, torch::Tensor v_min, torch::Tensor table,
+                                 torch::Tensor lens, torch::Tensor open_k, torch::Tensor open_v,
+                                 torch::Tensor open_live, int64_t bits, double scale) {
+  TORCH_CHECK(q.scalar_type() == torch::kFloat32 && k_codes.scalar_type() == torch::kUInt8
+              && k_scale.scalar_type() == torch::kFloat16 && k_min.scalar_type() == torch::kFloat16,
+              "paged_decode_coded: float32 queries, uint8 codes, float16 scales");
+  TORCH_CHECK(bits == 8 || bits == 4, "paged_decode_coded: 8 or 4 bits");
+  const int64_t B = q.size(0), H = q.size(1), D = q.size(2), H_kv = lens.size(1), G = H / H_kv;
+  const int64_t BS = k_codes.size(1), CW = k_codes.size(2), NG = k_scale.size(2), GS = D / NG;
+  const int64_t MAXB = table.size(2), NB = k_codes.size(0);
+  TORCH_CHECK(CW == D * bits / 8 && NG * GS == D, "paged_decode_coded: codes or groups do not fit the head dim");
+  const bool has_open = open_live.numel() > 0;
+  auto out = torch::zeros_like(q);
+  const float* qp = q.data_ptr<float>();
+  const uint8_t *kc = k_codes.data_ptr<uint8_t>(), *vc = v_codes.data_ptr<uint8_t>();
+  const at::Half *ksc = k_scale.data_ptr<at::Half>(), *kmn = k_min.data_ptr<at::Half>();
+  const at::Half *vsc = v_scale.data_ptr<at::Half>(), *vmn = v_min.data_ptr<at::Half>();
+  const int64_t* tp = table.data_ptr<int64_t>();
+  const int64_t* lp = lens.data_ptr<int64_t>();
+  const float* okp = has_open ? open_k.data_ptr<float>() : nullptr;
+  const float* ovp = has_open ? open_v.data_ptr<float>() : nullptr;
+  const bool* olp = has_open ? open_live.data_ptr<bool>() : nullptr;
+  float* op = out.data_ptr<float>();
+  const float sc = static_cast<float>(scale);
+  auto decode = [&](const uint8_t* codes, const at::Half* s, const at::Half* m, float* x) {
+    for (int64_t d = 0; d < D; ++d) {
+      const float c = bits == 8 ? codes[d] : ((codes[d >> 1] >> ((d & 1) * 4)) & 0xF);
+      x[d] = static_cast<float>(m[d / GS]) + c * static_cast<float>(s[d / GS]);
+    }
+  };
+  at::parallel_for(0, B * H_kv, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> m(G), l(G), acc(G * D), s(G * BS), kf(BS * D), vf(D);
+    for (int64_t pair = begin; pair < end; ++pair) {
+      const int64_t b = pair / H_kv, h = pair % H_kv, n = lp[pair];
+      const bool open = has_open && olp[pair];
+      if (n <= 0 && !open) continue;  // nothing to attend to (left padding): output 0
+      const float* qh = qp + (b * H + h * G) * D;
+      std::fill(m.begin(), m.end(), -std::numeric_limits<float>::infinity());
+      std::fill(l.begin(), l.end(), 0.f);
+      std::fill(acc.begin(), acc.end(), 0.f);
+      // Fold `live` slots whose keys are in kf into every query head's running softmax; value t from value(t, vf).
+      auto fold = [&](int64_t live, auto value) {
+        for (int64_t g = 0; g < G; ++g) {
+          const float* qg = qh + g * D;
+          float* sg = s.data() + g * BS;
+          float top = m[g];
+          for (int64_t t = 0; t < live; ++t) {
+            const float* kr = kf.data() + t * D;
+            float dot = 0.f;
+            #pragma omp simd reduction(+:dot)
+            for (int64_t d = 0; d < D; ++d) dot += qg[d] * kr[d];
+            sg[t] = dot * sc;
+            top = std::max(top, sg[t]);
+          }
+          float sum = 0.f;
+          for (int64_t t = 0; t < live; ++t) {
+            sg[t] = expf(sg[t] - top);
+            sum += sg[t];
+          }
+          const float corr = std::exp(m[g] - top);
+          float* ag = acc.data() + g * D;
+          for (int64_t d = 0; d < D; ++d) ag[d] *= corr;
+          m[g] = top;
+          l[g] = l[g] * corr + sum;
+        }
+        for (int64_t t = 0; t < live; ++t) {
+          const float* vr = value(t);
+          for (int64_t g = 0; g < G; ++g) {
+            const float p = s[g * BS + t];
+            float* ag = acc.data() + g * D;
+            #pragma omp simd
+            for (int64_t d = 0; d < D; ++d) ag[d] += p * vr[d];
+          }
+        }
+      };
+      for (int64_t j = 0; j * BS < n; ++j) {
+        TORCH_CHECK(j < MAXB, "paged_decode_coded: pair ", pair, " has ", n, " slots but its table ", MAXB, " blocks");
+        const int64_t blk = tp[pair * MAXB + j];
+        TORCH_CHECK(blk >= 0 && blk < NB, "paged_decode_coded: pair ", pair, " has no block for column ", j);
+        const int64_t live = std::min(BS, n - j * BS);
+        for (int64_t t = 0; t < live; ++t) {
+          const int64_t row = blk * BS + t;
+          decode(kc + row * CW, ksc + row * NG, kmn + row * NG, kf.data() + t * D);
+        }
+        fold(live, [&](int64_t t) {
+          const int64_t row = blk * BS + t;
+          decode(vc + row * CW, vsc + row * NG, vmn + row * NG, vf.data());
+          return vf.data();
+        });
+      }
+      if (open) {  // the open slot, exact, after the coded ones
+        std::copy(okp + pair * D, okp + (pair + 1) * D, kf.data());
+        fold(1, [&](int64_t) { return ovp + pair * D; });
       }
       for (int64_t g = 0; g < G; ++g) {
         float* og = op + (b * H + h * G + g) * D;
@@ -219,7 +330,7 @@ def _extension():
     name = f"dmc_cpu_decode_{_cpu_signature()}"
     _clear_stale_lock(name)
     began = time.perf_counter()
-    module = load_inline(name=name, cpp_sources=_SOURCE, functions=["paged_decode", "dmc_update"],
+    module = load_inline(name=name, cpp_sources=_SOURCE, functions=["paged_decode", "paged_decode_coded", "dmc_update"],
                          extra_cflags=["-O3", "-march=native", "-fopenmp", "-fno-math-errno"], extra_ldflags=["-fopenmp"])
     took = time.perf_counter() - began
     if took > 2:  # a build, not a load of the cached one: say where the pause came from, once
@@ -257,3 +368,16 @@ def decode_attention_cpu(q, k_pool, v_pool, block_table, lens, scale=None):
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     return _extension().paged_decode(q.contiguous(), k_pool.contiguous(), v_pool.contiguous(),
                                      block_table.contiguous(), lens.contiguous(), float(scale))
+
+
+def decode_attention_quant_cpu(q, k, v, block_table, lens, open_k=None, open_v=None, open_live=None, scale=None):
+    """Same contract as ``quant_attention.decode_attention_quant_reference`` for float32 CPU queries over a coded
+    pool (``CodedPool`` keys and values)."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    c = lambda t: t.contiguous()  # noqa: E731
+    if open_live is None:
+        open_k = open_v = q.new_empty(0)
+        open_live = torch.zeros(0, dtype=torch.bool)
+    return _extension().paged_decode_coded(c(q), c(k.codes), c(k.scale), c(k.minimum), c(v.codes), c(v.scale),
+                                           c(v.minimum), c(block_table), c(lens), c(open_k.float()),
+                                           c(open_v.float()), c(open_live), k.bits, float(scale))

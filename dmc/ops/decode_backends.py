@@ -14,7 +14,7 @@ from typing import NamedTuple
 
 import torch
 
-from .cpu_decode import cpu_decode_available, decode_attention_cpu
+from .cpu_decode import cpu_decode_available, decode_attention_cpu, decode_attention_quant_cpu
 from .decode_attention import (
     decode_attention_flash,
     decode_attention_paged,
@@ -67,6 +67,7 @@ BACKENDS = {
                                                                           *_open(s), scale),
         "triton": lambda q, s, scale: decode_attention_quant_triton(q, s.k, s.v, s.block_table, s.lens, *_open(s),
                                                                     scale),
+        "cpu": lambda q, s, scale: decode_attention_quant_cpu(q, s.k, s.v, s.block_table, s.lens, *_open(s), scale),
     },
 }
 # The precisions each method's cache can hold (a method without a coded store is refused in one line).
@@ -85,10 +86,10 @@ def _check_triton_runs_on(device: torch.device, method: str) -> None:
 
 def _auto(precision: str, device: torch.device, block_size: int, dtype: torch.dtype | None) -> str:
     """On CUDA: flash-attn when installed and the block size allows, else our Triton kernel (else SDPA); on CPU
-    the C++ loop over the table for float32 slots where it builds (``DMC_CPU_KERNEL=0``: never), else the in-place
-    paged path (the fastest measured there: ``bench/decode_compile.py``)."""
+    the C++ loop over the table for float32 slots or their codes where it builds (``DMC_CPU_KERNEL=0``: never), else
+    the in-place paged path (the fastest measured there: ``bench/decode_compile.py``)."""
     if device.type != "cuda":
-        native = precision == "full" and dtype == torch.float32 and os.environ.get("DMC_CPU_KERNEL") != "0"
+        native = dtype == torch.float32 and os.environ.get("DMC_CPU_KERNEL") != "0"
         return "cpu" if native and cpu_decode_available() else "paged"
     if precision == "coded":
         return "triton" if triton_available() else "paged"
@@ -113,7 +114,8 @@ def resolve(method: str, backend: str, device: torch.device, block_size: int, kv
     if backend == "flash" and not flash_available():
         raise RuntimeError(f"{method}_decode_backend='flash' needs CUDA and the flash-attn package; use 'sdpa'")
     if backend == "cpu" and (device.type != "cpu" or dtype not in (None, torch.float32) or not cpu_decode_available()):
-        raise RuntimeError(f"{method}_decode_backend='cpu' is a C++ loop over float32 slots on the CPU (built with the "
+        raise RuntimeError(f"{method}_decode_backend='cpu' is a C++ loop over float32 slots (or their codes) on the CPU "
+                           "(built with the "
                            f"machine's compiler); this cache is {dtype} on {device.type}: use {method}_decode_backend="
                            "'paged' (or 'auto')")
     return _auto(precision, device, block_size, dtype) if backend == "auto" else backend
