@@ -8,7 +8,8 @@ blocks, so more of them fit.
 
 The budget counts the bytes of slot blocks handed out by the allocator (``allocated_bytes``). A request is
 admitted when every sequence in flight, itself included, still fits at its end, growing at the CR it has shown
-so far (for vanilla, exactly). Before each step the engine reserves the worst case of that step (a new block for
+so far (for vanilla, exactly); with nothing in flight, as soon as its prompt fits (it then runs as far as the
+budget lets it, finishing with "length" if the budget ends it first). Before each step the engine reserves the worst case of that step (a new block for
 every pair at a block boundary, as if all of them appended); if that would not fit (a sequence compressing less
 than it did), the newest sequence is preempted: its blocks are freed and it is queued again at the front. When
 it is admitted again it is recomputed from its prompt and replays the tokens it already delivered (fed to the
