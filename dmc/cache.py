@@ -171,8 +171,11 @@ class DMCLayer(SlotCacheLayer):
 
     # ---- accounting ----------------------------------------------------------------------------------
     def allocated_bytes(self) -> int:
-        """Slot blocks handed out; a quantised store adds its full-precision open slots (one per pair)."""
-        extra = self.open_k.numel() * self.open_k.element_size() * 2 if self.quantized and self.is_initialized else 0
+        """Slot blocks handed out; a quantised store adds its full-precision open slots (one per pair that holds a
+        sequence: an empty row's is nothing)."""
+        extra = 0
+        if self.quantized and self.is_initialized:
+            extra = int((self.lens > 0).sum()) * self.head_dim * self.open_k.element_size() * 2
         return super().allocated_bytes() + extra
 
     def side_state(self) -> tuple[torch.Tensor, ...]:

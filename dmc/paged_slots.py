@@ -214,6 +214,20 @@ class PagedSlots:
             setattr(self, name, getattr(self, name)[index])
         self._rebuild_owners()
 
+    def keep_sequences(self, index: torch.Tensor) -> None:
+        """Keep the sequences ``index`` (in that order) and drop the rest, which must hold no blocks; unlike
+        ``select_sequences`` no block moves and the pools and free list stay as they are (a server dropping idle
+        rows after a burst: nothing is copied but the table's rows)."""
+        dropped = torch.ones(self.block_table.shape[0], dtype=torch.bool, device=self.device)
+        dropped[index] = False
+        if bool((self.block_table[dropped] >= 0).any()):
+            raise ValueError("keep_sequences: a dropped sequence still holds blocks; release_sequence it first")
+        self.block_table = self.block_table[index]
+        self.lens = self.lens[index]
+        for name in self.row_state:
+            setattr(self, name, getattr(self, name)[index])
+        self._rebuild_owners()
+
     def add_sequences(self, n: int) -> None:
         """Append ``n`` empty sequences (no blocks, zeroed state) after the existing ones."""
         self.block_table = torch.cat([self.block_table, self.block_table.new_full((n, *self.block_table.shape[1:]), -1)])

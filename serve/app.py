@@ -86,6 +86,9 @@ def build_app(engine: EngineThread, tokenizer, model: ModelInfo, manage_engine: 
         if (dead := _dead()) is not None:
             raise APIError(503, f"the server cannot generate: {dead}; restart it")
         group = engine.open(spec.prompt_ids, [spec.choice_params(i) for i in range(spec.n)])
+        if (dead := _dead()) is not None:  # it died after the check above: nobody reads the inbox any more
+            group.abort()
+            raise APIError(503, f"the server cannot generate: {dead}; restart it")
         watcher = asyncio.create_task(_watch_disconnect(request, group))  # a client gone while queued: dropped
         try:
             early = await _first_events(group, spec.n)
@@ -187,8 +190,9 @@ def _apply(group: Group, spec: Spec, choices: list[_Choice], index: int, event) 
     if isinstance(event, ErrorEvent):
         raise APIError(event.status, event.message)
     if isinstance(event, FinishEvent):
-        choice.finish = "stop" if event.reason == "stop" else "length"
-        return choice.text.flush()
+        text, stopped = choice.text.flush()
+        choice.finish = "stop" if event.reason == "stop" or stopped else "length"
+        return text
     choice.tokens += 1
     offset = len(choice.text.text)
     delta, stopped = choice.text.push(event.token)

@@ -152,6 +152,7 @@ class Gauges:
 
 
 RATE_WINDOW_S = 10.0
+DEAD_AFTER = 5  # iterations failing in a row, none served between: the engine is declared dead
 
 
 def new_cache(model, policy: Policy | None, block_size: int) -> SlotCache:
@@ -216,6 +217,7 @@ class Engine:
         self._order = 0
         self._rate: deque[tuple[float, int]] = deque()
         self.dead: str | None = None  # set (once, by the engine's thread) when it can no longer serve
+        self._failures = 0  # iterations failed in a row
 
     # ---- any thread ----------------------------------------------------------------------------------------
     def submit(self, request: Request) -> None:
@@ -243,11 +245,16 @@ class Engine:
                         self._publish_gauges()  # idle: tokens/s falls to 0
                         continue
                     self.iterate()
+                    self._failures = 0
                 except Exception:  # noqa: BLE001 - a bug must not take the server down: fail what is in flight
                     reason = traceback.format_exc(limit=-1).strip().splitlines()[-1]
+                    self._failures += 1
                     try:
                         self._fail_all(500, f"the engine failed while serving this request: {reason}")
-                    except Exception:  # noqa: BLE001
+                        self._probe_device()
+                        if self._failures >= DEAD_AFTER:
+                            raise RuntimeError(f"{DEAD_AFTER} iterations in a row failed")
+                    except Exception:  # noqa: BLE001 - the device (or the engine) is gone: say so and stop
                         self.dead = f"the engine stopped: {reason}"
                         self._tell_all(ErrorEvent(None, 503, f"{self.dead}; restart the server"))
                         return
@@ -429,7 +436,7 @@ class Engine:
         index = torch.tensor(live, dtype=torch.long, device=self.model.device)
         for layer in self.cache.layers:
             if layer.is_initialized:
-                layer.select_rows(index)
+                layer.keep_sequences(index)  # the table's rows only: no block moves, nothing the size of a pool
         self.rows = [self.rows[b] for b in live]
 
     def _preempt_newest(self) -> None:
@@ -527,15 +534,24 @@ class Engine:
         _emit(seq, ErrorEvent(seq.request.request_id, status, message))
 
     def _fail_all(self, status: int, message: str) -> None:
-        """After an unexpected error: every request held fails, every block is freed, the engine starts clean."""
+        """After an unexpected error: every request held fails (told first, so that nobody waits on a reset that
+        fails too), then the engine starts clean with a fresh cache."""
         held = [s for s in self.rows if s is not None] + list(self._waiting)
         held += [self._staged[0]] if self._staged else []
-        self.rows, self._waiting, self._staged = [], deque(), None
-        self.cache = new_cache(self.model, self.policy, self.block_size)
         for seq in held:
             self.stats.failed += 1
             _emit(seq, ErrorEvent(seq.request.request_id, status, message))
+        self.rows, self._waiting, self._staged = [], deque(), None
+        self.cache = new_cache(self.model, self.policy, self.block_size)
         self._publish_gauges()
+
+    def _probe_device(self) -> None:
+        """A tiny computation on the model's device: raises when the device is lost (a sticky CUDA error), which
+        a fresh cache (allocated lazily) would not show."""
+        device = self.model.device
+        torch.ones(1, device=device).add(1).sum().item()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
 
     def _tell_all(self, event: ErrorEvent) -> None:
         """Send every request held (in flight, prefilled, waiting, in the inbox) ``event``, touching nothing but

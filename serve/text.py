@@ -15,7 +15,8 @@ PROMPT_CONTEXT = 5  # prompt tokens decoded in front of the output
 
 class TextStream:
     """Decodes one choice's tokens. ``push(token)`` -> (new text, whether a stop string ended it); ``flush()``
-    -> the text held back, at the end of the output. ``text``: the output so far (cut at a stop string)."""
+    -> the same for the text held back, at the end of the output. ``text``: the output so far (cut at a stop
+    string)."""
 
     def __init__(self, tokenizer, stop: list[str], prompt_ids: list[int] = ()):
         self.tok, self.stop = tokenizer, stop
@@ -32,10 +33,11 @@ class TextStream:
         self.text += self._new_text(final=False)
         return self._release(final=False)
 
-    def flush(self) -> str:
+    def flush(self) -> tuple[str, bool]:
+        """(the text held back, whether a stop string ended the output)."""
         if not self.stopped:
             self.text += self._new_text(final=True)
-        return self._release(final=True)[0]
+        return self._release(final=True)
 
     def previous_id(self) -> int | None:
         """The token before the last pushed one (the prompt's last at first), for ``token_text``."""
@@ -48,6 +50,8 @@ class TextStream:
         if len(after) > len(before) and (final or not after.endswith("\ufffd")):  # else: half a character
             self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
             return after[len(before) :]
+        if not final and after == before and len(self.ids) > self.read_offset:  # a token with no text (a skipped
+            self.ids.pop()  # special token): forgotten, or each would widen the window decoded for every later one
         return ""
 
     def _decode(self, ids: list[int]) -> str:

@@ -158,3 +158,35 @@ def test_alone_a_sequence_runs_as_far_as_the_budget_lets_it():
     finish = events["x"][-1]
     assert isinstance(finish, FinishEvent) and finish.reason == "length" and 0 < finish.completion_tokens < 200
     assert engine.stats.peak_bytes <= 16 * block and engine.cache.allocated_bytes() == 0
+
+
+def test_dropping_idle_rows_moves_no_block():
+    engine = Engine(mixed_dmc("gqa", window=12), 10**8, block_size=4)
+    events = {}
+    for i in range(10):
+        _submit(engine, f"short-{i}", 8 + i, 2, events)
+    _submit(engine, "long", 9, 30, events)
+    for _ in range(4):  # the short ones finish and leave; the long one goes on
+        engine.iterate()
+    layer = engine.cache.layers[0]
+    assert len(engine.rows) == 1 and layer.block_table.shape[0] == 1
+    before = [(layer.k_pool.data_ptr(), layer.block_table.clone()) for layer in engine.cache.layers]
+    engine.run_until_done()
+    assert [type(e) for e in events["long"]] == [TokenEvent] * 30 + [FinishEvent]
+    assert all(layer.k_pool.data_ptr() == ptr for layer, (ptr, _) in zip(engine.cache.layers, before))
+
+
+def test_a_lost_device_kills_the_engine_and_tells_every_request(monkeypatch):
+    model = mixed_dmc("gqa", window=12)
+    engine = Engine(model, 10**8, block_size=4)
+    events = {}
+    monkeypatch.setattr(Engine, "_decode_step", lambda self: (_ for _ in ()).throw(RuntimeError("CUDA error")))
+    monkeypatch.setattr(Engine, "_probe_device", lambda self: (_ for _ in ()).throw(RuntimeError("device lost")))
+    stop = threading.Event()
+    thread = threading.Thread(target=engine.run_forever, args=(stop,))
+    thread.start()
+    _submit(engine, "a", 9, 4, events)
+    thread.join(timeout=60)
+    assert not thread.is_alive() and "CUDA error" in engine.dead
+    assert isinstance(events["a"][-1], ErrorEvent)
+    stop.set()

@@ -34,7 +34,8 @@ def _stream_all(tok, prompt_ids, ids, stop=()):
         if stopped:
             break
     if not stopped:
-        pieces.append(stream.flush())
+        piece, stopped = stream.flush()
+        pieces.append(piece)
     return "".join(pieces), stream, stopped
 
 
@@ -80,3 +81,14 @@ def test_token_bytes_are_the_tokens_own(smollm2):
     assert b"".join(bytes(p) for p in pieces) == "😀é x".encode()
     tok = sentencepiece_like()
     assert bytes(token_bytes(tok, tok.convert_tokens_to_ids("▁Paris"))) == b" Paris"
+
+
+def test_tokens_without_text_do_not_widen_what_is_decoded(smollm2):
+    ids = smollm2("x = 1")["input_ids"]
+    eos = smollm2.eos_token_id
+    stream = TextStream(smollm2, [], [])
+    for t in ids[:2] + [eos] * 50 + ids[2:]:  # an ignore_eos run: special tokens decode to nothing
+        stream.push(t)
+    assert stream.flush() == ("", False) and stream.text == "x = 1"
+    assert len(stream.ids) - stream.prefix_offset < 10  # the 50 end-of-sequence tokens were not kept
+

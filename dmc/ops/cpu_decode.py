@@ -120,7 +120,18 @@ torch::Tensor paged_decode_coded(torch::Tensor q, torch::Tensor k_codes, torch::
   const int64_t BS = k_codes.size(1), CW = k_codes.size(2), NG = k_scale.size(2), GS = D / NG;
   const int64_t MAXB = table.size(2), NB = k_codes.size(0);
   TORCH_CHECK(CW == D * bits / 8 && NG * GS == D, "paged_decode_coded: codes or groups do not fit the head dim");
+  TORCH_CHECK(q.is_contiguous() && k_codes.is_contiguous() && v_codes.is_contiguous() && table.is_contiguous()
+              && lens.is_contiguous(), "paged_decode_coded: contiguous tensors only");
+  TORCH_CHECK(table.dim() == 3 && table.size(0) == B && table.size(1) == H_kv && lens.size(0) == B && H % H_kv == 0,
+              "paged_decode_coded: table (B, H_kv, blocks), lens (B, H_kv) and H a multiple of H_kv");
+  TORCH_CHECK(v_codes.sizes() == k_codes.sizes() && v_scale.sizes() == k_scale.sizes()
+              && v_min.sizes() == k_min.sizes() && k_min.sizes() == k_scale.sizes()
+              && v_scale.scalar_type() == torch::kFloat16 && v_min.scalar_type() == torch::kFloat16,
+              "paged_decode_coded: key and value pools of one shape");
   const bool has_open = open_live.numel() > 0;
+  TORCH_CHECK(!has_open || (open_live.numel() == B * H_kv && open_k.numel() == B * H_kv * D
+                            && open_v.numel() == B * H_kv * D && open_k.scalar_type() == torch::kFloat32),
+              "paged_decode_coded: open slots (B, H_kv, D) float32 with open_live (B, H_kv)");
   auto out = torch::zeros_like(q);
   const float* qp = q.data_ptr<float>();
   const uint8_t *kc = k_codes.data_ptr<uint8_t>(), *vc = v_codes.data_ptr<uint8_t>();
