@@ -182,7 +182,16 @@ def test_a_prompt_the_budget_can_never_hold_is_413_and_nothing_leaks():
         assert metric(text, "dmc_sequences_queued") == 0 and metric(text, "dmc_sequences_in_flight") == 0
 
 
-def test_a_client_gone_while_queued_is_dropped_before_its_turn():
+def test_a_client_gone_while_queued_is_dropped_before_its_turn(monkeypatch):
+    from dmc.serve.engine import Engine
+
+    real_step = Engine._decode_step
+
+    def slow_step(self):  # the running request outlasts the queued client's patience on any machine
+        time.sleep(0.05)
+        real_step(self)
+
+    monkeypatch.setattr(Engine, "_decode_step", slow_step)
     model, tok = chat_model(compressed=True)
     with live_server(model, tok, max_seqs=1) as (url, engine):
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
@@ -193,8 +202,8 @@ def test_a_client_gone_while_queued_is_dropped_before_its_turn():
             httpx.post(f"{url}/v1/completions", json={"model": "tiny", "prompt": "x", "max_tokens": 3}, timeout=1.0)
         for _ in range(400):
             text = httpx.get(f"{url}/metrics").text
-            if metric(text, "dmc_requests_aborted_total") == 1:
-                break
+            if metric(text, "dmc_requests_aborted_total") == 1 and metric(text, "dmc_sequences_queued") == 0:
+                break  # (the gauges follow the counters at the end of the engine's iteration)
             time.sleep(0.05)
         assert metric(text, "dmc_requests_aborted_total") == 1 and metric(text, "dmc_sequences_queued") == 0
         assert metric(text, "dmc_sequences_in_flight") == 1  # dropped while the other still runs
