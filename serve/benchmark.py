@@ -258,6 +258,7 @@ def main(argv: list[str] | None = None) -> None:
     if ns.requests < 1 or ns.clients < 1:
         sys.exit("dmc bench-serve: error: --requests and --clients must be at least 1")
 
+    import torch
     from tqdm.auto import tqdm
     from transformers import AutoTokenizer
 
@@ -273,8 +274,6 @@ def main(argv: list[str] | None = None) -> None:
     except ValueError as err:
         sys.exit(f"dmc bench-serve: error: {err}")
     requests = [(r.prompt.tolist(), r.max_new_tokens) for r in reqs]
-    import torch
-
     budget = int(ns.kv_budget * 2**30) if ns.kv_budget else budget_bytes(config, ns.budget_seqs, ns.context,
                                                                        ns.block_size, getattr(torch, ns.dtype))
     rows, curves = [], {}

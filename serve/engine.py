@@ -247,7 +247,7 @@ class Engine:
                     self.iterate()
                     self._failures = 0
                 except Exception:  # noqa: BLE001 - a bug must not take the server down: fail what is in flight
-                    reason = traceback.format_exc(limit=-1).strip().splitlines()[-1]
+                    reason = _last_error()
                     self._failures += 1
                     try:
                         self._fail_all(500, f"the engine failed while serving this request: {reason}")
@@ -256,7 +256,7 @@ class Engine:
                             raise RuntimeError(f"{DEAD_AFTER} iterations in a row failed")
                     except Exception:  # noqa: BLE001 - the device (or the engine) is gone: say so and stop
                         self.dead = f"the engine stopped: {reason}"
-                        self._tell_all(ErrorEvent(None, 503, f"{self.dead}; restart the server"))
+                        self._tell_all(503, f"{self.dead}; restart the server")
                         return
 
     def run_until_done(self) -> None:
@@ -354,8 +354,7 @@ class Engine:
                 try:
                     self._staged = (seq, self._prefill(seq))
                 except Exception:  # noqa: BLE001 - this request's failure, not the others'
-                    reason = traceback.format_exc(limit=-1).strip().splitlines()[-1]
-                    self._fail(seq, 500, f"the prefill of this request failed: {reason}")
+                    self._fail(seq, 500, f"the prefill of this request failed: {_last_error()}")
                     continue
             seq, solo = self._staged
             if seq.remaining() <= 0 or self._stopped(seq):  # the prefill's token is all it gets
@@ -536,9 +535,7 @@ class Engine:
     def _fail_all(self, status: int, message: str) -> None:
         """After an unexpected error: every request held fails (told first, so that nobody waits on a reset that
         fails too), then the engine starts clean with a fresh cache."""
-        held = [s for s in self.rows if s is not None] + list(self._waiting)
-        held += [self._staged[0]] if self._staged else []
-        for seq in held:
+        for seq in self._held():
             self.stats.failed += 1
             _emit(seq, ErrorEvent(seq.request.request_id, status, message))
         self.rows, self._waiting, self._staged = [], deque(), None
@@ -553,11 +550,15 @@ class Engine:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
-    def _tell_all(self, event: ErrorEvent) -> None:
-        """Send every request held (in flight, prefilled, waiting, in the inbox) ``event``, touching nothing but
+    def _held(self) -> list[_Seq]:
+        """Every sequence the engine holds: in flight, prefilled and waiting for room, queued."""
+        staged = [self._staged[0]] if self._staged else []
+        return [s for s in self.rows if s is not None] + list(self._waiting) + staged
+
+    def _tell_all(self, status: int, message: str) -> None:
+        """Send every request held (in flight, prefilled, waiting, in the inbox) an error, touching nothing but
         their sinks: the engine can no longer be trusted with its cache."""
-        held = [s.request for s in self.rows if s is not None] + [s.request for s in self._waiting]
-        held += [self._staged[0].request] if self._staged else []
+        held = [s.request for s in self._held()]
         while True:
             try:
                 kind, item = self._inbox.get_nowait()
@@ -567,7 +568,7 @@ class Engine:
                 held.append(item)
         for request in held:
             if request.sink is not None:
-                request.sink(ErrorEvent(request.request_id, event.status, event.message))
+                request.sink(ErrorEvent(request.request_id, status, message))
 
     def _publish_gauges(self) -> None:
         now = time.monotonic()
@@ -587,6 +588,11 @@ class Engine:
 def _emit(seq: _Seq, event: Event) -> None:
     if seq.request.sink is not None:
         seq.request.sink(event)
+
+
+def _last_error() -> str:
+    """The exception being handled, in one line (its type and message)."""
+    return traceback.format_exc(limit=-1).strip().splitlines()[-1]
 
 
 def _mib(n: int) -> str:

@@ -49,13 +49,18 @@ def test_a_request_the_budget_cannot_hold_gets_an_error_and_no_token():
     assert engine.stats.generated_tokens == 2 and engine.cache.allocated_bytes() == 0
 
 
+def _tokens_alone(model, prompt_len: int, max_tokens: int) -> list[int]:
+    """The tokens a request generates with no stop token, alone in an engine of its own."""
+    engine = Engine(model, 10**8, block_size=4)
+    events = {}
+    _submit(engine, "x", prompt_len, max_tokens, events)
+    engine.run_until_done()
+    return [e.token for e in events["x"] if isinstance(e, TokenEvent)]
+
+
 def test_a_stop_token_ends_the_sequence_and_counts():
     model = mixed_dmc("gqa", window=12)
-    free = Engine(model, 10**8, block_size=4)
-    events = {}
-    _submit(free, "x", 9, 12, events)
-    free.run_until_done()
-    tokens = [e.token for e in events["x"] if isinstance(e, TokenEvent)]
+    tokens = _tokens_alone(model, 9, 12)
     stop = tokens[4]
     first = tokens.index(stop)
     stopped = Engine(model, 10**8, block_size=4)
@@ -116,11 +121,7 @@ def test_a_failing_prefill_fails_that_request_only(monkeypatch):
 
 def test_a_stop_token_as_the_first_token_ends_at_once():
     model = mixed_dmc("gqa", window=12)
-    probe = Engine(model, 10**8, block_size=4)
-    events = {}
-    _submit(probe, "x", 9, 3, events)
-    probe.run_until_done()
-    first = events["x"][0].token
+    first = _tokens_alone(model, 9, 3)[0]
     engine = Engine(model, 10**8, block_size=4)
     events = {}
     _submit(engine, "x", 9, 8, events, stop=(first,))
